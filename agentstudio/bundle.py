@@ -1,0 +1,262 @@
+"""The config bundle: one tenant's resources compiled into the immutable form ingest and dialers load.
+
+The compiler does every check that spans resources (a Workflow naming a missing Agent, templates that
+do not parse, duplicate slugs); a bundle with errors is never produced, so a bad change can never
+replace a good bundle. API keys enter only as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import jsonschema
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentstudio import templating
+from agentstudio.manifests import Located, Problem
+from agentstudio.resources import (
+    Agent,
+    AgentSpec,
+    ApiKey,
+    Mode,
+    Scope,
+    SubscriptionFilters,
+    WebhookSubscription,
+    Workflow,
+    HandoffRule,
+    SecretKeyRef,
+)
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CompiledAgent(Frozen):
+    name: str
+    slug: str
+    spec: AgentSpec
+
+
+class CompiledWorkflow(Frozen):
+    name: str
+    slug: str
+    entry_agent: str
+    agents: list[str]
+    handoffs: list[HandoffRule]
+    shared_context: dict[str, str]
+    user_context_schema: dict[str, Any] | None
+
+
+class KeyEntry(Frozen):
+    """What ingest knows about one key: never the key itself."""
+
+    name: str  # the ApiKey resource; rate limits and idempotency are per ApiKey
+    scopes: list[Scope]
+    mode: Mode
+    rate_limit_per_minute: int
+    platform: str | None = None
+    disabled: bool = False
+    not_after: datetime | None = None  # expiresAt, or the end of a rotation's grace period
+
+
+class CompiledSubscription(Frozen):
+    name: str
+    url: str
+    events: list[str]
+    filters: SubscriptionFilters
+    secret_ref: SecretKeyRef | None
+    disabled: bool
+
+
+class Bundle(Frozen):
+    """One tenant's compiled configuration at one version."""
+
+    schema_version: int = SCHEMA_VERSION
+    tenant: str
+    version: int = 0
+    digest: str = ""
+    compiled_at: datetime
+    agents: dict[str, CompiledAgent] = Field(default_factory=dict)
+    workflows: dict[str, CompiledWorkflow] = Field(default_factory=dict)
+    keys: dict[str, KeyEntry] = Field(default_factory=dict)  # sha256 hex → entry
+    subscriptions: list[CompiledSubscription] = Field(default_factory=list)
+
+    def content_digest(self) -> str:
+        """Digest of what the bundle says, independent of version and compile time."""
+        body = self.model_dump(mode="json", exclude={"version", "digest", "compiled_at"})
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Bundle:
+        return cls.model_validate_json(data)
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """The digest of one valid key of an ApiKey, with when it stops being valid (rotation)."""
+
+    digest: str
+    not_after: datetime | None = None
+
+
+@dataclass
+class CompileResult:
+    bundle: Bundle | None
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def compile_bundle(
+    tenant: str, resources: list[Located], key_material: dict[str, list[KeyMaterial]]
+) -> CompileResult:
+    """Compile one tenant's resources. `key_material` maps ApiKey name → digests of its valid keys."""
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    by_kind: dict[str, list[Located]] = {}
+    for item in resources:
+        by_kind.setdefault(item.resource.kind, []).append(item)
+        _check_unique_name(item, by_kind[item.resource.kind], errors)
+
+    agents: dict[str, CompiledAgent] = {}
+    for item in by_kind.get("Agent", []):
+        agent: Agent = item.resource  # type: ignore[assignment]
+        if _claim_slug(agent.slug, agents, item, errors):
+            agents[agent.slug] = CompiledAgent(name=agent.name, slug=agent.slug, spec=agent.spec)
+        errors += _agent_template_problems(agent, item)
+
+    workflows: dict[str, CompiledWorkflow] = {}
+    for item in by_kind.get("Workflow", []):
+        wf: Workflow = item.resource  # type: ignore[assignment]
+        errors += _workflow_problems(wf, item, agents)
+        if _claim_slug(wf.slug, workflows, item, errors):
+            workflows[wf.slug] = CompiledWorkflow(
+                name=wf.name,
+                slug=wf.slug,
+                entry_agent=wf.spec.entry_agent,
+                agents=wf.spec.agent_slugs(),
+                handoffs=wf.spec.handoffs,
+                shared_context=wf.spec.shared_context,
+                user_context_schema=wf.spec.user_context_schema,
+            )
+
+    for item in by_kind.get("Agent", []):
+        agent = item.resource  # type: ignore[assignment]
+        for i, tool in enumerate(agent.spec.tools):
+            if tool.action.type == "handoff" and tool.action.agent not in agents:
+                errors.append(
+                    _at(item, f"spec.tools[{i}].action.agent", f"agent {tool.action.agent!r} does not exist")
+                )
+
+    keys: dict[str, KeyEntry] = {}
+    for item in by_kind.get("ApiKey", []):
+        ak: ApiKey = item.resource  # type: ignore[assignment]
+        for material in key_material.get(ak.name, []):
+            not_after = min(
+                (t for t in (ak.spec.expires_at, material.not_after) if t is not None), default=None
+            )
+            keys[material.digest] = KeyEntry(
+                name=ak.name,
+                scopes=list(ak.spec.scopes),
+                mode=ak.spec.mode,
+                rate_limit_per_minute=ak.spec.effective_rate_limit(),
+                platform=ak.spec.platform,
+                disabled=ak.spec.disabled,
+                not_after=not_after,
+            )
+
+    subscriptions = [
+        CompiledSubscription(
+            name=sub.name,
+            url=sub.spec.url,
+            events=list(sub.spec.events),
+            filters=sub.spec.filters,
+            secret_ref=sub.spec.secret_ref,
+            disabled=sub.spec.disabled,
+        )
+        for sub in (i.resource for i in by_kind.get("WebhookSubscription", []))
+        if isinstance(sub, WebhookSubscription)
+    ]
+
+    if errors:
+        return CompileResult(None, errors, warnings)
+    bundle = Bundle(
+        tenant=tenant,
+        compiled_at=datetime.now(timezone.utc),
+        agents=agents,
+        workflows=workflows,
+        keys=keys,
+        subscriptions=subscriptions,
+    )
+    return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
+
+
+def _at(item: Located, path: str, message: str) -> Problem:
+    return Problem(item.source, path, message, item.index)
+
+
+def _check_unique_name(item: Located, same_kind: list[Located], errors: list[Problem]) -> None:
+    if sum(1 for other in same_kind if other.resource.name == item.resource.name) > 1:
+        errors.append(_at(item, "metadata.name", f"another {item.resource.kind} is named {item.resource.name!r}"))
+
+
+def _claim_slug(slug: str, taken: dict[str, Any], item: Located, errors: list[Problem]) -> bool:
+    if slug in taken:
+        errors.append(_at(item, "spec.slug", f"slug {slug!r} is already used by {taken[slug].name!r}"))
+        return False
+    return True
+
+
+def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
+    spec = agent.spec
+    problems: list[Problem] = []
+    templates: list[tuple[str, str, frozenset[str]]] = [("spec.prompt", spec.prompt, templating.PROMPT_ROOTS)]
+    if spec.first_message:
+        templates.append(("spec.firstMessage", spec.first_message, templating.PROMPT_ROOTS))
+    for i, tool in enumerate(spec.tools):
+        base = f"spec.tools[{i}].action"
+        action = tool.action
+        if action.url:
+            templates.append((f"{base}.url", action.url, templating.TOOL_ROOTS))
+        templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in action.headers.items()]
+        templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.body)]
+        try:
+            jsonschema.Draft202012Validator.check_schema(tool.parameters)
+        except jsonschema.SchemaError as exc:
+            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {exc.message}"))
+    return problems + [
+        _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""))
+        for path, source, roots in templates
+        for problem in templating.check(source, roots)
+    ]
+
+
+def _workflow_problems(wf: Workflow, item: Located, agents: dict[str, CompiledAgent]) -> list[Problem]:
+    problems: list[Problem] = []
+    members = set(wf.spec.agent_slugs())
+    if wf.spec.entry_agent not in agents:
+        problems.append(_at(item, "spec.entryAgent", f"agent {wf.spec.entry_agent!r} does not exist"))
+    for i, slug in enumerate(wf.spec.agents):
+        if slug not in agents:
+            problems.append(_at(item, f"spec.agents[{i}]", f"agent {slug!r} does not exist"))
+    for i, rule in enumerate(wf.spec.handoffs):
+        for side, slug in (("from", rule.from_), ("to", rule.to)):
+            if slug not in members:
+                problems.append(
+                    _at(item, f"spec.handoffs[{i}].{side}", f"agent {slug!r} is not one of the workflow's agents")
+                )
+    if wf.spec.user_context_schema is not None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(wf.spec.user_context_schema)
+        except jsonschema.SchemaError as exc:
+            problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {exc.message}"))
+    return problems

@@ -1,0 +1,119 @@
+"""NATS names and set-up: every subject, stream and KV bucket the roles share, in one place.
+
+Subjects:
+  calls.<tenant>.dispatch.<call_id>   one message per accepted call (stream CALLS); the message is
+                                      also the call's request record, read back by subject.
+KV buckets:
+  as-bundles     key <tenant> → compiled config bundle (ingest and dialers watch it)
+  as-ratelimit   key <tenant>.<apikey>.<minute> → requests leased in that minute (expires by TTL)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger("agentstudio.bus")
+
+CALLS_STREAM = "CALLS"
+BUNDLES_BUCKET = "as-bundles"
+RATELIMIT_BUCKET = "as-ratelimit"
+
+DAY = 24 * 3600
+# Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
+# least as long, so the de-duplication survives a server restart.
+IDEMPOTENCY_WINDOW = DAY
+CALL_RETENTION = 7 * DAY
+
+
+def dispatch_subject(tenant: str, call_id: str) -> str:
+    return f"calls.{tenant}.dispatch.{call_id}"
+
+
+DISPATCH_ALL = "calls.*.dispatch.*"
+
+
+async def connect(servers: str, name: str, *, connect_timeout: float = 2.0) -> NATS:
+    """Connect and keep reconnecting forever: a role outlives NATS restarts."""
+    return await nats.connect(
+        servers,
+        name=name,
+        connect_timeout=connect_timeout,
+        reconnect_time_wait=0.25,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        # Publishes made while disconnected must fail, not wait in a buffer: ingest answers 503.
+        pending_size=0,
+        error_cb=_log_error,
+        disconnected_cb=_log_event("disconnected"),
+        reconnected_cb=_log_event("reconnected"),
+    )
+
+
+async def connect_retrying(servers: str, name: str, attempts: int = 40) -> NATS:
+    """Connect, retrying while NATS starts (pods start in any order)."""
+    for attempt in range(attempts):
+        try:
+            return await connect(servers, name)
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(min(0.25 * (attempt + 1), 2.0))
+    raise AssertionError("unreachable")
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats error: %s", exc)
+
+
+def _log_event(what: str):  # noqa: ANN202 - nats callback factory
+    async def callback() -> None:
+        log.info("nats %s", what)
+
+    return callback
+
+
+async def ensure_calls_stream(js: JetStreamContext) -> None:
+    config = StreamConfig(
+        name=CALLS_STREAM,
+        subjects=["calls.*.dispatch.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=CALL_RETENTION,
+        duplicate_window=IDEMPOTENCY_WINDOW,
+        discard=DiscardPolicy.OLD,
+        allow_direct=True,
+    )
+    await _add_or_update(js, config)
+
+
+async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+
+
+async def bundles_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, BUNDLES_BUCKET, history=5, ttl=None)
+
+
+async def ratelimit_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, RATELIMIT_BUCKET, history=1, ttl=180)
+
+
+async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=name, history=history, ttl=ttl, direct=True)
+        except nats.js.errors.BadRequestError:
+            return await js.key_value(name)  # another process created it first

@@ -1,0 +1,70 @@
+"""The call request record: what ingest queues and dialers consume, and how to queue and read it.
+
+The JetStream message *is* the record (subject `calls.<tenant>.dispatch.<call_id>`), so accepting a
+call costs one round trip to NATS: publish and wait for the ack. Reading a call back is a direct get
+by subject.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel, ConfigDict
+
+from agentstudio import bus
+
+# Idempotency keys map to call ids deterministically, so racing retries publish the same
+# Nats-Msg-Id and JetStream's de-duplication keeps exactly one.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("9d6c1f0e-3b8a-4a57-9d52-8f7f0c1b2a61")
+
+
+class CallRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    call_id: str
+    tenant: str
+    api_key: str  # name of the ApiKey that queued it (never the key)
+    workflow_slug: str | None = None
+    agent_slug: str | None = None
+    phone_number: str
+    user_id: str | None = None
+    user_context: dict[str, Any]
+    metadata: dict[str, Any]
+    test: bool
+    created_at: datetime
+    bundle_version: int
+    status: Literal["pending"] = "pending"
+
+
+def new_call_id(tenant: str, api_key: str, idempotency_key: str | None) -> str:
+    if idempotency_key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{tenant}\x00{api_key}\x00{idempotency_key}"))
+
+
+def encode(call: CallRequest) -> bytes:
+    return orjson.dumps(call.model_dump(mode="json"))
+
+
+async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bool:
+    """Queue durably; returns False when JetStream already had this call id (a retry)."""
+    ack = await js.publish(
+        bus.dispatch_subject(call.tenant, call.call_id),
+        encode(call),
+        timeout=timeout,
+        headers={"Nats-Msg-Id": call.call_id},
+    )
+    return not ack.duplicate
+
+
+async def fetch(js: JetStreamContext, tenant: str, call_id: str) -> CallRequest | None:
+    try:
+        msg = await js.get_last_msg(bus.CALLS_STREAM, bus.dispatch_subject(tenant, call_id), direct=True)
+    except NotFoundError:
+        return None
+    return CallRequest.model_validate_json(msg.data) if msg.data else None

@@ -1,0 +1,134 @@
+"""`agent-studio`: one command, a subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from agentstudio import logs
+from agentstudio.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agent-studio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="serve the ingest API (settings from AGENTSTUDIO_* variables)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.set_defaults(run=_ingest)
+
+    p = sub.add_parser("operator", help="reconcile Agent, Workflow, ApiKey and WebhookSubscription resources")
+    p.set_defaults(run=_operator)
+
+    p = sub.add_parser("dialer", help="consume queued calls")
+    p.set_defaults(run=_dialer)
+
+    p = sub.add_parser("dev", help="run the whole stack locally from a folder of manifests")
+    p.add_argument("directory", type=Path, nargs="?", default=Path("examples"))
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(run=_dev)
+
+    p = sub.add_parser("validate", help="check a folder of manifests offline")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(run=_validate)
+
+    p = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from the models")
+    p.add_argument("--out", type=Path, default=Path("crds"), help="folder to write (default: crds/)")
+    p.add_argument("--check", action="store_true", help="only report whether the folder is up to date")
+    p.set_defaults(run=_crds)
+
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings()
+    logs.setup(settings.log_level)
+    uvicorn.run(
+        "agentstudio.ingest.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_config=None,
+        access_log=False,
+    )
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    print("agent-studio operator: not built yet (issue #4); use `agent-studio dev DIR` locally", file=sys.stderr)
+    return 2
+
+
+def _dialer(args: argparse.Namespace) -> int:
+    from agentstudio import bus
+    from agentstudio.dialer import logging_dialer
+
+    settings = Settings()
+    logs.setup(settings.log_level)
+
+    async def run() -> None:
+        nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
+        try:
+            await logging_dialer.run(nc.jetstream(), asyncio.Event())
+        finally:
+            await nc.drain()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from agentstudio import dev
+
+    logs.setup("WARNING")
+    try:
+        asyncio.run(dev.run(args.directory, args.port, args.host))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from agentstudio.validate import validate_dir
+
+    if not args.directory.is_dir():
+        print(f"error: {args.directory} is not a folder", file=sys.stderr)
+        return 1
+    errors, warnings, count = validate_dir(args.directory)
+    for w in warnings:
+        print(f"warning: {w}")
+    for e in errors:
+        print(f"error: {e}")
+    print(f"{count} resources, {len(errors)} errors, {len(warnings)} warnings")
+    return 1 if errors else 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from agentstudio import crdgen
+
+    if args.check:
+        stale = [
+            name
+            for name, text in crdgen.render_all().items()
+            if not (args.out / name).exists() or (args.out / name).read_text() != text
+        ]
+        for name in stale:
+            print(f"out of date: {args.out / name}")
+        return 1 if stale else 0
+    for path in crdgen.write(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Authentication, scopes and rate limiting as FastAPI dependencies.
+
+`Annotated[Principal, Depends(require_scope("calls:create"))]` gives a route the caller's tenant,
+key entry and bundle, all from one bundle snapshot, after the key's rate limit has been charged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Callable, Coroutine, Any
+
+from fastapi import Depends, Request
+from nats.errors import Error as NatsError
+
+from agentstudio import keys
+from agentstudio.bundle import Bundle, KeyEntry
+from agentstudio.bundle_store import KEY_INDEX_PREFIX
+from agentstudio.ingest.errors import ApiError
+from agentstudio.ingest.service import IngestService
+from agentstudio.resources import Scope
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    key: KeyEntry
+    bundle: Bundle
+
+    @property
+    def key_id(self) -> str:
+        return f"{self.tenant}.{self.key.name}"
+
+
+def service(request: Request) -> IngestService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+Service = Annotated[IngestService, Depends(service)]
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, "Authorization", {"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(request: Request, svc: IngestService) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise _unauthorized("missing API key: send Authorization: Bearer <key>")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("malformed Authorization header: expected Bearer <key>")
+    if not keys.is_well_formed(token):
+        raise _unauthorized("malformed API key")
+    snapshot = svc.snapshot
+    digest = keys.digest(token)
+    # The index is keyed by a short digest prefix; the full digest is compared in constant time.
+    found = next(
+        (c for c in snapshot.keys.get(digest[:KEY_INDEX_PREFIX], ()) if hmac.compare_digest(c[0], digest)),
+        None,
+    )
+    if found is None:
+        raise _unauthorized("unknown API key")
+    _, tenant, entry = found
+    if entry.disabled:
+        raise _unauthorized("API key is disabled")
+    if entry.not_after is not None and entry.not_after <= datetime.now(timezone.utc):
+        raise _unauthorized("API key has expired")
+    return Principal(tenant, entry, snapshot.bundles[tenant])
+
+
+def require_scope(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    async def dependency(request: Request, svc: Service) -> Principal:
+        principal = authenticate(request, svc)
+        if scope not in principal.key.scopes:
+            raise ApiError(403, "forbidden", f"API key lacks the {scope} scope", "Authorization")
+        try:
+            retry_after = await svc.limiter.take(principal.key_id, principal.key.rate_limit_per_minute)
+        except (NatsError, TimeoutError) as exc:
+            raise unavailable(svc) from exc
+        if retry_after is not None:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"rate limit of {principal.key.rate_limit_per_minute} requests per minute exceeded",
+                headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+            )
+        return principal
+
+    return dependency
+
+
+def unavailable(svc: IngestService) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        "the call queue is unreachable; nothing was queued, retry later",
+        headers={"Retry-After": str(svc.settings.retry_after_seconds)},
+    )

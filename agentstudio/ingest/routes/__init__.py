@@ -1,0 +1,1 @@
+"""HTTP routers of the ingest service, one module per resource."""

@@ -1,0 +1,41 @@
+"""GET /api/v1/calls/{call_id}: the record of one call of the key's tenant."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from nats.errors import Error as NatsError
+
+from agentstudio import calls
+from agentstudio.ingest.auth import Principal, Service, require_scope, unavailable
+from agentstudio.ingest.errors import ApiError, responses
+from agentstudio.ingest.schemas import CallRecord
+
+router = APIRouter(prefix="/api/v1", tags=["calls"])
+
+
+@router.get(
+    "/calls/{call_id}",
+    response_model=CallRecord,
+    responses=responses(401, 403, 404, 429, 503),
+    summary="Read one call",
+)
+async def get_call(
+    call_id: str,
+    principal: Annotated[Principal, Depends(require_scope("calls:read"))],
+    svc: Service,
+) -> CallRecord:
+    not_found = ApiError(404, "not_found", f"call {call_id!r} not found", "call_id")
+    try:
+        canonical = str(uuid.UUID(call_id))  # also keeps subject wildcards out of the lookup
+    except ValueError:
+        raise not_found from None
+    try:
+        call = await calls.fetch(svc.js, principal.tenant, canonical)
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    if call is None:
+        raise not_found
+    return CallRecord(**call.model_dump(include=set(CallRecord.model_fields)))

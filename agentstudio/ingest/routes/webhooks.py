@@ -1,0 +1,178 @@
+"""POST /api/v1/webhooks/ingest: a marketing platform's webhook becomes a durably queued call."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+import jsonschema
+import orjson
+from fastapi import APIRouter, Depends, Header, Request
+from nats.errors import Error as NatsError
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from agentstudio import calls, phone
+from agentstudio.bundle import Bundle
+from agentstudio.ingest.auth import Principal, Service, require_scope, unavailable
+from agentstudio.ingest.errors import ApiError, responses
+from agentstudio.ingest.schemas import CallAccepted, IngestRequest
+
+log = logging.getLogger("agentstudio.ingest")
+router = APIRouter(prefix="/api/v1", tags=["calls"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="A retry with the same key within 24 h returns the same call_id and queues nothing new.",
+    ),
+]
+
+
+@router.post(
+    "/webhooks/ingest",
+    status_code=201,
+    response_model=CallAccepted,
+    responses=responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": IngestRequest.model_json_schema()}},
+        }
+    },
+    summary="Queue a call from a marketing platform's webhook",
+)
+async def ingest(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_scope("calls:create"))],
+    svc: Service,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    body = await _read_json_body(request, svc.settings.max_body_bytes)
+    req = _parse(body)
+    bundle = principal.bundle
+    if req.workflow_slug:
+        workflow = bundle.workflows.get(req.workflow_slug)
+        if workflow is None:
+            raise ApiError(404, "not_found", f"workflow {req.workflow_slug!r} not found", "workflow_slug")
+        if workflow.user_context_schema is not None:
+            _check_user_context(bundle, req.workflow_slug, workflow.user_context_schema, req.user_context)
+    elif req.agent_slug not in bundle.agents:
+        raise ApiError(404, "not_found", f"agent {req.agent_slug!r} not found", "agent_slug")
+
+    call = calls.CallRequest(
+        call_id=calls.new_call_id(principal.tenant, principal.key.name, idempotency_key or None),
+        tenant=principal.tenant,
+        api_key=principal.key.name,
+        workflow_slug=req.workflow_slug,
+        agent_slug=req.agent_slug if not req.workflow_slug else None,
+        phone_number=req.phone_number,
+        user_id=req.user_id,
+        user_context=req.user_context,
+        metadata=req.metadata,
+        test=principal.key.mode == "test",
+        created_at=datetime.now(timezone.utc),
+        bundle_version=bundle.version,
+    )
+    if not svc.connected:
+        raise unavailable(svc)
+    try:
+        new = await calls.enqueue(svc.js, call, svc.settings.publish_timeout_seconds)
+    except (NatsError, TimeoutError) as exc:
+        log.warning("queue unavailable", extra={"tenant": principal.tenant, "error": type(exc).__name__})
+        raise unavailable(svc) from exc
+    log.info(
+        "call queued" if new else "call already queued (idempotent retry)",
+        extra={
+            "call_id": call.call_id,
+            "tenant": call.tenant,
+            "api_key": call.api_key,
+            "phone": phone.mask(call.phone_number),
+            "test": call.test,
+        },
+    )
+    headers = {} if new else {"Idempotent-Replayed": "true"}
+    return Response(
+        orjson.dumps({"call_id": call.call_id, "status": "pending"}),
+        status_code=201,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def _read_json_body(request: Request, limit: int) -> bytes:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json", "Content-Type")
+    declared = request.headers.get("content-length")
+    too_large = ApiError(413, "payload_too_large", f"body is larger than {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_FIRST = {"both_slugs": 0}  # a 422 is only reported when nothing else is wrong
+
+
+def _parse(body: bytes) -> IngestRequest:
+    try:
+        return IngestRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        error = min(errors, key=lambda e: _FIRST.get(e["type"], 1))
+        raise _to_api_error(error) from None
+
+
+def _to_api_error(error: Any) -> ApiError:
+    kind = error["type"]
+    loc = [str(p) for p in error["loc"]]
+    field = ".".join(loc) or None
+    if kind == "json_invalid":
+        return ApiError(400, "invalid_json", "body is not valid JSON")
+    if kind in ("model_type", "model_attributes_type") and not loc:
+        return ApiError(400, "invalid_body", "body must be a JSON object")
+    if kind == "both_slugs":
+        return ApiError(422, "conflicting_fields", error["msg"], "workflow_slug")
+    if kind in ("missing", "missing_slug"):
+        field = field or "workflow_slug"
+        return ApiError(400, "missing_field", f"{field} is required" if kind == "missing" else error["msg"], field)
+    if kind == "extra_forbidden":
+        return ApiError(400, "unknown_field", f"unknown field {field}", field)
+    if kind == "phone_number":
+        return ApiError(400, "invalid_phone_number", f"phone_number: {error['msg']}", "phone_number")
+    if kind == "dict_type":
+        return ApiError(400, "invalid_field", f"{field} must be a JSON object", field)
+    return ApiError(400, "invalid_field", f"{field}: {error['msg']}", field)
+
+
+_validators: dict[tuple[str, str, str], jsonschema.protocols.Validator] = {}
+
+
+def _check_user_context(bundle: Bundle, slug: str, schema: dict[str, Any], user_context: dict[str, Any]) -> None:
+    key = (bundle.tenant, bundle.digest, slug)
+    validator = _validators.get(key)
+    if validator is None:
+        if len(_validators) > 1024:
+            _validators.clear()
+        validator = _validators[key] = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(user_context))
+    if error is None:
+        return
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = next((p for p in error.validator_value if p not in error.instance), None)
+        if missing is not None:
+            path.append(str(missing))
+    field = ".".join(["user_context", *path])
+    raise ApiError(400, "invalid_user_context", f"{field}: {error.message}", field)

@@ -1,0 +1,87 @@
+"""Request and response bodies of the ingest API; their JSON Schemas are the OpenAPI contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from agentstudio import phone
+
+_OPTIONAL = ("workflow_slug", "agent_slug", "user_id", "user_context", "metadata")
+
+
+class IngestRequest(BaseModel):
+    """What a marketing platform's webhook sends. Empty strings count as absent."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "workflow_slug": "free-trial-followup",
+                    "phone_number": "+919876543210",
+                    "user_id": "user-123",
+                    "user_context": {"name": "John", "trial_started_at": "2026-02-01", "plan_type": "premium"},
+                    "metadata": {"campaign_id": "trial_recovery_jan", "source": "clevertap"},
+                }
+            ]
+        },
+    )
+
+    phone_number: str = Field(description="E.164, e.g. +919876543210; spaces, dashes and brackets are removed.")
+    workflow_slug: str | None = Field(None, max_length=253, description="Workflow to run (one of the two slugs).")
+    agent_slug: str | None = Field(None, max_length=253, description="Single agent to run (one of the two slugs).")
+    user_id: str | None = Field(None, max_length=256, description="External user id; numbers are accepted as text.")
+    user_context: dict[str, Any] = Field(default_factory=dict, description="Data for the agent: {{user.*}}.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Tracking data: {{metadata.*}}, webhooks, exports.")
+
+    @field_validator(*_OPTIONAL, mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "" or value is None:
+            return {} if info.field_name in ("user_context", "metadata") else None
+        if info.field_name == "user_id" and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("phone_number", mode="before")
+    @classmethod
+    def _phone(cls, value: Any) -> Any:
+        if value is None or value == "":
+            raise PydanticCustomError("missing", "Field required")
+        if not isinstance(value, str):
+            raise PydanticCustomError("string_type", "Input should be a string")
+        try:
+            return phone.normalize(value.strip())
+        except phone.InvalidPhoneNumber as exc:
+            raise PydanticCustomError("phone_number", "{reason}", {"reason": f"invalid phone number: {exc}"}) from None
+
+    @model_validator(mode="after")
+    def _one_slug(self) -> IngestRequest:
+        if self.workflow_slug and self.agent_slug:
+            raise PydanticCustomError("both_slugs", "provide either workflow_slug or agent_slug, not both")
+        if not self.workflow_slug and not self.agent_slug:
+            raise PydanticCustomError("missing_slug", "one of workflow_slug or agent_slug is required")
+        return self
+
+
+class CallAccepted(BaseModel):
+    call_id: str = Field(description="UUID of the queued call.")
+    status: str = Field("pending", description="Always pending: the call is durably queued.")
+
+
+class CallRecord(BaseModel):
+    call_id: str
+    status: str
+    workflow_slug: str | None
+    agent_slug: str | None
+    phone_number: str
+    user_id: str | None
+    user_context: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: datetime
+    test: bool

@@ -1,0 +1,63 @@
+"""The ingest process's long-lived parts: the NATS connection, the bundle watcher, the rate limiter."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from agentstudio import bus
+from agentstudio.bundle_store import BundleWatcher, Snapshot
+from agentstudio.ingest.ratelimit import RateLimiter
+from agentstudio.settings import Settings
+
+log = logging.getLogger("agentstudio.ingest")
+
+
+class IngestService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._watcher: BundleWatcher | None = None
+        self._limiter: RateLimiter | None = None
+
+    async def start(self) -> None:
+        self.nc = await bus.connect_retrying(self.settings.nats_url, "agentstudio-ingest")
+        self._js = self.nc.jetstream(timeout=self.settings.publish_timeout_seconds)
+        await bus.ensure_calls_stream(self._js)
+        self._watcher = BundleWatcher(await bus.bundles_bucket(self._js))
+        await self._watcher.start()
+        self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
+        log.info("ingest connected to nats")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "IngestService not started"
+        return self._js
+
+    @property
+    def limiter(self) -> RateLimiter:
+        assert self._limiter is not None, "IngestService not started"
+        return self._limiter
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._watcher.snapshot if self._watcher is not None else Snapshot()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and self._watcher is not None and self._watcher.loaded.is_set() and bool(
+            self.snapshot.bundles
+        )

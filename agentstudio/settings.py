@@ -1,0 +1,21 @@
+"""The one settings object: environment variables prefixed AGENTSTUDIO_ (e.g. AGENTSTUDIO_NATS_URL)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTSTUDIO_", frozen=True)
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS servers, comma-separated.")
+    log_level: str = "INFO"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = Field(64 * 1024, description="Larger ingest bodies get 413.")
+    publish_timeout_seconds: float = Field(2.0, description="How long ingest waits for the JetStream ack.")
+    retry_after_seconds: int = Field(5, description="Retry-After sent with 503.")
+    rate_limit_lease_divisor: int = Field(
+        50, description="Each ingest process leases limit/divisor requests at a time from the shared counter."
+    )
