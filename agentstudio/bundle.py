@@ -80,7 +80,7 @@ class Bundle(Frozen):
 
     schema_version: int = SCHEMA_VERSION
     tenant: str
-    version: int = 0
+    version: int = 0  # the KV revision it was stored at; set by bundle_store, not by the compiler
     digest: str = ""
     compiled_at: datetime
     agents: dict[str, CompiledAgent] = Field(default_factory=dict)

@@ -25,25 +25,36 @@ KEY_INDEX_PREFIX = 16  # hex characters of a key digest used to find candidates
 
 
 async def publish(kv: KeyValue, bundle: Bundle) -> Bundle:
-    """Store `bundle` as its tenant's newest version; unchanged content is not republished."""
+    """Store `bundle` as its tenant's newest version; unchanged content is not republished.
+
+    A bundle's version is the KV revision it was stored at: it grows with every change and needs
+    no counter of its own (a garbled value in between cannot reset it).
+    """
     while True:
         try:
             entry = await kv.get(bundle.tenant)
-            current = Bundle.from_bytes(entry.value) if entry.value else None
-            revision = entry.revision
+            revision: int | None = entry.revision
+            current = _parse(entry.value)
         except KeyNotFoundError:
             current, revision = None, None
         if current is not None and current.digest == bundle.digest:
-            return current
-        versioned = bundle.model_copy(update={"version": (current.version if current else 0) + 1})
+            return current.model_copy(update={"version": revision})
+        payload = bundle.model_copy(update={"version": 0}).to_bytes()
         try:
             if revision is None:
-                await kv.create(bundle.tenant, versioned.to_bytes())
+                stored = await kv.create(bundle.tenant, payload)
             else:
-                await kv.update(bundle.tenant, versioned.to_bytes(), last=revision)
-            return versioned
+                stored = await kv.update(bundle.tenant, payload, last=revision)
+            return bundle.model_copy(update={"version": stored})
         except KeyWrongLastSequenceError:
             continue  # someone published in between: re-read and try again
+
+
+def _parse(value: bytes | None) -> Bundle | None:
+    try:
+        return Bundle.from_bytes(value) if value else None
+    except ValidationError:
+        return None
 
 
 async def remove(kv: KeyValue, tenant: str) -> None:
@@ -82,7 +93,13 @@ class BundleWatcher:
 
     async def start(self) -> None:
         self._watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._run(), name="bundle-watcher")
+        self._task = asyncio.create_task(self._run(self._watcher), name="bundle-watcher")
+
+    async def restart(self) -> None:
+        """Watch again from the current values (after a reconnect, the old watch is gone)."""
+        await self.stop()
+        await self.start()
+        log.info("bundle watch restarted")
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -94,9 +111,8 @@ class BundleWatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
+    async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
             if entry is None:  # end of the initial values
                 self.loaded.set()
                 continue
@@ -113,7 +129,7 @@ class BundleWatcher:
                 self.snapshot = Snapshot.of(bundles)
             return
         try:
-            bundle = Bundle.from_bytes(entry.value)
+            bundle = Bundle.from_bytes(entry.value).model_copy(update={"version": entry.revision})
         except ValidationError as exc:
             log.error("bundle rejected, keeping the last good one", extra={"tenant": tenant, "error": str(exc)[:500]})
             return

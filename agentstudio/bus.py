@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -40,8 +41,25 @@ def dispatch_subject(tenant: str, call_id: str) -> str:
 DISPATCH_ALL = "calls.*.dispatch.*"
 
 
-async def connect(servers: str, name: str, *, connect_timeout: float = 2.0) -> NATS:
-    """Connect and keep reconnecting forever: a role outlives NATS restarts."""
+async def connect(
+    servers: str,
+    name: str,
+    *,
+    connect_timeout: float = 2.0,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect and keep reconnecting forever: a role outlives NATS restarts.
+
+    `on_reconnect` runs after each reconnection: a restarted server has forgotten every ephemeral
+    consumer (KV watchers among them), so their owners must subscribe again.
+    """
+    reconnected = _log_event("reconnected")
+
+    async def reconnected_cb() -> None:
+        await reconnected()
+        if on_reconnect is not None:
+            await on_reconnect()
+
     return await nats.connect(
         servers,
         name=name,
@@ -53,15 +71,17 @@ async def connect(servers: str, name: str, *, connect_timeout: float = 2.0) -> N
         pending_size=0,
         error_cb=_log_error,
         disconnected_cb=_log_event("disconnected"),
-        reconnected_cb=_log_event("reconnected"),
+        reconnected_cb=reconnected_cb,
     )
 
 
-async def connect_retrying(servers: str, name: str, attempts: int = 40) -> NATS:
+async def connect_retrying(
+    servers: str, name: str, attempts: int = 40, on_reconnect: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
     """Connect, retrying while NATS starts (pods start in any order)."""
     for attempt in range(attempts):
         try:
-            return await connect(servers, name)
+            return await connect(servers, name, on_reconnect=on_reconnect)
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError):
             if attempt == attempts - 1:
                 raise

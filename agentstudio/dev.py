@@ -18,7 +18,7 @@ import watchfiles
 from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store, bus, keys
-from agentstudio.bundle import KeyMaterial, compile_bundle
+from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import logging_dialer
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
@@ -67,31 +67,46 @@ def prepare_state_dir(directory: Path) -> Path:
     return state
 
 
-async def compile_and_publish(directory: Path, key_file: KeyFile, kv: KeyValue, announce: bool) -> bool:
-    """Load, compile and publish every namespace in `directory`; print problems. True when all good."""
+async def compile_and_publish(
+    directory: Path, key_file: KeyFile, kv: KeyValue, announce: bool, service: IngestService | None = None
+) -> bool:
+    """Load, compile and publish every namespace in `directory`; print problems. True when all good.
+
+    With `service`, a bundle is reported only once that ingest serves it.
+    """
     resources, problems = load_dir(directory)
     new_keys = key_file.ensure(resources)
     shown = key_file.keys.items() if announce else new_keys
     for name, key in sorted(shown):
         if any(isinstance(i.resource, ApiKey) and i.resource.name == name for i in resources):
             print(f"api key {name}: {key}", flush=True)
-    ok = not problems
     by_tenant: dict[str, list[Located]] = {}
     for item in resources:
         by_tenant.setdefault(item.namespace or DEFAULT_TENANT, []).append(item)
-    for tenant, items in sorted(by_tenant.items()):
-        result = compile_bundle(tenant, items, key_file.material())
-        problems += result.errors
-        if result.bundle is not None and not any(p.source in {i.source for i in items} for p in problems):
-            published = await bundle_store.publish(kv, result.bundle)
-            print(f"bundle {tenant}: version {published.version}", flush=True)
-        else:
-            ok = False
+    results = {tenant: compile_bundle(tenant, items, key_file.material()) for tenant, items in by_tenant.items()}
+    problems += [e for r in results.values() for e in r.errors]
     for problem in problems:
         print(f"error: {problem}", flush=True)
     if problems:
+        # A document that did not parse may belong to any namespace: publish nothing.
         print("the last good configuration stays in force", flush=True)
-    return ok and not problems
+        return False
+    for tenant, result in sorted(results.items()):
+        assert result.bundle is not None
+        published = await bundle_store.publish(kv, result.bundle)
+        if service is not None:
+            await _until_served(service, published)
+        print(f"bundle {tenant}: version {published.version}", flush=True)
+    return True
+
+
+async def _until_served(service: IngestService, bundle: Bundle, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        current = service.snapshot.bundles.get(bundle.tenant)
+        if current is not None and current.version >= bundle.version:
+            return
+        await asyncio.sleep(0.01)
+    print(f"warning: ingest has not loaded bundle {bundle.tenant} version {bundle.version} yet", flush=True)
 
 
 async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
@@ -116,7 +131,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
         background = [
             asyncio.create_task(logging_dialer.run(js, stop), name="dialer"),
-            asyncio.create_task(_watch(directory, key_file, kv, stop), name="watch"),
+            asyncio.create_task(_watch(directory, key_file, kv, service, stop), name="watch"),
         ]
         await server.serve()  # returns on Ctrl-C (uvicorn handles the signal)
         stop.set()
@@ -130,10 +145,12 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         print("stopped", flush=True)
 
 
-async def _watch(directory: Path, key_file: KeyFile, kv: KeyValue, stop: asyncio.Event) -> None:
+async def _watch(
+    directory: Path, key_file: KeyFile, kv: KeyValue, service: IngestService, stop: asyncio.Event
+) -> None:
     def manifest(_: watchfiles.Change, path: str) -> bool:
         return path.endswith(MANIFEST_SUFFIXES) and f"/{STATE_DIR}/" not in path
 
     async for _ in watchfiles.awatch(directory, watch_filter=manifest, stop_event=stop):
         print("manifests changed: recompiling", flush=True)
-        await compile_and_publish(directory, key_file, kv, announce=False)
+        await compile_and_publish(directory, key_file, kv, announce=False, service=service)

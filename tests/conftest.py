@@ -54,10 +54,10 @@ class Tenant:
     """One namespace's manifests, its plaintext keys, and a way to (re)publish its bundle."""
 
     name: str
-    js: JetStreamContext
-    resources: list[Located]
-    keys: dict[str, str] = field(default_factory=dict)
-    bundle: Bundle | None = None
+    js: JetStreamContext = field(repr=False)
+    resources: list[Located] = field(repr=False)
+    keys: dict[str, str] = field(default_factory=dict, repr=False)
+    bundle: Bundle | None = field(default=None, repr=False)
 
     async def publish(self, resources: list[Located] | None = None) -> Bundle:
         if resources is not None:

@@ -24,13 +24,23 @@ class IngestService:
         self._limiter: RateLimiter | None = None
 
     async def start(self) -> None:
-        self.nc = await bus.connect_retrying(self.settings.nats_url, "agentstudio-ingest")
+        self.nc = await bus.connect_retrying(
+            self.settings.nats_url, "agentstudio-ingest", on_reconnect=self._resubscribe
+        )
         self._js = self.nc.jetstream(timeout=self.settings.publish_timeout_seconds)
         await bus.ensure_calls_stream(self._js)
         self._watcher = BundleWatcher(await bus.bundles_bucket(self._js))
         await self._watcher.start()
         self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
         log.info("ingest connected to nats")
+
+    async def _resubscribe(self) -> None:
+        if self._watcher is not None:
+            try:
+                await bus.ensure_calls_stream(self.js)  # in case the server came back empty
+                await self._watcher.restart()
+            except Exception:  # noqa: BLE001 - retried on the next reconnect; the old bundles stay
+                log.exception("could not restart the bundle watch")
 
     async def stop(self) -> None:
         if self._watcher is not None:

@@ -1,0 +1,146 @@
+"""`agent-studio ingest` as a real process over HTTP: property tests over phone numbers and bodies
+(never a 5xx), and the key never appearing in what the process logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentstudio import bus, phone
+from agentstudio.natsserver import NatsServer, free_port
+from conftest import Tenant, docs, example_resources
+
+FUZZ_KEY = """
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: fuzz}
+spec: {scopes: ["calls:create", "calls:read"], mode: test, rateLimitPerMinute: 1000000}
+"""
+
+
+@dataclass
+class IngestProcess:
+    url: str
+    tenant: Tenant
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def ingest_process(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestProcess]:
+    async def publish() -> Tenant:
+        nc = await bus.connect(nats_server.url, "tests")
+        tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", nc.jetstream(), example_resources() + docs(FUZZ_KEY))
+        await tenant.publish()
+        await nc.close()
+        return tenant
+
+    tenant = asyncio.run(publish())
+    port = free_port()
+    log = tmp_path_factory.mktemp("ingest") / "ingest.log"
+    env = {
+        **os.environ,
+        "AGENTSTUDIO_NATS_URL": nats_server.url,
+        "AGENTSTUDIO_HOST": "127.0.0.1",
+        "AGENTSTUDIO_PORT": str(port),
+        "AGENTSTUDIO_LOG_LEVEL": "DEBUG",
+    }
+    cli = Path(sys.executable).parent / "agent-studio"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(cli), "ingest"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        yield IngestProcess(url, tenant, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+phones = (
+    st.from_regex(r"\A\+[0-9 ()\-]{0,20}\Z")
+    | st.text(alphabet="+0123456789 -().$abcPhone", max_size=24)
+    | st.sampled_from(["+919876543210", "+14155552671", "$Phone", "", "+", "++1", "+1 (415) 555-2671"])
+)
+fields = st.sampled_from(["phone_number", "workflow_slug", "agent_slug", "user_id", "user_context", "metadata", "x"])
+bodies = st.dictionaries(fields, json_values, max_size=7) | json_values
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(number=phones)
+def test_any_phone_number_gets_201_or_a_400_naming_it(ingest_process: IngestProcess, number: str) -> None:
+    resp = httpx.post(
+        f"{ingest_process.url}/api/v1/webhooks/ingest",
+        json={"agent_slug": "trial-followup-agent", "phone_number": number},
+        headers=ingest_process.tenant.auth("fuzz"),
+    )
+    try:
+        expected = phone.normalize(number.strip())
+    except phone.InvalidPhoneNumber:
+        expected = None
+    if expected is None:
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["field"] == "phone_number"
+    else:
+        assert resp.status_code == 201, resp.text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=bodies)
+def test_any_body_gets_an_answer_in_the_contract(ingest_process: IngestProcess, payload: object) -> None:
+    resp = httpx.post(
+        f"{ingest_process.url}/api/v1/webhooks/ingest",
+        content=json.dumps(payload).encode(),
+        headers={**ingest_process.tenant.auth("fuzz"), "Content-Type": "application/json"},
+    )
+    assert resp.status_code in (201, 400, 404, 422), resp.text
+    if resp.status_code != 201:
+        error = resp.json()["error"]
+        assert error["code"] and error["message"]
+
+
+def test_keys_never_appear_in_logs(ingest_process: IngestProcess) -> None:
+    tenant = ingest_process.tenant
+    url = f"{ingest_process.url}/api/v1/webhooks/ingest"
+    good = {"agent_slug": "trial-followup-agent", "phone_number": "+919876543210"}
+    for key in ("clevertap", "analytics-readonly", "fuzz"):
+        httpx.post(url, json=good, headers=tenant.auth(key))
+        httpx.post(url, json={"phone_number": "bad"}, headers=tenant.auth(key))
+        httpx.post(url, content=b"{", headers={**tenant.auth(key), "Content-Type": "application/json"})
+    wrong = "as_live_" + "Z" * 32
+    httpx.post(url, json=good, headers={"Authorization": f"Bearer {wrong}"})
+    time.sleep(0.3)
+    text = ingest_process.log.read_text()
+    assert "call queued" in text  # the log is being written, with the events we sent
+    for key in [*tenant.keys.values(), wrong]:
+        assert key not in text
+        assert key[-12:] not in text
+    assert "+919876543210" not in text  # phone numbers are masked too
+    assert "********3210" in text

@@ -1,0 +1,71 @@
+"""NATS goes away mid-test: ingest answers 503 (never a 201 it cannot keep), and every call it did
+accept is still queued after nats-server comes back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agentstudio import bus
+from agentstudio.natsserver import NatsServer
+from conftest import SEED_BODY, Tenant, example_resources, ingest_client, wait_for_bundle
+
+
+async def test_outage_gives_503_and_loses_nothing_acknowledged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    admin = await bus.connect(server.url, "test-admin")
+    tenant = Tenant("outage", admin.jetstream(), example_resources())
+    bundle = await tenant.publish()
+    accepted: list[str] = []
+    try:
+        async with ingest_client(server.url, publish_timeout_seconds=1.0) as (client, svc):
+            await wait_for_bundle(svc, tenant.name, bundle.version)
+
+            async def send() -> int:
+                resp = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=tenant.auth("clevertap"))
+                if resp.status_code == 201:
+                    accepted.append(resp.json()["call_id"])
+                elif resp.status_code == 503:
+                    assert int(resp.headers["Retry-After"]) > 0
+                    assert resp.json()["error"]["code"] == "unavailable"
+                return resp.status_code
+
+            before = await asyncio.gather(*(send() for _ in range(20)))
+            assert set(before) == {201}
+
+            # Kill the server while requests are in flight: each gets 201 or 503, nothing else.
+            in_flight = [asyncio.create_task(send()) for _ in range(30)]
+            await asyncio.sleep(0.005)
+            server.stop(kill=True)
+            during = await asyncio.gather(*in_flight)
+            assert set(during) <= {201, 503}, during
+            down = await asyncio.gather(*(send() for _ in range(10)))
+            assert set(down) == {503}
+            assert (await client.get("/readyz")).status_code == 503
+
+            server.start()
+            for _ in range(100):  # the client reconnects by itself
+                if svc.connected:
+                    break
+                await asyncio.sleep(0.1)
+            after = await asyncio.gather(*(send() for _ in range(10)))
+            assert set(after) == {201}
+
+            # A configuration change made after the restart still reaches this ingest.
+            await admin.close()
+            admin = await bus.connect(server.url, "test-admin")
+            tenant.js = admin.jetstream()
+            tenant.resources = [i for i in tenant.resources if i.resource.name != "braze"]
+            newer = await tenant.publish()
+            await wait_for_bundle(svc, tenant.name, newer.version)
+            resp = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=tenant.auth("braze"))
+            assert resp.status_code == 401
+
+        js = admin.jetstream()
+        for call_id in accepted:
+            msg = await js.get_last_msg(bus.CALLS_STREAM, bus.dispatch_subject(tenant.name, call_id))
+            assert msg.data
+        assert len(accepted) >= 30
+    finally:
+        await admin.close()
+        server.stop()

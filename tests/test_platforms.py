@@ -1,0 +1,101 @@
+"""Each platform's body template, rendered as that platform renders it, posted to ingest."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from nats.js import JetStreamContext
+
+import platforms
+from agentstudio import bus
+from agentstudio.calls import CallRequest
+from conftest import Tenant
+
+
+async def send(client: httpx.AsyncClient, tenant: Tenant, key: str, raw: str) -> httpx.Response:
+    return await client.post(
+        "/api/v1/webhooks/ingest",
+        content=raw.encode(),
+        headers={**tenant.auth(key), "Content-Type": "application/json"},
+    )
+
+
+async def queued(js: JetStreamContext, tenant: Tenant, resp: httpx.Response) -> CallRequest:
+    assert resp.status_code == 201, resp.text
+    msg = await js.get_last_msg(bus.CALLS_STREAM, bus.dispatch_subject(tenant.name, resp.json()["call_id"]))
+    return CallRequest.model_validate_json(msg.data)
+
+
+CLEVERTAP_PROFILE = {
+    "Phone": "+919876543210",
+    "Identity": "ct-42",
+    "Name": "Asha",
+    "trial_start_date": "2026-02-01",
+    "selected_plan": "premium",
+    "user_segment": "high_value",
+}
+
+
+async def test_clevertap(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    call = await queued(js, tenant, await send(client, tenant, "clevertap", platforms.clevertap(CLEVERTAP_PROFILE)))
+    assert call.phone_number == "+919876543210" and call.user_id == "ct-42"
+    assert call.user_context == {"name": "Asha", "trial_started_at": "2026-02-01", "plan_type": "premium"}
+    assert call.metadata == {"campaign_id": "trial_recovery_v2", "source": "clevertap", "segment": "high_value"}
+
+
+async def test_clevertap_profile_without_phone_is_400_naming_it(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    profile = {k: v for k, v in CLEVERTAP_PROFILE.items() if k != "Phone"}
+    raw = platforms.clevertap(profile)
+    assert '"$Phone"' in raw
+    resp = await send(client, tenant, "clevertap", raw)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["field"] == "phone_number"
+
+
+async def test_clevertap_quote_in_a_name_breaks_the_json_and_is_400(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    resp = await send(client, tenant, "clevertap", platforms.clevertap({**CLEVERTAP_PROFILE, "Name": 'Ann "Jo"'}))
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_json"
+
+
+async def test_moengage(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    raw = platforms.moengage({"phone": "+91 98765 43210", "user_id": "moe-7", "name": "Ravi"}, campaign_id="cmp-1")
+    call = await queued(js, tenant, await send(client, tenant, "moengage", raw))
+    assert call.phone_number == "+919876543210" and call.user_id == "moe-7"
+    assert call.user_context == {"name": "Ravi"} and call.metadata == {"campaign_id": "cmp-1", "source": "moengage"}
+
+
+def test_moengage_does_not_send_when_an_attribute_is_missing() -> None:
+    with pytest.raises(platforms.NotSent):
+        platforms.moengage({"phone": "+919876543210", "name": "Ravi"}, campaign_id="cmp-1")
+
+
+async def test_braze(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    raw = platforms.braze(
+        {"phone_number": "+14155552671", "user_id": "b-1", "first_name": "Lee"}, campaign={"api_id": "camp-9"}
+    )
+    call = await queued(js, tenant, await send(client, tenant, "braze", raw))
+    assert call.phone_number == "+14155552671" and call.user_id == "b-1"
+    assert call.user_context == {"name": "Lee"} and call.metadata == {"campaign_id": "camp-9", "source": "braze"}
+
+
+async def test_braze_missing_attributes_render_empty(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    raw = platforms.braze({"phone_number": "+14155552671"}, campaign={"api_id": "camp-9"})
+    call = await queued(js, tenant, await send(client, tenant, "braze", raw))
+    assert call.user_id is None  # "" counts as absent
+    no_phone = await send(client, tenant, "braze", platforms.braze({"user_id": "b-1"}, campaign={}))
+    assert no_phone.status_code == 400 and no_phone.json()["error"]["field"] == "phone_number"
+
+
+async def test_webengage(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    raw = platforms.webengage({"phone": "+447911123456", "userId": "we-3", "firstName": "Sam"}, {"journeyId": "j-5"})
+    call = await queued(js, tenant, await send(client, tenant, "webengage", raw))
+    assert call.phone_number == "+447911123456" and call.user_id == "we-3"
+    assert call.user_context == {"name": "Sam"} and call.metadata == {"campaign_id": "j-5", "source": "webengage"}
+
+
+async def test_webengage_missing_attributes_render_empty(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
+    call = await queued(js, tenant, await send(client, tenant, "webengage", platforms.webengage({"phone": "+447911123456"}, {})))
+    assert call.user_id is None and call.user_context == {"name": ""} and call.metadata["campaign_id"] == ""
+    no_phone = await send(client, tenant, "webengage", platforms.webengage({"userId": "we-3"}, {}))
+    assert no_phone.status_code == 400 and no_phone.json()["error"]["field"] == "phone_number"
