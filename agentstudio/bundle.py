@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import jsonschema
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentstudio import templating
+from agentstudio.json_schema import schema_problem
 from agentstudio.manifests import Located, Problem
 from agentstudio.resources import (
     Agent,
@@ -229,10 +229,8 @@ def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
             templates.append((f"{base}.url", action.url, templating.TOOL_ROOTS))
         templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in action.headers.items()]
         templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.body)]
-        try:
-            jsonschema.Draft202012Validator.check_schema(tool.parameters)
-        except jsonschema.SchemaError as exc:
-            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {exc.message}"))
+        if (why := schema_problem(tool.parameters)) is not None:
+            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}"))
     return problems + [
         _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""))
         for path, source, roots in templates
@@ -254,9 +252,6 @@ def _workflow_problems(wf: Workflow, item: Located, agents: dict[str, CompiledAg
                 problems.append(
                     _at(item, f"spec.handoffs[{i}].{side}", f"agent {slug!r} is not one of the workflow's agents")
                 )
-    if wf.spec.user_context_schema is not None:
-        try:
-            jsonschema.Draft202012Validator.check_schema(wf.spec.user_context_schema)
-        except jsonschema.SchemaError as exc:
-            problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {exc.message}"))
+    if wf.spec.user_context_schema is not None and (why := schema_problem(wf.spec.user_context_schema)):
+        problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {why}"))
     return problems

@@ -8,9 +8,12 @@ restart keeps them; editing a manifest recompiles and republishes without a rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -100,6 +103,21 @@ async def compile_and_publish(
     return True
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured signal after shutdown, which would kill us before we stop
+    nats-server; `run` handles the signals itself instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _request_exit(server: uvicorn.Server) -> None:
+    if server.should_exit:
+        server.force_exit = True  # a second Ctrl-C
+    server.should_exit = True
+
+
 async def _until_served(service: IngestService, bundle: Bundle, timeout: float = 5.0) -> None:
     for _ in range(int(timeout / 0.01)):
         current = service.snapshot.bundles.get(bundle.tenant)
@@ -125,21 +143,24 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         key_file = KeyFile(state / "keys.json")
         await compile_and_publish(directory, key_file, kv, announce=True)
         await service.start()
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(create_app(settings, service), host=host, port=port, log_config=None, access_log=False)
         )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
         background = [
             asyncio.create_task(logging_dialer.run(js, stop), name="dialer"),
             asyncio.create_task(_watch(directory, key_file, kv, service, stop), name="watch"),
         ]
-        await server.serve()  # returns on Ctrl-C (uvicorn handles the signal)
+        await server.serve()  # returns on Ctrl-C or SIGTERM
         stop.set()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await service.stop()
-        await nc.drain()
+        await nc.close()
     finally:
         nats.stop()
         print("stopped", flush=True)

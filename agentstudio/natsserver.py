@@ -6,7 +6,9 @@ the Python interpreter; nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when its parent dies, so a killed `dev` or test run leaks no server."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class NatsServer:
     """A nats-server child process on 127.0.0.1 with JetStream storing into `store_dir`."""
 
@@ -51,6 +61,7 @@ class NatsServer:
             stdout=out,
             stderr=out,
             start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

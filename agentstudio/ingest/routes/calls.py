@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from nats.errors import Error as NatsError
 
 from agentstudio import calls
-from agentstudio.ingest.auth import Principal, Service, require_scope, unavailable
+from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.ingest.schemas import CallRecord
 
@@ -23,10 +23,11 @@ router = APIRouter(prefix="/api/v1", tags=["calls"])
     summary="Read one call",
 )
 async def get_call(
+    request: Request,
     call_id: str,
     principal: Annotated[Principal, Depends(require_scope("calls:read"))],
-    svc: Service,
 ) -> CallRecord:
+    svc = service_of(request)
     not_found = ApiError(404, "not_found", f"call {call_id!r} not found", "call_id")
     try:
         canonical = str(uuid.UUID(call_id))  # also keeps subject wildcards out of the lookup

@@ -6,16 +6,14 @@ import logging
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-import jsonschema
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from agentstudio import calls, phone
-from agentstudio.bundle import Bundle
-from agentstudio.ingest.auth import Principal, Service, require_scope, unavailable
+from agentstudio import calls, json_schema, phone
+from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.ingest.schemas import CallAccepted, IngestRequest
 
@@ -48,9 +46,9 @@ IdempotencyKey = Annotated[
 async def ingest(
     request: Request,
     principal: Annotated[Principal, Depends(require_scope("calls:create"))],
-    svc: Service,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    svc = service_of(request)
     body = await _read_json_body(request, svc.settings.max_body_bytes)
     req = _parse(body)
     bundle = principal.bundle
@@ -59,7 +57,7 @@ async def ingest(
         if workflow is None:
             raise ApiError(404, "not_found", f"workflow {req.workflow_slug!r} not found", "workflow_slug")
         if workflow.user_context_schema is not None:
-            _check_user_context(bundle, req.workflow_slug, workflow.user_context_schema, req.user_context)
+            _check_user_context(workflow.user_context_schema, req.user_context)
     elif req.agent_slug not in bundle.agents:
         raise ApiError(404, "not_found", f"agent {req.agent_slug!r} not found", "agent_slug")
 
@@ -156,23 +154,8 @@ def _to_api_error(error: Any) -> ApiError:
     return ApiError(400, "invalid_field", f"{field}: {error['msg']}", field)
 
 
-_validators: dict[tuple[str, str, str], jsonschema.protocols.Validator] = {}
-
-
-def _check_user_context(bundle: Bundle, slug: str, schema: dict[str, Any], user_context: dict[str, Any]) -> None:
-    key = (bundle.tenant, bundle.digest, slug)
-    validator = _validators.get(key)
-    if validator is None:
-        if len(_validators) > 1024:
-            _validators.clear()
-        validator = _validators[key] = jsonschema.Draft202012Validator(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(user_context))
-    if error is None:
-        return
-    path = [str(p) for p in error.absolute_path]
-    if error.validator == "required" and isinstance(error.instance, dict):
-        missing = next((p for p in error.validator_value if p not in error.instance), None)
-        if missing is not None:
-            path.append(str(missing))
-    field = ".".join(["user_context", *path])
-    raise ApiError(400, "invalid_user_context", f"{field}: {error.message}", field)
+def _check_user_context(schema: dict[str, Any], user_context: dict[str, Any]) -> None:
+    violation = json_schema.compiled(schema).violation(user_context)
+    if violation is not None:
+        field = ".".join(["user_context", *violation.path])
+        raise ApiError(400, "invalid_user_context", f"{field}: {violation.message}", field)
