@@ -1,15 +1,34 @@
-"""The baseline for bench/ingest.py: a bare FastAPI route with a pydantic body that answers the same
-201 as ingest, with no auth, no rate limit and no I/O."""
+"""Baselines for bench/ingest.py: a bare FastAPI route with a pydantic body that answers the same 201
+as ingest, with no auth, no rate limit and no I/O; with BARE_NATS_URL set, it also awaits one
+JetStream publish-ack per request (the floor for any design that queues durably)."""
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+
+import nats
 
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-app = FastAPI()
+NATS_URL = os.environ.get("BARE_NATS_URL")
+js = None
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    global js
+    if NATS_URL:
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
 
 
 class Body(BaseModel):
@@ -23,4 +42,8 @@ class Body(BaseModel):
 
 @app.post("/api/v1/webhooks/ingest", status_code=201)
 async def ingest(body: Body) -> dict[str, str]:
-    return {"call_id": str(uuid.uuid4()), "status": "pending"}
+    call_id = str(uuid.uuid4())
+    if js is not None:
+        await js.publish(f"calls.bare.dispatch.{call_id}", body.model_dump_json().encode(),
+                         headers={"Nats-Msg-Id": call_id})
+    return {"call_id": call_id, "status": "pending"}

@@ -32,13 +32,18 @@ from agentstudio.bundle import KeyMaterial, compile_bundle  # noqa: E402
 from agentstudio.manifests import load_dir  # noqa: E402
 from agentstudio.natsserver import NatsServer, free_port  # noqa: E402
 
-BODY = {
+# The bare app's publish subject must be in the CALLS stream (created by ingest at start).
+SEED = {
     "workflow_slug": "free-trial-followup",
     "phone_number": "+919876543210",
     "user_id": "user-123",
     "user_context": {"name": "John", "trial_started_at": "2026-02-01", "plan_type": "premium"},
     "metadata": {"campaign_id": "trial_recovery_jan", "source": "clevertap"},
 }
+# A campaign calls many different people: distinct valid numbers and user ids, round robin.
+BODIES = [
+    {**SEED, "phone_number": f"+9198765{i:05d}", "user_id": f"user-{i}"} for i in range(2000)
+]
 
 
 async def publish_tenant(nats_url: str, key: str) -> None:
@@ -69,8 +74,8 @@ def serve(args: list[str], env: dict[str, str], ready_url: str) -> subprocess.Po
 
 
 def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int) -> dict[str, Result]:
-    attack(url, BODY, headers, seconds=2, workers=connections)  # warm-up
-    peak = attack(url, BODY, headers, seconds=seconds, workers=connections)
+    attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
+    peak = attack(url, BODIES, headers, seconds=seconds, workers=connections)
     print(f"{name}: {peak.rate:.0f} req/s at {connections} connections", file=sys.stderr)
     return {"max": peak}
 
@@ -86,7 +91,7 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as nats:
         asyncio.run(publish_tenant(nats.url, key))
-        ingest_port, bare_port = free_port(), free_port()
+        ingest_port, bare_port, floor_port = free_port(), free_port(), free_port()
         env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats.url, "AGENTSTUDIO_HOST": "127.0.0.1",
                "AGENTSTUDIO_PORT": str(ingest_port), "AGENTSTUDIO_LOG_LEVEL": "INFO"}
         ingest = serve([str(bin_dir / "agent-studio"), "ingest", "--workers", "1"], env,
@@ -94,16 +99,21 @@ def main() -> None:
         bare = serve([str(bin_dir / "uvicorn"), "bare_app:app", "--app-dir", str(ROOT / "bench"), "--host",
                       "127.0.0.1", "--port", str(bare_port), "--workers", "1", "--no-access-log",
                       "--log-level", "warning"], os.environ.copy(), f"http://127.0.0.1:{bare_port}/docs")
+        floor = serve([str(bin_dir / "uvicorn"), "bare_app:app", "--app-dir", str(ROOT / "bench"), "--host",
+                       "127.0.0.1", "--port", str(floor_port), "--workers", "1", "--no-access-log",
+                       "--log-level", "warning"], {**os.environ, "BARE_NATS_URL": nats.url},
+                      f"http://127.0.0.1:{floor_port}/docs")
         try:
             urls = {"ingest": f"http://127.0.0.1:{ingest_port}/api/v1/webhooks/ingest",
-                    "bare": f"http://127.0.0.1:{bare_port}/api/v1/webhooks/ingest"}
+                    "bare": f"http://127.0.0.1:{bare_port}/api/v1/webhooks/ingest",
+                    "bare+publish": f"http://127.0.0.1:{floor_port}/api/v1/webhooks/ingest"}
             results = {name: measure(name, url, headers, args.seconds, args.connections) for name, url in urls.items()}
             half = max(1, int(results["ingest"]["max"].rate / 2))
             for name, url in urls.items():
-                results[name]["half"] = attack(url, BODY, headers, seconds=args.seconds, rate=half,
+                results[name]["half"] = attack(url, BODIES, headers, seconds=args.seconds, rate=half,
                                                workers=args.connections)
         finally:
-            for proc in (ingest, bare):
+            for proc in (ingest, bare, floor):
                 proc.terminate()
                 proc.wait(timeout=10)
 
@@ -112,6 +122,8 @@ def main() -> None:
         "seconds": args.seconds,
         "workers": 1,
         "ratio_max_rate": results["ingest"]["max"].rate / results["bare"]["max"].rate,
+        "ratio_vs_bare_publish": results["ingest"]["max"].rate / results["bare+publish"]["max"].rate,
+        "ratio_bare_publish_vs_bare": results["bare+publish"]["max"].rate / results["bare"]["max"].rate,
         "half_rate": half,
         "results": {name: {phase: asdict(r) for phase, r in phases.items()} for name, phases in results.items()},
     }
@@ -128,10 +140,10 @@ def plot(out: dict, path: Path) -> None:  # type: ignore[type-arg]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["bare", "ingest"]
+    names = ["bare", "bare+publish", "ingest"]
     res = out["results"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(names, [res[n]["max"]["rate"] for n in names], color=["#999", "#2a6"])
+    a.bar(names, [res[n]["max"]["rate"] for n in names], color=["#999", "#69c", "#2a6"])
     a.set_title(f"max req/s (1 worker, {out['connections']} conns)\ningest/bare = {out['ratio_max_rate']:.2f}")
     x = range(len(names))
     b.bar([i - 0.2 for i in x], [res[n]["half"]["p50_ms"] for n in names], 0.4, label="p50")

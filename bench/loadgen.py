@@ -39,21 +39,22 @@ class Result:
     status_codes: dict[str, int]
 
 
-def attack(url: str, body: dict[str, object], headers: dict[str, str], *, seconds: float, rate: int = 0,
-           workers: int = 32) -> Result:
-    """rate=0: as fast as `workers` connections allow (closed loop); otherwise that many per second."""
-    target = {
-        "method": "POST",
-        "url": url,
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
-        "header": {k: [v] for k, v in {**headers, "Content-Type": "application/json"}.items()},
-    }
+def attack(url: str, bodies: list[dict[str, object]], headers: dict[str, str], *, seconds: float,
+           rate: int = 0, workers: int = 32) -> Result:
+    """Send the bodies round robin. rate=0: as fast as `workers` connections allow (closed loop);
+    otherwise that many per second."""
+    header = {k: [v] for k, v in {**headers, "Content-Type": "application/json"}.items()}
+    targets = "".join(
+        json.dumps({"method": "POST", "url": url, "header": header,
+                    "body": base64.b64encode(json.dumps(body).encode()).decode()}) + "\n"
+        for body in bodies
+    )
     args = [vegeta(), "attack", "-format=json", f"-duration={seconds}s", f"-rate={rate}/s",
             f"-workers={workers}", "-keepalive=true"]
     args[4] = "-rate=0" if rate == 0 else f"-rate={rate}/s"
     if rate == 0:
         args.append(f"-max-workers={workers}")
-    run = subprocess.run(args, input=json.dumps(target).encode() + b"\n", capture_output=True)
+    run = subprocess.run(args, input=targets.encode(), capture_output=True)
     if run.returncode != 0:
         raise RuntimeError(f"vegeta attack failed: {run.stderr.decode()[-2000:]}")
     attack_out = run.stdout

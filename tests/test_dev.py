@@ -72,8 +72,8 @@ class DevProcess:
                 self.version = version
                 return
 
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
+    def interrupt(self, sig: signal.Signals = signal.SIGINT) -> int:
+        self.proc.send_signal(sig)
         return self.proc.wait(timeout=20)
 
 
@@ -141,7 +141,10 @@ def test_dev_runs_the_stack_from_a_folder(tmp_path: Path) -> None:
         assert again.start() == keys
         resp = httpx.post(f"{again.url}/api/v1/webhooks/ingest", json=SEED_BODY, headers={"Authorization": f"Bearer {keys['clevertap']}"})
         assert resp.status_code == 201
-        assert again.interrupt() == 0
+        port_of_nats = nats_port(folder, again)
+        assert again.interrupt(signal.SIGTERM) == 0  # as Kubernetes or systemd would stop it
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port_of_nats)) != 0
     finally:
         if again.proc.poll() is None:
             again.proc.kill()

@@ -366,3 +366,4 @@ async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient
     assert "phone_number" in ingest["requestBody"]["content"]["application/json"]["schema"]["required"]
     assert {"/api/v1/calls/{call_id}", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     assert "404" in spec["paths"]["/api/v1/calls/{call_id}"]["get"]["responses"]
+    assert any(p["name"] == "Idempotency-Key" for p in ingest["parameters"])

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Request
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -20,14 +20,13 @@ from agentstudio.ingest.schemas import CallAccepted, IngestRequest
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(prefix="/api/v1", tags=["calls"])
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=255,
-        description="A retry with the same key within 24 h returns the same call_id and queues nothing new.",
-    ),
-]
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "A retry with the same key within 24 h returns the same call_id and queues nothing new.",
+}
 
 
 @router.post(
@@ -36,6 +35,9 @@ IdempotencyKey = Annotated[
     response_model=CallAccepted,
     responses=responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
     openapi_extra={
+        # Declared here rather than as a Header() parameter: FastAPI's parameter machinery is a
+        # measurable share of this route's time.
+        "parameters": [IDEMPOTENCY_HEADER],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": IngestRequest.model_json_schema()}},
@@ -46,9 +48,11 @@ IdempotencyKey = Annotated[
 async def ingest(
     request: Request,
     principal: Annotated[Principal, Depends(require_scope("calls:create"))],
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     svc = service_of(request)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and len(idempotency_key) > 255:
+        raise ApiError(400, "invalid_header", "Idempotency-Key is longer than 255 characters", "Idempotency-Key")
     body = await _read_json_body(request, svc.settings.max_body_bytes)
     req = _parse(body)
     bundle = principal.bundle
