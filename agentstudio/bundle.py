@@ -154,7 +154,7 @@ def compile_bundle(
         for i, tool in enumerate(agent.spec.tools):
             if tool.action.type == "handoff" and tool.action.agent not in agents:
                 errors.append(
-                    _at(item, f"spec.tools[{i}].action.agent", f"agent {tool.action.agent!r} does not exist")
+                    _at(item, f"spec.tools[{i}].action.agent", f"agent {tool.action.agent!r} does not exist", "AgentNotFound")
                 )
 
     keys: dict[str, KeyEntry] = {}
@@ -200,18 +200,18 @@ def compile_bundle(
     return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
 
 
-def _at(item: Located, path: str, message: str) -> Problem:
-    return Problem(item.source, path, message, item.index)
+def _at(item: Located, path: str, message: str, reason: str = "Invalid") -> Problem:
+    return Problem(item.source, path, message, item.index, reason)
 
 
 def _check_unique_name(item: Located, same_kind: list[Located], errors: list[Problem]) -> None:
     if sum(1 for other in same_kind if other.resource.name == item.resource.name) > 1:
-        errors.append(_at(item, "metadata.name", f"another {item.resource.kind} is named {item.resource.name!r}"))
+        errors.append(_at(item, "metadata.name", f"another {item.resource.kind} is named {item.resource.name!r}", "DuplicateName"))
 
 
 def _claim_slug(slug: str, taken: dict[str, Any], item: Located, errors: list[Problem]) -> bool:
     if slug in taken:
-        errors.append(_at(item, "spec.slug", f"slug {slug!r} is already used by {taken[slug].name!r}"))
+        errors.append(_at(item, "spec.slug", f"slug {slug!r} is already used by {taken[slug].name!r}", "DuplicateSlug"))
         return False
     return True
 
@@ -230,9 +230,9 @@ def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
         templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in action.headers.items()]
         templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.body)]
         if (why := schema_problem(tool.parameters)) is not None:
-            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}"))
+            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}", "InvalidSchema"))
     return problems + [
-        _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""))
+        _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""), "InvalidTemplate")
         for path, source, roots in templates
         for problem in templating.check(source, roots)
     ]
@@ -242,16 +242,16 @@ def _workflow_problems(wf: Workflow, item: Located, agents: dict[str, CompiledAg
     problems: list[Problem] = []
     members = set(wf.spec.agent_slugs())
     if wf.spec.entry_agent not in agents:
-        problems.append(_at(item, "spec.entryAgent", f"agent {wf.spec.entry_agent!r} does not exist"))
+        problems.append(_at(item, "spec.entryAgent", f"agent {wf.spec.entry_agent!r} does not exist", "AgentNotFound"))
     for i, slug in enumerate(wf.spec.agents):
         if slug not in agents:
-            problems.append(_at(item, f"spec.agents[{i}]", f"agent {slug!r} does not exist"))
+            problems.append(_at(item, f"spec.agents[{i}]", f"agent {slug!r} does not exist", "AgentNotFound"))
     for i, rule in enumerate(wf.spec.handoffs):
         for side, slug in (("from", rule.from_), ("to", rule.to)):
             if slug not in members:
                 problems.append(
-                    _at(item, f"spec.handoffs[{i}].{side}", f"agent {slug!r} is not one of the workflow's agents")
+                    _at(item, f"spec.handoffs[{i}].{side}", f"agent {slug!r} is not one of the workflow's agents", "InvalidHandoff")
                 )
     if wf.spec.user_context_schema is not None and (why := schema_problem(wf.spec.user_context_schema)):
-        problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {why}"))
+        problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {why}", "InvalidSchema"))
     return problems

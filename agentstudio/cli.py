@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_ingest)
 
     p = sub.add_parser("operator", help="reconcile Agent, Workflow, ApiKey and WebhookSubscription resources")
+    p.add_argument("--namespace", "-n", action="append", default=[],
+                   help="namespace to serve (repeatable; default AGENTSTUDIO_OPERATOR_NAMESPACES, else all)")
     p.set_defaults(run=_operator)
 
     p = sub.add_parser("dialer", help="consume queued calls")
@@ -62,8 +64,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    print("agent-studio operator: not built yet (issue #4); use `agent-studio dev DIR` locally", file=sys.stderr)
-    return 2
+    from agentstudio.operator.main import run
+
+    settings = Settings()
+    logs.setup(settings.log_level)
+    namespaces = args.namespace or [n for n in settings.operator_namespaces.split(",") if n]
+    try:
+        asyncio.run(run(settings, namespaces))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _dialer(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class Problem:
     path: str  # field path inside the document, "" for the whole document
     message: str
     index: int | None = None  # document index in a multi-document file
+    reason: str = "Invalid"  # CamelCase, for Kubernetes conditions and Events
 
     def __str__(self) -> str:
         where = self.source if self.index is None else f"{self.source}[{self.index}]"

@@ -263,6 +263,15 @@ class WorkflowSpec(Model):
 # --- ApiKey --------------------------------------------------------------------------------
 
 
+class Rotation(Model):
+    """Change `id` to issue a new key; the previous key keeps working for the grace period."""
+
+    id: Annotated[str, Field(min_length=1, max_length=63, description="Any token; a new value rotates the key.")]
+    grace_period_seconds: Annotated[
+        int, Field(ge=0, le=30 * 86400, description="How long the previous key stays valid.")
+    ] = 86400
+
+
 class ApiKeySpec(Model):
     scopes: Annotated[
         list[Scope],
@@ -286,6 +295,9 @@ class ApiKeySpec(Model):
     secret_ref: Annotated[
         SecretKeyRef | None,
         Field(description="Use this Secret's key (GitOps-managed) instead of generating one."),
+    ] = None
+    rotation: Annotated[
+        Rotation | None, Field(description="Rotate the generated key (not used with secretRef).")
     ] = None
 
     @model_validator(mode="after")

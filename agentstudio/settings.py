@@ -19,3 +19,5 @@ class Settings(BaseSettings):
     rate_limit_lease_divisor: int = Field(
         50, description="Each ingest process leases limit/divisor requests at a time from the shared counter."
     )
+    operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
+    operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")

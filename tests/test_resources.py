@@ -65,7 +65,7 @@ def _walk(node: Any, path: str = "") -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", sorted(crdgen.render_all()))
+@pytest.mark.parametrize("name", sorted(n for n in crdgen.render_all() if "agentstudio.io" in n))
 def test_crds_are_structural_and_discoverable(name: str) -> None:
     crd = yaml.safe_load(crdgen.render_all()[name])
     version = crd["spec"]["versions"][0]

@@ -1,0 +1,202 @@
+"""One namespace at a time: compile its resources into a bundle, publish it, and report on each resource.
+
+A burst of changes is debounced into one compile. A namespace is all or nothing: while any resource
+has errors, nothing is published and the last good bundle stays in force; the broken resources get
+Ready=False with the reason and a Warning Event, and the others say whether their current generation
+is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+from agentstudio import bundle_store
+from agentstudio.bundle import KeyMaterial, compile_bundle
+from agentstudio.manifests import Located, Problem, parse
+from agentstudio.operator import credentials
+from agentstudio.operator.kube import Kube
+from agentstudio.resources import KINDS, ApiKey
+
+log = logging.getLogger("agentstudio.operator")
+
+# kind → plural, for status patches
+PLURALS = {kind: model.PLURAL for kind, model in KINDS.items()}
+
+
+def ref(body: dict[str, Any]) -> str:
+    return f"{body['kind']}/{body['metadata']['name']}"
+
+
+@dataclass
+class _Namespace:
+    dirty: bool = False
+    task: asyncio.Task[None] | None = None
+    published: dict[str, int] = field(default_factory=dict)  # ref → generation in the live bundle
+    version: int | None = None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        kv: KeyValue,
+        resources_of: Callable[[str], Iterable[dict[str, Any]]],
+        debounce_seconds: float = 0.1,
+    ) -> None:
+        self._kube = kube
+        self._kv = kv
+        self._resources_of = resources_of
+        self._debounce = debounce_seconds
+        self._namespaces: dict[str, _Namespace] = {}
+
+    def schedule(self, namespace: str) -> None:
+        """Compile `namespace` soon; calls during a burst or a running compile fold into one more run."""
+        state = self._namespaces.setdefault(namespace, _Namespace())
+        state.dirty = True
+        if state.task is None or state.task.done():
+            state.task = asyncio.create_task(self._run(namespace, state), name=f"reconcile-{namespace}")
+
+    async def _run(self, namespace: str, state: _Namespace) -> None:
+        delay = self._debounce
+        while state.dirty:
+            await asyncio.sleep(delay)
+            state.dirty = False
+            try:
+                await self.reconcile(namespace, state)
+                delay = self._debounce
+            except Exception:  # noqa: BLE001 - retried: NATS or the API server may be back soon
+                log.exception("reconcile failed; retrying", extra={"tenant": namespace})
+                state.dirty = True
+                delay = min(max(delay * 2, 1.0), 30.0)
+
+    async def reconcile(self, namespace: str, state: _Namespace) -> None:
+        bodies = [b for b in self._resources_of(namespace) if not b["metadata"].get("deletionTimestamp")]
+        if not bodies:
+            await bundle_store.remove(self._kv, namespace)
+            state.published.clear()
+            log.info("namespace has no resources: bundle removed", extra={"tenant": namespace})
+            return
+        located: list[Located] = []
+        problems: list[Problem] = []
+        for body in bodies:
+            item, parse_problems = parse(_essence(body), ref(body), None)
+            problems += parse_problems
+            if item is not None:
+                located.append(item)
+        key_states: dict[str, credentials.KeyState] = {}
+        for item in located:
+            if isinstance(item.resource, ApiKey):
+                key_states[item.resource.name] = state_ = await credentials.key_state(
+                    self._kube, _body_of(bodies, item.source), item.resource.spec
+                )
+                if state_.problem is not None:
+                    reason, message = state_.problem
+                    problems.append(Problem(item.source, "spec.secretRef", message, None, reason))
+        material: dict[str, list[KeyMaterial]] = {n: s.material for n, s in key_states.items()}
+        result = compile_bundle(namespace, located, material)
+        problems += result.errors
+        by_ref: dict[str, list[Problem]] = {}
+        for problem in problems:
+            by_ref.setdefault(problem.source, []).append(problem)
+
+        if not problems and result.bundle is not None:
+            published = await bundle_store.publish(self._kv, result.bundle)
+            state.version = published.version
+            state.published = {ref(b): b["metadata"].get("generation", 0) for b in bodies}
+            log.info("bundle published", extra={"tenant": namespace, "version": published.version})
+        else:
+            log.warning(
+                "bundle not published: resources have errors",
+                extra={"tenant": namespace, "errors": sorted(by_ref)},
+            )
+        for body in bodies:
+            await self._report(body, by_ref.get(ref(body), []), sorted(by_ref), state, key_states)
+
+    async def _report(
+        self,
+        body: dict[str, Any],
+        own: list[Problem],
+        broken: list[str],
+        state: _Namespace,
+        key_states: dict[str, credentials.KeyState],
+    ) -> None:
+        generation = body["metadata"].get("generation", 0)
+        if own:
+            ready, reason = "False", own[0].reason
+            message = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in own)
+        elif state.published.get(ref(body)) == generation:
+            ready, reason, message = "True", "Published", f"live in bundle version {state.version}"
+        else:
+            ready, reason = "False", "Blocked"
+            message = f"not published: {', '.join(broken)} in this namespace has errors"
+        old = body.get("status") or {}
+        condition = _condition(old, ready, reason, message, generation)
+        status: dict[str, Any] = {"observedGeneration": generation, "conditions": [condition]}
+        status.update(_kind_status(body, key_states))
+        if all(old.get(k) == v for k, v in status.items()):
+            return
+        await self._kube.patch_status(PLURALS[body["kind"]], body["metadata"]["namespace"], body["metadata"]["name"], status)
+        if ready == "False" and _ready_of(old) != (ready, reason, message):
+            await self._kube.event(body, "Warning", reason, message)
+        elif ready == "True" and _ready_of(old)[0] != "True":
+            await self._kube.event(body, "Normal", reason, message)
+
+
+def _essence(body: dict[str, Any]) -> dict[str, Any]:
+    """What the models read: the status is ours and is not an input."""
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+
+
+def _body_of(bodies: list[dict[str, Any]], source: str) -> dict[str, Any]:
+    return next(b for b in bodies if ref(b) == source)
+
+
+def _ready_of(status: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status"), c.get("reason"), c.get("message")
+    return None, None, None
+
+
+def _condition(old: dict[str, Any], ready: str, reason: str, message: str, generation: int) -> dict[str, Any]:
+    previous = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), None)
+    changed = previous is None or previous.get("status") != ready
+    return {
+        "type": "Ready",
+        "status": ready,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": (
+            datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if changed else previous["lastTransitionTime"]
+        ),
+    }
+
+
+def _kind_status(body: dict[str, Any], key_states: dict[str, credentials.KeyState]) -> dict[str, Any]:
+    kind, spec, name = body["kind"], body.get("spec") or {}, body["metadata"]["name"]
+    if kind in ("Agent", "Workflow"):
+        return {"slug": spec.get("slug") or name}
+    if kind == "ApiKey":
+        ks = key_states.get(name)
+        out: dict[str, Any] = {
+            "scopes": spec.get("scopes", []),
+            "mode": spec.get("mode", "live"),
+        }
+        if ks is not None:
+            out.update({"keyHint": ks.hint, "secretName": ks.secret_name, "createdAt": ks.created_at})
+            out["previousKeyValidUntil"] = (
+                ks.previous_valid_until.strftime("%Y-%m-%dT%H:%M:%SZ") if ks.previous_valid_until else None
+            )
+        return out
+    if kind == "WebhookSubscription":
+        ref_ = spec.get("secretRef") or {}
+        return {"secretName": ref_.get("name") or credentials.webhook_secret_name(name)}
+    return {}

@@ -1,0 +1,352 @@
+"""The operator against a real kube-apiserver + etcd, with its own RBAC identity, and a real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+import controlplane
+from agentstudio.ingest.service import IngestService
+from agentstudio.natsserver import NatsServer
+from agentstudio.resources import GROUP, KINDS, VERSION
+from conftest import EXAMPLES, SEED_BODY, ingest_client
+
+PLURALS = {kind: model.PLURAL for kind, model in KINDS.items()}
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    plane = controlplane.start(tmp_path_factory.mktemp("controlplane"))
+    yield plane
+    plane.stop()
+
+
+def manifests(path: Path) -> list[dict[str, Any]]:
+    docs = []
+    for file in sorted(path.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(file.read_text()) if d]
+    return docs
+
+
+@dataclass
+class Cluster:
+    """What a tenant's admin does (as cluster admin) and sees, plus the operator process."""
+
+    plane: controlplane.ControlPlane
+    nats: NatsServer
+    log: Path
+    namespaces: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.plane.api())
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.plane.api())
+
+    def start_operator(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig("operator")),
+               "AGENTSTUDIO_NATS_URL": self.nats.url, "AGENTSTUDIO_LOG_LEVEL": "DEBUG"}
+        args = [str(Path(sys.executable).parent / "agent-studio"), "operator"]
+        for ns in self.namespaces:
+            args += ["-n", ns]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop_operator(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def apply(self, namespace: str, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            plural = PLURALS[doc["kind"]]
+            name = doc["metadata"]["name"]
+            try:
+                current = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, doc, field_validation="Strict")
+            else:
+                doc = {**doc, "metadata": {**doc["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+                self.custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, doc, field_validation="Strict")
+
+    def get(self, namespace: str, kind: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+
+    def delete(self, namespace: str, kind: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+
+    def ready(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        obj = self.get(namespace, kind, name)
+        status = obj.get("status") or {}
+        if status.get("observedGeneration") != obj["metadata"]["generation"]:
+            return None
+        return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+
+    def wait_ready(self, namespace: str, kind: str, name: str, status: str = "True", timeout: float = 30) -> dict[str, Any]:
+        """What `kubectl wait --for=condition=Ready=<status>` does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            condition = self.ready(namespace, kind, name)
+            if condition is not None and condition["status"] == status:
+                return condition
+            time.sleep(0.1)
+        raise AssertionError(f"{kind}/{name} not Ready={status}: {self.get(namespace, kind, name).get('status')}\n"
+                             + self.log.read_text()[-3000:])
+
+    def api_key(self, namespace: str, name: str) -> str:
+        secret = self.core.read_namespaced_secret(f"{name}-api-key", namespace)
+        return base64.b64decode(secret.data["key"]).decode()
+
+    def events(self, namespace: str, name: str) -> list[client.CoreV1Event]:
+        return [e for e in self.core.list_namespaced_event(namespace).items if e.involved_object.name == name]
+
+
+@pytest.fixture
+def cluster(control_plane: controlplane.ControlPlane, nats_server: NatsServer, tmp_path: Path) -> Iterator[Cluster]:
+    namespaces = [f"t-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"]
+    for ns in namespaces:
+        control_plane.tenant_namespace(ns)
+    c = Cluster(control_plane, nats_server, tmp_path / "operator.log", namespaces)
+    c.start_operator()
+    yield c
+    c.stop_operator()
+
+
+@pytest.fixture
+async def ingest(nats_server: NatsServer) -> AsyncIterator[tuple[httpx.AsyncClient, IngestService]]:
+    async with ingest_client(nats_server.url) as pair:
+        yield pair
+
+
+async def eventually(check, timeout: float = 15) -> Any:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def post(client_: httpx.AsyncClient, key: str, body: dict[str, Any] = SEED_BODY) -> int:
+    resp = await client_.post("/api/v1/webhooks/ingest", json=body, headers={"Authorization": f"Bearer {key}"})
+    return resp.status_code
+
+
+async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    client_, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    for doc in manifests(EXAMPLES):
+        cluster.wait_ready(ns, doc["kind"], doc["metadata"]["name"])
+
+    secret = cluster.core.read_namespaced_secret("clevertap-api-key", ns)
+    owner = secret.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("ApiKey", "clevertap", True)
+    assert owner.uid == cluster.get(ns, "ApiKey", "clevertap")["metadata"]["uid"]
+    whsec = cluster.core.read_namespaced_secret("results-webhook-secret", ns)
+    assert base64.b64decode(whsec.data["secret"]).decode().startswith("whsec_")
+
+    key = cluster.api_key(ns, "clevertap")
+    status = cluster.get(ns, "ApiKey", "clevertap")["status"]
+    assert status["keyHint"] == f"as_live_…{key[-4:]}" and status["scopes"] == ["calls:create"]
+    assert cluster.get(ns, "Workflow", "free-trial-followup")["status"]["slug"] == "free-trial-followup"
+
+    assert await eventually(lambda: _status_is(client_, key, 201))
+    cluster.delete(ns, "ApiKey", "clevertap")
+    started = time.monotonic()
+    assert await eventually(lambda: _status_is(client_, key, 401), timeout=10)
+    assert time.monotonic() - started < 10
+
+
+async def _status_is(client_: httpx.AsyncClient, key: str, code: int) -> bool:
+    return await post(client_, key) == code
+
+
+async def _posts(client_: httpx.AsyncClient, key: str, body: dict[str, Any], code: int) -> bool:
+    return await post(client_, key, body) == code
+
+
+async def test_prompt_change_reaches_ingest_as_a_new_version(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "Agent", "trial-followup-agent")
+    first = await eventually(lambda: _bundle(svc, ns))
+    agent = cluster.get(ns, "Agent", "trial-followup-agent")
+    agent["spec"]["prompt"] = "You are calling {{user.name}}. Be brief."
+    cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "agents", "trial-followup-agent", agent)
+
+    async def changed():  # type: ignore[no-untyped-def]
+        b = svc.snapshot.bundles.get(ns)
+        return b if b and b.version > first.version else None
+
+    second = await eventually(changed)
+    assert second.agents["trial-followup-agent"].spec.prompt == "You are calling {{user.name}}. Be brief."
+    condition = cluster.wait_ready(ns, "Agent", "trial-followup-agent")
+    assert f"version {second.version}" in condition["message"]
+
+
+async def _bundle(svc: IngestService, ns: str):  # type: ignore[no-untyped-def]
+    return svc.snapshot.bundles.get(ns)
+
+
+async def _newer(svc: IngestService, ns: str, version: int) -> bool:
+    bundle = svc.snapshot.bundles.get(ns)
+    return bundle is not None and bundle.version > version
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"slug": "Bad_Slug", "prompt": "x"}}, "spec.slug"),
+        ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {}}, "spec.prompt"),
+        ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"prompt": "x", "frstMessage": "hi"}}, "frstMessage"),
+        ({"kind": "Agent", "metadata": {"name": "a"},
+          "spec": {"prompt": "x", "tools": [{"name": "t", "action": {"type": "api_call"}}]}}, "api_call needs url"),
+        ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:delete"]}}, "spec.scopes[0]"),
+        ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
+          "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
+        ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),
+    ],
+)
+def test_the_api_server_rejects_bad_manifests_naming_the_field(
+    control_plane: controlplane.ControlPlane, doc: dict[str, Any], expected: str
+) -> None:
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    control_plane.tenant_namespace(ns)
+    api = client.CustomObjectsApi(control_plane.api())
+    body = {"apiVersion": f"{GROUP}/{VERSION}", **doc}
+    with pytest.raises(ApiException) as raised:
+        api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[doc["kind"]], body, field_validation="Strict")
+    assert raised.value.status in (400, 422)
+    assert expected in raised.value.body
+
+
+async def test_workflow_naming_a_missing_agent_is_not_ready_and_changes_nothing(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "Workflow", "free-trial-followup")
+    good = await eventually(lambda: _bundle(svc, ns))
+    broken = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow", "metadata": {"name": "winback"},
+              "spec": {"entryAgent": "winback-agent"}}
+    cluster.apply(ns, [broken])
+    condition = cluster.wait_ready(ns, "Workflow", "winback", status="False")
+    assert condition["reason"] == "AgentNotFound" and "winback-agent" in condition["message"]
+    assert condition["lastTransitionTime"]
+    events = [e for e in cluster.events(ns, "winback") if e.type == "Warning"]
+    assert events and events[0].reason == "AgentNotFound"
+    await asyncio.sleep(1)
+    assert svc.snapshot.bundles[ns].version == good.version  # the last good bundle stays in force
+
+    cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "winback-agent"},
+                        "spec": {"prompt": "Win {{user.name}} back."}}])
+    cluster.wait_ready(ns, "Workflow", "winback")
+    cluster.wait_ready(ns, "Agent", "winback-agent")
+    assert await eventually(lambda: _newer(svc, ns, good.version))
+
+
+async def test_a_key_only_reaches_its_own_namespace(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    client_, _ = ingest
+    a, b = cluster.namespaces
+    cluster.apply(a, manifests(EXAMPLES))
+    other = [d for d in manifests(EXAMPLES) if d["kind"] in ("Agent", "ApiKey")] + [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow", "metadata": {"name": "b-only"},
+         "spec": {"entryAgent": "trial-followup-agent"}}]
+    cluster.apply(b, other)
+    cluster.wait_ready(a, "ApiKey", "clevertap")
+    cluster.wait_ready(b, "Workflow", "b-only")
+    key_a, key_b = cluster.api_key(a, "clevertap"), cluster.api_key(b, "clevertap")
+    assert key_a != key_b
+    b_only = {**SEED_BODY, "workflow_slug": "b-only"}
+    assert await eventually(lambda: _posts(client_, key_b, b_only, 201))
+    assert await eventually(lambda: _status_is(client_, key_a, 201))
+    assert await post(client_, key_a, b_only) == 404
+    assert await post(client_, key_b, SEED_BODY) == 404  # free-trial-followup exists only in A
+
+
+async def test_rotation_keeps_both_keys_for_the_grace_period(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    client_, _ = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "ApiKey", "clevertap")
+    old = cluster.api_key(ns, "clevertap")
+    assert await eventually(lambda: _status_is(client_, old, 201))
+
+    apikey = cluster.get(ns, "ApiKey", "clevertap")
+    apikey["spec"]["rotation"] = {"id": "2026-11", "gracePeriodSeconds": 6}
+    cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "clevertap", apikey)
+    new = await eventually(lambda: _new_key(cluster, ns, old))
+    cluster.wait_ready(ns, "ApiKey", "clevertap")
+    assert await eventually(lambda: _status_is(client_, new, 201))
+    assert await post(client_, old) == 201  # still inside the grace period
+    status = cluster.get(ns, "ApiKey", "clevertap")["status"]
+    assert status["keyHint"].endswith(new[-4:]) and status["previousKeyValidUntil"]
+    assert await eventually(lambda: _status_is(client_, old, 401), timeout=15)
+    assert await post(client_, new) == 201
+
+
+async def _new_key(cluster: Cluster, ns: str, old: str) -> str | None:
+    key = cluster.api_key(ns, "clevertap")
+    return key if key != old else None
+
+
+async def test_secret_values_never_appear_in_logs_status_or_events(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    for doc in manifests(EXAMPLES):
+        cluster.wait_ready(ns, doc["kind"], doc["metadata"]["name"])
+    cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow", "metadata": {"name": "broken"},
+                        "spec": {"entryAgent": "nobody"}}])
+    cluster.wait_ready(ns, "Workflow", "broken", status="False")
+    values = [base64.b64decode(v).decode() for s in cluster.core.list_namespaced_secret(ns).items
+              for v in (s.data or {}).values()]
+    assert len(values) >= 7
+    seen = cluster.log.read_text()
+    seen += yaml.safe_dump([cluster.get(ns, d["kind"], d["metadata"]["name"]) for d in manifests(EXAMPLES)])
+    seen += str([e.to_dict() for e in cluster.core.list_namespaced_event(ns).items])
+    assert "bundle published" in seen
+    for value in values:
+        assert value not in seen
+        assert value[-12:] not in seen
+
+
+async def test_restart_regenerates_nothing(cluster: Cluster) -> None:
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    for doc in manifests(EXAMPLES):
+        cluster.wait_ready(ns, doc["kind"], doc["metadata"]["name"])
+    before = {s.metadata.name: (s.metadata.resource_version, s.data) for s in cluster.core.list_namespaced_secret(ns).items}
+    cluster.stop_operator()
+    cluster.start_operator()
+    await asyncio.sleep(3)  # let it resume every object
+    cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "after-restart"},
+                        "spec": {"prompt": "hi"}}])
+    cluster.wait_ready(ns, "Agent", "after-restart")
+    after = {s.metadata.name: (s.metadata.resource_version, s.data) for s in cluster.core.list_namespaced_secret(ns).items}
+    assert after == before
