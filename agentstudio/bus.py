@@ -6,6 +6,7 @@ Subjects:
 KV buckets:
   as-bundles     key <tenant> → compiled config bundle (ingest and dialers watch it)
   as-ratelimit   key <tenant>.<apikey>.<minute> → requests leased in that minute (expires by TTL)
+  as-usage       key <tenant>.<apikey> → request counts and last use of an ApiKey
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger("agentstudio.bus")
 CALLS_STREAM = "CALLS"
 BUNDLES_BUCKET = "as-bundles"
 RATELIMIT_BUCKET = "as-ratelimit"
+USAGE_BUCKET = "as-usage"
 
 DAY = 24 * 3600
 # Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
@@ -127,6 +129,10 @@ async def bundles_bucket(js: JetStreamContext) -> KeyValue:
 
 async def ratelimit_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, RATELIMIT_BUCKET, history=1, ttl=180)
+
+
+async def usage_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, USAGE_BUCKET, history=1, ttl=None)
 
 
 async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:

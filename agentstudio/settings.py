@@ -21,3 +21,4 @@ class Settings(BaseSettings):
     )
     operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
     operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")
+    usage_flush_seconds: float = Field(5.0, description="How often ingest adds its key usage counts to NATS.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -177,6 +178,15 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert cluster.get(ns, "Workflow", "free-trial-followup")["status"]["slug"] == "free-trial-followup"
 
     assert await eventually(lambda: _status_is(client_, key, 201))
+    await post(client_, key, {"phone_number": "+1"})  # a rejected request counts as a request
+    await svc.usage.flush()  # ingest does this every few seconds
+
+    async def usage_shown():  # type: ignore[no-untyped-def]
+        s = cluster.get(ns, "ApiKey", "clevertap").get("status", {})
+        return s if s.get("requestCount") else None
+
+    shown = await eventually(usage_shown, timeout=20)
+    assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
     cluster.delete(ns, "ApiKey", "clevertap")
     started = time.monotonic()
     assert await eventually(lambda: _status_is(client_, key, 401), timeout=10)
@@ -350,3 +360,38 @@ async def test_restart_regenerates_nothing(cluster: Cluster) -> None:
     cluster.wait_ready(ns, "Agent", "after-restart")
     after = {s.metadata.name: (s.metadata.resource_version, s.data) for s in cluster.core.list_namespaced_secret(ns).items}
     assert after == before
+
+
+async def test_two_replicas_do_not_fight(cluster: Cluster, tmp_path: Path) -> None:
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "Agent", "trial-followup-agent")
+    second = Cluster(cluster.plane, cluster.nats, tmp_path / "second.log", cluster.namespaces)
+    second.start_operator()
+    try:
+        logs = (cluster.log, second.log)
+        peering = lambda: cluster.custom.get_namespaced_custom_object(  # noqa: E731
+            "kopf.dev", "v1", ns, "kopfpeerings", "agent-studio").get("status") or {}
+        deadline = time.monotonic() + 30
+        while len(peering()) < 2:  # both replicas have announced themselves with their priorities
+            assert time.monotonic() < deadline, peering()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # the lower priority one pauses on seeing the higher one
+        sizes = [log.stat().st_size for log in logs]
+        cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "later"},
+                            "spec": {"prompt": "hi"}}])
+        cluster.wait_ready(ns, "Agent", "later")
+        await asyncio.sleep(1)
+        published = ["bundle published" in log.read_text()[size:] for log, size in zip(logs, sizes)]
+        assert published.count(True) == 1, published  # one replica works, the other stands by
+    finally:
+        second.stop_operator()
+
+
+def test_kubectl_get_agentstudio_lists_all_four_kinds(control_plane: controlplane.ControlPlane) -> None:
+    """`kubectl get agentstudio` expands the category through discovery; check what it reads."""
+    ca = ssl.create_default_context(cafile=str(control_plane.directory / "certs" / "ca.crt"))
+    discovery = httpx.get(f"{control_plane.url}/apis/{GROUP}/{VERSION}", verify=ca,
+                          headers={"Authorization": f"Bearer {control_plane.tokens['admin']}"}).json()
+    in_category = {r["kind"] for r in discovery["resources"] if "agentstudio" in r.get("categories", [])}
+    assert in_category == {"Agent", "Workflow", "ApiKey", "WebhookSubscription"}

@@ -7,6 +7,7 @@ key entry and bundle, all from one bundle snapshot, after the key's rate limit h
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Callable, Coroutine, Any
@@ -81,6 +82,7 @@ def require_scope(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]
     async def dependency(request: Request) -> Principal:
         svc = service_of(request)
         principal = authenticate(request, svc)
+        svc.usage.request(principal.tenant, principal.key.name, time.time())
         if scope not in principal.key.scopes:
             raise ApiError(403, "forbidden", f"API key lacks the {scope} scope", "Authorization")
         try:

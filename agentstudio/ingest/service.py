@@ -11,6 +11,7 @@ from agentstudio import bus
 from agentstudio.bundle_store import BundleWatcher, Snapshot
 from agentstudio.ingest.ratelimit import RateLimiter
 from agentstudio.settings import Settings
+from agentstudio.usage import UsageCounter
 
 log = logging.getLogger("agentstudio.ingest")
 
@@ -22,6 +23,7 @@ class IngestService:
         self._js: JetStreamContext | None = None
         self._watcher: BundleWatcher | None = None
         self._limiter: RateLimiter | None = None
+        self._usage: UsageCounter | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -32,6 +34,8 @@ class IngestService:
         self._watcher = BundleWatcher(await bus.bundles_bucket(self._js))
         await self._watcher.start()
         self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
+        self._usage = UsageCounter(await bus.usage_bucket(self._js), self.settings.usage_flush_seconds)
+        self._usage.start()
         log.info("ingest connected to nats")
 
     async def _resubscribe(self) -> None:
@@ -43,6 +47,8 @@ class IngestService:
                 log.exception("could not restart the bundle watch")
 
     async def stop(self) -> None:
+        if self._usage is not None:
+            await self._usage.stop()
         if self._watcher is not None:
             await self._watcher.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -57,6 +63,11 @@ class IngestService:
     def limiter(self) -> RateLimiter:
         assert self._limiter is not None, "IngestService not started"
         return self._limiter
+
+    @property
+    def usage(self) -> UsageCounter:
+        assert self._usage is not None, "IngestService not started"
+        return self._usage
 
     @property
     def snapshot(self) -> Snapshot:

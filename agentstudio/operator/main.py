@@ -11,6 +11,7 @@ from agentstudio import bus
 from agentstudio.operator import handlers
 from agentstudio.operator.kube import Kube
 from agentstudio.operator.reconciler import Reconciler
+from agentstudio.operator.usage import report_usage
 from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.operator")
@@ -27,14 +28,21 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         memo = kopf.Memo()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns))
         handlers.install(memo, kube, reconciler)
-        log.info("operator starting", extra={"namespaces": namespaces or "all"})
-        await kopf.operator(
-            namespaces=namespaces,
-            clusterwide=not namespaces,
-            memo=memo,
-            peering_name=PEERING_NAME,
-            stop_flag=stop,
-            liveness_endpoint=settings.operator_liveness_endpoint or None,
+        usage = asyncio.create_task(
+            report_usage(await bus.usage_bucket(nc.jetstream()), kube, namespaces), name="usage-report"
         )
+        log.info("operator starting", extra={"namespaces": namespaces or "all"})
+        try:
+            await kopf.operator(
+                namespaces=namespaces,
+                clusterwide=not namespaces,
+                memo=memo,
+                peering_name=PEERING_NAME,
+                stop_flag=stop,
+                liveness_endpoint=settings.operator_liveness_endpoint or None,
+            )
+        finally:
+            usage.cancel()
+            await asyncio.gather(usage, return_exceptions=True)
     finally:
         await nc.close()

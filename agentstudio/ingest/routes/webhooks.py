@@ -96,6 +96,8 @@ async def ingest(
             "test": call.test,
         },
     )
+    if new:
+        svc.usage.accepted(call.tenant, call.api_key)
     headers = {} if new else {"Idempotent-Replayed": "true"}
     return Response(
         orjson.dumps({"call_id": call.call_id, "status": "pending"}),
