@@ -187,6 +187,13 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
 
     shown = await eventually(usage_shown, timeout=20)
     assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
+    braze = cluster.api_key(ns, "braze")
+    assert await eventually(lambda: _status_is(client_, braze, 201))
+    disabled = cluster.get(ns, "ApiKey", "braze")
+    disabled["spec"]["disabled"] = True
+    cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "braze", disabled)
+    assert await eventually(lambda: _status_is(client_, braze, 401), timeout=10)
+
     cluster.delete(ns, "ApiKey", "clevertap")
     started = time.monotonic()
     assert await eventually(lambda: _status_is(client_, key, 401), timeout=10)
