@@ -402,3 +402,26 @@ def test_kubectl_get_agentstudio_lists_all_four_kinds(control_plane: controlplan
                           headers={"Authorization": f"Bearer {control_plane.tokens['admin']}"}).json()
     in_category = {r["kind"] for r in discovery["resources"] if "agentstudio" in r.get("categories", [])}
     assert in_category == {"Agent", "Workflow", "ApiKey", "WebhookSubscription"}
+
+
+async def test_a_key_from_a_gitops_managed_secret(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    client_, _ = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, [d for d in manifests(EXAMPLES) if d["kind"] != "ApiKey"])
+    sealed = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": "sealed"},
+              "spec": {"scopes": ["calls:create"], "secretRef": {"name": "platform-key", "key": "token"}}}
+    cluster.apply(ns, [sealed])
+    condition = cluster.wait_ready(ns, "ApiKey", "sealed", status="False")
+    assert condition["reason"] == "SecretNotFound"
+
+    key = "as_live_" + "Gitops" * 6
+    cluster.core.create_namespaced_secret(ns, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="platform-key"), string_data={"token": key}))
+    apikey = cluster.get(ns, "ApiKey", "sealed")
+    apikey["metadata"].setdefault("labels", {})["touched"] = "yes"  # a change makes the operator look again
+    apikey["spec"]["platform"] = "braze"
+    cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "sealed", apikey)
+    cluster.wait_ready(ns, "ApiKey", "sealed")
+    assert await eventually(lambda: _status_is(client_, key, 201))
+    with pytest.raises(ApiException):  # nothing was generated for it
+        cluster.core.read_namespaced_secret("sealed-api-key", ns)

@@ -124,6 +124,17 @@ async def apikey_secret(body: kopf.Body, spec: kopf.Spec, namespace: str, memo: 
     _reconciler(memo, kwargs).schedule(namespace)
 
 
+def _keys_in_a_secret_that_can_change(spec: kopf.Spec, **_: Any) -> bool:
+    return bool(spec.get("secretRef") or spec.get("rotation"))
+
+
+@kopf.timer(*APIKEYS, interval=30, initial_delay=30, when=_keys_in_a_secret_that_can_change)
+async def recheck_keys(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A GitOps-managed Secret can change under us, and a rotated-out key expires: look again.
+    An unchanged namespace compiles to the same digest and publishes nothing."""
+    _reconciler(memo, kwargs).schedule(namespace)
+
+
 @kopf.on.create(*SUBSCRIPTIONS)
 @kopf.on.update(*SUBSCRIPTIONS, field="spec")
 @kopf.on.resume(*SUBSCRIPTIONS)
