@@ -42,7 +42,8 @@ class KeyState:
     secret_name: str | None = None
     created_at: str | None = None
     previous_valid_until: datetime | None = None
-    problem: tuple[str, str] | None = None  # (reason, message)
+    problem: tuple[str, str] | None = None  # (reason, message): the namespace cannot be published
+    pending: tuple[str, str] | None = None  # (reason, message): not ready yet, nothing is wrong
 
 
 async def ensure_api_key(kube: Kube, body: dict[str, Any], spec: ApiKeySpec) -> None:
@@ -77,6 +78,9 @@ async def key_state(kube: Kube, body: dict[str, Any], spec: ApiKeySpec) -> KeySt
         (spec.secret_ref.name, spec.secret_ref.key) if spec.secret_ref else (api_key_secret_name(name), CURRENT)
     )
     secret = await kube.read_secret(namespace, secret_name)
+    if secret is None and spec.secret_ref is None:
+        # Just created: the create handler is writing it and will schedule another compile.
+        return KeyState(secret_name=secret_name, pending=("KeyPending", f"generating the key into Secret {secret_name}"))
     if secret is None:
         return KeyState(secret_name=secret_name, problem=("SecretNotFound", f"Secret {secret_name} not found"))
     current = secret_value(secret, data_key)

@@ -128,9 +128,13 @@ class Reconciler:
         key_states: dict[str, credentials.KeyState],
     ) -> None:
         generation = body["metadata"].get("generation", 0)
+        pending = key_states[body["metadata"]["name"]].pending if body["kind"] == "ApiKey" and \
+            body["metadata"]["name"] in key_states else None
         if own:
             ready, reason = "False", own[0].reason
             message = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in own)
+        elif pending is not None:
+            ready, (reason, message) = "False", pending
         elif state.published.get(ref(body)) == generation:
             ready, reason, message = "True", "Published", f"live in bundle version {state.version}"
         else:
@@ -143,7 +147,7 @@ class Reconciler:
         if all(old.get(k) == v for k, v in status.items()):
             return
         await self._kube.patch_status(PLURALS[body["kind"]], body["metadata"]["namespace"], body["metadata"]["name"], status)
-        if ready == "False" and _ready_of(old) != (ready, reason, message):
+        if ready == "False" and pending is None and _ready_of(old) != (ready, reason, message):
             await self._kube.event(body, "Warning", reason, message)
         elif ready == "True" and _ready_of(old)[0] != "True":
             await self._kube.event(body, "Normal", reason, message)
