@@ -3,10 +3,14 @@
 Subjects:
   calls.<tenant>.dispatch.<call_id>   one message per accepted call (stream CALLS); the message is
                                       also the call's request record, read back by subject.
+  calls.<tenant>.dead.<call_id>       calls that exhausted their deliveries (stream CALLS)
+  calls.<tenant>.events.<call_id>     call status events for webhooks (stream CALL_EVENTS)
 KV buckets:
   as-bundles     key <tenant> → compiled config bundle (ingest and dialers watch it)
   as-ratelimit   key <tenant>.<apikey>.<minute> → requests leased in that minute (expires by TTL)
   as-usage       key <tenant>.<apikey> → request counts and last use of an ApiKey
+  as-calls       key <tenant>.<call_id> → the call's state, timeline and result
+  as-concurrency key <tenant> → calls holding one of the tenant's concurrent-call slots
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from nats.js.kv import KeyValue
 log = logging.getLogger("agentstudio.bus")
 
 CALLS_STREAM = "CALLS"
+EVENTS_STREAM = "CALL_EVENTS"
+CALLS_BUCKET = "as-calls"
+CONCURRENCY_BUCKET = "as-concurrency"
 BUNDLES_BUCKET = "as-bundles"
 RATELIMIT_BUCKET = "as-ratelimit"
 USAGE_BUCKET = "as-usage"
@@ -41,6 +48,14 @@ def dispatch_subject(tenant: str, call_id: str) -> str:
 
 
 DISPATCH_ALL = "calls.*.dispatch.*"
+
+
+def dead_subject(tenant: str, call_id: str) -> str:
+    return f"calls.{tenant}.dead.{call_id}"
+
+
+def event_subject(tenant: str, call_id: str) -> str:
+    return f"calls.{tenant}.events.{call_id}"
 
 
 async def connect(
@@ -105,7 +120,7 @@ def _log_event(what: str):  # noqa: ANN202 - nats callback factory
 async def ensure_calls_stream(js: JetStreamContext) -> None:
     config = StreamConfig(
         name=CALLS_STREAM,
-        subjects=["calls.*.dispatch.*"],
+        subjects=["calls.*.dispatch.*", "calls.*.dead.*"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=CALL_RETENTION,
@@ -114,6 +129,25 @@ async def ensure_calls_stream(js: JetStreamContext) -> None:
         allow_direct=True,
     )
     await _add_or_update(js, config)
+
+
+async def ensure_events_stream(js: JetStreamContext) -> None:
+    await _add_or_update(js, StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=["calls.*.events.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=CALL_RETENTION,
+        duplicate_window=IDEMPOTENCY_WINDOW,  # an event id is published once however often it is re-driven
+    ))
+
+
+async def calls_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, CALLS_BUCKET, history=1, ttl=None)
+
+
+async def concurrency_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, CONCURRENCY_BUCKET, history=1, ttl=None)
 
 
 async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -77,23 +78,19 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _dialer(args: argparse.Namespace) -> int:
-    from agentstudio import bus
-    from agentstudio.dialer import logging_dialer
+    from agentstudio.dialer.main import run
 
     settings = Settings()
     logs.setup(settings.log_level)
+    stop = asyncio.Event()
 
-    async def run() -> None:
-        nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
-        try:
-            await logging_dialer.run(nc.jetstream(), asyncio.Event())
-        finally:
-            await nc.drain()
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # finish or hand back what it holds, then exit
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
 
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(main())
     return 0
 
 

@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store, bus, keys
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
-from agentstudio.dialer import logging_dialer
+from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
@@ -103,6 +103,10 @@ async def compile_and_publish(
     return True
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 class _Server(uvicorn.Server):
     """uvicorn re-raises a captured signal after shutdown, which would kill us before we stop
     nats-server; `run` handles the signals itself instead."""
@@ -151,7 +155,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
             loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
         background = [
-            asyncio.create_task(logging_dialer.run(js, stop), name="dialer"),
+            asyncio.create_task((await dialer_main.build(nc, settings, announce=_print)).run(stop), name="dialer"),
             asyncio.create_task(_watch(directory, key_file, kv, service, stop), name="watch"),
         ]
         await server.serve()  # returns on Ctrl-C or SIGTERM

@@ -22,3 +22,18 @@ class Settings(BaseSettings):
     operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
     operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")
     usage_flush_seconds: float = Field(5.0, description="How often ingest adds its key usage counts to NATS.")
+
+    # Dialers and telephony
+    telephony_provider: str = Field("simulated", description="twilio or simulated; test keys always simulate.")
+    public_base_url: str = Field("http://127.0.0.1:8080", description="How Twilio reaches ingest (callbacks).")
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = Field("", description="Also checks X-Twilio-Signature on status callbacks.")
+    twilio_from_number: str = ""
+    twilio_api_base_url: str = Field("", description="Override Twilio's API URL (tests: the validating mock).")
+    ring_timeout_seconds: int = Field(30, description="How long a call rings before no_answer.")
+    max_concurrent_calls_per_tenant: int = Field(10, description="Calls above it wait in the queue.")
+    dispatch_max_attempts: int = Field(5, description="Attempts to place a call before it is dead-lettered.")
+    dispatch_max_deliver: int = Field(10_000, description="Deliveries (waiting included) before dead-lettering.")
+    dispatch_ack_wait_seconds: float = Field(60.0, description="Redelivery after a dialer dies holding a call.")
+    cap_retry_seconds: float = Field(1.0, description="How soon a call held back by the cap is tried again.")
+    dialer_max_in_flight: int = Field(64, description="Calls one dialer handles at once.")

@@ -74,9 +74,20 @@ class CallAccepted(BaseModel):
     status: str = Field("pending", description="Always pending: the call is durably queued.")
 
 
+class TimelineEntry(BaseModel):
+    status: str
+    at: datetime
+    detail: str | None = None
+
+
+class CallErrorBody(BaseModel):
+    code: str
+    message: str
+
+
 class CallRecord(BaseModel):
     call_id: str
-    status: str
+    status: str = Field(description="pending, dialing, ringing, in_progress, completed, failed, no_answer, busy, canceled")
     workflow_slug: str | None
     agent_slug: str | None
     phone_number: str
@@ -85,3 +96,11 @@ class CallRecord(BaseModel):
     metadata: dict[str, Any]
     created_at: datetime
     test: bool
+    provider: str | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_seconds: int | None = None
+    error: CallErrorBody | None = Field(None, description="Why the call failed.")
+    events: list[TimelineEntry] = Field(default_factory=list, description="Every status with its time.")
+    transcript: list[dict[str, Any]] = Field(default_factory=list)
+    captured: dict[str, Any] = Field(default_factory=dict)

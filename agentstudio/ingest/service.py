@@ -12,6 +12,9 @@ from agentstudio.bundle_store import BundleWatcher, Snapshot
 from agentstudio.ingest.ratelimit import RateLimiter
 from agentstudio.settings import Settings
 from agentstudio.usage import UsageCounter
+from agentstudio.callstate import CallStore
+from agentstudio.concurrency import Concurrency
+from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.ingest")
 
@@ -24,6 +27,7 @@ class IngestService:
         self._watcher: BundleWatcher | None = None
         self._limiter: RateLimiter | None = None
         self._usage: UsageCounter | None = None
+        self._tracker: CallTracker | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -36,6 +40,10 @@ class IngestService:
         self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
         self._usage = UsageCounter(await bus.usage_bucket(self._js), self.settings.usage_flush_seconds)
         self._usage.start()
+        await bus.ensure_events_stream(self._js)
+        self._tracker = CallTracker(
+            self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
+        )
         log.info("ingest connected to nats")
 
     async def _resubscribe(self) -> None:
@@ -63,6 +71,11 @@ class IngestService:
     def limiter(self) -> RateLimiter:
         assert self._limiter is not None, "IngestService not started"
         return self._limiter
+
+    @property
+    def tracker(self) -> CallTracker:
+        assert self._tracker is not None, "IngestService not started"
+        return self._tracker
 
     @property
     def usage(self) -> UsageCounter:

@@ -11,7 +11,8 @@ from nats.errors import Error as NatsError
 from agentstudio import calls
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
-from agentstudio.ingest.schemas import CallRecord
+from agentstudio.callstate import CallState
+from agentstudio.ingest.schemas import CallRecord, TimelineEntry
 
 router = APIRouter(prefix="/api/v1", tags=["calls"])
 
@@ -35,8 +36,19 @@ async def get_call(
         raise not_found from None
     try:
         call = await calls.fetch(svc.js, principal.tenant, canonical)
+        state = await svc.tracker.store.get(principal.tenant, canonical) if call is not None else None
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     if call is None:
         raise not_found
-    return CallRecord(**call.model_dump(include=set(CallRecord.model_fields)))
+    return record(call, state)
+
+
+def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
+    """The request as queued plus what has happened to it since (pending until a dialer takes it)."""
+    base = call.model_dump(include=set(CallRecord.model_fields))
+    if state is None:
+        return CallRecord(**base, events=[TimelineEntry(status="pending", at=call.created_at)])
+    progress = state.model_dump(include={"status", "provider", "answered_at", "ended_at", "duration_seconds",
+                                         "error", "events", "transcript", "captured"})
+    return CallRecord(**{**base, **progress})

@@ -1,0 +1,41 @@
+"""`agent-studio dialer`: the dialer role with its providers, wired to NATS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+
+from agentstudio import bus
+from agentstudio.callstate import CallStore
+from agentstudio.concurrency import Concurrency
+from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider, twilio_client
+from agentstudio.dialer.worker import Dialer
+from agentstudio.settings import Settings
+from agentstudio.tracking import CallTracker
+
+
+async def tracker_for(nc: NATS) -> CallTracker:
+    js = nc.jetstream()
+    await bus.ensure_events_stream(js)
+    return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
+
+
+async def build(nc: NATS, settings: Settings, announce: Callable[[str], None] | None = None) -> Dialer:
+    tracker = await tracker_for(nc)
+    simulated = SimulatedProvider(tracker)
+    live: Provider = simulated
+    if settings.telephony_provider == "twilio":
+        client = twilio_client(settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url)
+        live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
+                              settings.ring_timeout_seconds)
+    return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
+    try:
+        await (await build(nc, settings)).run(stop)
+    finally:
+        await nc.drain()

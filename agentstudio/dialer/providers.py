@@ -1,0 +1,166 @@
+"""Telephony providers behind one small interface: `twilio` (the official SDK) and `simulated`
+(scripted outcomes, no network; the local run and every call made with a test key)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timedelta
+from typing import Protocol
+from urllib.parse import urlencode
+
+from twilio.base.exceptions import TwilioRestException
+from twilio.rest import Client
+from twilio.twiml.voice_response import VoiceResponse
+
+from agentstudio.calls import CallRequest
+from agentstudio.callstate import CallError
+from agentstudio.tracking import CallTracker
+
+log = logging.getLogger("agentstudio.dialer")
+
+STATUS_CALLBACK_PATH = "/api/v1/providers/twilio/status"
+STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
+
+
+class ProviderError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.error = CallError(code=code, message=message)
+
+
+class Provider(Protocol):
+    name: str
+
+    async def place(self, call: CallRequest) -> str:
+        """Start the call; return the provider's call id. Raises ProviderError when refused."""
+
+    async def find(self, call: CallRequest, since: datetime) -> str | None:
+        """The provider's id of this call if it was placed at or after `since` (a dialer died
+        between placing it and recording the answer), else None."""
+
+    async def drain(self) -> None:
+        """Finish what is in progress (a dialer stopping)."""
+
+
+class SimulatedProvider:
+    """Rings, then plays out `metadata.simulate_outcome` (completed, no_answer, busy, failed; default
+    completed) after `metadata.simulate_duration_seconds` (default 2) of conversation."""
+
+    name = "simulated"
+
+    def __init__(self, tracker: CallTracker, ring_seconds: float = 0.2) -> None:
+        self._tracker = tracker
+        self._ring_seconds = ring_seconds
+        self._placed: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def place(self, call: CallRequest) -> str:
+        sid = "SIM" + uuid.uuid4().hex
+        self._placed[call.call_id] = sid
+        task = asyncio.create_task(self._play(call, sid), name=f"simulated-{call.call_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return sid
+
+    async def find(self, call: CallRequest, since: datetime) -> str | None:
+        return self._placed.get(call.call_id)
+
+    async def drain(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _play(self, call: CallRequest, sid: str) -> None:
+        outcome = str(call.metadata.get("simulate_outcome") or "completed")
+        duration = float(call.metadata.get("simulate_duration_seconds") or 2)
+        t, tenant, cid = self._tracker, call.tenant, call.call_id
+        try:
+            await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
+            await asyncio.sleep(self._ring_seconds)
+            if outcome in ("no_answer", "busy"):
+                await t.advance(tenant, cid, outcome)  # type: ignore[arg-type]
+            elif outcome == "failed":
+                await t.advance(tenant, cid, "failed",
+                                error=CallError(code="simulated_failure", message="scripted failure"))
+            else:
+                await t.advance(tenant, cid, "in_progress")
+                await asyncio.sleep(duration)
+                await t.advance(tenant, cid, "completed", duration_seconds=int(round(duration)))
+        except Exception:  # noqa: BLE001 - a simulated call must not take the dialer down
+            log.exception("simulated call failed", extra={"call_id": cid, "tenant": tenant})
+
+
+class TwilioProvider:
+    """Places calls with `calls.create`; progress arrives as signed status callbacks to ingest."""
+
+    name = "twilio"
+
+    def __init__(
+        self,
+        client: Client,
+        from_number: str,
+        public_base_url: str,
+        ring_timeout_seconds: int,
+        machine_detection: bool = False,
+    ) -> None:
+        self._client = client
+        self._from = from_number
+        self._base = public_base_url.rstrip("/")
+        self._timeout = ring_timeout_seconds
+        self._amd = machine_detection
+
+    def twiml(self, call: CallRequest) -> str:
+        """Connect the answered call to our ConversationRelay WebSocket (the voice agent)."""
+        ws_base = self._base.replace("https://", "wss://").replace("http://", "ws://")
+        response = VoiceResponse()
+        connect = response.connect(action=f"{self._base}/api/v1/providers/twilio/relay-ended?"
+                                   + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
+        relay = connect.conversation_relay(url=f"{ws_base}/api/v1/relay", interruptible="any", dtmf_detection=True)
+        relay.parameter(name="call_id", value=call.call_id)
+        relay.parameter(name="tenant", value=call.tenant)
+        return str(response)
+
+    def status_callback(self, call: CallRequest) -> str:
+        return f"{self._base}{STATUS_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
+
+    async def place(self, call: CallRequest) -> str:
+        kwargs: dict[str, object] = {
+            "to": call.phone_number,
+            "from_": self._from,
+            "twiml": self.twiml(call),
+            "status_callback": self.status_callback(call),
+            "status_callback_event": STATUS_EVENTS,
+            "status_callback_method": "POST",
+            "timeout": self._timeout,
+        }
+        if self._amd:
+            kwargs["machine_detection"] = "Enable"
+        try:
+            created = await asyncio.to_thread(self._client.calls.create, **kwargs)
+        except TwilioRestException as exc:
+            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+        return str(created.sid)
+
+    async def find(self, call: CallRequest, since: datetime) -> str | None:
+        try:
+            found = await asyncio.to_thread(
+                self._client.calls.list, to=call.phone_number, from_=self._from,
+                start_time_after=since - timedelta(minutes=1), limit=20,
+            )
+        except TwilioRestException as exc:
+            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+        for placed in found:
+            created = placed.date_created
+            if placed.to == call.phone_number and created is not None and created >= since - timedelta(seconds=5):
+                return str(placed.sid)
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+
+def twilio_client(account_sid: str, auth_token: str, api_base_url: str = "") -> Client:
+    client = Client(account_sid, auth_token)
+    if api_base_url:
+        client.api.base_url = api_base_url.rstrip("/")
+    return client

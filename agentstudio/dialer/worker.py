@@ -1,0 +1,179 @@
+"""The dialer: takes queued calls from the durable consumer and places each at most once.
+
+Placing is claim → request → record. The claim (pending → dialing, with this dialer's name and the
+time) is a compare-and-set on the call record; the provider's call id is recorded right after the
+provider answers. A message is acked only once its call is placed or finished, so a dialer killed at
+any point leaves the message to be redelivered; the next dialer then sees the claim without a
+provider id and asks the provider whether the call went out before dialing again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from agentstudio import bus, phone
+from agentstudio.calls import CallRequest
+from agentstudio.callstate import CallError, CallState, CallStore, now
+from agentstudio.concurrency import Concurrency
+from agentstudio.dialer.providers import Provider, ProviderError
+from agentstudio.settings import Settings
+from agentstudio.tracking import CallTracker
+
+log = logging.getLogger("agentstudio.dialer")
+
+CONSUMER = "dialer"
+
+
+class Dialer:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        tracker: CallTracker,
+        live: Provider,
+        simulated: Provider,
+        name: str | None = None,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
+        self.js = js
+        self.settings = settings
+        self.tracker = tracker
+        self.store: CallStore = tracker.store
+        self.concurrency: Concurrency = tracker.concurrency
+        self.live = live
+        self.simulated = simulated
+        self.name = name or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._announce = announce  # `dev` prints a line per placed call
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await bus.ensure_calls_stream(self.js)
+        await bus.ensure_events_stream(self.js)
+        sub = await self.js.pull_subscribe(
+            bus.DISPATCH_ALL,
+            durable=CONSUMER,
+            stream=bus.CALLS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.settings.dispatch_ack_wait_seconds,
+                # Waiting for a free slot under the tenant's cap is redelivery too, and must not
+                # exhaust a call: attempts to place are counted in the call record instead.
+                max_deliver=-1,
+                max_ack_pending=10_000,
+            ),
+        )
+        log.info("dialer started", extra={"dialer": self.name})
+        while not stop.is_set():
+            free = self._free_slots()
+            if free == 0:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                messages = await sub.fetch(batch=min(free, 32), timeout=0.5)
+            except NatsTimeout:
+                continue
+            for msg in messages:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle_guarded(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        # Stopping: finish what we took (a placed call is recorded; the rest is handed back by nak).
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(self.live.drain(), self.simulated.drain(), return_exceptions=True)
+        await sub.unsubscribe()
+        log.info("dialer stopped", extra={"dialer": self.name})
+
+    def _free_slots(self) -> int:
+        return self._slots._value  # noqa: SLF001 - asyncio.Semaphore has no public reading
+
+    async def _handle_guarded(self, msg: Msg) -> None:
+        try:
+            await self.handle(msg)
+        except Exception:  # noqa: BLE001 - the message is redelivered after ack_wait
+            log.exception("dispatch failed; will be redelivered", extra={"dialer": self.name})
+            await msg.nak(delay=self.settings.cap_retry_seconds)
+        finally:
+            self._slots.release()
+
+    async def handle(self, msg: Msg) -> None:
+        call = CallRequest.model_validate_json(msg.data)
+        state, _ = await self.store.change(call.tenant, call.call_id, lambda s: CallState.new(call) if s is None else None)
+        assert state is not None
+        if state.terminal or state.provider_call_id:
+            await msg.ack()  # finished, or placed and now driven by the provider's callbacks
+            return
+        provider = self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
+        if state.status == "dialing" and state.claimed_at is not None:
+            # Claimed before but the provider's answer was never recorded: did the call go out?
+            placed = await provider.find(call, state.claimed_at)
+            if placed is not None:
+                await self._record(call, provider, placed)
+                await msg.ack()
+                return
+        delivered = msg.metadata.num_delivered
+        if state.attempts >= self.settings.dispatch_max_attempts or delivered > self.settings.dispatch_max_deliver:
+            await self._dead_letter(msg, call, state)
+            return
+        if not await self.concurrency.acquire(call.tenant, call.call_id, self.settings.max_concurrent_calls_per_tenant):
+            # Waits in the queue, not rejected; the longer it waits, the less often it asks.
+            await msg.nak(delay=min(30.0, self.settings.cap_retry_seconds * max(1, delivered // 5)))
+            return
+        await self._claim(call)
+        try:
+            sid = await provider.place(call)
+        except ProviderError as exc:
+            await self.tracker.advance(call.tenant, call.call_id, "failed", error=exc.error, detail=provider.name)
+            await msg.ack()
+            return
+        await self._record(call, provider, sid)
+        await msg.ack()
+        if self._announce is not None:
+            target = f"workflow={call.workflow_slug}" if call.workflow_slug else f"agent={call.agent_slug}"
+            self._announce(f"dialer ({provider.name}): call {call.call_id} to {phone.mask(call.phone_number)} "
+                           f"{target}{' [test]' if call.test else ''}")
+        log.info(
+            "call placed",
+            extra={"call_id": call.call_id, "tenant": call.tenant, "provider": provider.name,
+                   "phone": phone.mask(call.phone_number), "dialer": self.name},
+        )
+
+    async def _claim(self, call: CallRequest) -> None:
+        def claim(s: CallState | None) -> CallState | None:
+            assert s is not None
+            if s.status not in ("pending", "dialing") or s.provider_call_id:
+                return None
+            moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
+            return moved.model_copy(update={"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1})
+
+        await self.store.change(call.tenant, call.call_id, claim)
+
+    async def _record(self, call: CallRequest, provider: Provider, sid: str) -> None:
+        await self.store.change(
+            call.tenant,
+            call.call_id,
+            lambda s: None if s is None or s.provider_call_id else s.model_copy(
+                update={"provider": provider.name, "provider_call_id": sid}),
+        )
+
+    async def _dead_letter(self, msg: Msg, call: CallRequest, state: CallState) -> None:
+        await self.js.publish(bus.dead_subject(call.tenant, call.call_id), msg.data,
+                              headers={"Nats-Msg-Id": f"dead-{call.call_id}"})
+        await self.tracker.advance(
+            call.tenant, call.call_id, "failed",
+            error=CallError(code="dispatch_exhausted",
+                            message=f"not placed after {state.attempts} attempts and "
+                                    f"{msg.metadata.num_delivered} deliveries"),
+        )
+        await self.concurrency.release(call.tenant, call.call_id)
+        await msg.ack()
+        log.error("call dead-lettered", extra={"call_id": call.call_id, "tenant": call.tenant})

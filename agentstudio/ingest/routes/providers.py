@@ -1,0 +1,69 @@
+"""POST /api/v1/providers/twilio/status: Twilio's call status callbacks, signature-checked, mapped
+onto the call state machine (duplicates and out-of-order callbacks change nothing wrongly)."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl
+from typing import Any
+
+from fastapi import APIRouter, Request
+from nats.errors import Error as NatsError
+from starlette.responses import Response
+from twilio.request_validator import RequestValidator
+
+from agentstudio.callstate import CallError, CallStatus
+from agentstudio.dialer.providers import STATUS_CALLBACK_PATH
+from agentstudio.ingest.auth import service_of, unavailable
+from agentstudio.ingest.errors import ApiError, responses
+
+log = logging.getLogger("agentstudio.ingest")
+router = APIRouter(tags=["providers"])
+
+TWILIO_STATUS: dict[str, CallStatus] = {
+    "queued": "dialing",
+    "initiated": "dialing",
+    "ringing": "ringing",
+    "in-progress": "in_progress",
+    "answered": "in_progress",
+    "completed": "completed",
+    "busy": "busy",
+    "no-answer": "no_answer",
+    "failed": "failed",
+    "canceled": "canceled",
+}
+
+
+@router.post(
+    STATUS_CALLBACK_PATH,
+    status_code=204,
+    responses=responses(400, 403, 503),
+    summary="Twilio call status callback (X-Twilio-Signature checked)",
+)
+async def twilio_status(request: Request) -> Response:
+    svc = service_of(request)
+    # Twilio posts application/x-www-form-urlencoded; the stdlib parses it (no multipart needed).
+    params: dict[str, Any] = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+    url = svc.settings.public_base_url.rstrip("/") + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    signature = request.headers.get("x-twilio-signature", "")
+    if not signature or not svc.settings.twilio_auth_token or not RequestValidator(
+        svc.settings.twilio_auth_token
+    ).validate(url, params, signature):
+        raise ApiError(403, "forbidden", "missing or invalid X-Twilio-Signature", "X-Twilio-Signature")
+    call_id, tenant = request.query_params.get("call_id"), request.query_params.get("tenant")
+    status = TWILIO_STATUS.get(params.get("CallStatus", ""))
+    if not call_id or not tenant or status is None:
+        raise ApiError(400, "invalid_callback", "callback without call_id, tenant or a known CallStatus")
+    error = None
+    if status == "failed":
+        code = params.get("ErrorCode") or params.get("SipResponseCode") or "unknown"
+        error = CallError(code=f"twilio_{code}", message=params.get("ErrorMessage") or "the call failed")
+    duration = int(params["CallDuration"]) if params.get("CallDuration", "").isdigit() else None
+    try:
+        await svc.tracker.advance(tenant, call_id, status, error=error, duration_seconds=duration,
+                                  detail=f"twilio {params.get('CallStatus')} #{params.get('SequenceNumber', '?')}")
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc  # Twilio retries on 5xx
+    return Response(status_code=204)

@@ -1,0 +1,210 @@
+"""Dialers on a real nats-server: the state machine, scripted outcomes, the concurrency cap across
+dialers, at-most-once placing, and Twilio status callbacks checked by signature."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from nats.js import JetStreamContext
+from twilio.request_validator import RequestValidator
+
+from agentstudio import bus
+from agentstudio.callstate import CallState
+from agentstudio.dialer import main as dialer_main
+from agentstudio.dialer.providers import SimulatedProvider
+from agentstudio.dialer.worker import Dialer
+from agentstudio.natsserver import NatsServer
+from agentstudio.settings import Settings
+from conftest import Tenant, docs, ingest_client, wait_for_bundle
+
+AUTH_TOKEN = "f" * 32
+MANIFESTS = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: a}
+spec: {prompt: "Hello {{user.name}}"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: live}
+spec: {scopes: ["calls:create", "calls:read"], rateLimitPerMinute: 100000}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: test}
+spec: {scopes: ["calls:create", "calls:read"], mode: test, rateLimitPerMinute: 100000}
+"""
+
+
+class CountingSimulator(SimulatedProvider):
+    """The simulated provider, counting what it is asked to place (as a real provider would bill)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.placed: list[str] = []
+
+    async def place(self, call):  # type: ignore[no-untyped-def]
+        self.placed.append(call.call_id)
+        return await super().place(call)
+
+
+@asynccontextmanager
+async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterator[list[Dialer]]:
+    conf = Settings(nats_url=nats_url, **{"cap_retry_seconds": 0.1, **settings})
+    conns, running, stop = [], [], asyncio.Event()
+    for _ in range(count):
+        nc = await bus.connect(nats_url, "test-dialer")
+        conns.append(nc)
+        tracker = await dialer_main.tracker_for(nc)
+        simulated = CountingSimulator(tracker, ring_seconds=0.05)
+        running.append(Dialer(nc.jetstream(), conf, tracker, simulated, simulated))
+    tasks = [asyncio.create_task(d.run(stop)) for d in running]
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for nc in conns:
+            await nc.close()
+
+
+@pytest.fixture
+async def tenant_for_calls(js: JetStreamContext) -> Tenant:
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    await t.publish()
+    return t
+
+
+@pytest.fixture
+async def api(nats_server: NatsServer, tenant_for_calls: Tenant) -> AsyncIterator[httpx.AsyncClient]:
+    async with ingest_client(nats_server.url, twilio_auth_token=AUTH_TOKEN,
+                             public_base_url="https://voice.example.com") as (client, svc):
+        assert tenant_for_calls.bundle is not None
+        await wait_for_bundle(svc, tenant_for_calls.name, tenant_for_calls.bundle.version)
+        yield client
+
+
+async def queue_call(api: httpx.AsyncClient, t: Tenant, key: str = "test", **metadata: Any) -> str:
+    resp = await api.post("/api/v1/webhooks/ingest", headers=t.auth(key), json={
+        "agent_slug": "a", "phone_number": "+14155552671", "user_id": "u-1", "metadata": metadata})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["call_id"])
+
+
+async def until_status(api: httpx.AsyncClient, t: Tenant, call_id: str, status: str, timeout: float = 10) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
+        if record["status"] == status:
+            return record
+        assert asyncio.get_running_loop().time() < deadline, record
+        await asyncio.sleep(0.05)
+
+
+async def events_of(js: JetStreamContext, t: Tenant, call_id: str) -> list[dict[str, Any]]:
+    sub = await js.subscribe(bus.event_subject(t.name, call_id), ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            found.append(orjson.loads(msg.data))
+    except Exception:  # noqa: BLE001 - nats-py raises its TimeoutError when no more are stored
+        pass
+    await sub.unsubscribe()
+    return found
+
+
+async def test_a_call_goes_through_every_state_and_reports_its_end(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    async with dialers(nats_server.url) as (dialer,):
+        call_id = await queue_call(api, t, campaign_id="c-1", simulate_duration_seconds=1)
+        record = await until_status(api, t, call_id, "completed")
+    assert [e["status"] for e in record["events"]] == ["pending", "dialing", "ringing", "in_progress", "completed"]
+    assert record["duration_seconds"] == 1 and record["provider"] == "simulated" and record["error"] is None
+    assert dialer.simulated.placed == [call_id]  # type: ignore[attr-defined]
+    events = await events_of(js, t, call_id)
+    assert [e["type"] for e in events] == ["call.answered", "call.completed"]
+    done = events[1]
+    assert done["id"].startswith("evt_") and done["created_at"]
+    assert done["data"]["user_id"] == "u-1" and done["data"]["duration_seconds"] == 1
+    assert done["data"]["metadata"]["campaign_id"] == "c-1" and done["data"]["agent_slug"] == "a"
+    assert done["data"]["test"] is True and "error" not in done["data"]
+
+
+@pytest.mark.parametrize(("outcome", "event"), [("no_answer", "call.no_answer"), ("busy", "call.busy"),
+                                                 ("failed", "call.failed")])
+async def test_scripted_outcomes(api, tenant_for_calls, nats_server, js, outcome: str, event: str) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    async with dialers(nats_server.url):
+        call_id = await queue_call(api, t, simulate_outcome=outcome)
+        record = await until_status(api, t, call_id, outcome)
+    assert record["duration_seconds"] == 0 and record["answered_at"] is None
+    [sent] = await events_of(js, t, call_id)
+    assert sent["type"] == event
+    if outcome == "failed":
+        assert record["error"] == {"code": "simulated_failure", "message": "scripted failure"}
+        assert sent["data"]["error"]["code"] == "simulated_failure"
+
+
+async def test_the_cap_holds_across_dialers_and_every_call_is_placed_once(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    cap = 3
+    async with dialers(nats_server.url, count=2, max_concurrent_calls_per_tenant=cap) as running:
+        ids = [await queue_call(api, t, simulate_duration_seconds=0.3) for _ in range(12)]
+        store = running[0].store
+        in_flight_max = 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            states = [await store.get(t.name, c) for c in ids]
+            live = sum(1 for s in states if s and s.status in ("dialing", "ringing", "in_progress"))
+            in_flight_max = max(in_flight_max, live)
+            if all(s and s.status == "completed" for s in states):
+                break
+            assert asyncio.get_running_loop().time() < deadline, [s.status if s else None for s in states]
+            await asyncio.sleep(0.02)
+        placed = [c for d in running for c in d.simulated.placed]  # type: ignore[attr-defined]
+    assert in_flight_max == cap  # reached, never exceeded
+    assert sorted(placed) == sorted(ids)  # each exactly once, shared by both dialers
+    assert all(d.simulated.placed for d in running)  # type: ignore[attr-defined]
+
+
+def _signed(url: str, params: dict[str, str]) -> dict[str, str]:
+    return {"X-Twilio-Signature": RequestValidator(AUTH_TOKEN).compute_signature(url, params)}
+
+
+async def test_twilio_status_callbacks_are_verified_and_ordered(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    call_id = await queue_call(api, t, key="live")
+    svc_store = (await dialer_main.tracker_for(js._nc)).store  # noqa: SLF001
+    await svc_store.change(t.name, call_id, lambda s: CallState(call_id=call_id, tenant=t.name, status="dialing",
+                                                                 provider="twilio", provider_call_id="CA" + "0" * 32))
+    path = f"/api/v1/providers/twilio/status?call_id={call_id}&tenant={t.name}"
+    public = "https://voice.example.com" + path
+
+    async def callback(status: str, seq: int, signature: dict[str, str] | None = None, **extra: str) -> int:
+        params = {"CallSid": "CA" + "0" * 32, "AccountSid": "AC" + "0" * 32, "CallStatus": status,
+                  "SequenceNumber": str(seq), "From": "+14155550100", "To": "+14155552671", **extra}
+        headers = signature if signature is not None else _signed(public, params)
+        resp = await api.post(path, data=params, headers=headers)
+        return resp.status_code
+
+    assert await callback("ringing", 1, signature={}) == 403
+    assert await callback("ringing", 1, signature={"X-Twilio-Signature": "bm90IGl0"}) == 403
+    assert (await svc_store.get(t.name, call_id)).status == "dialing"  # type: ignore[union-attr]
+
+    assert await callback("ringing", 1) == 204
+    assert await callback("in-progress", 2) == 204
+    assert await callback("completed", 3, CallDuration="42") == 204
+    assert await callback("ringing", 1) == 204  # late duplicate: changes nothing
+    assert await callback("completed", 3, CallDuration="42") == 204
+    state = await svc_store.get(t.name, call_id)
+    assert state is not None and state.status == "completed" and state.duration_seconds == 42
+    assert [e.status for e in state.events] == ["ringing", "in_progress", "completed"]
+    assert [e["type"] for e in await events_of(js, t, call_id)] == ["call.answered", "call.completed"]
