@@ -62,9 +62,8 @@ async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterat
     for _ in range(count):
         nc = await bus.connect(nats_url, "test-dialer")
         conns.append(nc)
-        tracker = await dialer_main.tracker_for(nc)
-        simulated = CountingSimulator(tracker, ring_seconds=0.05)
-        running.append(Dialer(nc.jetstream(), conf, tracker, simulated, simulated))
+        running.append(await dialer_main.build(
+            nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05)))
     tasks = [asyncio.create_task(d.run(stop)) for d in running]
     try:
         yield running

@@ -22,9 +22,14 @@ async def tracker_for(nc: NATS) -> CallTracker:
     return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
 
 
-async def build(nc: NATS, settings: Settings, announce: Callable[[str], None] | None = None) -> Dialer:
+async def build(
+    nc: NATS,
+    settings: Settings,
+    announce: Callable[[str], None] | None = None,
+    simulated_factory: Callable[[CallTracker], Provider] = SimulatedProvider,
+) -> Dialer:
     tracker = await tracker_for(nc)
-    simulated = SimulatedProvider(tracker)
+    simulated = simulated_factory(tracker)
     live: Provider = simulated
     if settings.telephony_provider == "twilio":
         client = twilio_client(settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url)

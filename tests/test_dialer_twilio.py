@@ -1,0 +1,130 @@
+"""A live call end to end through the official Twilio SDK, validated against Twilio's own OpenAPI
+spec (Prism), then driven by signed status callbacks posted as Twilio would."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from nats.js import JetStreamContext
+from twilio.request_validator import RequestValidator
+
+from agentstudio import bus
+from agentstudio.callstate import CallStore
+from agentstudio.natsserver import NatsServer
+from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from test_dialer import MANIFESTS, dialers, events_of, queue_call, until_status
+from twilio_mock import TwilioMock
+
+PUBLIC = "https://voice.example.com"
+FROM = "+14155550100"
+
+
+@pytest.fixture(scope="module")
+def twilio_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwilioMock]:
+    with TwilioMock(log_file=tmp_path_factory.mktemp("twilio") / "prism.log") as mock:
+        yield mock
+
+
+@pytest.fixture
+async def live(js: JetStreamContext, nats_server: NatsServer, twilio_mock: TwilioMock) -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
+    twilio_mock.clear()
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        yield client, t
+
+
+def twilio_settings(mock: TwilioMock, **extra: Any) -> dict[str, Any]:
+    return {"telephony_provider": "twilio", "twilio_account_sid": mock.account_sid,
+            "twilio_auth_token": mock.auth_token, "twilio_from_number": FROM,
+            "twilio_api_base_url": mock.base_url, "public_base_url": PUBLIC, **extra}
+
+
+async def placed_requests(mock: TwilioMock, call_id: str, timeout: float = 10) -> list[Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = [r for r in mock.requests if r.method == "POST" and call_id in (r.param("StatusCallback") or "")]
+        if found:
+            return found
+        assert asyncio.get_running_loop().time() < deadline, "no calls.create reached the mock"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_live_call_through_twilio(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    client, t = live
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        call_id = await queue_call(client, t, key="live", campaign_id="trial_recovery_v2")
+        [request] = await placed_requests(twilio_mock, call_id)
+        await until_status(client, t, call_id, "dialing")
+    assert request.status == 201  # the spec accepted every parameter
+    assert request.param("To") == "+14155552671" and request.param("From") == FROM
+    assert request.form["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
+    assert request.param("StatusCallbackMethod") == "POST" and request.param("Timeout") == "30"
+    callback = request.param("StatusCallback") or ""
+    assert callback.startswith(f"{PUBLIC}/api/v1/providers/twilio/status?call_id={call_id}&tenant={t.name}")
+    twiml = request.param("Twiml") or ""
+    assert "<Connect" in twiml and "<ConversationRelay" in twiml and f'value="{call_id}"' in twiml
+
+    sid = await provider_sid(js, t, call_id)
+    assert sid.startswith("CA")
+
+    # Twilio reports progress; ingest checks each signature against the public URL Twilio called.
+    path = callback.removeprefix(PUBLIC)
+    for seq, (status, extra) in enumerate([("initiated", {}), ("ringing", {}), ("in-progress", {}),
+                                           ("completed", {"CallDuration": "17"})]):
+        params = {"CallSid": sid, "AccountSid": twilio_mock.account_sid, "CallStatus": status, "From": FROM,
+                  "To": "+14155552671", "Direction": "outbound-api", "SequenceNumber": str(seq), **extra}
+        signature = RequestValidator(twilio_mock.auth_token).compute_signature(callback, params)
+        resp = await client.post(path, data=params, headers={"X-Twilio-Signature": signature})
+        assert resp.status_code == 204, resp.text
+    record = await until_status(client, t, call_id, "completed")
+    assert record["duration_seconds"] == 17 and record["provider"] == "twilio"
+    assert [e["status"] for e in record["events"]] == ["pending", "dialing", "ringing", "in_progress", "completed"]
+    done = [e for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
+    assert done and done[0]["data"]["duration_seconds"] == 17
+    assert done[0]["data"]["metadata"] == {"campaign_id": "trial_recovery_v2"} and done[0]["data"]["test"] is False
+
+
+async def provider_sid(js: JetStreamContext, t: Tenant, call_id: str) -> str:
+    store = CallStore(await bus.calls_bucket(js))
+    for _ in range(200):
+        state = await store.get(t.name, call_id)
+        if state and state.provider_call_id:
+            return state.provider_call_id
+        await asyncio.sleep(0.05)
+    raise AssertionError("the provider's call id was never recorded")
+
+
+async def test_a_request_twilio_would_refuse_fails_the_call_with_the_reason(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    client, t = live
+    # A status callback that is not a URI: the real API (and the spec) refuse the request.
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock, public_base_url="not a url")):
+        call_id = await queue_call(client, t, key="live")
+        record = await until_status(client, t, call_id, "failed")
+    [request] = await placed_requests(twilio_mock, call_id)
+    assert request.status == 422
+    assert record["error"]["code"].startswith("twilio_")
+    [event] = [e for e in await events_of(js, t, call_id) if e["type"] == "call.failed"]
+    assert event["data"]["error"]["code"] == record["error"]["code"]
+
+
+async def test_test_keys_never_reach_twilio(live, nats_server, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    client, t = live
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        call_id = await queue_call(client, t, key="test", simulate_duration_seconds=0.1)
+        record = await until_status(client, t, call_id, "completed")
+    assert record["provider"] == "simulated" and record["test"] is True
+    assert not [r for r in twilio_mock.requests if call_id in (r.param("StatusCallback") or "")]
+
+
+def test_spec_is_beside_the_repo() -> None:
+    from twilio_mock import SPEC
+
+    assert Path(SPEC).exists(), "../shared/twilio/twilio_api_v2010.json is missing"
