@@ -29,6 +29,7 @@ from agentstudio.resources import (
     Workflow,
     HandoffRule,
     SecretKeyRef,
+    webhook_secret_ref,
 )
 
 SCHEMA_VERSION = 1
@@ -71,7 +72,7 @@ class CompiledSubscription(Frozen):
     url: str
     events: list[str]
     filters: SubscriptionFilters
-    secret_ref: SecretKeyRef | None
+    secret_ref: SecretKeyRef  # where the whsec_ signing secret is (never the secret itself)
     disabled: bool
 
 
@@ -180,7 +181,7 @@ def compile_bundle(
             url=sub.spec.url,
             events=list(sub.spec.events),
             filters=sub.spec.filters,
-            secret_ref=sub.spec.secret_ref,
+            secret_ref=webhook_secret_ref(sub.name, sub.spec),
             disabled=sub.spec.disabled,
         )
         for sub in (i.resource for i in by_kind.get("WebhookSubscription", []))

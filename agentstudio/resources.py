@@ -343,6 +343,15 @@ class WebhookSubscriptionSpec(Model):
     disabled: bool = False
 
 
+WEBHOOK_SECRET_KEY = "secret"
+
+
+def webhook_secret_ref(name: str, spec: WebhookSubscriptionSpec) -> SecretKeyRef:
+    """Where a subscription's whsec_ signing secret lives: the referenced Secret, or the one the
+    operator generates (`<subscription>-webhook-secret`, data `secret`)."""
+    return spec.secret_ref or SecretKeyRef(name=f"{name}-webhook-secret", key=WEBHOOK_SECRET_KEY)
+
+
 # --- Status and the resource envelope ------------------------------------------------------
 
 

@@ -37,3 +37,11 @@ class Settings(BaseSettings):
     dispatch_ack_wait_seconds: float = Field(60.0, description="Redelivery after a dialer dies holding a call.")
     cap_retry_seconds: float = Field(1.0, description="How soon a call held back by the cap is tried again.")
     dialer_max_in_flight: int = Field(64, description="Calls one dialer handles at once.")
+    webhook_retry_schedule: str = Field(
+        "0,5,300,1800,7200,18000,36000,36000", description="Seconds before each retry of a failed delivery."
+    )
+    webhook_timeout_seconds: float = Field(10.0, description="Per delivery attempt.")
+    webhook_secrets: str = Field("kubernetes", description="Where signing secrets are read: kubernetes or none.")
+
+    def retry_schedule(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.webhook_retry_schedule.split(",") if x.strip())

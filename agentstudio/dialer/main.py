@@ -11,7 +11,9 @@ from agentstudio import bus
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider, twilio_client
+from agentstudio.dialer.webhooks import KubeSigningSecrets, SigningSecrets, StaticSigningSecrets, WebhookDispatcher
 from agentstudio.dialer.worker import Dialer
+from agentstudio.bundle_store import BundleWatcher
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
 
@@ -38,9 +40,22 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
 
 
+async def webhooks(nc: NATS, settings: Settings, secrets: SigningSecrets) -> tuple[WebhookDispatcher, BundleWatcher]:
+    js = nc.jetstream()
+    watcher = BundleWatcher(await bus.bundles_bucket(js))
+    await watcher.start()
+    return WebhookDispatcher(js, watcher, secrets, settings.retry_schedule(), settings.webhook_timeout_seconds), watcher
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
     try:
-        await (await build(nc, settings)).run(stop)
+        secrets: SigningSecrets = KubeSigningSecrets() if settings.webhook_secrets == "kubernetes" \
+            else StaticSigningSecrets()
+        dispatcher, watcher = await webhooks(nc, settings, secrets)
+        try:
+            await asyncio.gather((await build(nc, settings)).run(stop), dispatcher.run(stop))
+        finally:
+            await watcher.stop()
     finally:
         await nc.drain()

@@ -7,30 +7,24 @@ digests and hints leave this module; plaintext goes nowhere but the Secret.
 
 from __future__ import annotations
 
-import base64
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from agentstudio import keys
+from agentstudio import keys, signing
 from agentstudio.bundle import KeyMaterial
 from agentstudio.operator.kube import Kube, secret_value
-from agentstudio.resources import ApiKeySpec, WebhookSubscriptionSpec
+from agentstudio.resources import WEBHOOK_SECRET_KEY, ApiKeySpec, WebhookSubscriptionSpec, webhook_secret_ref
 
 CURRENT = "key"
 PREVIOUS = "previous-key"
 PREVIOUS_NOT_AFTER = "agentstudio.io/previous-key-not-after"
 ROTATION_ID = "agentstudio.io/rotation-id"
-WEBHOOK_SECRET = "secret"
+WEBHOOK_SECRET = WEBHOOK_SECRET_KEY
 
 
 def api_key_secret_name(apikey: str) -> str:
     return f"{apikey}-api-key"
-
-
-def webhook_secret_name(subscription: str) -> str:
-    return f"{subscription}-webhook-secret"
 
 
 @dataclass
@@ -111,8 +105,8 @@ async def ensure_webhook_secret(kube: Kube, body: dict[str, Any], spec: WebhookS
     if spec.secret_ref is not None:
         return spec.secret_ref.name
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    secret_name = webhook_secret_name(name)
+    secret_name = webhook_secret_ref(name, spec).name
     if await kube.read_secret(namespace, secret_name) is None:
-        value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        value = signing.new_secret()
         await kube.create_secret(namespace, secret_name, {WEBHOOK_SECRET: value}, body, {})
     return secret_name

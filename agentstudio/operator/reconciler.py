@@ -22,7 +22,7 @@ from agentstudio.bundle import KeyMaterial, compile_bundle
 from agentstudio.manifests import Located, Problem, parse
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
-from agentstudio.resources import KINDS, ApiKey
+from agentstudio.resources import KINDS, ApiKey, WebhookSubscriptionSpec, webhook_secret_ref
 
 log = logging.getLogger("agentstudio.operator")
 
@@ -201,6 +201,5 @@ def _kind_status(body: dict[str, Any], key_states: dict[str, credentials.KeyStat
             )
         return out
     if kind == "WebhookSubscription":
-        ref_ = spec.get("secretRef") or {}
-        return {"secretName": ref_.get("name") or credentials.webhook_secret_name(name)}
+        return {"secretName": webhook_secret_ref(name, WebhookSubscriptionSpec.model_validate(spec)).name}
     return {}

@@ -1,0 +1,296 @@
+"""Call status webhooks: durable, at-least-once, signed, and isolated per subscription.
+
+A fan-out consumer reads call status events (CALL_EVENTS) and files one delivery per matching
+subscription in the WEBHOOKS stream (`webhooks.<tenant>.<subscription>`, de-duplicated by event and
+subscription). Each subscription then has a durable consumer and a delivery loop of its own, so a
+slow or dead receiver only ever holds up itself. A failed attempt is retried after the next delay of
+the schedule (nak with delay: the message stays in JetStream, the same webhook-id every time); when
+the schedule is used up the delivery goes to the dead-letter bucket, which the API lists and replays.
+A 410 Gone disables the subscription until its spec changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from agentstudio import bus, signing
+from agentstudio.bundle import CompiledSubscription
+from agentstudio.bundle_store import BundleWatcher
+from agentstudio.resources import SecretKeyRef
+
+log = logging.getLogger("agentstudio.webhooks")
+
+WEBHOOKS_STREAM = "WEBHOOKS"
+DEAD_BUCKET = "as-webhook-dead"
+DISABLED_BUCKET = "as-webhook-disabled"
+FANOUT_CONSUMER = "webhook-fanout"
+DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+def delivery_subject(tenant: str, subscription: str) -> str:
+    return f"webhooks.{tenant}.{subscription}"
+
+
+def dead_key(tenant: str, subscription: str, event_id: str) -> str:
+    return f"{tenant}.{subscription}.{event_id}"
+
+
+def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
+    data = event["data"]
+    f = sub.filters
+    return (
+        not sub.disabled
+        and ("call.*" in sub.events or event["type"] in sub.events)
+        and (not f.workflow_slugs or data.get("workflow_slug") in f.workflow_slugs)
+        and (not f.agent_slugs or data.get("agent_slug") in f.agent_slugs)
+        and all(str((data.get("metadata") or {}).get(k)) == v for k, v in f.metadata.items())
+        and (f.mode == "any" or (f.mode == "test") == bool(data.get("test")))
+    )
+
+
+class SigningSecrets(Protocol):
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        """The whsec_ secret a subscription signs with, or None when it cannot be read."""
+
+
+class StaticSigningSecrets:
+    """Secrets known up front: `agent-studio dev` and tests. Keyed (tenant, secret name)."""
+
+    def __init__(self, secrets: dict[tuple[str, str], str] | None = None) -> None:
+        self.secrets = secrets or {}
+
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        return self.secrets.get((tenant, ref.name))
+
+
+class KubeSigningSecrets:
+    """Reads the subscription's Secret through the Kubernetes API (in cluster), cached briefly."""
+
+    def __init__(self, ttl_seconds: float = 30.0) -> None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self._core = client.CoreV1Api()
+        self._ttl = ttl_seconds
+        self._cache: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        import base64
+
+        from kubernetes.client.exceptions import ApiException
+
+        key = (tenant, ref.name, ref.key)
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        try:
+            secret = await asyncio.to_thread(self._core.read_namespaced_secret, ref.name, tenant)
+            raw = (secret.data or {}).get(ref.key)
+            value = base64.b64decode(raw).decode() if raw else None
+        except ApiException as exc:
+            log.warning("signing secret not readable", extra={"tenant": tenant, "secret": ref.name,
+                                                               "status": exc.status})
+            value = None
+        self._cache[key] = (time.monotonic(), value)
+        return value
+
+
+async def ensure(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
+    try:
+        await js.add_stream(StreamConfig(
+            name=WEBHOOKS_STREAM, subjects=["webhooks.*.*"], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, max_age=bus.CALL_RETENTION, duplicate_window=bus.IDEMPOTENCY_WINDOW,
+        ))
+    except Exception:  # noqa: BLE001 - it exists (with this config) already
+        pass
+    return (
+        await bus._bucket(js, DEAD_BUCKET, history=1, ttl=None),  # noqa: SLF001 - bus owns bucket creation
+        await bus._bucket(js, DISABLED_BUCKET, history=1, ttl=None),  # noqa: SLF001
+    )
+
+
+@dataclass
+class _Loop:
+    task: asyncio.Task[None]
+    sub: CompiledSubscription
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        bundles: BundleWatcher,
+        secrets: SigningSecrets,
+        schedule: tuple[float, ...] = DEFAULT_SCHEDULE,
+        timeout_seconds: float = 10.0,
+        concurrency_per_subscription: int = 4,
+    ) -> None:
+        self.js = js
+        self.bundles = bundles
+        self.secrets = secrets
+        self.schedule = schedule
+        self.timeout = timeout_seconds
+        self.per_subscription = concurrency_per_subscription
+        self._loops: dict[tuple[str, str], _Loop] = {}
+        self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
+        self.dead: KeyValue | None = None
+        self.disabled: KeyValue | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await bus.ensure_events_stream(self.js)
+        self.dead, self.disabled = await ensure(self.js)
+        fanout = asyncio.create_task(self._fanout(stop), name="webhook-fanout")
+        try:
+            while not stop.is_set():
+                await self._reconcile_loops(stop)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            fanout.cancel()
+            for loop in self._loops.values():
+                loop.task.cancel()
+            await asyncio.gather(fanout, *(loop.task for loop in self._loops.values()), return_exceptions=True)
+            await self._http.aclose()
+
+    # --- fan-out ------------------------------------------------------------------------------
+
+    async def _fanout(self, stop: asyncio.Event) -> None:
+        sub = await self.js.pull_subscribe(
+            "calls.*.events.*", durable=FANOUT_CONSUMER, stream=bus.EVENTS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
+        )
+        await self.bundles.loaded.wait()
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(batch=64, timeout=0.5)
+            except NatsTimeout:
+                continue
+            for msg in messages:
+                try:
+                    await self._file(msg)
+                    await msg.ack()
+                except Exception:  # noqa: BLE001 - redelivered; filing is idempotent
+                    log.exception("could not file webhook deliveries")
+                    await msg.nak(delay=1)
+
+    async def _file(self, msg: Msg) -> None:
+        tenant = msg.subject.split(".")[1]
+        event = orjson.loads(msg.data)
+        bundle = self.bundles.snapshot.bundles.get(tenant)
+        for sub in bundle.subscriptions if bundle else []:
+            if matches(sub, event):
+                await self.js.publish(
+                    delivery_subject(tenant, sub.name), msg.data,
+                    headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"},
+                )
+
+    # --- one loop per subscription --------------------------------------------------------------
+
+    async def _reconcile_loops(self, stop: asyncio.Event) -> None:
+        wanted: dict[tuple[str, str], CompiledSubscription] = {
+            (tenant, sub.name): sub
+            for tenant, bundle in self.bundles.snapshot.bundles.items()
+            for sub in bundle.subscriptions
+            if not sub.disabled
+        }
+        for key in [k for k in self._loops if k not in wanted]:
+            self._loops.pop(key).task.cancel()
+        for key, sub in wanted.items():
+            loop = self._loops.get(key)
+            if loop is not None and not loop.task.done():
+                loop.sub = sub  # URL, secret or filters may change between attempts
+                continue
+            state = _Loop(task=None, sub=sub)  # type: ignore[arg-type]
+            state.task = asyncio.create_task(self._deliver_loop(key[0], state, stop), name=f"webhooks-{key}")
+            self._loops[key] = state
+
+    async def _deliver_loop(self, tenant: str, loop: _Loop, stop: asyncio.Event) -> None:
+        name = loop.sub.name
+        if await self._is_disabled(tenant, loop.sub):
+            await asyncio.sleep(1)  # looked at again by the next reconcile
+            return
+        sub = await self.js.pull_subscribe(
+            delivery_subject(tenant, name), durable=f"wh-{tenant}-{name}", stream=WEBHOOKS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.timeout + 20, max_deliver=-1),
+        )
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(batch=self.per_subscription, timeout=0.5)
+            except NatsTimeout:
+                continue
+            results = await asyncio.gather(*(self._deliver(tenant, loop.sub, m) for m in messages))
+            if "gone" in results:
+                return
+
+    async def _deliver(self, tenant: str, sub: CompiledSubscription, msg: Msg) -> str:
+        event = orjson.loads(msg.data)
+        attempt = msg.metadata.num_delivered
+        secret = await self.secrets.get(tenant, sub.secret_ref)
+        if secret is None:
+            error = f"signing secret {sub.secret_ref.name} not readable"
+            status = None
+        else:
+            body = msg.data.decode()
+            try:
+                resp = await self._http.post(sub.url, content=body, headers=signing.headers(secret, event["id"], body))
+                status, error = resp.status_code, f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+        if status is not None and 200 <= status < 300:
+            await msg.ack()
+            return "delivered"
+        if status == 410:
+            await self._disable(tenant, sub, "receiver answered 410 Gone")
+            await msg.nak(delay=3600)  # kept for when the subscription is re-enabled
+            return "gone"
+        if attempt > len(self.schedule):
+            await self._dead_letter(tenant, sub, event, attempt, error)
+            await msg.ack()
+            return "dead"
+        await msg.nak(delay=self.schedule[attempt - 1])
+        log.info("webhook delivery failed; will retry", extra={
+            "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "attempt": attempt,
+            "error": error, "retry_in": self.schedule[attempt - 1]})
+        return "retry"
+
+    async def _dead_letter(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], attempts: int,
+                           error: str) -> None:
+        assert self.dead is not None
+        record = {"subscription": sub.name, "event": event, "attempts": attempts, "last_error": error,
+                  "failed_at": time.time()}
+        await self.dead.put(dead_key(tenant, sub.name, event["id"]), orjson.dumps(record))
+        log.warning("webhook delivery dead-lettered", extra={
+            "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "error": error})
+
+    async def _disable(self, tenant: str, sub: CompiledSubscription, reason: str) -> None:
+        assert self.disabled is not None
+        await self.disabled.put(f"{tenant}.{sub.name}", orjson.dumps({"reason": reason, "at": time.time(),
+                                                                        "url": sub.url}))
+        log.warning("webhook subscription disabled", extra={"tenant": tenant, "subscription": sub.name})
+
+    async def _is_disabled(self, tenant: str, sub: CompiledSubscription) -> bool:
+        assert self.disabled is not None
+        try:
+            entry = await self.disabled.get(f"{tenant}.{sub.name}")
+        except (KeyNotFoundError, NotFoundError):
+            return False
+        # A change of URL is the user's answer to a 410: deliver again.
+        return bool(entry.value) and orjson.loads(entry.value).get("url") == sub.url

@@ -1,0 +1,193 @@
+"""Call status webhooks delivered to real local receivers that verify Standard Webhooks signatures
+with the `standardwebhooks` package, as a tenant's endpoint would."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from nats.js import JetStreamContext
+from standardwebhooks import Webhook
+
+from agentstudio import bus, signing
+from agentstudio.dialer import main as dialer_main
+from agentstudio.dialer.webhooks import StaticSigningSecrets, ensure
+from agentstudio.natsserver import NatsServer, free_port
+from agentstudio.settings import Settings
+from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from test_dialer import MANIFESTS, dialers, queue_call
+
+
+@dataclass
+class Receiver:
+    """The seed's result receiver: verifies the signature, reads data.user_id and duration_seconds."""
+
+    secret: str
+    mode: str = "up"  # up | down | slow | gone
+    fail_first: int = 0
+    received: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)  # webhook-id of every attempt
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/webhooks/call-results"
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/webhooks/call-results")
+        async def handle(request: Request) -> Response:
+            body = await request.body()
+            event = Webhook(self.secret).verify(body, dict(request.headers))  # raises on a bad signature
+            self.attempts.append(request.headers["webhook-id"])
+            if self.mode == "slow":
+                await asyncio.sleep(4)
+            if self.mode == "gone":
+                return Response(status_code=410)
+            if self.mode == "down" or len(self.attempts) <= self.fail_first:
+                return Response(status_code=503)
+            data = event["data"]
+            self.received.append({"type": event["type"], "id": event["id"], "user_id": data["user_id"],
+                                  "duration_seconds": data["duration_seconds"], "event": event})
+            return Response(status_code=204)
+
+        return app
+
+
+@asynccontextmanager
+async def serving(*receivers: Receiver) -> AsyncIterator[None]:
+    servers = [uvicorn.Server(uvicorn.Config(r.app(), host="127.0.0.1", port=r.port, log_config=None,
+                                             access_log=False)) for r in receivers]
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def subscription(name: str, url: str, events: str = '["call.*"]') -> str:
+    return f"""
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: WebhookSubscription
+metadata: {{name: {name}}}
+spec: {{url: "{url}", events: {events}}}
+"""
+
+
+@asynccontextmanager
+async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[str, Receiver],
+                schedule: str = "0,0.2,0.2") -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
+               docs(MANIFESTS + "".join(subscription(n, r.url) for n, r in receivers.items())))
+    bundle = await t.publish()
+    secrets = StaticSigningSecrets({(t.name, f"{n}-webhook-secret"): r.secret for n, r in receivers.items()})
+    settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=2)
+    nc = await bus.connect(nats_server.url, "test-webhooks")
+    dispatcher, watcher = await dialer_main.webhooks(nc, settings, secrets)
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    try:
+        async with ingest_client(nats_server.url) as (client, svc), dialers(nats_server.url):
+            await wait_for_bundle(svc, t.name, bundle.version)
+            yield client, t
+    finally:
+        stop.set()
+        await running
+        await watcher.stop()
+        await nc.close()
+
+
+async def until(check, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_completed_call_is_delivered_signed_with_what_the_seed_reads(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret())
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}) as (client, t):
+        call_id = await queue_call(client, t, campaign_id="trial_recovery_v2", simulate_duration_seconds=1)
+        await until(lambda: len(receiver.received) == 2)
+    answered, completed = sorted(receiver.received, key=lambda r: r["type"])
+    assert (answered["type"], completed["type"]) == ("call.answered", "call.completed")
+    assert completed["user_id"] == "u-1" and completed["duration_seconds"] == 1
+    data = completed["event"]["data"]
+    assert data["call_id"] == call_id and data["status"] == "completed" and data["agent_slug"] == "a"
+    assert data["metadata"]["campaign_id"] == "trial_recovery_v2" and data["test"] is True
+    assert data["transcript"] == [] and data["captured"] == {} and "error" not in data
+
+
+async def test_a_receiver_that_is_down_gets_every_event_after_retries_with_the_same_id(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret(), fail_first=4)
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}) as (client, t):
+        for _ in range(2):
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+        await until(lambda: len(receiver.received) == 4, timeout=20)
+    assert len({r["id"] for r in receiver.received}) == 4  # nothing lost, nothing twice
+    retried = [i for i in set(receiver.attempts) if receiver.attempts.count(i) > 1]
+    assert retried  # the retries carried the same webhook-id
+
+
+async def test_a_slow_receiver_never_delays_another_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    slow, fast = Receiver(signing.new_secret(), mode="slow"), Receiver(signing.new_secret())
+    async with serving(slow, fast), stack(nats_server, js, {"slow": slow, "fast": fast}) as (client, t):
+        for _ in range(6):
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+        started = asyncio.get_running_loop().time()
+        await until(lambda: len(fast.received) == 12, timeout=10)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert len(slow.received) < 12  # the slow one is still working through its own queue
+    assert elapsed < 4
+
+
+async def test_410_gone_disables_the_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret(), mode="gone")
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}) as (client, t):
+        await queue_call(client, t, simulate_duration_seconds=0.1)
+        await until(lambda: len(receiver.attempts) >= 1)
+        _, disabled = await ensure(js)
+        entry = await disabled.get(f"{t.name}.results")
+        assert b"410" in entry.value
+        await queue_call(client, t, simulate_duration_seconds=0.1)
+        await asyncio.sleep(2)
+    assert len(receiver.attempts) <= 2  # at most the batch in flight when 410 came; then nothing
+
+
+async def test_exhausted_deliveries_are_dead_lettered(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret(), mode="down")
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}, schedule="0,0.1") as (client, t):
+        call_id = await queue_call(client, t, simulate_outcome="busy")
+        dead, _ = await ensure(js)
+
+        async def dead_letters() -> list[dict[str, Any]]:
+            try:
+                keys = await dead.keys()
+            except Exception:  # noqa: BLE001 - nats-py raises NoKeysError on an empty bucket
+                return []
+            return [orjson.loads((await dead.get(k)).value) for k in keys if k.startswith(f"{t.name}.")]
+
+        for _ in range(100):
+            found = await dead_letters()
+            if found:
+                break
+            await asyncio.sleep(0.1)
+    [record] = found
+    assert record["event"]["data"]["call_id"] == call_id and record["event"]["type"] == "call.busy"
+    assert record["attempts"] == 3 and record["last_error"] == "HTTP 503"
+    assert len(receiver.attempts) == 3 and len(set(receiver.attempts)) == 1
