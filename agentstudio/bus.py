@@ -5,12 +5,15 @@ Subjects:
                                       also the call's request record, read back by subject.
   calls.<tenant>.dead.<call_id>       calls that exhausted their deliveries (stream CALLS)
   calls.<tenant>.events.<call_id>     call status events for webhooks (stream CALL_EVENTS)
+  webhooks.<tenant>.<subscription>    deliveries owed to one subscription (stream WEBHOOKS)
 KV buckets:
   as-bundles     key <tenant> → compiled config bundle (ingest and dialers watch it)
   as-ratelimit   key <tenant>.<apikey>.<minute> → requests leased in that minute (expires by TTL)
   as-usage       key <tenant>.<apikey> → request counts and last use of an ApiKey
   as-calls       key <tenant>.<call_id> → the call's state, timeline and result
   as-concurrency key <tenant> → calls holding one of the tenant's concurrent-call slots
+  as-webhook-dead      key <tenant>.<subscription>.<event_id> → a delivery that exhausted its retries
+  as-webhook-disabled  key <tenant>.<subscription> → the receiver answered 410 Gone
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ log = logging.getLogger("agentstudio.bus")
 CALLS_STREAM = "CALLS"
 EVENTS_STREAM = "CALL_EVENTS"
 CALLS_BUCKET = "as-calls"
+WEBHOOKS_STREAM = "WEBHOOKS"
+DEAD_LETTER_BUCKET = "as-webhook-dead"
+DISABLED_BUCKET = "as-webhook-disabled"
 CONCURRENCY_BUCKET = "as-concurrency"
 BUNDLES_BUCKET = "as-bundles"
 RATELIMIT_BUCKET = "as-ratelimit"
@@ -140,6 +146,28 @@ async def ensure_events_stream(js: JetStreamContext) -> None:
         max_age=CALL_RETENTION,
         duplicate_window=IDEMPOTENCY_WINDOW,  # an event id is published once however often it is re-driven
     ))
+
+
+def delivery_subject(tenant: str, subscription: str) -> str:
+    return f"webhooks.{tenant}.{subscription}"
+
+
+def dead_letter_key(tenant: str, subscription: str, event_id: str) -> str:
+    return f"{tenant}.{subscription}.{event_id}"
+
+
+async def ensure_webhooks(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
+    """The WEBHOOKS stream, and the dead-letter and disabled-subscription buckets."""
+    await _add_or_update(js, StreamConfig(
+        name=WEBHOOKS_STREAM,
+        subjects=["webhooks.*.*"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=CALL_RETENTION,
+        duplicate_window=IDEMPOTENCY_WINDOW,
+    ))
+    return (await _bucket(js, DEAD_LETTER_BUCKET, history=1, ttl=None),
+            await _bucket(js, DISABLED_BUCKET, history=1, ttl=None))
 
 
 async def calls_bucket(js: JetStreamContext) -> KeyValue:

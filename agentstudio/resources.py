@@ -30,8 +30,8 @@ FreeObject = Annotated[
     Field(json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 
-SCOPES = ("calls:create", "calls:read")
-Scope = Literal["calls:create", "calls:read"]
+SCOPES = ("calls:create", "calls:read", "webhooks:manage")
+Scope = Literal["calls:create", "calls:read", "webhooks:manage"]
 EVENT_TYPES = (
     "call.answered",
     "call.completed",
@@ -277,8 +277,9 @@ class ApiKeySpec(Model):
         list[Scope],
         Field(
             min_length=1,
-            max_length=2,
-            description="calls:create to trigger calls, calls:read to read them.",
+            max_length=3,
+            description="calls:create to trigger calls, calls:read to read them and export them, "
+            "webhooks:manage to list and replay dead-lettered webhook deliveries.",
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
     ]

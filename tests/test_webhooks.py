@@ -20,7 +20,7 @@ from standardwebhooks import Webhook
 
 from agentstudio import bus, signing
 from agentstudio.dialer import main as dialer_main
-from agentstudio.dialer.webhooks import StaticSigningSecrets, ensure
+from agentstudio.dialer.webhooks import StaticSigningSecrets
 from agentstudio.natsserver import NatsServer, free_port
 from agentstudio.settings import Settings
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
@@ -79,6 +79,15 @@ async def serving(*receivers: Receiver) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+OPS_KEY = """
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: ops}
+spec: {scopes: ["webhooks:manage"]}
+"""
+
+
 def subscription(name: str, url: str, events: str = '["call.*"]') -> str:
     return f"""
 ---
@@ -93,7 +102,7 @@ spec: {{url: "{url}", events: {events}}}
 async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[str, Receiver],
                 schedule: str = "0,0.2,0.2") -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
-               docs(MANIFESTS + "".join(subscription(n, r.url) for n, r in receivers.items())))
+               docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items())))
     bundle = await t.publish()
     secrets = StaticSigningSecrets({(t.name, f"{n}-webhook-secret"): r.secret for n, r in receivers.items()})
     settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=2)
@@ -161,7 +170,7 @@ async def test_410_gone_disables_the_subscription(nats_server, js) -> None:  # t
     async with serving(receiver), stack(nats_server, js, {"results": receiver}) as (client, t):
         await queue_call(client, t, simulate_duration_seconds=0.1)
         await until(lambda: len(receiver.attempts) >= 1)
-        _, disabled = await ensure(js)
+        _, disabled = await bus.ensure_webhooks(js)
         entry = await disabled.get(f"{t.name}.results")
         assert b"410" in entry.value
         await queue_call(client, t, simulate_duration_seconds=0.1)
@@ -173,7 +182,7 @@ async def test_exhausted_deliveries_are_dead_lettered(nats_server, js) -> None: 
     receiver = Receiver(signing.new_secret(), mode="down")
     async with serving(receiver), stack(nats_server, js, {"results": receiver}, schedule="0,0.1") as (client, t):
         call_id = await queue_call(client, t, simulate_outcome="busy")
-        dead, _ = await ensure(js)
+        dead, _ = await bus.ensure_webhooks(js)
 
         async def dead_letters() -> list[dict[str, Any]]:
             try:
@@ -187,7 +196,21 @@ async def test_exhausted_deliveries_are_dead_lettered(nats_server, js) -> None: 
             if found:
                 break
             await asyncio.sleep(0.1)
-    [record] = found
-    assert record["event"]["data"]["call_id"] == call_id and record["event"]["type"] == "call.busy"
-    assert record["attempts"] == 3 and record["last_error"] == "HTTP 503"
-    assert len(receiver.attempts) == 3 and len(set(receiver.attempts)) == 1
+        [record] = found
+        assert record["event"]["data"]["call_id"] == call_id and record["event"]["type"] == "call.busy"
+        assert record["attempts"] == 3 and record["last_error"] == "HTTP 503"
+        assert len(receiver.attempts) == 3 and len(set(receiver.attempts)) == 1
+
+        # The API lists it and replays it once the receiver is back.
+        assert (await client.get("/api/v1/webhooks/dead-letters", headers=t.auth("test"))).status_code == 403
+        listed = (await client.get("/api/v1/webhooks/dead-letters", headers=t.auth("ops"))).json()["data"]
+        assert [(d["subscription"], d["call_id"], d["attempts"]) for d in listed] == [("results", call_id, 3)]
+        receiver.mode = "up"
+        event_id = listed[0]["event_id"]
+        resp = await client.post(f"/api/v1/webhooks/dead-letters/results/{event_id}/replay", headers=t.auth("ops"))
+        assert resp.status_code == 202
+        await until(lambda: len(receiver.received) == 1)
+        assert receiver.received[0]["id"] == event_id  # the same webhook-id as the failed attempts
+        assert (await client.get("/api/v1/webhooks/dead-letters", headers=t.auth("ops"))).json()["data"] == []
+        missing = await client.post(f"/api/v1/webhooks/dead-letters/results/{event_id}/replay", headers=t.auth("ops"))
+        assert missing.status_code == 404

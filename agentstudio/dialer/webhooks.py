@@ -22,7 +22,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -33,19 +33,8 @@ from agentstudio.resources import SecretKeyRef
 
 log = logging.getLogger("agentstudio.webhooks")
 
-WEBHOOKS_STREAM = "WEBHOOKS"
-DEAD_BUCKET = "as-webhook-dead"
-DISABLED_BUCKET = "as-webhook-disabled"
 FANOUT_CONSUMER = "webhook-fanout"
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-
-
-def delivery_subject(tenant: str, subscription: str) -> str:
-    return f"webhooks.{tenant}.{subscription}"
-
-
-def dead_key(tenant: str, subscription: str, event_id: str) -> str:
-    return f"{tenant}.{subscription}.{event_id}"
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
@@ -111,20 +100,6 @@ class KubeSigningSecrets:
         return value
 
 
-async def ensure(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
-    try:
-        await js.add_stream(StreamConfig(
-            name=WEBHOOKS_STREAM, subjects=["webhooks.*.*"], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE, max_age=bus.CALL_RETENTION, duplicate_window=bus.IDEMPOTENCY_WINDOW,
-        ))
-    except Exception:  # noqa: BLE001 - it exists (with this config) already
-        pass
-    return (
-        await bus._bucket(js, DEAD_BUCKET, history=1, ttl=None),  # noqa: SLF001 - bus owns bucket creation
-        await bus._bucket(js, DISABLED_BUCKET, history=1, ttl=None),  # noqa: SLF001
-    )
-
-
 @dataclass
 class _Loop:
     task: asyncio.Task[None]
@@ -154,7 +129,7 @@ class WebhookDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_events_stream(self.js)
-        self.dead, self.disabled = await ensure(self.js)
+        self.dead, self.disabled = await bus.ensure_webhooks(self.js)
         fanout = asyncio.create_task(self._fanout(stop), name="webhook-fanout")
         try:
             while not stop.is_set():
@@ -198,7 +173,7 @@ class WebhookDispatcher:
         for sub in bundle.subscriptions if bundle else []:
             if matches(sub, event):
                 await self.js.publish(
-                    delivery_subject(tenant, sub.name), msg.data,
+                    bus.delivery_subject(tenant, sub.name), msg.data,
                     headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"},
                 )
 
@@ -228,7 +203,7 @@ class WebhookDispatcher:
             await asyncio.sleep(1)  # looked at again by the next reconcile
             return
         sub = await self.js.pull_subscribe(
-            delivery_subject(tenant, name), durable=f"wh-{tenant}-{name}", stream=WEBHOOKS_STREAM,
+            bus.delivery_subject(tenant, name), durable=f"wh-{tenant}-{name}", stream=bus.WEBHOOKS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.timeout + 20, max_deliver=-1),
         )
         while not stop.is_set():
@@ -276,7 +251,7 @@ class WebhookDispatcher:
         assert self.dead is not None
         record = {"subscription": sub.name, "event": event, "attempts": attempts, "last_error": error,
                   "failed_at": time.time()}
-        await self.dead.put(dead_key(tenant, sub.name, event["id"]), orjson.dumps(record))
+        await self.dead.put(bus.dead_letter_key(tenant, sub.name, event["id"]), orjson.dumps(record))
         log.warning("webhook delivery dead-lettered", extra={
             "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "error": error})
 
