@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 from kubernetes import client
@@ -425,3 +426,21 @@ async def test_a_key_from_a_gitops_managed_secret(cluster: Cluster, ingest) -> N
     assert await eventually(lambda: _status_is(client_, key, 201))
     with pytest.raises(ApiException):  # nothing was generated for it
         cluster.core.read_namespaced_secret("sealed-api-key", ns)
+
+
+async def test_a_receiver_that_answered_410_shows_on_its_subscription(cluster: Cluster, js) -> None:  # type: ignore[no-untyped-def]
+    from agentstudio import bus
+
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "WebhookSubscription", "results")
+    _, gone = await bus.ensure_webhooks(js)
+    # What a dialer records when the receiver answers 410 Gone:
+    await gone.put(f"{ns}.results", orjson.dumps({"reason": "410", "url": "https://example.com/webhooks/call-results"}))
+    condition = cluster.wait_ready(ns, "WebhookSubscription", "results", status="False")
+    assert condition["reason"] == "ReceiverGone" and "410" in condition["message"]
+    assert any(e.reason == "ReceiverGone" for e in cluster.events(ns, "results"))
+    sub = cluster.get(ns, "WebhookSubscription", "results")
+    sub["spec"]["url"] = "https://example.com/webhooks/v2"
+    cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "webhooksubscriptions", "results", sub)
+    cluster.wait_ready(ns, "WebhookSubscription", "results")  # a new URL is the user's answer

@@ -12,7 +12,7 @@ import kopf
 
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
-from agentstudio.operator.reconciler import Reconciler
+from agentstudio.operator.reconciler import IndexesNotReady, Reconciler
 from agentstudio.resources import GROUP, VERSION, ApiKeySpec, WebhookSubscriptionSpec
 
 log = logging.getLogger("agentstudio.operator")
@@ -70,6 +70,8 @@ def subscriptions_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dic
 
 
 def resources_of(indexes: dict[str, kopf.Index[str, dict[str, Any]]], namespace: str) -> list[dict[str, Any]]:
+    if not indexes:  # no handler has run yet: kopf is still listing; an empty answer would be a lie
+        raise IndexesNotReady(namespace)
     return [body for index in indexes.values() for body in index.get(namespace, [])]
 
 

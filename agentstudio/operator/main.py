@@ -11,7 +11,7 @@ from agentstudio import bus
 from agentstudio.operator import handlers
 from agentstudio.operator.kube import Kube
 from agentstudio.operator.reconciler import Reconciler
-from agentstudio.operator.usage import report_usage
+from agentstudio.operator.usage import report_usage, watch_gone
 from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.operator")
@@ -28,9 +28,12 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         memo = kopf.Memo()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns))
         handlers.install(memo, kube, reconciler)
-        usage = asyncio.create_task(
-            report_usage(await bus.usage_bucket(nc.jetstream()), kube, namespaces), name="usage-report"
-        )
+        js = nc.jetstream()
+        _, gone_bucket = await bus.ensure_webhooks(js)
+        observers = [
+            asyncio.create_task(report_usage(await bus.usage_bucket(js), kube, namespaces), name="usage-report"),
+            asyncio.create_task(watch_gone(gone_bucket, reconciler, namespaces), name="webhooks-gone"),
+        ]
         log.info("operator starting", extra={"namespaces": namespaces or "all"})
         try:
             await kopf.operator(
@@ -42,7 +45,8 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
                 liveness_endpoint=settings.operator_liveness_endpoint or None,
             )
         finally:
-            usage.cancel()
-            await asyncio.gather(usage, return_exceptions=True)
+            for task in observers:
+                task.cancel()
+            await asyncio.gather(*observers, return_exceptions=True)
     finally:
         await nc.close()

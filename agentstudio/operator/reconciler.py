@@ -30,6 +30,10 @@ log = logging.getLogger("agentstudio.operator")
 PLURALS = {kind: model.PLURAL for kind, model in KINDS.items()}
 
 
+class IndexesNotReady(Exception):
+    """The operator has not finished listing its resources; compiling now would publish too little."""
+
+
 def ref(body: dict[str, Any]) -> str:
     return f"{body['kind']}/{body['metadata']['name']}"
 
@@ -55,6 +59,8 @@ class Reconciler:
         self._resources_of = resources_of
         self._debounce = debounce_seconds
         self._namespaces: dict[str, _Namespace] = {}
+        # (namespace, subscription) → the URL whose receiver answered 410 Gone (fed by watch_gone)
+        self.gone: dict[tuple[str, str], str] = {}
 
     def schedule(self, namespace: str) -> None:
         """Compile `namespace` soon; calls during a burst or a running compile fold into one more run."""
@@ -71,6 +77,9 @@ class Reconciler:
             try:
                 await self.reconcile(namespace, state)
                 delay = self._debounce
+            except IndexesNotReady:
+                state.dirty = True
+                delay = 0.5
             except Exception:  # noqa: BLE001 - retried: NATS or the API server may be back soon
                 log.exception("reconcile failed; retrying", extra={"tenant": namespace})
                 state.dirty = True
@@ -119,6 +128,14 @@ class Reconciler:
         for body in bodies:
             await self._report(body, by_ref.get(ref(body), []), sorted(by_ref), state, key_states)
 
+    def _gone(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        if body["kind"] != "WebhookSubscription":
+            return None
+        url = self.gone.get((body["metadata"]["namespace"], body["metadata"]["name"]))
+        if url is None or url != (body.get("spec") or {}).get("url"):
+            return None
+        return "ReceiverGone", f"{url} answered 410 Gone: deliveries stopped; change spec.url to deliver again"
+
     async def _report(
         self,
         body: dict[str, Any],
@@ -130,11 +147,14 @@ class Reconciler:
         generation = body["metadata"].get("generation", 0)
         pending = key_states[body["metadata"]["name"]].pending if body["kind"] == "ApiKey" and \
             body["metadata"]["name"] in key_states else None
+        warning = self._gone(body)
         if own:
             ready, reason = "False", own[0].reason
             message = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in own)
         elif pending is not None:
             ready, (reason, message) = "False", pending
+        elif warning is not None:
+            ready, (reason, message) = "False", warning
         elif state.published.get(ref(body)) == generation:
             ready, reason, message = "True", "Published", f"live in bundle version {state.version}"
         else:

@@ -1,5 +1,6 @@
-"""Shows API key usage on ApiKey status: watches the `as-usage` totals that ingest keeps and writes
-requestCount, acceptedCount and lastUsedAt, at most once per interval per key."""
+"""What dialers and ingest observe, shown on status: API key usage (the `as-usage` totals ingest keeps:
+requestCount, acceptedCount, lastUsedAt, written at most once per interval per key), and webhook
+receivers that answered 410 Gone (the `as-webhook-disabled` marks dialers write)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import logging
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+import orjson
+
 from agentstudio.operator.kube import Kube
+from agentstudio.operator.reconciler import Reconciler
 from agentstudio.usage import Usage
 
 log = logging.getLogger("agentstudio.operator")
@@ -50,4 +54,23 @@ async def report_usage(kv: KeyValue, kube: Kube, namespaces: list[str], interval
                     log.warning("could not write usage", extra={"tenant": tenant, "api_key": apikey})
     finally:
         collector.cancel()
+        await watcher.stop()
+
+
+async def watch_gone(kv: KeyValue, reconciler: Reconciler, namespaces: list[str]) -> None:
+    """Mirror 410 Gone marks into the reconciler, which reports them as Ready=False ReceiverGone."""
+    watcher = await kv.watchall()
+    try:
+        async for entry in watcher:
+            if entry is None:
+                continue
+            tenant, _, name = entry.key.partition(".")
+            if namespaces and tenant not in namespaces:
+                continue
+            if entry.value and entry.operation not in ("DEL", "PURGE"):
+                reconciler.gone[(tenant, name)] = str(orjson.loads(entry.value).get("url"))
+            else:
+                reconciler.gone.pop((tenant, name), None)
+            reconciler.schedule(tenant)
+    finally:
         await watcher.stop()
