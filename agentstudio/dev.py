@@ -20,14 +20,15 @@ import uvicorn
 import watchfiles
 from nats.js.kv import KeyValue
 
-from agentstudio import bundle_store, bus, keys
+from agentstudio import bundle_store, bus, keys, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
 from agentstudio.natsserver import NatsServer
-from agentstudio.resources import ApiKey
+from agentstudio.resources import ApiKey, WebhookSubscription
+from agentstudio.dialer.webhooks import StaticSigningSecrets
 from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.dev")
@@ -58,7 +59,25 @@ class KeyFile:
         return made
 
     def material(self) -> dict[str, list[KeyMaterial]]:
-        return {name: [KeyMaterial(keys.digest(key))] for name, key in self.keys.items()}
+        return {name: [KeyMaterial(keys.digest(key))] for name, key in self.keys.items() if not name.startswith("whsec:")}
+
+    def webhook_secrets(self, resources: list[Located]) -> list[tuple[str, str]]:
+        """A whsec_ signing secret per WebhookSubscription (the operator's job in a cluster); new ones."""
+        made = []
+        for item in resources:
+            if isinstance(item.resource, WebhookSubscription):
+                entry = f"whsec:{item.resource.name}"
+                if entry not in self.keys:
+                    self.keys[entry] = signing.new_secret()
+                    made.append((item.resource.name, self.keys[entry]))
+        if made:
+            self.path.write_text(json.dumps(self.keys, indent=2))
+            os.chmod(self.path, 0o600)
+        return made
+
+    def signing_secrets(self, tenant_of: dict[str, str]) -> dict[tuple[str, str], str]:
+        return {(tenant_of.get(k[6:], DEFAULT_TENANT), f"{k[6:]}-webhook-secret"): v
+                for k, v in self.keys.items() if k.startswith("whsec:")}
 
 
 def prepare_state_dir(directory: Path) -> Path:
@@ -71,7 +90,12 @@ def prepare_state_dir(directory: Path) -> Path:
 
 
 async def compile_and_publish(
-    directory: Path, key_file: KeyFile, kv: KeyValue, announce: bool, service: IngestService | None = None
+    directory: Path,
+    key_file: KeyFile,
+    kv: KeyValue,
+    announce: bool,
+    service: IngestService | None = None,
+    signing_secrets: StaticSigningSecrets | None = None,
 ) -> bool:
     """Load, compile and publish every namespace in `directory`; print problems. True when all good.
 
@@ -79,10 +103,18 @@ async def compile_and_publish(
     """
     resources, problems = load_dir(directory)
     new_keys = key_file.ensure(resources)
+    new_secrets = key_file.webhook_secrets(resources)
     shown = key_file.keys.items() if announce else new_keys
     for name, key in sorted(shown):
         if any(isinstance(i.resource, ApiKey) and i.resource.name == name for i in resources):
             print(f"api key {name}: {key}", flush=True)
+    shown_secrets = [(k[6:], v) for k, v in key_file.keys.items() if k.startswith("whsec:")] if announce else new_secrets
+    for name, secret in sorted(shown_secrets):
+        if any(isinstance(i.resource, WebhookSubscription) and i.resource.name == name for i in resources):
+            print(f"webhook secret {name}: {secret}", flush=True)
+    if signing_secrets is not None:
+        signing_secrets.secrets.update(key_file.signing_secrets(
+            {i.resource.name: i.namespace or DEFAULT_TENANT for i in resources if isinstance(i.resource, WebhookSubscription)}))
     by_tenant: dict[str, list[Located]] = {}
     for item in resources:
         by_tenant.setdefault(item.namespace or DEFAULT_TENANT, []).append(item)
@@ -145,7 +177,8 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         js = nc.jetstream()
         kv = await bus.bundles_bucket(js)
         key_file = KeyFile(state / "keys.json")
-        await compile_and_publish(directory, key_file, kv, announce=True)
+        secrets = StaticSigningSecrets()
+        await compile_and_publish(directory, key_file, kv, announce=True, signing_secrets=secrets)
         await service.start()
         server = _Server(
             uvicorn.Config(create_app(settings, service), host=host, port=port, log_config=None, access_log=False)
@@ -154,15 +187,18 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
+        dispatcher, bundles = await dialer_main.webhooks(nc, settings, secrets)
         background = [
             asyncio.create_task((await dialer_main.build(nc, settings, announce=_print)).run(stop), name="dialer"),
-            asyncio.create_task(_watch(directory, key_file, kv, service, stop), name="watch"),
+            asyncio.create_task(dispatcher.run(stop), name="webhooks"),
+            asyncio.create_task(_watch(directory, key_file, kv, service, secrets, stop), name="watch"),
         ]
         await server.serve()  # returns on Ctrl-C or SIGTERM
         stop.set()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await bundles.stop()
         await service.stop()
         await nc.close()
     finally:
@@ -171,11 +207,16 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
 
 
 async def _watch(
-    directory: Path, key_file: KeyFile, kv: KeyValue, service: IngestService, stop: asyncio.Event
+    directory: Path,
+    key_file: KeyFile,
+    kv: KeyValue,
+    service: IngestService,
+    secrets: StaticSigningSecrets,
+    stop: asyncio.Event,
 ) -> None:
     def manifest(_: watchfiles.Change, path: str) -> bool:
         return path.endswith(MANIFEST_SUFFIXES) and f"/{STATE_DIR}/" not in path
 
     async for _ in watchfiles.awatch(directory, watch_filter=manifest, stop_event=stop):
         print("manifests changed: recompiling", flush=True)
-        await compile_and_publish(directory, key_file, kv, announce=False, service=service)
+        await compile_and_publish(directory, key_file, kv, announce=False, service=service, signing_secrets=secrets)

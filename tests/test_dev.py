@@ -103,6 +103,7 @@ def test_dev_runs_the_stack_from_a_folder(tmp_path: Path) -> None:
         keys = dev.start()
         assert set(keys) == {"clevertap", "moengage", "braze", "webengage", "analytics-readonly", "sandbox"}
         assert keys["sandbox"].startswith("as_test_") and keys["clevertap"].startswith("as_live_")
+        assert any(line.startswith("webhook secret results: whsec_") for line in dev.seen)
         ingest = f"{dev.url}/api/v1/webhooks/ingest"
 
         # A campaign's request is accepted and the dialer picks the call up.

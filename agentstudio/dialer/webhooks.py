@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -35,6 +36,16 @@ log = logging.getLogger("agentstudio.webhooks")
 
 FANOUT_CONSUMER = "webhook-fanout"
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+# Reserved for documentation (RFC 2606/6761): nothing answers there, so nothing is ever sent there
+# (the examples' placeholder URL must not send a campaign's data anywhere).
+_RESERVED = (".example", ".invalid", ".test", "example.com", "example.net", "example.org")
+
+
+def reserved_host(url: str) -> bool:
+    host = (httpx.URL(url).host or "").lower().rstrip(".")
+    return any(host == r.lstrip(".") or host.endswith(r if r.startswith(".") else "." + r) for r in _RESERVED)
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
@@ -156,7 +167,11 @@ class WebhookDispatcher:
         while not stop.is_set():
             try:
                 messages = await sub.fetch(batch=64, timeout=0.5)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
+                continue
+            except NatsError as exc:  # disconnected: the client reconnects by itself
+                log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1)
                 continue
             for msg in messages:
                 try:
@@ -209,7 +224,11 @@ class WebhookDispatcher:
         while not stop.is_set():
             try:
                 messages = await sub.fetch(batch=self.per_subscription, timeout=0.5)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
+                continue
+            except NatsError as exc:  # disconnected: the client reconnects by itself
+                log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1)
                 continue
             results = await asyncio.gather(*(self._deliver(tenant, loop.sub, m) for m in messages))
             if "gone" in results:
@@ -219,6 +238,10 @@ class WebhookDispatcher:
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
         secret = await self.secrets.get(tenant, sub.secret_ref)
+        if reserved_host(sub.url):
+            await self._dead_letter(tenant, sub, event, attempt, f"{sub.url} is a reserved example domain")
+            await msg.ack()
+            return "dead"
         if secret is None:
             error = f"signing secret {sub.secret_ref.name} not readable"
             status = None

@@ -104,3 +104,12 @@ class CallRecord(BaseModel):
     events: list[TimelineEntry] = Field(default_factory=list, description="Every status with its time.")
     transcript: list[dict[str, Any]] = Field(default_factory=list)
     captured: dict[str, Any] = Field(default_factory=dict)
+
+
+class CallPage(BaseModel):
+    """One page of a call listing, newest first."""
+
+    data: list[CallRecord]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next (older) page; null on the last page. Opaque."
+    )

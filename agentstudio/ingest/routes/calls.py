@@ -1,20 +1,228 @@
-"""GET /api/v1/calls/{call_id}: the record of one call of the key's tenant."""
+"""The calls of the key's tenant: GET /api/v1/calls (filtered, paged), /api/v1/calls/export (CSV or
+JSON Lines, streamed) and /api/v1/calls/{call_id}."""
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 from nats.errors import Error as NatsError
 
-from agentstudio import calls
+from agentstudio import calls, calls_index
+from agentstudio.calls_index import CallFilter, Found
+from agentstudio.callstate import CallState
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
-from agentstudio.callstate import CallState
-from agentstudio.ingest.schemas import CallRecord, TimelineEntry
+from agentstudio.ingest.schemas import CallPage, CallRecord, TimelineEntry
 
 router = APIRouter(prefix="/api/v1", tags=["calls"])
+
+_FILTERS = frozenset({"status", "workflow_slug", "agent_slug", "created_after", "created_before", "test"})
+_METADATA = "metadata."
+CSV_COLUMNS = (
+    "call_id", "created_at", "status", "workflow_slug", "agent_slug", "user_id", "phone_number", "test",
+    "duration_seconds", "answered_at", "ended_at", "error_code", "error_message",
+)
+_FLUSH_BYTES = 16 * 1024
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message, field)
+
+
+def filters(*route_params: str) -> Callable[..., Coroutine[Any, Any, CallFilter]]:
+    """The filter query parameters as a dependency; `route_params` are the route's own others.
+    An unknown parameter is a 400 naming it: a misspelt filter must not export every call."""
+    allowed = _FILTERS | set(route_params)
+
+    async def dependency(
+        request: Request,
+        status: Annotated[list[str] | None, Query(
+            description="Only calls in these statuses (repeat the parameter or separate with commas): "
+                        + ", ".join(calls_index.STATUSES) + ".")] = None,
+        workflow_slug: Annotated[str | None, Query(min_length=1, description="Only calls of this workflow.")] = None,
+        agent_slug: Annotated[str | None, Query(
+            min_length=1, description="Only single-agent calls of this agent.")] = None,
+        created_after: Annotated[datetime | None, Query(
+            description="ISO 8601; calls created at or after it (UTC when no offset is given).")] = None,
+        created_before: Annotated[datetime | None, Query(
+            description="ISO 8601; calls created before it (UTC when no offset is given).")] = None,
+        test: Annotated[bool | None, Query(description="true: only test-key calls; false: only live ones.")] = None,
+    ) -> CallFilter:
+        metadata: dict[str, set[str]] = {}
+        for name, value in request.query_params.multi_items():
+            if name.startswith(_METADATA):
+                if name == _METADATA:
+                    raise _invalid(name, "metadata filters are metadata.<key>=<value>; the key is missing")
+                metadata.setdefault(name[len(_METADATA):], set()).add(value)
+            elif name not in allowed:
+                raise _invalid(name, f"unknown query parameter {name!r}")
+        statuses = {s.strip() for value in status or () for s in value.split(",") if s.strip()}
+        if status is not None and not statuses:
+            raise _invalid("status", "status names no status")
+        if unknown := sorted(statuses - set(calls_index.STATUSES)):
+            raise _invalid("status", f"unknown status {unknown[0]!r}; one of {', '.join(calls_index.STATUSES)}")
+        after, before = _utc(created_after), _utc(created_before)
+        if after is not None and before is not None and before <= after:
+            raise _invalid("created_before", "created_before must be later than created_after")
+        return CallFilter(
+            statuses=frozenset(statuses),
+            workflow_slug=workflow_slug,
+            agent_slug=agent_slug,
+            metadata={k: frozenset(v) for k, v in metadata.items()},
+            created_after=after,
+            created_before=before,
+            test=test,
+        )
+
+    return dependency
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
+
+
+_METADATA_DOC = (
+    " Filter on metadata with `metadata.<key>=<value>` (any number; exact equality with the value as"
+    " text, JSON for non-strings; repeat a key for any of several values)."
+)
+
+# Declared before /calls/{call_id}, which would otherwise take "export" for a call id.
+
+
+@router.get(
+    "/calls",
+    response_model=CallPage,
+    responses=responses(400, 401, 403, 429, 503),
+    summary="List calls, newest first",
+    description="The key's tenant's calls in the stream's retention (7 days), newest first, a page at a"
+                " time: pass `next_cursor` back as `cursor`. Calls queued after the first page come"
+                " before it, so paging on never skips or repeats a call." + _METADATA_DOC,
+)
+async def list_calls(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_scope("calls:read"))],
+    which: Annotated[CallFilter, Depends(filters("limit", "cursor"))],
+    limit: Annotated[int, Query(ge=1, le=500, description="Calls per page.")] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> CallPage:
+    svc = service_of(request)
+    try:
+        below = calls_index.decode_cursor(cursor) if cursor is not None else None
+    except ValueError as exc:
+        raise _invalid("cursor", str(exc)) from None
+    try:
+        found = await calls_index.page(svc.js, svc.tracker.store, principal.tenant, which, limit, below)
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    return CallPage(
+        data=[record(f.call, f.state) for f in found.calls],
+        next_cursor=calls_index.encode_cursor(found.next_below) if found.next_below is not None else None,
+    )
+
+
+_EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+
+
+@router.get(
+    "/calls/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Every matching call, streamed. CSV: a header row, then one row per call with"
+                           f" {', '.join(CSV_COLUMNS)} and one metadata.<key> column per metadata key."
+                           " JSON Lines: one CallRecord per line.",
+            "content": {"text/csv": {"schema": {"type": "string"}},
+                        "application/x-ndjson": {"schema": {"type": "string"}}},
+        },
+        **responses(400, 401, 403, 429, 503),
+    },
+    summary="Export calls as CSV or JSON Lines",
+    description="All of the key's tenant's calls that match the filters, newest first, as a download."
+                + _METADATA_DOC,
+)
+async def export_calls(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_scope("calls:read"))],
+    which: Annotated[CallFilter, Depends(filters("format"))],
+    format_: Annotated[Literal["csv", "jsonl"], Query(alias="format", description="csv or jsonl.")] = "csv",
+) -> StreamingResponse:
+    svc = service_of(request)
+    tenant = principal.tenant
+    try:
+        # One snapshot for the whole export: calls queued while it streams are not in it.
+        below = await calls_index.top(svc.js)
+        # CSV takes two passes: its header needs every metadata key, known only after reading. The
+        # first pass reads only the stream (no per-call state), keeping nothing but the key set, so it
+        # costs a fraction of the second; buffering rows instead would hold the whole export in
+        # memory, and one JSON metadata column would not give analysts a column per key. It runs
+        # before the response starts so that NATS being down is still a 503, not a cut-off file.
+        keys = await calls_index.metadata_keys(svc.js, tenant, which, below) if format_ == "csv" else []
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    found = calls_index.find(svc.js, svc.tracker.store, tenant, which, below)
+    body = _csv(found, keys) if format_ == "csv" else _jsonl(found)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return StreamingResponse(
+        body,
+        media_type=_EXPORT_TYPES[format_],
+        headers={"Content-Disposition": f'attachment; filename="calls-{tenant}-{stamp}.{format_}"'},
+    )
+
+
+# Both formats are sent in chunks of about _FLUSH_BYTES as the calls are read. An error while
+# streaming aborts the response (no final chunk), so a client sees a failed download rather than a
+# short file that looks complete.
+
+
+async def _csv(found: AsyncIterator[Found], keys: list[str]) -> AsyncIterator[bytes]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*CSV_COLUMNS, *(_METADATA + k for k in keys)])
+    async for item in found:
+        writer.writerow(csv_row(record(item.call, item.state), keys))
+        if buffer.tell() >= _FLUSH_BYTES:
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue().encode()
+
+
+async def _jsonl(found: AsyncIterator[Found]) -> AsyncIterator[bytes]:
+    buffer = bytearray()
+    async for item in found:
+        buffer += record(item.call, item.state).model_dump_json().encode() + b"\n"
+        if len(buffer) >= _FLUSH_BYTES:
+            yield bytes(buffer)
+            buffer.clear()
+    yield bytes(buffer)
+
+
+def csv_row(call: CallRecord, keys: list[str]) -> list[str]:
+    def text(value: object) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, datetime):
+            return value.isoformat()
+        return str(value)
+
+    fixed = [
+        call.call_id, call.created_at, call.status, call.workflow_slug, call.agent_slug, call.user_id,
+        call.phone_number, call.test, call.duration_seconds, call.answered_at, call.ended_at,
+        call.error.code if call.error else None, call.error.message if call.error else None,
+    ]
+    metadata = [calls_index.metadata_text(call.metadata[k]) if k in call.metadata else "" for k in keys]
+    return [*map(text, fixed), *metadata]
 
 
 @router.get(
