@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     dispatch_ack_wait_seconds: float = Field(60.0, description="Redelivery after a dialer dies holding a call.")
     cap_retry_seconds: float = Field(1.0, description="How soon a call held back by the cap is tried again.")
     dialer_max_in_flight: int = Field(64, description="Calls one dialer handles at once.")
+    dialer_max_parked: int = Field(2000, description="Calls one dialer holds while their tenant is at its cap.")
+    cap_poll_seconds: float = Field(0.1, description="How often a parked call looks for a free slot.")
     webhook_retry_schedule: str = Field(
         "0,5,300,1800,7200,18000,36000,36000", description="Seconds before each retry of a failed delivery."
     )

@@ -90,9 +90,10 @@ async def api(nats_server: NatsServer, tenant_for_calls: Tenant) -> AsyncIterato
         yield client
 
 
-async def queue_call(api: httpx.AsyncClient, t: Tenant, key: str = "test", **metadata: Any) -> str:
+async def queue_call(api: httpx.AsyncClient, t: Tenant, key: str = "test", phone_number: str = "+14155552671",
+                     **metadata: Any) -> str:
     resp = await api.post("/api/v1/webhooks/ingest", headers=t.auth(key), json={
-        "agent_slug": "a", "phone_number": "+14155552671", "user_id": "u-1", "metadata": metadata})
+        "agent_slug": "a", "phone_number": phone_number, "user_id": "u-1", "metadata": metadata})
     assert resp.status_code == 201, resp.text
     return str(resp.json()["call_id"])
 

@@ -13,6 +13,8 @@ drive call progress themselves. See ../shared/twilio/README.md."""
 from __future__ import annotations
 
 import base64
+import email.utils
+from datetime import datetime, timezone
 import ctypes
 import json
 import os
@@ -119,6 +121,7 @@ class _Shim(ThreadingHTTPServer):
         self.arrays = arrays
         self.lock = threading.Lock()
         self.recorded: list[RecordedRequest] = []
+        self.created: list[dict[str, Any]] = []  # the calls Prism accepted, as Twilio would list them
 
 
 class _ShimHandler(BaseHTTPRequestHandler):
@@ -149,6 +152,9 @@ class _ShimHandler(BaseHTTPRequestHandler):
         form: dict[str, list[str]] = {}
         for key, value in pairs:
             form.setdefault(key, []).append(value)
+        if isinstance(parsed, dict) and url.path.endswith("/Calls.json"):
+            parsed = self._remember(status, parsed, form, parse_qs(url.query))
+            out = json.dumps(parsed).encode()
         record = RecordedRequest(
             self.command, url.path, parse_qs(url.query, keep_blank_values=True), form,
             _basic_auth(self.headers.get("Authorization")), status, parsed,
@@ -163,6 +169,28 @@ class _ShimHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
+
+    def _remember(self, status: int, body: dict[str, Any], form: dict[str, list[str]],
+                  query: dict[str, list[str]]) -> dict[str, Any]:
+        """Prism answers every create with the same example call and every list with the same page.
+        A dialer that must find out whether a call went out needs what Twilio gives: a distinct sid
+        per created call, and a list of the calls really created (filtered by To, From, StartTime>)."""
+        if self.command == "POST" and status == 201:
+            call = {**body, "sid": "CA" + secrets.token_hex(16), "to": form.get("To", [""])[-1],
+                    "from": form.get("From", [""])[-1], "status": "queued",
+                    "date_created": email.utils.format_datetime(datetime.now(timezone.utc))}
+            with self.server.lock:
+                self.server.created.append(call)
+            return call
+        if self.command == "GET" and status == 200 and "calls" in body:
+            after = query.get("StartTime>", [None])[-1]
+            with self.server.lock:
+                calls = [c for c in self.server.created
+                         if c["to"] == query.get("To", [c["to"]])[-1] and c["from"] == query.get("From", [c["from"]])[-1]
+                         and (after is None or email.utils.parsedate_to_datetime(c["date_created"]).date().isoformat() >= after[:10])]
+            # One page: the example's next_page_uri would send the SDK to a URL Prism refuses.
+            return {**body, "calls": calls, "next_page_uri": None, "previous_page_uri": None}
+        return body
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _proxy
 

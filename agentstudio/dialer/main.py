@@ -58,4 +58,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         finally:
             await watcher.stop()
     finally:
-        await nc.drain()
+        await nc.close()  # everything taken is finished or handed back by now

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 from urllib.parse import urlencode
 
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -72,7 +72,8 @@ class SimulatedProvider:
 
     async def _play(self, call: CallRequest, sid: str) -> None:
         outcome = str(call.metadata.get("simulate_outcome") or "completed")
-        duration = float(call.metadata.get("simulate_duration_seconds") or 2)
+        given = call.metadata.get("simulate_duration_seconds")
+        duration = 2.0 if given in (None, "") else float(given)
         t, tenant, cid = self._tracker, call.tenant, call.call_id
         try:
             await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
@@ -149,6 +150,8 @@ class TwilioProvider:
             )
         except TwilioRestException as exc:
             raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+        except TwilioException as exc:  # e.g. a page that could not be read
+            raise ProviderError("twilio_lookup", str(exc)[:500]) from None
         for placed in found:
             created = placed.date_created
             if placed.to == call.phone_number and created is not None and created >= since - timedelta(seconds=5):

@@ -56,6 +56,9 @@ class Dialer:
         self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
+        self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
+        self._stopping = asyncio.Event()
+        self._slot_counts: dict[str, tuple[float, int]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_calls_stream(self.js)
@@ -93,7 +96,9 @@ class Dialer:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         # Stopping: finish what we took (a placed call is recorded; the rest is handed back by nak).
+        self._stopping.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._parked, return_exceptions=True)
         await asyncio.gather(self.live.drain(), self.simulated.drain(), return_exceptions=True)
         await sub.unsubscribe()
         log.info("dialer stopped", extra={"dialer": self.name})
@@ -130,9 +135,46 @@ class Dialer:
             await self._dead_letter(msg, call, state)
             return
         if not await self.concurrency.acquire(call.tenant, call.call_id, self.settings.max_concurrent_calls_per_tenant):
-            # Waits in the queue, not rejected; the longer it waits, the less often it asks.
-            await msg.nak(delay=min(30.0, self.settings.cap_retry_seconds * max(1, delivered // 5)))
+            if len(self._parked) >= self.settings.dialer_max_parked:
+                # Waits in the queue, not rejected; the longer it waits, the less often it asks.
+                await msg.nak(delay=min(30.0, self.settings.cap_retry_seconds * max(1, delivered // 5)))
+                return
+            # Parked here without holding an in-flight slot, so other tenants' calls keep flowing,
+            # and taken the moment the tenant has a free slot instead of after a redelivery delay.
+            task = asyncio.create_task(self._park(msg, call, provider))
+            self._parked.add(task)
+            task.add_done_callback(self._parked.discard)
             return
+        await self._place(msg, call, provider)
+
+    async def _park(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
+        cap = self.settings.max_concurrent_calls_per_tenant
+        last_progress = asyncio.get_running_loop().time()
+        try:
+            while not (await self._may_be_free(call.tenant, cap)
+                       and await self.concurrency.acquire(call.tenant, call.call_id, cap)):
+                if self._stopping.is_set():
+                    await msg.nak()  # hand it back to the queue for another dialer
+                    return
+                await asyncio.sleep(self.settings.cap_poll_seconds)
+                if asyncio.get_running_loop().time() - last_progress > self.settings.dispatch_ack_wait_seconds / 3:
+                    await msg.in_progress()  # still ours: do not redeliver it elsewhere
+                    last_progress = asyncio.get_running_loop().time()
+            async with self._slots:
+                await self._place(msg, call, provider)
+        except Exception:  # noqa: BLE001 - redelivered after ack_wait, or now
+            log.exception("parked call failed; handing it back", extra={"call_id": call.call_id})
+            await msg.nak(delay=self.settings.cap_retry_seconds)
+
+    async def _may_be_free(self, tenant: str, cap: int) -> bool:
+        """One read of the tenant's slots per poll interval, shared by all its parked calls."""
+        now = asyncio.get_running_loop().time()
+        seen = self._slot_counts.get(tenant)
+        if seen is None or now - seen[0] >= self.settings.cap_poll_seconds:
+            seen = self._slot_counts[tenant] = (now, len(await self.concurrency.holders(tenant)))
+        return seen[1] < cap
+
+    async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
         await self._claim(call)
         try:
             sid = await provider.place(call)

@@ -1,0 +1,251 @@
+"""bench/dispatch: from an accepted call to the provider, a backlog drained at the cap, and webhook
+deliveries, each against a baseline measured in the same run on the same nats-server.
+
+1. accept → provider request with idle dialers: POST /api/v1/webhooks/ingest until the provider's
+   place() is called, one call at a time; baseline: JetStream publish → a pull consumer receiving it.
+2. a backlog of N queued calls drained at the tenant's cap by two dialers (simulated, zero-length
+   calls): time, and every call placed exactly once; baseline: the same N messages fetched and acked.
+3. webhook deliveries per second to a local receiver (uvicorn, verifying nothing, answering 204);
+   baseline: the same number of signed POSTs sent straight to it with the same concurrency.
+
+    .venv/bin/python bench/dispatch.py [--calls 200] [--backlog 10000] [--events 2000]
+
+Prints JSON and writes bench/results/dispatch.json. Not a test: nothing asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import uvicorn
+from fastapi import FastAPI, Response
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
+
+from agentstudio import bus, calls, signing  # noqa: E402
+from agentstudio.dialer import main as dialer_main  # noqa: E402
+from agentstudio.dialer.providers import SimulatedProvider  # noqa: E402
+from agentstudio.dialer.webhooks import StaticSigningSecrets  # noqa: E402
+from agentstudio.natsserver import NatsServer, free_port  # noqa: E402
+from agentstudio.settings import Settings  # noqa: E402
+
+MANIFESTS = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: a}
+spec: {prompt: "Hello"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: k}
+spec: {scopes: ["calls:create"], mode: test, rateLimitPerMinute: 1000000}
+"""
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] * 1000
+
+
+class Timed(SimulatedProvider):
+    """The simulated provider, noting when each call reached it and how often."""
+
+    reached: dict[str, float] = {}
+    placed: Counter[str] = Counter()
+
+    async def place(self, call: calls.CallRequest) -> str:
+        Timed.reached.setdefault(call.call_id, time.perf_counter())
+        Timed.placed[call.call_id] += 1
+        return await super().place(call)
+
+
+async def run_dialers(nats_url: str, count: int, stop: asyncio.Event, **settings: Any) -> list[asyncio.Task[None]]:
+    conf = Settings(nats_url=nats_url, cap_retry_seconds=0.05, **settings)
+    tasks = []
+    for _ in range(count):
+        nc = await bus.connect(nats_url, "bench-dialer")
+        dialer = await dialer_main.build(nc, conf, simulated_factory=lambda t: Timed(t, ring_seconds=0))
+        tasks.append(asyncio.create_task(dialer.run(stop)))
+    return tasks
+
+
+async def accept_to_provider(nats_url: str, js: Any, n: int) -> dict[str, Any]:
+    t = Tenant(f"bench-{uuid.uuid4().hex[:6]}", js, docs(MANIFESTS))
+    bundle = await t.publish()
+    stop = asyncio.Event()
+    tasks = await run_dialers(nats_url, 1, stop)
+    latencies = []
+    async with ingest_client(nats_url) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        for i in range(n + 5):  # the first five warm up connections and consumers, and are not counted
+            start = time.perf_counter()
+            resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("k"), json={
+                "agent_slug": "a", "phone_number": "+14155552671", "metadata": {"simulate_duration_seconds": 0}})
+            call_id = resp.json()["call_id"]
+            while call_id not in Timed.reached:
+                await asyncio.sleep(0.0005)
+            if i >= 5:
+                latencies.append(Timed.reached[call_id] - start)
+            await asyncio.sleep(0.02)  # idle dialers: one call at a time
+    stop.set()
+    await asyncio.gather(*tasks)
+
+    # Baseline: the transport alone, publish → a pull consumer has it.
+    sub = await js.pull_subscribe("bench.floor", durable=f"floor-{uuid.uuid4().hex[:6]}", stream="BENCH")
+    floor = []
+    for i in range(n):
+        start = time.perf_counter()
+        await js.publish("bench.floor", b"x" * 300, headers={"Nats-Msg-Id": f"f-{uuid.uuid4()}"})
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.ack()
+        floor.append(time.perf_counter() - start)
+    ours = {"p50_ms": statistics.median(latencies) * 1000, "p99_ms": pct(latencies, 99), "n": n}
+    base = {"p50_ms": statistics.median(floor) * 1000, "p99_ms": pct(floor, 99), "n": n}
+    return {"accept_to_provider": ours, "baseline_publish_to_consumer": base,
+            "ratio_p99": ours["p99_ms"] / base["p99_ms"], "goal_p99_ms": 150}
+
+
+async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for i in range(n):
+        call = calls.CallRequest(
+            call_id=str(uuid.uuid4()), tenant=tenant, api_key="k", agent_slug="a", phone_number="+14155552671",
+            user_context={}, metadata={"simulate_duration_seconds": 0}, test=True,
+            created_at=datetime.now(timezone.utc), bundle_version=1)
+        ids.append(call.call_id)
+        await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
+                         headers={"Nats-Msg-Id": call.call_id})
+    stop = asyncio.Event()
+    start = time.perf_counter()
+    tasks = await run_dialers(nats_url, 2, stop, max_concurrent_calls_per_tenant=cap)
+    store = (await dialer_main.tracker_for(js._nc)).store  # noqa: SLF001
+    remaining = set(ids)
+    while remaining:
+        await asyncio.sleep(0.5)
+        states = await asyncio.gather(*(store.get(tenant, c) for c in list(remaining)[:2000]))
+        remaining -= {s.call_id for s in states if s is not None and s.status == "completed"}
+    drained = time.perf_counter() - start
+    stop.set()
+    await asyncio.gather(*tasks)
+    doubled = [c for c in ids if Timed.placed[c] != 1]
+
+    # Baseline: the same number of messages fetched and acked by one pull consumer.
+    for i in range(n):
+        await js.publish("bench.backlog", b"x" * 300)
+    sub = await js.pull_subscribe("bench.backlog", durable=f"backlog-{uuid.uuid4().hex[:6]}", stream="BENCH")
+    start, got = time.perf_counter(), 0
+    while got < n:
+        for msg in await sub.fetch(256, timeout=5):
+            await msg.ack()
+            got += 1
+    consumed = time.perf_counter() - start
+    return {"calls": n, "cap": cap, "drain_seconds": drained, "calls_per_second": n / drained,
+            "placed_not_exactly_once": len(doubled), "baseline_consume_ack_seconds": consumed,
+            "ratio_time": drained / consumed}
+
+
+async def deliveries(nats_url: str, js: Any, n: int) -> dict[str, Any]:
+    received = 0
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook() -> Response:
+        nonlocal received
+        received += 1
+        return Response(status_code=204)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    t = Tenant(f"bench-{uuid.uuid4().hex[:6]}", js, docs(MANIFESTS + f"""
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: WebhookSubscription
+metadata: {{name: hook}}
+spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
+"""))
+    await t.publish()
+    secret = signing.new_secret()
+    settings = Settings(nats_url=nats_url)
+    nc = await bus.connect(nats_url, "bench-webhooks")
+    dispatcher, watcher = await dialer_main.webhooks(nc, settings, StaticSigningSecrets({(t.name, "hook-webhook-secret"): secret}))
+    stop = asyncio.Event()
+    running = asyncio.create_task(dispatcher.run(stop))
+    start = time.perf_counter()
+    for i in range(n):
+        event = {"type": "call.completed", "id": f"evt_{uuid.uuid4().hex}", "created_at": "now",
+                 "data": {"call_id": str(uuid.uuid4()), "test": True, "metadata": {}, "agent_slug": "a"}}
+        await js.publish(bus.event_subject(t.name, event["data"]["call_id"]), orjson.dumps(event),
+                         headers={"Nats-Msg-Id": event["id"]})
+    while received < n:
+        await asyncio.sleep(0.05)
+    ours = n / (time.perf_counter() - start)
+    stop.set()
+    await running
+    await watcher.stop()
+    await nc.close()
+
+    # Baseline: the same signed POSTs straight to the receiver, 4 at a time (one subscription's loop).
+    received = 0
+    body = orjson.dumps({"type": "call.completed"}).decode()
+    async with httpx.AsyncClient() as client:
+        start = time.perf_counter()
+        sem = asyncio.Semaphore(4)
+
+        async def post(i: int) -> None:
+            async with sem:
+                await client.post(f"http://127.0.0.1:{port}/hook", content=body,
+                                  headers=signing.headers(secret, f"evt_{i}", body))
+
+        await asyncio.gather(*(post(i) for i in range(n)))
+        direct = n / (time.perf_counter() - start)
+    server.should_exit = True
+    await serving
+    return {"events": n, "deliveries_per_second": ours, "baseline_direct_posts_per_second": direct,
+            "ratio": ours / direct}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as nats:
+        nc = await bus.connect(nats.url, "bench")
+        js = nc.jetstream()
+        await bus.ensure_calls_stream(js)
+        await js.add_stream(name="BENCH", subjects=["bench.>"])
+        out = {
+            "dispatch": await accept_to_provider(nats.url, js, args.calls),
+            "backlog": await backlog(nats.url, js, args.backlog, args.cap),
+            "webhooks": await deliveries(nats.url, js, args.events),
+        }
+        await nc.close()
+        return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--backlog", type=int, default=10_000)
+    parser.add_argument("--cap", type=int, default=50)
+    parser.add_argument("--events", type=int, default=2000)
+    result = asyncio.run(main(parser.parse_args()))
+    print(json.dumps(result, indent=2))
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "dispatch.json").write_text(json.dumps(result, indent=2))
