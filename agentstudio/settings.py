@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     dialer_max_in_flight: int = Field(64, description="Calls one dialer handles at once.")
     dialer_max_parked: int = Field(2000, description="Calls one dialer holds while their tenant is at its cap.")
     cap_poll_seconds: float = Field(0.1, description="How often a parked call looks for a free slot.")
+    stale_call_seconds: float = Field(
+        6 * 3600, description="A placed call with no report for this long is failed as stale."
+    )
+    sweep_interval_seconds: float = Field(300, description="How often dialers look for stale calls.")
     webhook_retry_schedule: str = Field(
         "0,5,300,1800,7200,18000,36000,36000", description="Seconds before each retry of a failed delivery."
     )

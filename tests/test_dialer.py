@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from agentstudio import bus
-from agentstudio.callstate import CallState
+from agentstudio.callstate import CallEvent, CallState, now
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.providers import SimulatedProvider
 from agentstudio.dialer.worker import Dialer
@@ -208,3 +208,24 @@ async def test_twilio_status_callbacks_are_verified_and_ordered(api, tenant_for_
     assert state is not None and state.status == "completed" and state.duration_seconds == 42
     assert [e.status for e in state.events] == ["ringing", "in_progress", "completed"]
     assert [e["type"] for e in await events_of(js, t, call_id)] == ["call.answered", "call.completed"]
+
+
+async def test_no_placed_call_stays_unfinished_forever(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from agentstudio.dialer import sweeper
+
+    t = tenant_for_calls
+    call_id = await queue_call(api, t, key="live")
+    tracker = await dialer_main.tracker_for(js._nc)  # noqa: SLF001
+    # Placed, and then its provider went silent.
+    await tracker.store.change(t.name, call_id, lambda s: CallState(
+        call_id=call_id, tenant=t.name, status="dialing", provider="twilio", provider_call_id="CA1",
+        events=[CallEvent(status="dialing", at=now())]))
+    kv = await bus.calls_bucket(js)
+    assert call_id not in await sweeper.sweep(kv, tracker, older_than=timedelta(minutes=5))  # not yet
+    await asyncio.sleep(0.3)
+    assert call_id in await sweeper.sweep(kv, tracker, older_than=timedelta(seconds=0.2))
+    record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("live"))).json()
+    assert record["status"] == "failed" and record["error"]["code"] == "stale"
+    assert [e["type"] for e in await events_of(js, t, call_id)] == ["call.failed"]

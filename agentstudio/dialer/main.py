@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -12,6 +13,7 @@ from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider, twilio_client
 from agentstudio.dialer.webhooks import KubeSigningSecrets, SigningSecrets, StaticSigningSecrets, WebhookDispatcher
+from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
 from agentstudio.bundle_store import BundleWatcher
 from agentstudio.settings import Settings
@@ -53,8 +55,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         secrets: SigningSecrets = KubeSigningSecrets() if settings.webhook_secrets == "kubernetes" \
             else StaticSigningSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
+        dialer = await build(nc, settings)
+        stale = timedelta(seconds=settings.stale_call_seconds)
         try:
-            await asyncio.gather((await build(nc, settings)).run(stop), dispatcher.run(stop))
+            await asyncio.gather(
+                dialer.run(stop),
+                dispatcher.run(stop),
+                sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
+                            settings.sweep_interval_seconds, stop),
+            )
         finally:
             await watcher.stop()
     finally:
