@@ -128,3 +128,62 @@ def test_spec_is_beside_the_repo() -> None:
     from twilio_mock import SPEC
 
     assert Path(SPEC).exists(), "../shared/twilio/twilio_api_v2010.json is missing"
+
+
+async def test_end_to_end_campaign_call_to_signed_webhook_and_export(nats_server, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """ingest → dialer → calls.create validated by the mock → signed status callbacks → a signed
+    call.completed at the tenant's receiver → the call record and its export row."""
+    import csv
+    import io
+
+    from agentstudio import signing
+    from agentstudio.dialer import main as dialer_main
+    from agentstudio.dialer.webhooks import StaticSigningSecrets
+    from agentstudio.settings import Settings
+    from test_webhooks import Receiver, serving, subscription
+
+    twilio_mock.clear()
+    receiver = Receiver(signing.new_secret())
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + subscription("results", receiver.url)))
+    bundle = await t.publish()
+    nc = await bus.connect(nats_server.url, "test-webhooks")
+    dispatcher, watcher = await dialer_main.webhooks(
+        nc, Settings(nats_url=nats_server.url), StaticSigningSecrets({(t.name, "results-webhook-secret"): receiver.secret}))
+    stop = asyncio.Event()
+    delivering = asyncio.create_task(dispatcher.run(stop))
+    try:
+        async with serving(receiver), ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                                                    public_base_url=PUBLIC) as (client, svc), \
+                dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            await wait_for_bundle(svc, t.name, bundle.version)
+            call_id = await queue_call(client, t, key="live", campaign_id="trial_recovery_v2", segment="high_value")
+            [request] = await placed_requests(twilio_mock, call_id)
+            sid = await provider_sid(js, t, call_id)
+            callback = request.param("StatusCallback") or ""
+            for seq, (status, extra) in enumerate([("ringing", {}), ("in-progress", {}),
+                                                   ("completed", {"CallDuration": "95"})]):
+                params = {"CallSid": sid, "AccountSid": twilio_mock.account_sid, "CallStatus": status,
+                          "SequenceNumber": str(seq), "To": "+14155552671", "From": FROM, **extra}
+                signature = RequestValidator(twilio_mock.auth_token).compute_signature(callback, params)
+                resp = await client.post(callback.removeprefix(PUBLIC), data=params,
+                                         headers={"X-Twilio-Signature": signature})
+                assert resp.status_code == 204
+            deadline = asyncio.get_running_loop().time() + 15
+            while not any(r["type"] == "call.completed" for r in receiver.received):
+                assert asyncio.get_running_loop().time() < deadline, receiver.received
+                await asyncio.sleep(0.05)
+            record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("live"))).json()
+            export = await client.get("/api/v1/calls/export?format=csv", headers=t.auth("live"))
+    finally:
+        stop.set()
+        await delivering
+        await watcher.stop()
+        await nc.close()
+    [completed] = [r for r in receiver.received if r["type"] == "call.completed"]
+    assert completed["user_id"] == "u-1" and completed["duration_seconds"] == 95  # what the seed's receiver reads
+    assert completed["event"]["data"]["metadata"] == {"campaign_id": "trial_recovery_v2", "segment": "high_value"}
+    assert record["status"] == "completed" and record["duration_seconds"] == 95 and record["provider"] == "twilio"
+    rows = list(csv.DictReader(io.StringIO(export.text)))
+    [row] = [r for r in rows if r["call_id"] == call_id]
+    assert row["status"] == "completed" and row["duration_seconds"] == "95"
+    assert row["metadata.campaign_id"] == "trial_recovery_v2" and row["metadata.segment"] == "high_value"
