@@ -59,6 +59,7 @@ class Dialer:
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
+        self._refreshing: dict[str, asyncio.Task[set[str]]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_calls_stream(self.js)
@@ -171,8 +172,19 @@ class Dialer:
         now = asyncio.get_running_loop().time()
         seen = self._slot_counts.get(tenant)
         if seen is None or now - seen[0] >= self.settings.cap_poll_seconds:
-            seen = self._slot_counts[tenant] = (now, len(await self.concurrency.holders(tenant)))
-        return seen[1] < cap
+            # Single flight: the tenant's parked calls share one read instead of each making one.
+            refresh = self._refreshing.get(tenant)
+            if refresh is None or refresh.done():
+                refresh = self._refreshing[tenant] = asyncio.create_task(self.concurrency.holders(tenant))
+            count = len(await refresh)
+            seen = self._slot_counts.get(tenant)
+            if seen is None or seen[0] < now:
+                seen = self._slot_counts[tenant] = (asyncio.get_running_loop().time(), count)
+        if seen[1] >= cap:
+            return False
+        # Count this attempt as taking a slot, so a thousand parked calls do not all rush one free slot.
+        self._slot_counts[tenant] = (seen[0], seen[1] + 1)
+        return True
 
     async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
         await self._claim(call)
