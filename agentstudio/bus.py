@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError
@@ -121,6 +122,19 @@ def _log_event(what: str):  # noqa: ANN202 - nats callback factory
         log.info("nats %s", what)
 
     return callback
+
+
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+    """The next messages of a pull subscription; none when none came in time or NATS is away
+    (the client reconnects by itself), so consumer loops need no error handling of their own."""
+    try:
+        return await sub.fetch(batch=batch, timeout=timeout)
+    except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises either when nothing came
+        return []
+    except nats.errors.Error as exc:
+        log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
+        await asyncio.sleep(1)
+        return []
 
 
 async def ensure_calls_stream(js: JetStreamContext) -> None:

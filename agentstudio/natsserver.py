@@ -32,8 +32,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when its parent dies, so a killed `dev` or test run leaks no server."""
+def die_with_parent() -> None:
+    """Linux: a child started with this as preexec_fn gets SIGTERM when its parent dies, so a killed
+    `dev` or test run leaks no server."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -61,7 +62,7 @@ class NatsServer:
             stdout=out,
             stderr=out,
             start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import Located, load_dir, parse
 from agentstudio.natsserver import NatsServer
 from agentstudio.settings import Settings
+from twilio_mock import TwilioMock
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -33,6 +34,13 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def twilio_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwilioMock]:
+    """Prism serving Twilio's own spec behind a recording shim (started on first use)."""
+    with TwilioMock(log_file=tmp_path_factory.mktemp("twilio") / "prism.log") as mock:
+        yield mock
 
 
 @pytest.fixture

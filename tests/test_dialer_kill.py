@@ -16,7 +16,7 @@ from agentstudio import bus
 from agentstudio.callstate import CallStore
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from test_dialer import MANIFESTS, queue_call
-from test_dialer_twilio import FROM, PUBLIC, twilio_mock  # noqa: F401 - the module-scoped mock fixture
+from test_dialer_twilio import FROM, PUBLIC
 
 CALLS = 40
 
@@ -42,7 +42,7 @@ def creates(mock, ids: set[str]) -> Counter[str]:  # type: ignore[no-untyped-def
     return found
 
 
-async def test_sigkill_mid_batch_places_every_call_exactly_once(nats_server, js, twilio_mock, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+async def test_sigkill_mid_batch_places_every_call_exactly_once(nats_server, js, twilio_mock, tmp_path) -> None:  # type: ignore[no-untyped-def]
     twilio_mock.clear()
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
     bundle = await t.publish()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,6 @@ from twilio_mock import TwilioMock
 
 PUBLIC = "https://voice.example.com"
 FROM = "+14155550100"
-
-
-@pytest.fixture(scope="module")
-def twilio_mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwilioMock]:
-    with TwilioMock(log_file=tmp_path_factory.mktemp("twilio") / "prism.log") as mock:
-        yield mock
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from nats.js import JetStreamContext

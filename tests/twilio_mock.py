@@ -15,11 +15,9 @@ from __future__ import annotations
 import base64
 import email.utils
 from datetime import datetime, timezone
-import ctypes
 import json
 import os
 import secrets
-import signal
 import subprocess
 import tempfile
 import threading
@@ -34,7 +32,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 import httpx
 from twilio.rest import Client
 
-from agentstudio.natsserver import free_port
+from agentstudio.natsserver import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Twilio's spec is kept beside the repo, not in it (it is not ours, and 1.8 MB).
@@ -198,14 +196,6 @@ class _ShimHandler(BaseHTTPRequestHandler):
         pass  # Prism's own log (TwilioMock.log_file) has every request
 
 
-def _die_with_parent() -> None:
-    """Linux: Prism gets SIGTERM when the test process dies, so a killed run leaks no node process."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class TwilioMock:
     """Prism on one free loopback port, the recording shim on another; `base_url` is the shim's."""
 
@@ -235,7 +225,7 @@ class TwilioMock:
         with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
             self._proc = subprocess.Popen(
                 [prism, "mock", "-h", "127.0.0.1", "-p", str(port), str(self.spec)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
             )
         self._wait(timeout)
         self.startup_seconds = time.monotonic() - started

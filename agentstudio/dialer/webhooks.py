@@ -20,8 +20,6 @@ from typing import Any, Protocol
 import httpx
 import orjson
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -165,14 +163,7 @@ class WebhookDispatcher:
         )
         await self.bundles.loaded.wait()
         while not stop.is_set():
-            try:
-                messages = await sub.fetch(batch=64, timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
-                continue
-            except NatsError as exc:  # disconnected: the client reconnects by itself
-                log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1)
-                continue
+            messages = await bus.fetch(sub, 64, 0.5)
             for msg in messages:
                 try:
                     await self._file(msg)
@@ -222,14 +213,7 @@ class WebhookDispatcher:
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.timeout + 20, max_deliver=-1),
         )
         while not stop.is_set():
-            try:
-                messages = await sub.fetch(batch=self.per_subscription, timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
-                continue
-            except NatsError as exc:  # disconnected: the client reconnects by itself
-                log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1)
-                continue
+            messages = await bus.fetch(sub, self.per_subscription, 0.5)
             results = await asyncio.gather(*(self._deliver(tenant, loop.sub, m) for m in messages))
             if "gone" in results:
                 return

@@ -16,8 +16,6 @@ import uuid
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -83,14 +81,7 @@ class Dialer:
             if free == 0:
                 await asyncio.sleep(0.01)
                 continue
-            try:
-                messages = await sub.fetch(batch=min(free, 32), timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when nothing came
-                continue
-            except NatsError as exc:  # disconnected: the client reconnects by itself
-                log.warning("fetch failed; retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1)
-                continue
+            messages = await bus.fetch(sub, min(free, 32), 0.5)
             for msg in messages:
                 await self._slots.acquire()
                 task = asyncio.create_task(self._handle_guarded(msg))
