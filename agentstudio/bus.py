@@ -184,6 +184,15 @@ async def ensure_webhooks(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
             await _bucket(js, DISABLED_BUCKET, history=1, ttl=None))
 
 
+async def kv_keys(js: JetStreamContext, bucket: str, prefix: str) -> list[str]:
+    """Keys of `bucket` under `prefix` (tokens, e.g. "<tenant>."), read from the stream's subject
+    index: exact at the moment asked, unlike a watch that races with writers. Deleted keys may be
+    included; their get raises KeyNotFoundError."""
+    base = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{base}{prefix}>")
+    return sorted(subject[len(base):] for subject in (info.state.subjects or {}))
+
+
 async def calls_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, CALLS_BUCKET, history=1, ttl=None)
 

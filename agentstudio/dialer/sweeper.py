@@ -8,9 +8,10 @@ import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
 
-from nats.js.errors import NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from agentstudio import bus
 from agentstudio.callstate import CallError, CallState
 from agentstudio.tracking import CallTracker
 
@@ -19,14 +20,14 @@ log = logging.getLogger("agentstudio.dialer")
 
 async def sweep(kv: KeyValue, tracker: CallTracker, older_than: timedelta) -> list[str]:
     """Fail the placed-but-unfinished calls last changed before now - older_than; their ids."""
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
+    keys = await bus.kv_keys(tracker.js, bus.CALLS_BUCKET, "")
     cutoff = datetime.now(timezone.utc) - older_than
     swept = []
     for key in keys:
-        entry = await kv.get(key)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            continue
         if not entry.value:
             continue
         state = CallState.model_validate_json(entry.value)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel, Field
 
 from agentstudio import bus
@@ -43,11 +43,14 @@ async def list_dead_letters(request: Request, principal: Manager) -> DeadLetters
     svc = service_of(request)
     try:
         dead, _ = await bus.ensure_webhooks(svc.js)
-        try:
-            keys = [k for k in await dead.keys() if k.startswith(f"{principal.tenant}.")]
-        except NoKeysError:
-            keys = []
-        records = [orjson.loads((await dead.get(k)).value) for k in sorted(keys)]
+        records = []
+        for key in await bus.kv_keys(svc.js, bus.DEAD_LETTER_BUCKET, f"{principal.tenant}."):
+            try:
+                entry = await dead.get(key)
+            except KeyNotFoundError:  # replayed (deleted) since
+                continue
+            if entry.value:
+                records.append(orjson.loads(entry.value))
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     return DeadLetters(data=[_letter(r) for r in records])
