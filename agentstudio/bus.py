@@ -138,28 +138,13 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: flo
 
 
 async def ensure_calls_stream(js: JetStreamContext) -> None:
-    config = StreamConfig(
-        name=CALLS_STREAM,
-        subjects=["calls.*.dispatch.*", "calls.*.dead.*"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=CALL_RETENTION,
-        duplicate_window=IDEMPOTENCY_WINDOW,
-        discard=DiscardPolicy.OLD,
-        allow_direct=True,
-    )
-    await _add_or_update(js, config)
+    await _ensure_kept_stream(js, CALLS_STREAM, ["calls.*.dispatch.*", "calls.*.dead.*"],
+                              discard=DiscardPolicy.OLD, allow_direct=True)
 
 
 async def ensure_events_stream(js: JetStreamContext) -> None:
-    await _add_or_update(js, StreamConfig(
-        name=EVENTS_STREAM,
-        subjects=["calls.*.events.*"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=CALL_RETENTION,
-        duplicate_window=IDEMPOTENCY_WINDOW,  # an event id is published once however often it is re-driven
-    ))
+    # An event id is published once however often its transition is re-driven.
+    await _ensure_kept_stream(js, EVENTS_STREAM, ["calls.*.events.*"])
 
 
 def delivery_subject(tenant: str, subscription: str) -> str:
@@ -172,14 +157,7 @@ def dead_letter_key(tenant: str, subscription: str, event_id: str) -> str:
 
 async def ensure_webhooks(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
     """The WEBHOOKS stream, and the dead-letter and disabled-subscription buckets."""
-    await _add_or_update(js, StreamConfig(
-        name=WEBHOOKS_STREAM,
-        subjects=["webhooks.*.*"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=CALL_RETENTION,
-        duplicate_window=IDEMPOTENCY_WINDOW,
-    ))
+    await _ensure_kept_stream(js, WEBHOOKS_STREAM, ["webhooks.*.*"])
     return (await _bucket(js, DEAD_LETTER_BUCKET, history=1, ttl=None),
             await _bucket(js, DISABLED_BUCKET, history=1, ttl=None))
 
@@ -199,6 +177,20 @@ async def calls_bucket(js: JetStreamContext) -> KeyValue:
 
 async def concurrency_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, CONCURRENCY_BUCKET, history=1, ttl=None)
+
+
+async def _ensure_kept_stream(js: JetStreamContext, name: str, subjects: list[str], **extra: object) -> None:
+    """A file-stored stream that keeps messages for the call retention and de-duplicates message
+    ids for the idempotency window: what every stream of calls, events and deliveries needs."""
+    await _add_or_update(js, StreamConfig(
+        name=name,
+        subjects=subjects,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=CALL_RETENTION,
+        duplicate_window=IDEMPOTENCY_WINDOW,
+        **extra,  # type: ignore[arg-type]
+    ))
 
 
 async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
