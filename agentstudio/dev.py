@@ -27,8 +27,8 @@ from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
 from agentstudio.natsserver import NatsServer
-from agentstudio.resources import ApiKey, WebhookSubscription
-from agentstudio.dialer.webhooks import StaticSigningSecrets
+from agentstudio.resources import WEBHOOK_SECRET_KEY, ApiKey, WebhookSubscription
+from agentstudio.secrets import StaticSecrets
 from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.dev")
@@ -75,8 +75,8 @@ class KeyFile:
             os.chmod(self.path, 0o600)
         return made
 
-    def signing_secrets(self, tenant_of: dict[str, str]) -> dict[tuple[str, str], str]:
-        return {(tenant_of.get(k[6:], DEFAULT_TENANT), f"{k[6:]}-webhook-secret"): v
+    def signing_secrets(self, tenant_of: dict[str, str]) -> dict[tuple[str, str, str], str]:
+        return {(tenant_of.get(k[6:], DEFAULT_TENANT), f"{k[6:]}-webhook-secret", WEBHOOK_SECRET_KEY): v
                 for k, v in self.keys.items() if k.startswith("whsec:")}
 
 
@@ -95,7 +95,7 @@ async def compile_and_publish(
     kv: KeyValue,
     announce: bool,
     service: IngestService | None = None,
-    signing_secrets: StaticSigningSecrets | None = None,
+    signing_secrets: StaticSecrets | None = None,
 ) -> bool:
     """Load, compile and publish every namespace in `directory`; print problems. True when all good.
 
@@ -177,7 +177,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
         js = nc.jetstream()
         kv = await bus.bundles_bucket(js)
         key_file = KeyFile(state / "keys.json")
-        secrets = StaticSigningSecrets()
+        secrets = StaticSecrets()
         await compile_and_publish(directory, key_file, kv, announce=True, signing_secrets=secrets)
         await service.start()
         server = _Server(
@@ -211,7 +211,7 @@ async def _watch(
     key_file: KeyFile,
     kv: KeyValue,
     service: IngestService,
-    secrets: StaticSigningSecrets,
+    secrets: StaticSecrets,
     stop: asyncio.Event,
 ) -> None:
     def manifest(_: watchfiles.Change, path: str) -> bool:

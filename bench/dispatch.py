@@ -41,7 +41,7 @@ from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
 from agentstudio import bus, calls, signing  # noqa: E402
 from agentstudio.dialer import main as dialer_main  # noqa: E402
 from agentstudio.dialer.providers import SimulatedProvider  # noqa: E402
-from agentstudio.dialer.webhooks import StaticSigningSecrets  # noqa: E402
+from agentstudio.secrets import StaticSecrets  # noqa: E402
 from agentstudio.natsserver import NatsServer, free_port  # noqa: E402
 from agentstudio.settings import Settings  # noqa: E402
 
@@ -191,7 +191,7 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     secret = signing.new_secret()
     settings = Settings(nats_url=nats_url)
     nc = await bus.connect(nats_url, "bench-webhooks")
-    dispatcher, watcher = await dialer_main.webhooks(nc, settings, StaticSigningSecrets({(t.name, "hook-webhook-secret"): secret}))
+    dispatcher, watcher = await dialer_main.webhooks(nc, settings, StaticSecrets({(t.name, "hook-webhook-secret", "secret"): secret}))
     stop = asyncio.Event()
     running = asyncio.create_task(dispatcher.run(stop))
     start = time.perf_counter()

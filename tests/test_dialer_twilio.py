@@ -132,7 +132,7 @@ async def test_end_to_end_campaign_call_to_signed_webhook_and_export(nats_server
 
     from agentstudio import signing
     from agentstudio.dialer import main as dialer_main
-    from agentstudio.dialer.webhooks import StaticSigningSecrets
+    from agentstudio.secrets import StaticSecrets
     from agentstudio.settings import Settings
     from test_webhooks import Receiver, serving, subscription
 
@@ -142,7 +142,7 @@ async def test_end_to_end_campaign_call_to_signed_webhook_and_export(nats_server
     bundle = await t.publish()
     nc = await bus.connect(nats_server.url, "test-webhooks")
     dispatcher, watcher = await dialer_main.webhooks(
-        nc, Settings(nats_url=nats_server.url), StaticSigningSecrets({(t.name, "results-webhook-secret"): receiver.secret}))
+        nc, Settings(nats_url=nats_server.url), StaticSecrets({(t.name, "results-webhook-secret", "secret"): receiver.secret}))
     stop = asyncio.Event()
     delivering = asyncio.create_task(dispatcher.run(stop))
     try:

@@ -19,7 +19,7 @@ from standardwebhooks import Webhook
 
 from agentstudio import bus, signing
 from agentstudio.dialer import main as dialer_main
-from agentstudio.dialer.webhooks import StaticSigningSecrets
+from agentstudio.secrets import StaticSecrets
 from agentstudio.natsserver import NatsServer, free_port
 from agentstudio.settings import Settings
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
@@ -103,7 +103,7 @@ async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[s
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
                docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items())))
     bundle = await t.publish()
-    secrets = StaticSigningSecrets({(t.name, f"{n}-webhook-secret"): r.secret for n, r in receivers.items()})
+    secrets = StaticSecrets({(t.name, f"{n}-webhook-secret", "secret"): r.secret for n, r in receivers.items()})
     settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=2)
     nc = await bus.connect(nats_server.url, "test-webhooks")
     dispatcher, watcher = await dialer_main.webhooks(nc, settings, secrets)

@@ -12,7 +12,8 @@ from agentstudio import bus
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider, twilio_client
-from agentstudio.dialer.webhooks import KubeSigningSecrets, SigningSecrets, StaticSigningSecrets, WebhookDispatcher
+from agentstudio.dialer.webhooks import WebhookDispatcher
+from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
 from agentstudio.bundle_store import BundleWatcher
@@ -42,7 +43,7 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
 
 
-async def webhooks(nc: NATS, settings: Settings, secrets: SigningSecrets) -> tuple[WebhookDispatcher, BundleWatcher]:
+async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple[WebhookDispatcher, BundleWatcher]:
     js = nc.jetstream()
     watcher = BundleWatcher(await bus.bundles_bucket(js))
     await watcher.start()
@@ -52,8 +53,7 @@ async def webhooks(nc: NATS, settings: Settings, secrets: SigningSecrets) -> tup
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
     try:
-        secrets: SigningSecrets = KubeSigningSecrets() if settings.webhook_secrets == "kubernetes" \
-            else StaticSigningSecrets()
+        secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
         dialer = await build(nc, settings)
         stale = timedelta(seconds=settings.stale_call_seconds)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import orjson
@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 from agentstudio import bus, signing
 from agentstudio.bundle import CompiledSubscription
 from agentstudio.bundle_store import BundleWatcher
-from agentstudio.resources import SecretKeyRef
+from agentstudio.secrets import SecretReader
 
 log = logging.getLogger("agentstudio.webhooks")
 
@@ -59,56 +59,6 @@ def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
     )
 
 
-class SigningSecrets(Protocol):
-    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
-        """The whsec_ secret a subscription signs with, or None when it cannot be read."""
-
-
-class StaticSigningSecrets:
-    """Secrets known up front: `agent-studio dev` and tests. Keyed (tenant, secret name)."""
-
-    def __init__(self, secrets: dict[tuple[str, str], str] | None = None) -> None:
-        self.secrets = secrets or {}
-
-    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
-        return self.secrets.get((tenant, ref.name))
-
-
-class KubeSigningSecrets:
-    """Reads the subscription's Secret through the Kubernetes API (in cluster), cached briefly."""
-
-    def __init__(self, ttl_seconds: float = 30.0) -> None:
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        self._core = client.CoreV1Api()
-        self._ttl = ttl_seconds
-        self._cache: dict[tuple[str, str, str], tuple[float, str | None]] = {}
-
-    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
-        import base64
-
-        from kubernetes.client.exceptions import ApiException
-
-        key = (tenant, ref.name, ref.key)
-        cached = self._cache.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
-            return cached[1]
-        try:
-            secret = await asyncio.to_thread(self._core.read_namespaced_secret, ref.name, tenant)
-            raw = (secret.data or {}).get(ref.key)
-            value = base64.b64decode(raw).decode() if raw else None
-        except ApiException as exc:
-            log.warning("signing secret not readable", extra={"tenant": tenant, "secret": ref.name,
-                                                               "status": exc.status})
-            value = None
-        self._cache[key] = (time.monotonic(), value)
-        return value
-
-
 @dataclass
 class _Loop:
     task: asyncio.Task[None]
@@ -120,7 +70,7 @@ class WebhookDispatcher:
         self,
         js: JetStreamContext,
         bundles: BundleWatcher,
-        secrets: SigningSecrets,
+        secrets: SecretReader,
         schedule: tuple[float, ...] = DEFAULT_SCHEDULE,
         timeout_seconds: float = 10.0,
         concurrency_per_subscription: int = 4,

@@ -1,0 +1,82 @@
+"""Reading values out of Kubernetes Secrets by reference (SecretKeyRef), the one way: webhook signing
+secrets, the LLM's API key, api_call headers. Values are never logged."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import time
+from typing import Protocol
+
+from agentstudio.resources import SecretKeyRef
+
+log = logging.getLogger("agentstudio.secrets")
+
+
+class SecretReader(Protocol):
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        """The value of `ref` in the tenant's namespace, or None when it cannot be read."""
+
+
+class StaticSecrets:
+    """Secrets known up front (`agent-studio dev`, tests), keyed (tenant, Secret name, key)."""
+
+    def __init__(self, secrets: dict[tuple[str, str, str], str] | None = None) -> None:
+        self.secrets = secrets or {}
+
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        return self.secrets.get((tenant, ref.name, ref.key))
+
+
+def env_name(ref: SecretKeyRef) -> str:
+    """AGENTSTUDIO_SECRET_<NAME>_<KEY>, upper case, anything else than letters and digits as _."""
+    return "AGENTSTUDIO_SECRET_" + re.sub(r"[^A-Z0-9]", "_", f"{ref.name}_{ref.key}".upper())
+
+
+class EnvSecrets:
+    """`agent-studio dev`: a Secret's value comes from the environment (see env_name), so a local run
+    needs no Secret written to disk; `fallback` answers what the environment does not."""
+
+    def __init__(self, fallback: SecretReader | None = None) -> None:
+        self._fallback = fallback
+
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        value = os.environ.get(env_name(ref))
+        if value is None and self._fallback is not None:
+            return await self._fallback.get(tenant, ref)
+        return value
+
+
+class KubeSecrets:
+    """Reads Secrets through the Kubernetes API (in cluster), cached briefly."""
+
+    def __init__(self, ttl_seconds: float = 30.0) -> None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self._core = client.CoreV1Api()
+        self._ttl = ttl_seconds
+        self._cache: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+
+    async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
+        from kubernetes.client.exceptions import ApiException
+
+        key = (tenant, ref.name, ref.key)
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        try:
+            secret = await asyncio.to_thread(self._core.read_namespaced_secret, ref.name, tenant)
+            raw = (secret.data or {}).get(ref.key)
+            value = base64.b64decode(raw).decode() if raw else None
+        except ApiException as exc:
+            log.warning("secret not readable", extra={"tenant": tenant, "secret": ref.name, "status": exc.status})
+            value = None
+        self._cache[key] = (time.monotonic(), value)
+        return value
