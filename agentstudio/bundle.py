@@ -2,7 +2,8 @@
 
 The compiler does every check that spans resources (a Workflow naming a missing Agent, templates that
 do not parse, duplicate slugs); a bundle with errors is never produced, so a bad change can never
-replace a good bundle. API keys enter only as SHA-256 digests.
+replace a good bundle. Warnings (a template reading a user variable the workflow's userContextSchema
+does not declare) never block a bundle. API keys enter only as SHA-256 digests.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def compile_bundle(
                 errors.append(
                     _at(item, f"spec.tools[{i}].action.agent", f"agent {tool.action.agent!r} does not exist", "AgentNotFound")
                 )
+    warnings += _undeclared_user_variables(by_kind.get("Agent", []), by_kind.get("Workflow", []))
 
     keys: dict[str, KeyEntry] = {}
     for item in by_kind.get("ApiKey", []):
@@ -217,9 +219,8 @@ def _claim_slug(slug: str, taken: dict[str, Any], item: Located, errors: list[Pr
     return True
 
 
-def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
-    spec = agent.spec
-    problems: list[Problem] = []
+def _agent_templates(spec: AgentSpec) -> list[tuple[str, str, frozenset[str]]]:
+    """(manifest path, template source, allowed roots) of every template in an agent."""
     templates: list[tuple[str, str, frozenset[str]]] = [("spec.prompt", spec.prompt, templating.PROMPT_ROOTS)]
     if spec.first_message:
         templates.append(("spec.firstMessage", spec.first_message, templating.PROMPT_ROOTS))
@@ -230,13 +231,73 @@ def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
             templates.append((f"{base}.url", action.url, templating.TOOL_ROOTS))
         templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in action.headers.items()]
         templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.body)]
-        if (why := schema_problem(tool.parameters)) is not None:
-            problems.append(_at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}", "InvalidSchema"))
+    return templates
+
+
+def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
+    problems = [
+        _at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}", "InvalidSchema")
+        for i, tool in enumerate(agent.spec.tools)
+        if (why := schema_problem(tool.parameters)) is not None
+    ]
     return problems + [
         _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""), "InvalidTemplate")
-        for path, source, roots in templates
+        for path, source, roots in _agent_templates(agent.spec)
         for problem in templating.check(source, roots)
     ]
+
+
+def _declared_user_keys(schema: dict[str, Any] | None) -> frozenset[str] | None:
+    """The user_context keys a userContextSchema names; None when it does not limit them."""
+    if not schema or not isinstance(schema.get("properties"), dict):
+        return None
+    # An explicit additionalProperties (true or a schema) or patternProperties says other keys are
+    # expected too, so a name missing from `properties` is no sign of a typo.
+    if schema.get("additionalProperties", False) is not False or schema.get("patternProperties"):
+        return None
+    return frozenset(schema["properties"])
+
+
+def _undeclared_user_variables(agent_items: list[Located], workflow_items: list[Located]) -> list[Problem]:
+    """Warn where an agent's template reads user.X and a workflow it serves does not declare X.
+
+    The schema promises nothing about an undeclared key, and a missing variable renders as an empty
+    string: the model would read "started their trial on ." and nobody would notice.
+    """
+    by_slug: dict[str, Located] = {}
+    for item in agent_items:
+        by_slug.setdefault(item.resource.slug, item)  # a duplicate slug is an error already
+    serving: dict[tuple[str, int | None], list[tuple[str, frozenset[str]]]] = {}  # agent → (workflow, keys)
+    for wf_item in sorted(workflow_items, key=lambda w: w.resource.name):
+        wf: Workflow = wf_item.resource  # type: ignore[assignment]
+        declared = _declared_user_keys(wf.spec.user_context_schema)
+        if declared is None:
+            continue
+        for slug in wf.spec.agent_slugs():
+            if (agent_item := by_slug.get(slug)) is not None:
+                serving.setdefault((agent_item.source, agent_item.index), []).append((wf.name, declared))
+
+    warnings: list[Problem] = []
+    for item in agent_items:
+        workflows = serving.get((item.source, item.index), [])
+        agent: Agent = item.resource  # type: ignore[assignment]
+        seen: set[tuple[str, str, str]] = set()  # every string of a tool body shares one path
+        for path, source, roots in _agent_templates(agent.spec):
+            if templating.check(source, roots):
+                continue  # already an error
+            # user_id is the request's own field, not a user_context key
+            names = {p[1] for p in templating.variable_paths(source) if len(p) > 1 and p[0] == "user"} - {"user_id"}
+            for name in sorted(names):
+                for wf_name, declared in workflows:
+                    if name in declared or (path, name, wf_name) in seen:
+                        continue
+                    seen.add((path, name, wf_name))
+                    message = (
+                        f"user.{name} is not declared in workflow {wf_name}'s userContextSchema; "
+                        "it renders as an empty string when a campaign does not send it"
+                    )
+                    warnings.append(_at(item, path, message, "UndeclaredVariable"))
+    return warnings
 
 
 def _workflow_problems(wf: Workflow, item: Located, agents: dict[str, CompiledAgent]) -> list[Problem]:

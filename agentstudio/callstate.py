@@ -61,6 +61,9 @@ class CallState(BaseModel):
     events: list[CallEvent] = Field(default_factory=list)
     transcript: list[dict[str, Any]] = Field(default_factory=list)
     captured: dict[str, Any] = Field(default_factory=dict)
+    # "open" while an agent talks on the call: its end event waits until the transcript is final.
+    conversation: Literal["open", "closed"] | None = None
+    end_reason: str | None = None  # why the conversation ended: end_call, callee_hangup, silence, ...
 
     @classmethod
     def new(cls, call: CallRequest) -> CallState:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", type=Path, nargs="?", default=Path("examples"))
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--chat", metavar="SLUG",
+                   help="be the callee: a simulated call to this workflow (or agent), in the terminal")
+    p.add_argument("--phone", default="+15555550100", help="--chat: the number the campaign would send")
+    p.add_argument("--user-id", default="dev-user", help="--chat: user_id")
+    p.add_argument("--user-context", type=_json_object, default={}, metavar="JSON", help="--chat: user_context")
+    p.add_argument("--metadata", type=_json_object, default={}, metavar="JSON", help="--chat: metadata")
     p.set_defaults(run=_dev)
 
     p = sub.add_parser("validate", help="check a folder of manifests offline")
@@ -94,12 +101,25 @@ def _dialer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _dev(args: argparse.Namespace) -> int:
     from agentstudio import dev
+    from agentstudio.chat import ChatRequest
 
     logs.setup("WARNING")
+    chat = None if args.chat is None else ChatRequest(
+        args.chat, args.phone, args.user_id, args.user_context, args.metadata)
     try:
-        asyncio.run(dev.run(args.directory, args.port, args.host))
+        asyncio.run(dev.run(args.directory, args.port, args.host, chat))
     except KeyboardInterrupt:
         pass
     return 0
@@ -111,13 +131,13 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.directory.is_dir():
         print(f"error: {args.directory} is not a folder", file=sys.stderr)
         return 1
-    errors, warnings, count = validate_dir(args.directory)
-    for w in warnings:
-        print(f"warning: {w}")
-    for e in errors:
+    report = validate_dir(args.directory)
+    for w in report.warnings:
+        print(f"warning: {report.describe(w)}")
+    for e in report.errors:
         print(f"error: {e}")
-    print(f"{count} resources, {len(errors)} errors, {len(warnings)} warnings")
-    return 1 if errors else 0
+    print(f"{len(report.resources)} resources, {len(report.errors)} errors, {len(report.warnings)} warnings")
+    return 1 if report.errors else 0  # warnings never fail: the operator publishes despite them
 
 
 def _crds(args: argparse.Namespace) -> int:

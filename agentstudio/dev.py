@@ -27,8 +27,13 @@ from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
 from agentstudio.natsserver import NatsServer
-from agentstudio.resources import WEBHOOK_SECRET_KEY, ApiKey, WebhookSubscription
-from agentstudio.secrets import StaticSecrets
+from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, WebhookSubscription, Workflow
+from agentstudio.callstate import CallStore
+from agentstudio.chat import HELP, ChatRequest, Terminal, body_for, outcome, place
+from agentstudio.conversation import relay
+from agentstudio.dialer.providers import SimulatedProvider
+from agentstudio.secrets import EnvSecrets, StaticSecrets, env_name
+from agentstudio.tracking import CallTracker
 from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.dev")
@@ -163,37 +168,50 @@ async def _until_served(service: IngestService, bundle: Bundle, timeout: float =
     print(f"warning: ingest has not loaded bundle {bundle.tenant} version {bundle.version} yet", flush=True)
 
 
-async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
+async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None) -> None:
     directory = directory.resolve()
     state = prepare_state_dir(directory)
     nats = NatsServer(state / "nats", log_file=state / "nats.log")
     nats.start()
     print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
     stop = asyncio.Event()
-    settings = Settings(nats_url=nats.url, host=host, port=port)
+    settings = Settings(nats_url=nats.url, host=host, port=port, public_base_url=f"http://{host}:{port}")
     service = IngestService(settings)
+    terminal = Terminal()
     try:
         nc = await bus.connect_retrying(nats.url, "agentstudio-dev")
         js = nc.jetstream()
         kv = await bus.bundles_bucket(js)
         key_file = KeyFile(state / "keys.json")
         secrets = StaticSecrets()
-        await compile_and_publish(directory, key_file, kv, announce=True, signing_secrets=secrets)
+        ok = await compile_and_publish(directory, key_file, kv, announce=True, signing_secrets=secrets)
         await service.start()
-        server = _Server(
-            uvicorn.Config(create_app(settings, service), host=host, port=port, log_config=None, access_log=False)
-        )
+        app = create_app(settings, service)
+        dispatcher, bundles = await dialer_main.webhooks(nc, settings, secrets)
+        # Model keys and api_call headers come from AGENTSTUDIO_SECRET_<NAME>_<KEY> locally.
+        runtime = await dialer_main.voice(nc, settings, bundles, EnvSecrets(), observer=terminal.turn)
+        dialer_main.mount_relay(app, runtime)
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                        ws=relay.UVICORN_WS))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
-        dispatcher, bundles = await dialer_main.webhooks(nc, settings, secrets)
+
+        def simulated(tracker: CallTracker) -> SimulatedProvider:
+            return SimulatedProvider(tracker, relay_url=relay.relay_url(settings.public_base_url),
+                                     callees=terminal.callee_for, on_token=terminal.on_token_for)
+
+        dialer = await dialer_main.build(nc, settings, announce=None if chat else _print, simulated_factory=simulated)
         background = [
-            asyncio.create_task((await dialer_main.build(nc, settings, announce=_print)).run(stop), name="dialer"),
+            asyncio.create_task(dialer.run(stop), name="dialer"),
             asyncio.create_task(dispatcher.run(stop), name="webhooks"),
             asyncio.create_task(_watch(directory, key_file, kv, service, secrets, stop), name="watch"),
         ]
-        await server.serve()  # returns on Ctrl-C or SIGTERM
+        if chat is not None:
+            background.append(asyncio.create_task(
+                _chat(directory, key_file, chat, settings, server, terminal, dialer.store, ok), name="chat"))
+        await server.serve()  # returns on Ctrl-C, SIGTERM, or when the chat's call is over
         stop.set()
         for task in background:
             task.cancel()
@@ -204,6 +222,53 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1") -> None:
     finally:
         nats.stop()
         print("stopped", flush=True)
+
+
+async def _chat(
+    directory: Path,
+    key_file: KeyFile,
+    request: ChatRequest,
+    settings: Settings,
+    server: uvicorn.Server,
+    terminal: Terminal,
+    store: CallStore,
+    manifests_ok: bool,
+) -> None:
+    """Place the chat's call once the server is up; stop the local run when the call is over."""
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        if not manifests_ok:
+            print("chat: fix the manifests first", flush=True)
+            return
+        resources, _ = load_dir(directory)
+        kinds = {(i.resource.kind, i.resource.slug) for i in resources if isinstance(i.resource, (Agent, Workflow))}
+        slug_kind = "workflow_slug" if ("Workflow", request.slug) in kinds else \
+            "agent_slug" if ("Agent", request.slug) in kinds else None
+        if slug_kind is None:
+            print(f"chat: no workflow or agent {request.slug!r}; there are: "
+                  f"{', '.join(sorted(slug for _, slug in kinds))}", flush=True)
+            return
+        keys = sorted((i.resource.spec.mode != "test", i.resource.name, i.namespace or DEFAULT_TENANT)
+                      for i in resources if isinstance(i.resource, ApiKey) and "calls:create" in i.resource.spec.scopes
+                      and not i.resource.spec.disabled)
+        if not keys:
+            print("chat: add an ApiKey with the calls:create scope to the folder", flush=True)
+            return
+        _, key_name, tenant = keys[0]
+        for item in resources:
+            ref = item.resource.spec.llm.api_key_secret_ref if isinstance(item.resource, Agent) else None
+            if ref is not None and env_name(ref) not in os.environ:
+                print(f"chat: agent {item.resource.slug} reads its model key from Secret {ref.name}/{ref.key}: "
+                      f"set {env_name(ref)}", flush=True)
+        print(f"chat: calling {request.phone_number} with {slug_kind} {request.slug} (key {key_name}). {HELP}",
+              flush=True)
+        call_id = await place(f"http://{settings.host}:{settings.port}", key_name, key_file.keys[key_name], tenant,
+                              body_for(request, slug_kind), terminal)
+        if call_id is not None:
+            await outcome(store, tenant, call_id, terminal, timeout=24 * 3600)
+    finally:
+        server.should_exit = True
 
 
 async def _watch(

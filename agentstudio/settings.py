@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         "0,5,300,1800,7200,18000,36000,36000", description="Seconds before each retry of a failed delivery."
     )
     webhook_timeout_seconds: float = Field(10.0, description="Per delivery attempt.")
+    llm_timeout_seconds: float = Field(30.0, description="Longest wait for a model's reply to stream.")
+    api_call_max_response_bytes: int = Field(64 * 1024, description="api_call tools read at most this much.")
+    speech_chars_per_second: float = Field(
+        15.0, description="Speaking rate assumed to end a call after its last words and time silence."
+    )
     webhook_secrets: str = Field("kubernetes", description="Where signing secrets are read: kubernetes or none.")
 
     def retry_schedule(self) -> tuple[float, ...]:

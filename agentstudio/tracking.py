@@ -58,13 +58,21 @@ class CallTracker:
         if state is None:
             return None
         reached = changed or state.status == status or any(e.status == status for e in state.events)
-        if reached and status in EVENT_TYPES:
+        # The end of a call with an agent still talking waits for its final transcript: the
+        # conversation publishes the event when it closes (conversation_closed).
+        held = state.terminal and state.conversation == "open"
+        if reached and status in EVENT_TYPES and not held:
             await self.publish_event(state, EVENT_TYPES[status])
         if state.terminal:
             await self.concurrency.release(tenant, call_id)
         if changed:
             log.info("call %s", state.status, extra={"call_id": call_id, "tenant": tenant, "status": state.status})
         return state
+
+    async def conversation_closed(self, state: CallState) -> None:
+        """The agent's part is over and recorded: send the end event it held back, if the call ended."""
+        if state.terminal:
+            await self.publish_event(state, EVENT_TYPES[state.status])
 
     async def publish_event(self, state: CallState, event_type: str) -> None:
         request = await calls.fetch(self.js, state.tenant, state.call_id)
@@ -90,6 +98,7 @@ def status_event(request: calls.CallRequest, state: CallState, event_type: str) 
         "duration_seconds": state.duration_seconds or 0,
         "transcript": state.transcript,
         "captured": state.captured,
+        "end_reason": state.end_reason,
         "test": request.test,
     }
     if request.workflow_slug:

@@ -216,7 +216,9 @@ async def test_prompt_change_reaches_ingest_as_a_new_version(cluster: Cluster, i
     cluster.wait_ready(ns, "Agent", "trial-followup-agent")
     first = await eventually(lambda: _bundle(svc, ns))
     agent = cluster.get(ns, "Agent", "trial-followup-agent")
-    agent["spec"]["prompt"] = "You are calling {{user.name}}. Be brief."
+    # user.coupon is not in the workflow's userContextSchema: a warning, which never blocks publishing.
+    prompt = "You are calling {{user.name}} about {{user.coupon}}. Be brief."
+    agent["spec"]["prompt"] = prompt
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "agents", "trial-followup-agent", agent)
 
     async def changed():  # type: ignore[no-untyped-def]
@@ -224,9 +226,18 @@ async def test_prompt_change_reaches_ingest_as_a_new_version(cluster: Cluster, i
         return b if b and b.version > first.version else None
 
     second = await eventually(changed)
-    assert second.agents["trial-followup-agent"].spec.prompt == "You are calling {{user.name}}. Be brief."
+    assert second.agents["trial-followup-agent"].spec.prompt == prompt
     condition = cluster.wait_ready(ns, "Agent", "trial-followup-agent")
-    assert f"version {second.version}" in condition["message"]
+    assert condition["reason"] == "Published"
+    assert condition["message"].startswith(f"live in bundle version {second.version}; warnings: spec.prompt: user.coupon")
+
+    async def warned():  # type: ignore[no-untyped-def]
+        return [e for e in cluster.events(ns, "trial-followup-agent") if e.reason == "UndeclaredVariable"]
+
+    events = await eventually(warned)
+    await asyncio.sleep(1)
+    assert len(await warned()) == 1 and events[0].type == "Warning"  # once, not on every compile
+    assert "user.coupon is not declared in workflow free-trial-followup" in events[0].message
 
 
 async def _bundle(svc: IngestService, ns: str):  # type: ignore[no-untyped-def]

@@ -6,6 +6,8 @@ import asyncio
 from datetime import timedelta
 from collections.abc import Callable
 
+import uvicorn
+from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
 from agentstudio import bus
@@ -17,6 +19,12 @@ from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
 from agentstudio.bundle_store import BundleWatcher
+from agentstudio.conversation import relay
+from agentstudio.conversation.conversation import Limits, Tools
+from agentstudio.conversation.llm import ChatModel
+from agentstudio.conversation.outbound import ApiCaller
+from agentstudio.conversation.runtime import VoiceRuntime
+from agentstudio.conversation.transcript import Turn
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
 
@@ -43,6 +51,36 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
 
 
+async def voice(
+    nc: NATS,
+    settings: Settings,
+    bundles: BundleWatcher,
+    secrets: SecretReader,
+    observer: Callable[[str, Turn], None] | None = None,
+) -> VoiceRuntime:
+    """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
+    tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets)
+    limits = Limits(speech_chars_per_second=settings.speech_chars_per_second)
+    return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer)
+
+
+def relay_app(runtime: VoiceRuntime) -> FastAPI:
+    """The dialer's HTTP side: the ConversationRelay WebSocket Twilio connects answered calls to."""
+    app = FastAPI(title="Agent Studio dialer", version="v1")
+    mount_relay(app, runtime)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def mount_relay(app: FastAPI, runtime: VoiceRuntime) -> None:
+    app.state.voice = runtime
+    app.include_router(relay.router)
+
+
 async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple[WebhookDispatcher, BundleWatcher]:
     js = nc.jetstream()
     watcher = BundleWatcher(await bus.bundles_bucket(js))
@@ -56,13 +94,24 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
         dialer = await build(nc, settings)
+        runtime = await voice(nc, settings, watcher, secrets)
+        server = uvicorn.Server(uvicorn.Config(relay_app(runtime), host=settings.host, port=settings.port,
+                                               log_config=None, access_log=False, ws=relay.UVICORN_WS))
         stale = timedelta(seconds=settings.stale_call_seconds)
+
+        async def serve() -> None:
+            serving = asyncio.create_task(server.serve())
+            await stop.wait()
+            server.should_exit = True  # open conversations end when their calls do
+            await serving
+
         try:
             await asyncio.gather(
                 dialer.run(stop),
                 dispatcher.run(stop),
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
                             settings.sweep_interval_seconds, stop),
+                serve(),
             )
         finally:
             await watcher.stop()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlencode
 
@@ -15,12 +16,16 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from agentstudio.calls import CallRequest
+from agentstudio.conversation.relay import relay_url
+from agentstudio.dialer import phone_line
+from agentstudio.dialer.phone_line import Callee
 from agentstudio.callstate import CallError
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.dialer")
 
 STATUS_CALLBACK_PATH = "/api/v1/providers/twilio/status"
+RELAY_ENDED_PATH = "/api/v1/providers/twilio/relay-ended"
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
 
 
@@ -46,13 +51,25 @@ class Provider(Protocol):
 
 class SimulatedProvider:
     """Rings, then plays out `metadata.simulate_outcome` (completed, no_answer, busy, failed; default
-    completed) after `metadata.simulate_duration_seconds` (default 2) of conversation."""
+    completed) after `metadata.simulate_duration_seconds` (default 2) of conversation — or, when
+    `callees` puts someone on the line, connects the answered call to the agent over the relay
+    WebSocket exactly as Twilio would, and hangs up when the conversation is over."""
 
     name = "simulated"
 
-    def __init__(self, tracker: CallTracker, ring_seconds: float = 0.2) -> None:
+    def __init__(
+        self,
+        tracker: CallTracker,
+        ring_seconds: float = 0.2,
+        relay_url: str = "",
+        callees: Callable[[CallRequest], Callee | None] | None = None,
+        on_token: Callable[[CallRequest], Callable[[str], None] | None] | None = None,
+    ) -> None:
         self._tracker = tracker
         self._ring_seconds = ring_seconds
+        self._relay_url = relay_url
+        self._callees = callees
+        self._on_token = on_token
         self._placed: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -75,10 +92,17 @@ class SimulatedProvider:
         given = call.metadata.get("simulate_duration_seconds")
         duration = 2.0 if given in (None, "") else float(given)
         t, tenant, cid = self._tracker, call.tenant, call.call_id
+        callee = self._callees(call) if self._callees is not None else None
         try:
             await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
             await asyncio.sleep(self._ring_seconds)
-            if outcome in ("no_answer", "busy"):
+            if callee is not None:
+                await t.advance(tenant, cid, "in_progress")
+                on_token = self._on_token(call) if self._on_token is not None else None
+                async with phone_line.connect(self._relay_url, call, sid, on_token) as line:
+                    await callee(line)
+                await t.advance(tenant, cid, "completed")  # duration: from answer to hang-up
+            elif outcome in ("no_answer", "busy"):
                 await t.advance(tenant, cid, outcome)  # type: ignore[arg-type]
             elif outcome == "failed":
                 await t.advance(tenant, cid, "failed",
@@ -112,11 +136,10 @@ class TwilioProvider:
 
     def twiml(self, call: CallRequest) -> str:
         """Connect the answered call to our ConversationRelay WebSocket (the voice agent)."""
-        ws_base = self._base.replace("https://", "wss://").replace("http://", "ws://")
         response = VoiceResponse()
-        connect = response.connect(action=f"{self._base}/api/v1/providers/twilio/relay-ended?"
+        connect = response.connect(action=f"{self._base}{RELAY_ENDED_PATH}?"
                                    + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
-        relay = connect.conversation_relay(url=f"{ws_base}/api/v1/relay", interruptible="any", dtmf_detection=True)
+        relay = connect.conversation_relay(url=relay_url(self._base), interruptible="any", dtmf_detection=True)
         relay.parameter(name="call_id", value=call.call_id)
         relay.parameter(name="tenant", value=call.tenant)
         return str(response)

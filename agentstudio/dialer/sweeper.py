@@ -18,10 +18,14 @@ from agentstudio.tracking import CallTracker
 log = logging.getLogger("agentstudio.dialer")
 
 
-async def sweep(kv: KeyValue, tracker: CallTracker, older_than: timedelta) -> list[str]:
-    """Fail the placed-but-unfinished calls last changed before now - older_than; their ids."""
+async def sweep(
+    kv: KeyValue, tracker: CallTracker, older_than: timedelta, held_longer_than: timedelta = timedelta(minutes=2)
+) -> list[str]:
+    """Fail the placed-but-unfinished calls last changed before now - older_than; their ids. Also
+    close conversations whose dialer died after the call ended, so their held end event goes out."""
     keys = await bus.kv_keys(tracker.js, bus.CALLS_BUCKET, "")
     cutoff = datetime.now(timezone.utc) - older_than
+    held_cutoff = datetime.now(timezone.utc) - held_longer_than
     swept = []
     for key in keys:
         try:
@@ -31,6 +35,13 @@ async def sweep(kv: KeyValue, tracker: CallTracker, older_than: timedelta) -> li
         if not entry.value:
             continue
         state = CallState.model_validate_json(entry.value)
+        if state.terminal and state.conversation == "open" and (state.ended_at or cutoff) < held_cutoff:
+            closed, changed = await tracker.store.change(
+                state.tenant, state.call_id,
+                lambda s: s.model_copy(update={"conversation": "closed"}) if s and s.conversation == "open" else None)
+            if changed and closed is not None:
+                await tracker.conversation_closed(closed)
+            continue
         # pending calls are still in the queue (and will be dispatched); the rest must end.
         if state.terminal or state.status == "pending" or state.events[-1].at > cutoff:
             continue

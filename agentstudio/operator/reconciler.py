@@ -3,7 +3,7 @@
 A burst of changes is debounced into one compile. A namespace is all or nothing: while any resource
 has errors, nothing is published and the last good bundle stays in force; the broken resources get
 Ready=False with the reason and a Warning Event, and the others say whether their current generation
-is live.
+is live. Compile warnings never block: they follow the Ready message, with a Warning Event when they change.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ log = logging.getLogger("agentstudio.operator")
 
 # kind → plural, for status patches
 PLURALS = {kind: model.PLURAL for kind, model in KINDS.items()}
+
+# Separates the Ready message from the compile warnings appended to it; the old status is the only
+# record of which warnings a user has already been told about, so it survives restarts.
+WARNINGS = "; warnings: "
 
 
 class IndexesNotReady(Exception):
@@ -114,6 +118,9 @@ class Reconciler:
         by_ref: dict[str, list[Problem]] = {}
         for problem in problems:
             by_ref.setdefault(problem.source, []).append(problem)
+        warned: dict[str, list[Problem]] = {}
+        for problem in result.warnings:
+            warned.setdefault(problem.source, []).append(problem)
 
         if not problems and result.bundle is not None:
             published = await bundle_store.publish(self._kv, result.bundle)
@@ -126,7 +133,8 @@ class Reconciler:
                 extra={"tenant": namespace, "errors": sorted(by_ref)},
             )
         for body in bodies:
-            await self._report(body, by_ref.get(ref(body), []), sorted(by_ref), state, key_states)
+            own = by_ref.get(ref(body), [])
+            await self._report(body, own, warned.get(ref(body), []), sorted(by_ref), state, key_states)
 
     def _gone(self, body: dict[str, Any]) -> tuple[str, str] | None:
         if body["kind"] != "WebhookSubscription":
@@ -140,6 +148,7 @@ class Reconciler:
         self,
         body: dict[str, Any],
         own: list[Problem],
+        warnings: list[Problem],
         broken: list[str],
         state: _Namespace,
         key_states: dict[str, credentials.KeyState],
@@ -150,7 +159,7 @@ class Reconciler:
         warning = self._gone(body)
         if own:
             ready, reason = "False", own[0].reason
-            message = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in own)
+            message = _lines(own)
         elif pending is not None:
             ready, (reason, message) = "False", pending
         elif warning is not None:
@@ -160,17 +169,22 @@ class Reconciler:
         else:
             ready, reason = "False", "Blocked"
             message = f"not published: {', '.join(broken)} in this namespace has errors"
+        notes = _lines(warnings)
         old = body.get("status") or {}
-        condition = _condition(old, ready, reason, message, generation)
+        condition = _condition(old, ready, reason, message + (WARNINGS + notes if notes else ""), generation)
         status: dict[str, Any] = {"observedGeneration": generation, "conditions": [condition]}
         status.update(_kind_status(body, key_states))
         if all(old.get(k) == v for k, v in status.items()):
             return
         await self._kube.patch_status(PLURALS[body["kind"]], body["metadata"]["namespace"], body["metadata"]["name"], status)
-        if ready == "False" and pending is None and _ready_of(old) != (ready, reason, message):
+        old_ready, old_reason, old_message = _ready_of(old)
+        old_message, _, old_notes = (old_message or "").partition(WARNINGS)
+        if ready == "False" and pending is None and (old_ready, old_reason, old_message) != (ready, reason, message):
             await self._kube.event(body, "Warning", reason, message)
-        elif ready == "True" and _ready_of(old)[0] != "True":
+        elif ready == "True" and old_ready != "True":
             await self._kube.event(body, "Normal", reason, message)
+        if notes and notes != old_notes:  # once per new set of warnings, not on every compile
+            await self._kube.event(body, "Warning", warnings[0].reason, notes)
 
 
 def _essence(body: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +194,10 @@ def _essence(body: dict[str, Any]) -> dict[str, Any]:
 
 def _body_of(bodies: list[dict[str, Any]], source: str) -> dict[str, Any]:
     return next(b for b in bodies if ref(b) == source)
+
+
+def _lines(problems: list[Problem]) -> str:
+    return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
 
 
 def _ready_of(status: dict[str, Any]) -> tuple[str | None, str | None, str | None]:

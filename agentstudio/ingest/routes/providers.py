@@ -1,21 +1,26 @@
-"""POST /api/v1/providers/twilio/status: Twilio's call status callbacks, signature-checked, mapped
-onto the call state machine (duplicates and out-of-order callbacks change nothing wrongly)."""
+"""Twilio's requests to us, each signature-checked: call status callbacks (mapped onto the call state
+machine; duplicates and out-of-order callbacks change nothing wrongly) and the `<Connect action>`
+request when a ConversationRelay session ends (hang up, or dial the human of a transfer)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from urllib.parse import parse_qsl
-from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from nats.errors import Error as NatsError
 from starlette.responses import Response
 from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import VoiceResponse
 
 from agentstudio.callstate import CallError, CallStatus
-from agentstudio.dialer.providers import STATUS_CALLBACK_PATH
+from agentstudio.dialer.providers import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
 from agentstudio.ingest.auth import service_of, unavailable
+from agentstudio.resources import E164_PATTERN
 from agentstudio.ingest.errors import ApiError, responses
+from agentstudio.settings import Settings
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(tags=["providers"])
@@ -34,6 +39,21 @@ TWILIO_STATUS: dict[str, CallStatus] = {
 }
 
 
+async def _verified_form(request: Request, settings: Settings) -> dict[str, str]:
+    """Twilio's form parameters, once X-Twilio-Signature proves Twilio sent them (else 403)."""
+    # Twilio posts application/x-www-form-urlencoded; the stdlib parses it (no multipart needed).
+    params = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+    url = settings.public_base_url.rstrip("/") + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    signature = request.headers.get("x-twilio-signature", "")
+    if not signature or not settings.twilio_auth_token or not RequestValidator(
+        settings.twilio_auth_token
+    ).validate(url, params, signature):
+        raise ApiError(403, "forbidden", "missing or invalid X-Twilio-Signature", "X-Twilio-Signature")
+    return params
+
+
 @router.post(
     STATUS_CALLBACK_PATH,
     status_code=204,
@@ -42,16 +62,7 @@ TWILIO_STATUS: dict[str, CallStatus] = {
 )
 async def twilio_status(request: Request) -> Response:
     svc = service_of(request)
-    # Twilio posts application/x-www-form-urlencoded; the stdlib parses it (no multipart needed).
-    params: dict[str, Any] = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
-    url = svc.settings.public_base_url.rstrip("/") + request.url.path
-    if request.url.query:
-        url += "?" + request.url.query
-    signature = request.headers.get("x-twilio-signature", "")
-    if not signature or not svc.settings.twilio_auth_token or not RequestValidator(
-        svc.settings.twilio_auth_token
-    ).validate(url, params, signature):
-        raise ApiError(403, "forbidden", "missing or invalid X-Twilio-Signature", "X-Twilio-Signature")
+    params = await _verified_form(request, svc.settings)
     call_id, tenant = request.query_params.get("call_id"), request.query_params.get("tenant")
     status = TWILIO_STATUS.get(params.get("CallStatus", ""))
     if not call_id or not tenant or status is None:
@@ -67,3 +78,25 @@ async def twilio_status(request: Request) -> Response:
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc  # Twilio retries on 5xx
     return Response(status_code=204)
+
+
+@router.post(
+    RELAY_ENDED_PATH,
+    responses=responses(403),
+    summary="Twilio's <Connect action>: the ConversationRelay session ended (X-Twilio-Signature checked)",
+)
+async def twilio_relay_ended(request: Request) -> Response:
+    """What the call does after the agent: connect a human (a transfer), else hang up."""
+    svc = service_of(request)
+    params = await _verified_form(request, svc.settings)
+    try:
+        data = orjson.loads(params.get("HandoffData") or "{}")
+    except orjson.JSONDecodeError:
+        data = {}
+    response = VoiceResponse()
+    number = data.get("transfer_to") if isinstance(data, dict) else None
+    if data.get("reason") == "transfer" and isinstance(number, str) and re.fullmatch(E164_PATTERN, number):
+        response.dial(number)
+    else:
+        response.hangup()
+    return Response(str(response), media_type="application/xml")

@@ -1,0 +1,258 @@
+"""The HTTP requests an Agent's `api_call` tools send during a live call: checked against internal
+addresses (SSRF), sent to the address that was checked, bounded in time and size, and summarised
+for the model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
+
+import httpx
+import orjson
+
+from agentstudio.dialer.webhooks import reserved_host
+
+# Names that only mean something inside a host or cluster (".local" covers ".cluster.local").
+_INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".svc")
+_SHARED = IPv4Network("100.64.0.0/10")  # carrier-grade NAT; cloud providers put services here too
+_NAT64 = IPv6Network("64:ff9b::/96")
+_NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
+_MIN_MODEL_LIMIT = 64  # room for the envelope of the shortest summary
+
+
+class Refused(Exception):
+    """The request was not sent; str() says why in words fit for the model and the transcript."""
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    status: int | None  # HTTP status, None when not sent or no response
+    body: Any  # parsed JSON, or text (truncated), or None
+    truncated: bool  # the response was larger than the cap
+    error: str | None  # why it failed (refused, timeout, connection), None on a response
+    elapsed_ms: int
+
+    def for_model(self, limit: int = 2000) -> str:
+        """Compact JSON text the model reads as the tool result: {"status":..,"body":..} or
+        {"error":..}; at most `limit` chars."""
+        if limit < _MIN_MODEL_LIMIT:
+            raise ValueError(f"limit must be at least {_MIN_MODEL_LIMIT}")
+        if self.error is not None:
+            return _fit(lambda s: {"error": s}, self.error, limit)
+        whole: dict[str, Any] = {"status": self.status, "body": self.body}
+        if self.truncated:
+            whole["truncated"] = True
+        text = _dumps(whole)
+        if len(text) <= limit:
+            return text
+        # Cut as text: a shortened JSON document would not parse, a shortened string always does.
+        body = self.body if isinstance(self.body, str) else _dumps(self.body)
+        return _fit(lambda s: {"status": self.status, "body": s, "truncated": True}, body, limit)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _fit(shape: Callable[[str], dict[str, Any]], text: str, limit: int) -> str:
+    """The JSON of shape(text), with text cut short (ending "…") until it fits in `limit` chars."""
+    out, keep = _dumps(shape(text)), len(text)
+    while len(out) > limit and keep > 0:
+        # Each char removed shortens the JSON by at least one (escapes only make it longer).
+        keep = max(0, keep - (len(out) - limit) - 1)
+        out = _dumps(shape(text[:keep] + "…"))
+    return out
+
+
+def _non_public(ip: IPv4Address | IPv6Address) -> str | None:
+    """What kind of non-public address `ip` is, or None when the public internet reaches it."""
+    if isinstance(ip, IPv6Address):
+        # These IPv6 forms are delivered to the IPv4 address they carry: judge that one.
+        carried = ip.ipv4_mapped or ip.sixtofour
+        if carried is None and ip in _NAT64:
+            carried = IPv4Address(int(ip) & 0xFFFFFFFF)
+        if carried is not None:
+            return _non_public(carried)
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if isinstance(ip, IPv4Address) and ip in _SHARED:
+        return "shared (carrier-grade NAT)"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:  # RFC 1918, unique local, and the other special-purpose ranges
+        return "private"
+    return None
+
+
+async def guard(url: str, allowed_hosts: Sequence[str]) -> list[str]:
+    """The IP addresses `url` may be sent to (resolved once), or raises Refused."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise Refused("the URL is not valid") from None
+    if parsed.scheme not in ("http", "https"):
+        raise Refused("only http and https URLs may be called")
+    if parsed.userinfo:
+        raise Refused("URLs with a user name or password are not allowed")
+    host = parsed.raw_host.decode("ascii").lower().rstrip(".")
+    if not host:
+        raise Refused("the URL has no host")
+    if reserved_host(url):
+        raise Refused(f"{host} is reserved for documentation; nothing answers there")
+    allowed = {h.strip().lower().strip("[]").rstrip(".") for h in allowed_hosts}
+    trusted = host in allowed or parsed.host.lower().rstrip(".") in allowed
+
+    try:
+        literal = ip_address(host)
+    except ValueError:
+        literal = None  # a name
+    if literal is not None:
+        return [_checked(literal, f"{host} is", trusted)]
+    if not trusted and (host == "localhost" or host.endswith(_INTERNAL_SUFFIXES) or "." not in host):
+        # Single labels are how Kubernetes services are reached from inside the cluster.
+        raise Refused(f"{host} is an internal name; requests there are not allowed")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise Refused(f"could not resolve {host}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    # Every address must pass: the connection (or a retry) could go to any of them.
+    return [_checked(ip_address(a), f"{host} resolves to", trusted) for a in addresses]
+
+
+def _checked(ip: IPv4Address | IPv6Address, subject: str, trusted: bool) -> str:
+    kind = None if trusted else _non_public(ip)
+    if kind is not None:
+        # The address itself stays out of the message: it would map the internal network for a caller.
+        raise Refused(f"{subject} a {kind} address; requests there are not allowed")
+    return str(ip)
+
+
+class ApiCaller:
+    """Sends `api_call` tool requests; one per process, shared by all calls."""
+
+    def __init__(self, max_response_bytes: int = 64 * 1024) -> None:
+        self.max_response_bytes = max_response_bytes
+        self._client = httpx.AsyncClient(
+            # A redirect is the model's to see, never followed: its target has not been checked.
+            follow_redirects=False,
+            # A proxy from the environment would connect on our behalf, past the address check.
+            trust_env=False,
+            # The pool matches connections by IP: a TLS connection verified for one name must not
+            # be reused for another name on the same IP.
+            limits=httpx.Limits(max_keepalive_connections=0),
+            # The size cap counts decoded bytes; a compressed body could inflate a thousandfold first.
+            headers={"Accept-Encoding": "identity"},
+        )
+
+    async def call(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: Any,
+        timeout_seconds: float,
+        allowed_hosts: Sequence[str],
+    ) -> ApiResult:
+        """Send one request; every failure comes back as an ApiResult with `error` set."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                addresses = await guard(url, allowed_hosts)
+                status, parsed, truncated = await self._send(
+                    method.upper(), httpx.URL(url), addresses, headers, body, timeout_seconds
+                )
+        except Refused as e:
+            error = str(e)
+        except (TimeoutError, httpx.TimeoutException):
+            error = f"timed out after {timeout_seconds:g}s"
+        except httpx.HTTPError as e:
+            error = f"connection failed: {str(e) or type(e).__name__}"
+        else:
+            return ApiResult(status, parsed, truncated, None, _ms_since(started))
+        return ApiResult(None, None, False, error, _ms_since(started))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        addresses: list[str],
+        headers: Mapping[str, str],
+        body: Any,
+        timeout: float,
+    ) -> tuple[int, Any, bool]:
+        request_headers = httpx.Headers(headers)
+        # We connect to the checked IP, not the name (a second lookup could be rebound to an internal
+        # address); the server still sees the name it was addressed by.
+        request_headers["Host"] = url.netloc.decode("ascii")
+        content = None
+        if body is not None and method not in _NO_BODY:
+            try:
+                content = orjson.dumps(body)
+            except TypeError:
+                raise Refused("the request body cannot be sent as JSON") from None
+            request_headers.setdefault("Content-Type", "application/json")
+        # httpcore takes TLS SNI and the certificate's expected name from here (ignored for http).
+        extensions = {"sni_hostname": url.raw_host.decode("ascii")}
+
+        async def send_to(address: str) -> tuple[int, Any, bool]:
+            async with self._client.stream(
+                method,
+                url.copy_with(host=address),
+                headers=request_headers,
+                content=content,
+                timeout=timeout,
+                extensions=extensions,
+            ) as response:
+                parsed, truncated = await self._read(response)
+                return response.status_code, parsed, truncated
+
+        for address in addresses[:-1]:
+            try:
+                return await send_to(address)
+            except httpx.ConnectError:
+                continue  # nothing was sent; another address of the host may answer (IPv6 vs IPv4)
+        return await send_to(addresses[-1])
+
+    async def _read(self, response: httpx.Response) -> tuple[Any, bool]:
+        """The parsed body (at most max_response_bytes of it) and whether it was cut."""
+        if response.is_redirect:
+            return {"location": response.headers["location"]}, False
+        cap = self.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                break
+        data = b"".join(chunks)
+        truncated = len(data) > cap
+        data = data[:cap]
+        if not data:
+            return None, truncated
+        if not truncated:
+            try:
+                return orjson.loads(data), False
+            except orjson.JSONDecodeError:
+                pass  # not JSON whatever the Content-Type says: the model gets the text
+        return data.decode(response.encoding or "utf-8", errors="replace"), truncated
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

@@ -1,0 +1,87 @@
+"""Writing a conversation into its call record while it runs: the transcript, what was captured and
+why it ended, by compare-and-set like every other write to the record. Writes coalesce (the latest
+state wins) so a burst of turns costs one write, and the talking never waits for NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nats.errors import Error as NatsError
+
+from agentstudio.callstate import CallState
+from agentstudio.conversation.transcript import Turn
+from agentstudio.tracking import CallTracker
+
+log = logging.getLogger("agentstudio.conversation")
+
+
+class CallRecorder:
+    def __init__(self, tracker: CallTracker, tenant: str, call_id: str) -> None:
+        self.tracker = tracker
+        self.tenant = tenant
+        self.call_id = call_id
+        self._latest: tuple[list[dict[str, Any]], dict[str, Any], str | None] | None = None
+        self._dirty = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> CallState | None:
+        """Take the call for this conversation: None when it has ended or already has one (a replayed
+        or second connection must not talk over the first)."""
+        state, changed = await self.tracker.store.change(
+            self.tenant, self.call_id,
+            lambda s: s.model_copy(update={"conversation": "open"}) if s and s.conversation is None and not s.terminal else None,
+        )
+        if not changed:
+            return None
+        self._writer = asyncio.create_task(self._write_loop(), name=f"record-{self.call_id}")
+        return state
+
+    def update(self, transcript: list[Turn], captured: dict[str, Any], end_reason: str | None) -> None:
+        self._latest = ([t.record() for t in transcript], dict(captured), end_reason)
+        self._dirty.set()
+
+    async def close(self) -> CallState | None:
+        """The final write (the conversation is closed), then the end event it may have held back."""
+        if self._writer is not None:
+            # Let an in-flight write finish instead of cancelling it: nats-py can turn a cancel into
+            # its own timeout error, which the loop would take for a failed write and go on.
+            self._closing = True
+            self._dirty.set()
+            await self._writer
+        for attempt in range(20):
+            try:
+                state, _ = await self.tracker.store.change(self.tenant, self.call_id, lambda s: self._apply(s, close=True))
+                if state is not None:
+                    await self.tracker.conversation_closed(state)
+                return state
+            except (NatsError, TimeoutError):
+                log.warning("could not close the conversation's record; retrying", extra={"call_id": self.call_id})
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+        log.error("conversation record not closed; the sweeper will", extra={"call_id": self.call_id})
+        return None
+
+    def _apply(self, state: CallState | None, close: bool = False) -> CallState | None:
+        if state is None:
+            return None
+        update: dict[str, Any] = {"conversation": "closed"} if close else {}
+        if self._latest is not None:
+            transcript, captured, end_reason = self._latest
+            update.update(transcript=transcript, captured=captured, end_reason=end_reason)
+        return state.model_copy(update=update) if update else None
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            if self._closing:
+                return  # close() writes the last state
+            self._dirty.clear()
+            try:
+                await self.tracker.store.change(self.tenant, self.call_id, self._apply)
+            except (NatsError, TimeoutError):
+                log.warning("transcript write failed; the next one carries it", extra={"call_id": self.call_id})
+                await asyncio.sleep(0.5)
+                self._dirty.set()
+            # (a failure after close() began is fine: close() writes the last state itself)

@@ -1,0 +1,150 @@
+"""The voice agent over ConversationRelay, driven the way Twilio drives it: setup, prompts, an
+interrupt, a DTMF digit — against the scripted model and a local HTTP target for api_call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import websockets
+from nats.js import JetStreamContext
+
+from agentstudio.natsserver import NatsServer
+from scripted_model import Reply
+from voice_stack import LLM_KEY, TwilioRelay, voice_stack
+
+FIRST = "Hi John, this is the Tap Health assistant. Do you have a minute?"
+CAPTURED = {"faced_issues": True, "issue": "the OTP never arrived", "wants_help": True}
+
+
+async def test_the_seed_agent_greets_captures_logs_and_ends(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js) as stack:
+        stack.model.script([
+            Reply("You started a free trial but didn't finish activating it. Did anything get in the way?"),
+            Reply(tool_calls=[("capture_lead_response", CAPTURED), ("log_call", {"outcome": "needs_help"})]),
+            Reply("Thanks John, I've noted that and someone will help you finish. Goodbye!",
+                  tool_calls=[("end_call", {})]),
+        ])
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            assert await twilio.utterance() == FIRST  # spoken on answer, before the model is asked
+            await twilio.prompt("Yes, sure.")
+            assert "free trial" in await twilio.utterance()
+            await twilio.prompt("The OTP never arrived. I'd like help with it.")
+            assert (await twilio.utterance()).endswith("Goodbye!")
+            assert await twilio.end() == {"reason": "end_call"}
+        record = await stack.closed_record(call.call_id)
+
+    # The prompt rendered with the campaign's data; the key from the Secret; every tool offered.
+    first = stack.model.requests[0]
+    system = first["messages"][0]
+    assert system["role"] == "system"
+    assert "The user John started their free trial on 2026-02-01" in system["content"]
+    assert [m["role"] for m in first["messages"]] == ["system", "assistant", "user"]
+    assert first["messages"][1]["content"] == FIRST
+    assert {t["function"]["name"] for t in first["tools"]} == {"capture_lead_response", "log_call", "end_call"}
+    assert all(h.get("authorization") == f"Bearer {LLM_KEY}" for h in stack.model.headers)
+    # The api_call tool's body rendered value by value from context, user, metadata and params.
+    [logged] = stack.target.seen
+    assert logged["method"] == "POST" and logged["path"] == "/calls/log"
+    assert logged["json"] == {"phone": "+919876543210", "user_id": "user-123", "campaign": "trial_recovery_jan",
+                              "outcome": "needs_help"}
+    # The model read both tool results before it said goodbye.
+    third = stack.model.requests[2]["messages"]
+    assert [m["role"] for m in third[-3:]] == ["assistant", "tool", "tool"]
+    assert '"logged":true' in third[-1]["content"].replace(" ", "")
+    # The record: what was captured, why it ended, and every turn in order.
+    assert record.captured == {"capture_lead_response": CAPTURED}
+    assert record.end_reason == "end_call"
+    kinds = [(t["kind"], t.get("speaker") or t.get("tool") or t.get("reason")) for t in record.transcript]
+    assert kinds == [
+        ("message", "agent"), ("message", "callee"), ("message", "agent"), ("message", "callee"),
+        ("tool", "capture_lead_response"), ("tool", "log_call"), ("message", "agent"), ("tool", "end_call"),
+        ("end", "end_call"),
+    ]
+    assert all(t["agent"] == "trial-followup-agent" for t in record.transcript)
+    assert record.transcript[5]["result"]["status"] == 200
+    stamps = [t["at"] for t in record.transcript]
+    assert stamps == sorted(stamps)
+
+
+async def test_barge_in_keeps_what_was_heard_and_dtmf_reaches_the_model(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    long_reply = "Our plans include coaching, meal tracking, glucose insights, weekly reviews and more besides."
+    async with voice_stack(nats_server.url, js) as stack:
+        stack.model.script([
+            Reply(long_reply, token_delay_seconds=0.05),
+            Reply("Sorry, go ahead."),
+            Reply("You pressed five: I'll connect you to activation help."),
+        ])
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("What do I get?")
+            tokens = [await twilio.next() for _ in range(3)]  # the reply is still streaming
+            heard = "".join(t["token"] for t in tokens)
+            await twilio.send(type="interrupt", utteranceUntilInterrupt=heard, durationUntilInterruptMs="900")
+            # Generation stops: the next frame closes the cut reply (Twilio's own sample does the same).
+            while (frame := await twilio.next())["token"] != "" or not frame["last"]:
+                pass
+            await twilio.prompt("Wait, how much is it?")
+            assert await twilio.utterance() == "Sorry, go ahead."
+            await twilio.send(type="dtmf", digit="5")
+            assert (await twilio.utterance()).startswith("You pressed five")
+        record = await stack.closed_record(call.call_id)
+
+    assert len(stack.model.requests) == 3
+    after_barge_in = stack.model.requests[1]["messages"]
+    assert after_barge_in[-2] == {"role": "assistant", "content": heard}  # only what the callee heard
+    assert after_barge_in[-1] == {"role": "user", "content": "Wait, how much is it?"}
+    assert stack.model.requests[2]["messages"][-1]["content"] == "(The callee pressed 5 on the keypad.)"
+    cut = [t for t in record.transcript if t.get("interrupted")]
+    assert [t["text"] for t in cut] == [heard] and heard != long_reply
+    assert {"kind": "dtmf", "digit": "5"}.items() <= next(t for t in record.transcript if t["kind"] == "dtmf").items()
+    assert record.end_reason == "callee_hangup"
+
+
+async def test_a_setup_whose_call_sid_does_not_match_is_closed(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js) as stack:
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, "CA" + "f" * 32) as twilio:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await twilio.next()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert (await stack.record(call.call_id)).conversation is None  # the real call can still connect
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            assert (await twilio.utterance()).startswith("Hi John")
+        assert stack.model.requests == []
+
+
+async def test_caller_data_is_data_never_template_source(nats_server: NatsServer, js: JetStreamContext) -> None:
+    sneaky = {"name": "{{ 7*7 }}", "trial_started_at": "{{ ''.__class__.__mro__ }}", "plan_type": 'a "quoted"\nplan'}
+    async with voice_stack(nats_server.url, js) as stack:
+        stack.model.script([Reply(tool_calls=[("log_call", {"outcome": "{{ 6*7 }}"})]), Reply("Done.")])
+        call, sid = await stack.answered_call(user_context=sneaky, user_id='u"1\n{{x}}')
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            assert await twilio.utterance() == "Hi {{ 7*7 }}, this is the Tap Health assistant. Do you have a minute?"
+            await twilio.prompt("ok")
+            assert await twilio.utterance() == "Done."
+    system = stack.model.requests[0]["messages"][0]["content"]
+    assert "The user {{ 7*7 }} started their free trial on {{ ''.__class__.__mro__ }}" in system
+    [logged] = stack.target.seen
+    assert logged["json"]["user_id"] == 'u"1\n{{x}}' and logged["json"]["outcome"] == "{{ 6*7 }}"
+
+
+async def test_api_call_to_a_private_address_is_refused_unless_allow_listed(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    async with voice_stack(nats_server.url, js, allow_loopback=False) as stack:
+        stack.model.script([Reply(tool_calls=[("log_call", {"outcome": "activated"})]), Reply("All set.")])
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("I activated it already.")
+            assert await twilio.utterance() == "All set."
+        record = await stack.closed_record(call.call_id)
+    assert stack.target.seen == []  # nothing reached the loopback target
+    [tool] = [t for t in record.transcript if t["kind"] == "tool"]
+    assert "loopback" in tool["error"]
+    assert "loopback" in stack.model.requests[1]["messages"][-1]["content"]  # the model learns why

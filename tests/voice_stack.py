@@ -1,0 +1,225 @@
+"""The voice agent's test stack: the relay WebSocket served for real (uvicorn on a free port), the
+scripted model, a local HTTP target for api_call tools, and answered calls to talk on — plus a
+Twilio-like client that speaks ConversationRelay's messages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+import uvicorn
+import websockets
+import yaml
+from fastapi import FastAPI, Request
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from starlette.responses import JSONResponse
+
+from agentstudio import bus, calls
+from agentstudio.bundle_store import BundleWatcher
+from agentstudio.callstate import CallState
+from agentstudio.conversation.conversation import Limits, Tools
+from agentstudio.conversation.llm import ChatModel
+from agentstudio.conversation.outbound import ApiCaller
+from agentstudio.conversation.relay import UVICORN_WS as RELAY_WS, relay_url
+from agentstudio.conversation.runtime import VoiceRuntime
+from agentstudio.dialer import main as dialer_main
+from agentstudio.manifests import Located
+from agentstudio.natsserver import free_port
+from agentstudio.secrets import StaticSecrets
+from conftest import EXAMPLES, SEED_BODY, Tenant, docs
+from scripted_model import ScriptedModel
+
+LLM_KEY = "sk-test-" + "x" * 24
+
+
+@dataclass
+class HttpTarget:
+    """A partner API for api_call tools: records every request, answers JSON."""
+
+    port: int = field(default_factory=free_port)
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        async def anything(path: str, request: Request) -> JSONResponse:
+            body = await request.body()
+            self.seen.append({"method": request.method, "path": "/" + path, "headers": dict(request.headers),
+                              "json": orjson.loads(body) if body else None})
+            return JSONResponse({"logged": True, "id": len(self.seen)})
+
+        return app
+
+
+@asynccontextmanager
+async def serve(app: FastAPI, port: int) -> AsyncIterator[None]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           ws=RELAY_WS))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+def example_manifests(model_url: str, target: HttpTarget, allow_loopback: bool = True) -> list[dict[str, Any]]:
+    """The examples/ folder, pointed at the scripted model and the local target (the real example
+    reaches a placeholder domain that is never contacted)."""
+    out = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Agent":
+                doc["spec"]["llm"]["baseUrl"] = model_url
+                for tool in doc["spec"].get("tools", []):
+                    if tool["action"]["type"] == "api_call":
+                        tool["action"]["url"] = target.url("/calls/log")
+                if allow_loopback:
+                    doc["spec"]["allowedHosts"] = ["127.0.0.1"]
+            if doc:
+                out.append(doc)
+    return out
+
+
+def located(manifests: list[dict[str, Any]]) -> list[Located]:
+    return docs(yaml.safe_dump_all(manifests))
+
+
+@dataclass
+class VoiceStack:
+    nc: NATS
+    js: JetStreamContext
+    tenant: Tenant
+    runtime: VoiceRuntime
+    model: ScriptedModel
+    target: HttpTarget
+    port: int
+
+    @property
+    def relay(self) -> str:
+        return relay_url(f"http://127.0.0.1:{self.port}")
+
+    async def answered_call(self, **body: Any) -> tuple[calls.CallRequest, str]:
+        """A queued call the provider has placed and the callee answered: (request, call sid)."""
+        merged = {**SEED_BODY, **body}
+        request = calls.CallRequest(
+            call_id=str(uuid.uuid4()), tenant=self.tenant.name, api_key="clevertap",
+            workflow_slug=merged.get("workflow_slug"), agent_slug=merged.get("agent_slug"),
+            phone_number=merged["phone_number"], user_id=merged.get("user_id"),
+            user_context=merged.get("user_context", {}), metadata=merged.get("metadata", {}), test=False,
+            created_at=datetime.now(timezone.utc), bundle_version=1,
+        )
+        await calls.enqueue(self.js, request, timeout=5)
+        sid = "CA" + uuid.uuid4().hex
+        state = CallState.new(request)
+        for status in ("dialing", "ringing", "in_progress"):
+            state = state.advanced(status) or state  # type: ignore[arg-type]
+        state = state.model_copy(update={"provider": "twilio", "provider_call_id": sid})
+        await self.runtime.tracker.store.change(self.tenant.name, request.call_id, lambda _: state)
+        return request, sid
+
+    async def record(self, call_id: str) -> CallState:
+        state = await self.runtime.tracker.store.get(self.tenant.name, call_id)
+        assert state is not None
+        return state
+
+    async def closed_record(self, call_id: str, timeout: float = 10) -> CallState:
+        async with asyncio.timeout(timeout):
+            while (state := await self.record(call_id)).conversation != "closed":
+                await asyncio.sleep(0.02)
+        return state
+
+
+@asynccontextmanager
+async def voice_stack(
+    nats_server_url: str,
+    js: JetStreamContext,
+    manifests: list[dict[str, Any]] | None = None,
+    limits: Limits = Limits(speech_chars_per_second=1e6),
+    allow_loopback: bool = True,
+) -> AsyncIterator[VoiceStack]:
+    """The examples (or `manifests`) as a fresh tenant, talking on a served relay WebSocket."""
+    target = HttpTarget()
+    with ScriptedModel(api_key=LLM_KEY) as model:
+        items = manifests if manifests is not None else example_manifests(model.url, target, allow_loopback)
+        tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, located(items))
+        bundle = await tenant.publish()
+        nc = await bus.connect(nats_server_url, "test-voice")
+        watcher = BundleWatcher(await bus.bundles_bucket(nc.jetstream()))
+        await watcher.start()
+        async with asyncio.timeout(5):
+            while (b := watcher.snapshot.bundles.get(tenant.name)) is None or b.version < bundle.version:
+                await asyncio.sleep(0.01)
+        secrets = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY})
+        tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), secrets)
+        runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits)
+        port = free_port()
+        try:
+            async with serve(dialer_main.relay_app(runtime), port), serve(target.app(), target.port):
+                yield VoiceStack(nc, nc.jetstream(), tenant, runtime, model, target, port)
+        finally:
+            await watcher.stop()
+            await tools.model.aclose()
+            await tools.api.aclose()
+            await nc.close()
+
+
+class TwilioRelay:
+    """Twilio's side of one ConversationRelay session, message for message."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[dict[str, Any]] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, call: calls.CallRequest, call_sid: str) -> AsyncIterator[TwilioRelay]:
+        async with websockets.connect(url) as ws:
+            relay = cls(ws)
+            await relay.send(type="setup", sessionId="VX" + uuid.uuid4().hex, accountSid="AC" + "1" * 32,
+                             callSid=call_sid, parentCallSid="", **{"from": "+15005550006"}, to=call.phone_number,
+                             forwardedFrom=call.phone_number, callerName="", direction="outbound-api",
+                             callType="PSTN", callStatus="IN-PROGRESS",
+                             customParameters={"call_id": call.call_id, "tenant": call.tenant})
+            yield relay
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send(orjson.dumps(message).decode())
+
+    async def prompt(self, text: str) -> None:
+        await self.send(type="prompt", voicePrompt=text, lang="en-US", last=True)
+
+    async def next(self, timeout: float = 10) -> dict[str, Any]:
+        message = orjson.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.received.append(message)
+        return message
+
+    async def utterance(self, timeout: float = 10) -> str:
+        """Text tokens up to the one marked last, joined; an `end` first raises."""
+        words = []
+        while True:
+            message = await self.next(timeout)
+            assert message["type"] == "text", message
+            words.append(message["token"])
+            if message["last"]:
+                return "".join(words)
+
+    async def end(self, timeout: float = 10) -> dict[str, Any]:
+        message = await self.next(timeout)
+        assert message["type"] == "end", message
+        return orjson.loads(message["handoffData"])
