@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     speech_chars_per_second: float = Field(
         15.0, description="Speaking rate assumed to end a call after its last words and time silence."
     )
+    max_call_seconds: float = Field(14400, description="Cap over every agent's maxDurationSeconds.")
     webhook_secrets: str = Field("kubernetes", description="Where signing secrets are read: kubernetes or none.")
 
     def retry_schedule(self) -> tuple[float, ...]:

@@ -152,11 +152,15 @@ async def voice_stack(
     manifests: list[dict[str, Any]] | None = None,
     limits: Limits = Limits(speech_chars_per_second=1e6),
     allow_loopback: bool = True,
+    extra: list[dict[str, Any]] = [],
 ) -> AsyncIterator[VoiceStack]:
-    """The examples (or `manifests`) as a fresh tenant, talking on a served relay WebSocket."""
+    """The examples (or `manifests`, which may say MODEL_URL for the scripted model's) and `extra`
+    as a fresh tenant, talking on a served relay WebSocket."""
     target = HttpTarget()
     with ScriptedModel(api_key=LLM_KEY) as model:
-        items = manifests if manifests is not None else example_manifests(model.url, target, allow_loopback)
+        items = orjson.loads(orjson.dumps(manifests).replace(b"MODEL_URL", model.url.encode())) \
+            if manifests is not None else example_manifests(model.url, target, allow_loopback)
+        items = [*items, *extra]
         tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, located(items))
         bundle = await tenant.publish()
         nc = await bus.connect(nats_server_url, "test-voice")

@@ -60,6 +60,7 @@ class Limits:
     max_tool_rounds: int = 6  # model rounds in one reply before it must answer in words
     goodbye_timeout_seconds: float = 10.0
     silence_check_ins: int = 1  # check-ins after silence before the agent says goodbye
+    max_call_seconds: float = 14400  # the platform's cap over every agent's maxDurationSeconds
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ class Conversation:
 
     async def start(self) -> None:
         """The callee answered: the entry agent speaks its first message, or the model opens."""
-        self._deadline = self._loop.call_later(self.agent.spec.max_duration_seconds, self._spawn, self._time_up)
+        limit = min(self.agent.spec.max_duration_seconds, self.limits.max_call_seconds)
+        self._deadline = self._loop.call_later(limit, self._spawn, self._time_up)
         try:
             await self._enter(self.agent, previous=None)
         except ConversationError as exc:

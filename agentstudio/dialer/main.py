@@ -60,7 +60,7 @@ async def voice(
 ) -> VoiceRuntime:
     """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
     tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets)
-    limits = Limits(speech_chars_per_second=settings.speech_chars_per_second)
+    limits = Limits(speech_chars_per_second=settings.speech_chars_per_second, max_call_seconds=settings.max_call_seconds)
     return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer)
 
 

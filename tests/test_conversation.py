@@ -1,0 +1,213 @@
+"""Conversation behaviour over the relay: workflow handoffs, capture validation, silence, the time
+limit, transfer, and the end event waiting for the final transcript."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import yaml
+from nats.js import JetStreamContext
+from twilio.request_validator import RequestValidator
+
+from agentstudio import bus
+from agentstudio.conversation.conversation import Limits
+from agentstudio.natsserver import NatsServer
+from conftest import ingest_client
+from scripted_model import Reply
+from voice_stack import TwilioRelay, voice_stack
+
+SUPPORT = yaml.safe_load_all("""
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: triage}
+spec:
+  prompt: "You are the front desk of {{context.company}}. Caller: {{user.name}}."
+  firstMessage: "Hello {{user.name}}, how can I help?"
+  llm: {baseUrl: MODEL_URL, apiKeySecretRef: {name: llm-credentials, key: api-key}}
+  silenceTimeoutSeconds: 3
+  tools:
+    - name: record_reason
+      description: Record why they called.
+      parameters:
+        type: object
+        properties: {reason: {type: string, enum: [billing, technical, other]}}
+        required: [reason]
+      action: {type: capture}
+    - name: human
+      description: Connect a person.
+      action: {type: transfer, phoneNumber: "+14155550123"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: billing}
+spec:
+  prompt: "You handle billing for {{context.company}}; the call id is {{context.call_id}}."
+  firstMessage: "Namaste {{user.name}}, I look after billing."
+  language: hi-IN
+  llm: {baseUrl: MODEL_URL, apiKeySecretRef: {name: llm-credentials, key: api-key}}
+  tools:
+    - name: end_call
+      action: {type: end_call}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Workflow
+metadata: {name: support}
+spec:
+  entryAgent: triage
+  agents: [billing]
+  sharedContext: {company: Tap Health}
+  handoffs:
+    - {from: triage, to: billing, when: the caller asks about a bill or a payment}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: clevertap}
+spec: {scopes: ["calls:create", "calls:read"]}
+""")
+MANIFESTS = [doc for doc in SUPPORT if doc]
+BODY = {"workflow_slug": "support", "user_context": {"name": "Asha"}}
+
+
+async def test_a_workflow_hands_the_call_over_with_its_summary(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([
+            Reply("Let me get you to billing.", tool_calls=[("handoff_to_billing", {"summary": "Asha was charged twice"})]),
+            Reply("I've refunded the second charge. Bye!", tool_calls=[("end_call", {})]),
+        ])
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            assert await twilio.utterance() == "Hello Asha, how can I help?"
+            await twilio.prompt("I was charged twice this month.")
+            assert await twilio.utterance() == "Let me get you to billing."
+            assert await twilio.next() == {"type": "language", "ttsLanguage": "hi-IN", "transcriptionLanguage": "hi-IN"}
+            assert await twilio.utterance() == "Namaste Asha, I look after billing."
+            await twilio.prompt("Can you fix it?")
+            assert await twilio.utterance() == "I've refunded the second charge. Bye!"
+            assert (await twilio.end())["reason"] == "end_call"
+        record = await stack.closed_record(call.call_id)
+
+    first, second = stack.model.requests
+    assert first["messages"][0]["content"] == "You are the front desk of Tap Health. Caller: Asha."
+    [offered] = [t["function"] for t in first["tools"] if t["function"]["name"] == "handoff_to_billing"]
+    assert "asks about a bill" in offered["description"] and "summary" in offered["parameters"]["properties"]
+    system = second["messages"][0]["content"]
+    assert system.startswith(f"You handle billing for Tap Health; the call id is {call.call_id}.")
+    assert "taking over this call from the triage agent" in system and "Asha was charged twice" in system
+    assert [t["function"]["name"] for t in second["tools"]] == ["end_call"]
+    # The new agent reads the whole conversation so far, the handoff's tool result included.
+    assert [m["role"] for m in second["messages"][1:]] == ["assistant", "user", "assistant", "tool", "assistant", "user"]
+    turns = [(t["kind"], t["agent"], t.get("speaker") or t.get("to") or t.get("tool") or t.get("reason"))
+             for t in record.transcript]
+    assert turns == [
+        ("message", "triage", "agent"), ("message", "triage", "callee"), ("message", "triage", "agent"),
+        ("tool", "triage", "handoff_to_billing"), ("handoff", "triage", "billing"),
+        ("message", "billing", "agent"), ("message", "billing", "callee"), ("message", "billing", "agent"),
+        ("tool", "billing", "end_call"), ("end", "billing", "end_call"),
+    ]
+
+
+async def test_capture_arguments_are_validated_against_the_tool_schema(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([
+            Reply(tool_calls=[("record_reason", {"reason": "refund"})]),
+            Reply(tool_calls=[("record_reason", {"reason": "billing"})]),
+            Reply("Noted."),
+        ])
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("It's about my bill.")
+            assert await twilio.utterance() == "Noted."
+        record = await stack.closed_record(call.call_id)
+    refused = orjson.loads(stack.model.requests[1]["messages"][-1]["content"])
+    assert "reason" in refused["error"] and "refund" in refused["error"]  # the model is told what was wrong
+    assert record.captured == {"record_reason": {"reason": "billing"}}
+    tools = [t for t in record.transcript if t["kind"] == "tool"]
+    assert [bool(t.get("error")) for t in tools] == [True, False]
+
+
+async def test_silence_gets_one_check_in_then_a_polite_end(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([Reply("Are you still there?"), Reply("I'll let you go. Goodbye!")])
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            assert await twilio.utterance(timeout=8) == "Are you still there?"
+            assert await twilio.utterance(timeout=8) == "I'll let you go. Goodbye!"
+            assert (await twilio.end())["reason"] == "silence"
+        record = await stack.closed_record(call.call_id)
+    notes = [r["messages"][-1] for r in stack.model.requests]
+    assert notes[0]["role"] == "system" and "said nothing for 3 seconds" in notes[0]["content"]
+    assert "goodbye" in notes[1]["content"] and "tools" not in stack.model.requests[1]
+    assert [t["kind"] for t in record.transcript] == ["message", "silence", "message", "silence", "message", "end"]
+
+
+async def test_the_time_limit_ends_the_call_after_a_goodbye(nats_server: NatsServer, js: JetStreamContext) -> None:
+    # The platform's cap (AGENTSTUDIO_MAX_CALL_SECONDS) bounds every agent's maxDurationSeconds.
+    limits = Limits(speech_chars_per_second=1e6, max_call_seconds=1)
+    async with voice_stack(nats_server.url, js, MANIFESTS, limits=limits) as stack:
+        stack.model.script([Reply("We're out of time, thank you, goodbye!")])
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            assert await twilio.utterance(timeout=5) == "We're out of time, thank you, goodbye!"
+            assert (await twilio.end())["reason"] == "max_duration"
+        record = await stack.closed_record(call.call_id)
+    assert "time limit" in stack.model.requests[0]["messages"][-1]["content"]
+    assert record.end_reason == "max_duration"
+
+
+async def test_transfer_ends_the_relay_and_dials_the_human(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([Reply("Connecting you now.", tool_calls=[("human", {})])])
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("I want a person.")
+            await twilio.utterance()
+            handoff_data = await twilio.end()
+        record = await stack.closed_record(call.call_id)
+    assert handoff_data == {"reason": "transfer", "transfer_to": "+14155550123"}
+    assert [t["kind"] for t in record.transcript][-3:] == ["tool", "transfer", "end"]
+    # Twilio then requests the <Connect action> URL with HandoffData: we answer with a <Dial>.
+    token, base = "tok3n", "https://voice.example.net"
+    async with ingest_client(nats_server.url, twilio_auth_token=token, public_base_url=base) as (client, _):
+        path = f"/api/v1/providers/twilio/relay-ended?call_id={call.call_id}&tenant={call.tenant}"
+
+        async def ended(data: dict[str, Any]) -> Any:
+            params = {"CallSid": sid, "CallStatus": "in-progress", "SessionStatus": "ended",
+                      "HandoffData": orjson.dumps(data).decode()}
+            signature = RequestValidator(token).compute_signature(base + path, params)
+            return await client.post(path, data=params, headers={"X-Twilio-Signature": signature})
+
+        dial = await ended(handoff_data)
+        hangup = await ended({"reason": "end_call"})
+        forged = await client.post(path, data={"HandoffData": orjson.dumps(handoff_data).decode()},
+                                   headers={"X-Twilio-Signature": "bm9wZQ=="})
+    assert dial.status_code == 200 and "<Dial>+14155550123</Dial>" in dial.text
+    assert "<Hangup />" in hangup.text and "Dial" not in hangup.text
+    assert forged.status_code == 403
+
+
+async def test_the_end_event_waits_for_the_final_transcript(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([Reply("Sure.")])
+        call, sid = await stack.answered_call(**BODY)
+        events = await js.subscribe(bus.event_subject(call.tenant, call.call_id), ordered_consumer=True)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            # The provider reports the end while the agent is still talking: the event is held.
+            await stack.runtime.tracker.advance(call.tenant, call.call_id, "completed", duration_seconds=42)
+            await twilio.prompt("Thanks, bye.")
+            await twilio.utterance()
+            held = await asyncio.gather(events.next_msg(timeout=0.5), return_exceptions=True)
+        await stack.closed_record(call.call_id)
+        sent = orjson.loads((await events.next_msg(timeout=5)).data)
+    assert isinstance(held[0], Exception)  # nothing was published before the conversation closed
+    assert sent["type"] == "call.completed" and sent["data"]["duration_seconds"] == 42
+    assert [t["kind"] for t in sent["data"]["transcript"]] == ["message", "message", "message", "end"]
+    assert sent["data"]["end_reason"] == "callee_hangup"
