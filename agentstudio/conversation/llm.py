@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import openai
-from openai import AsyncOpenAI, omit
+from openai import AsyncOpenAI, AsyncStream, omit
+from openai.types.chat import ChatCompletionChunk
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,17 @@ class ChatModel:
         calls: dict[int, _PartialCall] = {}
         reason: str | None = None
         with _translated_errors(endpoint, self._timeout):
-            response = await self._client(endpoint).chat.completions.create(
-                model=endpoint.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=endpoint.temperature,
-                max_tokens=endpoint.max_tokens,
-                stream=True,
-                **({"tools": tools} if tools else {}),
-                extra_headers={} if endpoint.api_key else {"Authorization": omit},
+            body: dict[str, Any] = {"model": endpoint.model, "messages": messages, "stream": True,
+                                    "temperature": endpoint.temperature, "max_tokens": endpoint.max_tokens}
+            if tools:
+                body["tools"] = tools
+            # The SDK's own request path (its typed `create`) re-walks every message of the history on
+            # each turn, several ms for a long call; the body we build is already the wire format, so it
+            # goes through the SDK's plain `post`, which still streams and parses the chunks.
+            response = await self._client(endpoint).post(
+                "/chat/completions", body=body, cast_to=ChatCompletionChunk, stream=True,
+                stream_cls=AsyncStream[ChatCompletionChunk],
+                options={"headers": {} if endpoint.api_key else {"Authorization": omit}},
             )
             async with response:
                 async for chunk in response:
