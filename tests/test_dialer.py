@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from agentstudio import bus
+from agentstudio.bundle_store import BundleWatcher
 from agentstudio.callstate import CallEvent, CallState, now
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.providers import SimulatedProvider
@@ -58,18 +59,23 @@ class CountingSimulator(SimulatedProvider):
 @asynccontextmanager
 async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterator[list[Dialer]]:
     conf = Settings(nats_url=nats_url, **{"cap_retry_seconds": 0.1, **settings})
-    conns, running, stop = [], [], asyncio.Event()
+    conns, running, watchers, stop = [], [], [], asyncio.Event()
     for _ in range(count):
         nc = await bus.connect(nats_url, "test-dialer")
         conns.append(nc)
+        watchers.append(BundleWatcher(await bus.bundles_bucket(nc.jetstream())))
+        await watchers[-1].start()
         running.append(await dialer_main.build(
-            nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05)))
+            nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05),
+            bundles=watchers[-1]))
     tasks = [asyncio.create_task(d.run(stop)) for d in running]
     try:
         yield running
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for watcher in watchers:
+            await watcher.stop()
         for nc in conns:
             await nc.close()
 

@@ -65,6 +65,9 @@ async def test_a_live_call_through_twilio(live, nats_server, twilio_mock, js) ->
     assert callback.startswith(f"{PUBLIC}/api/v1/providers/twilio/status?call_id={call_id}&tenant={t.name}")
     twiml = request.param("Twiml") or ""
     assert "<Connect" in twiml and "<ConversationRelay" in twiml and f'value="{call_id}"' in twiml
+    # The agent's speech settings, and Twilio's hard stop a minute after the agent's own limit.
+    assert 'language="en-US"' in twiml and 'ttsProvider="ElevenLabs"' in twiml
+    assert request.param("TimeLimit") == "660"
 
     sid = await provider_sid(js, t, call_id)
     assert sid.startswith("CA")

@@ -19,6 +19,8 @@ from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
 from agentstudio.bundle_store import BundleWatcher
+from agentstudio.calls import CallRequest
+from agentstudio.resources import AgentSpec
 from agentstudio.conversation import relay
 from agentstudio.conversation.conversation import Limits, Tools
 from agentstudio.conversation.llm import ChatModel
@@ -40,6 +42,7 @@ async def build(
     settings: Settings,
     announce: Callable[[str], None] | None = None,
     simulated_factory: Callable[[CallTracker], Provider] = SimulatedProvider,
+    bundles: BundleWatcher | None = None,
 ) -> Dialer:
     tracker = await tracker_for(nc)
     simulated = simulated_factory(tracker)
@@ -47,8 +50,23 @@ async def build(
     if settings.telephony_provider == "twilio":
         client = twilio_client(settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url)
         live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
-                              settings.ring_timeout_seconds)
+                              settings.ring_timeout_seconds, agent_of=entry_agent(bundles) if bundles else None,
+                              max_call_seconds=settings.max_call_seconds)
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
+
+
+def entry_agent(bundles: BundleWatcher) -> Callable[[CallRequest], AgentSpec | None]:
+    """The agent a call starts with, from the tenant's current bundle."""
+
+    def agent_of(call: CallRequest) -> AgentSpec | None:
+        bundle = bundles.snapshot.bundles.get(call.tenant)
+        if bundle is None:
+            return None
+        workflow = bundle.workflows.get(call.workflow_slug or "")
+        agent = bundle.agents.get(workflow.entry_agent if workflow else call.agent_slug or "")
+        return agent.spec if agent else None
+
+    return agent_of
 
 
 async def voice(
@@ -93,7 +111,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
-        dialer = await build(nc, settings)
+        dialer = await build(nc, settings, bundles=watcher)
         runtime = await voice(nc, settings, watcher, secrets)
         server = uvicorn.Server(uvicorn.Config(relay_app(runtime), host=settings.host, port=settings.port,
                                                log_config=None, access_log=False, ws=relay.UVICORN_WS))

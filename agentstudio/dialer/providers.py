@@ -16,6 +16,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from agentstudio.calls import CallRequest
+from agentstudio.resources import AgentSpec
 from agentstudio.conversation.relay import relay_url
 from agentstudio.dialer import phone_line
 from agentstudio.dialer.phone_line import Callee
@@ -127,19 +128,32 @@ class TwilioProvider:
         public_base_url: str,
         ring_timeout_seconds: int,
         machine_detection: bool = False,
+        agent_of: Callable[[CallRequest], AgentSpec | None] | None = None,
+        max_call_seconds: float | None = None,
     ) -> None:
         self._client = client
         self._from = from_number
         self._base = public_base_url.rstrip("/")
         self._timeout = ring_timeout_seconds
         self._amd = machine_detection
+        self._agent_of = agent_of
+        self._max_call_seconds = max_call_seconds
 
     def twiml(self, call: CallRequest) -> str:
-        """Connect the answered call to our ConversationRelay WebSocket (the voice agent)."""
+        """Connect the answered call to our ConversationRelay WebSocket (the voice agent), speaking
+        with the voice and language of the agent the call starts with."""
         response = VoiceResponse()
         connect = response.connect(action=f"{self._base}{RELAY_ENDED_PATH}?"
                                    + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
-        relay = connect.conversation_relay(url=relay_url(self._base), interruptible="any", dtmf_detection=True)
+        speech: dict[str, str] = {}
+        agent = self._agent_of(call) if self._agent_of is not None else None
+        if agent is not None:
+            speech = {"language": agent.language, "tts_provider": agent.voice.tts_provider,
+                      "transcription_provider": agent.voice.transcription_provider}
+            if agent.voice.voice:
+                speech["voice"] = agent.voice.voice
+        relay = connect.conversation_relay(url=relay_url(self._base), interruptible="any", dtmf_detection=True,
+                                           **speech)
         relay.parameter(name="call_id", value=call.call_id)
         relay.parameter(name="tenant", value=call.tenant)
         return str(response)
@@ -157,6 +171,11 @@ class TwilioProvider:
             "status_callback_method": "POST",
             "timeout": self._timeout,
         }
+        agent = self._agent_of(call) if self._agent_of is not None else None
+        if agent is not None:
+            # Twilio's own hard stop, a minute after the agent's polite one, in case nothing else ends it.
+            limit = min(agent.max_duration_seconds, self._max_call_seconds or agent.max_duration_seconds)
+            kwargs["time_limit"] = int(limit) + 60
         if self._amd:
             kwargs["machine_detection"] = "Enable"
         try:
