@@ -211,3 +211,54 @@ async def test_the_end_event_waits_for_the_final_transcript(nats_server: NatsSer
     assert sent["type"] == "call.completed" and sent["data"]["duration_seconds"] == 42
     assert [t["kind"] for t in sent["data"]["transcript"]] == ["message", "message", "message", "end"]
     assert sent["data"]["end_reason"] == "callee_hangup"
+
+
+CRM = [{
+    "apiVersion": "agentstudio.io/v1alpha1", "kind": "Agent", "metadata": {"name": "crm-agent"},
+    "spec": {
+        "prompt": "Log outcomes.", "firstMessage": "Hi.", "allowedHosts": ["127.0.0.1"],
+        "llm": {"baseUrl": "MODEL_URL", "apiKeySecretRef": {"name": "llm-credentials", "key": "api-key"}},
+        "tools": [{
+            "name": "log", "parameters": {"type": "object", "properties": {"note": {"type": "string"}}},
+            "action": {"type": "api_call", "method": "PUT", "url": "TARGET_URL/leads/{{user.user_id}}",
+                       "headers": {"X-Campaign": "{{metadata.campaign_id}}"},
+                       "headersFromSecrets": [{"name": "Authorization",
+                                               "secretKeyRef": {"name": "crm-token", "key": "token"}}],
+                       "body": {"note": "{{params.note}}", "phone": "{{context.phone_number}}"}},
+        }],
+    },
+}]
+
+
+async def test_api_call_headers_come_from_secrets_and_stay_out_of_the_record(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    token = "Bearer crm-" + "s3cr3t" * 4
+    async with voice_stack(nats_server.url, js, CRM, secrets={("crm-token", "token"): token}) as stack:
+        stack.model.script([Reply(tool_calls=[("log", {"note": "wants a demo"})]), Reply("Logged.")])
+        call, sid = await stack.answered_call(workflow_slug=None, agent_slug="crm-agent")
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("Book me a demo.")
+            assert await twilio.utterance() == "Logged."
+        record = await stack.closed_record(call.call_id)
+    [seen] = stack.target.seen
+    assert seen["method"] == "PUT" and seen["path"] == "/leads/user-123"
+    assert seen["headers"]["authorization"] == token and seen["headers"]["x-campaign"] == "trial_recovery_jan"
+    assert seen["json"] == {"note": "wants a demo", "phone": "+919876543210"}
+    assert token not in record.model_dump_json()
+    assert token not in orjson.dumps(stack.model.requests).decode()
+
+
+async def test_a_failing_model_ends_the_call_with_its_reason(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        stack.model.script([])  # every request answers 500
+        call, sid = await stack.answered_call(**BODY)
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("Hello?")
+            assert (await twilio.end())["reason"] == "model_error"
+        record = await stack.closed_record(call.call_id)
+    [end] = [t for t in record.transcript if t["kind"] == "end"]
+    assert end["reason"] == "model_error" and "500" in end["error"]  # why, without the key
+    assert record.end_reason == "model_error"

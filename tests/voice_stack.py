@@ -153,12 +153,15 @@ async def voice_stack(
     limits: Limits = Limits(speech_chars_per_second=1e6),
     allow_loopback: bool = True,
     extra: list[dict[str, Any]] = [],
+    secrets: dict[tuple[str, str], str] = {},
 ) -> AsyncIterator[VoiceStack]:
-    """The examples (or `manifests`, which may say MODEL_URL for the scripted model's) and `extra`
-    as a fresh tenant, talking on a served relay WebSocket."""
+    """The examples (or `manifests`, which may say MODEL_URL for the scripted model's, and TARGET_URL
+    for the HTTP target's) and `extra` as a fresh tenant, with `secrets` ((Secret, key) → value),
+    talking on a served relay WebSocket."""
     target = HttpTarget()
     with ScriptedModel(api_key=LLM_KEY) as model:
-        items = orjson.loads(orjson.dumps(manifests).replace(b"MODEL_URL", model.url.encode())) \
+        items = orjson.loads(orjson.dumps(manifests).replace(b"MODEL_URL", model.url.encode())
+                             .replace(b"TARGET_URL", target.url("").encode())) \
             if manifests is not None else example_manifests(model.url, target, allow_loopback)
         items = [*items, *extra]
         tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, located(items))
@@ -169,8 +172,9 @@ async def voice_stack(
         async with asyncio.timeout(5):
             while (b := watcher.snapshot.bundles.get(tenant.name)) is None or b.version < bundle.version:
                 await asyncio.sleep(0.01)
-        secrets = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY})
-        tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), secrets)
+        known = {(tenant.name, name, key): value for (name, key), value in secrets.items()}
+        reader = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY, **known})
+        tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), reader)
         runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits)
         port = free_port()
         try:
