@@ -32,7 +32,7 @@ class ChatRequest:
     """What the campaign would send; `slug` is a workflow's, or else an agent's."""
 
     slug: str
-    phone_number: str = "+15555550100"
+    phone_number: str = "+15005550006"  # Twilio's magic test number: valid, and nobody's phone
     user_id: str | None = "dev-user"
     user_context: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +45,12 @@ class Terminal:
         self.out = out
         self.call_id: str | None = None
         self._mid_utterance = False
+        # The conversation tells of a tool call as soon as it happens, while the words said before it
+        # may still be on their way over the WebSocket: a bracketed line waits for them, counted in
+        # characters (the terminal never barges in, so what was said is what arrives).
+        self._said: list[Turn] = []
+        self._arrived = 0
+        self._held: list[tuple[int, str]] = []
 
     def show(self, text: str, end: str = "\n") -> None:
         self.out.write(text + end)
@@ -62,10 +68,15 @@ class Terminal:
             self.show("agent> ", end="")
             self._mid_utterance = True
         self.show(token, end="")
+        self._arrived += len(token)
+        self._release()
 
     def turn(self, call_id: str, item: Turn) -> None:
         """The conversation's observer: what the callee cannot hear, shown in brackets."""
         if call_id != self.call_id:
+            return
+        if item.kind == "message" and item.speaker == "agent":
+            self._said.append(item)  # its text grows as the reply streams
             return
         shown = {
             "tool": lambda: f"[tool {item.tool} {orjson.dumps(item.arguments).decode()} → "
@@ -76,8 +87,29 @@ class Terminal:
             "end": lambda: f"[the agent ended the call: {item.reason}{' (' + item.error + ')' if item.error else ''}]",
         }.get(item.kind)
         if shown is not None:
-            self._end_utterance()
-            self.show("  " + shown())
+            held = (sum(len(said.text or "") for said in self._said), "  " + shown())
+            self._held.append(held)
+            self._release()
+            if self._held:
+                asyncio.get_running_loop().call_later(1.0, self._give_up, held)
+
+    def _release(self) -> None:
+        while self._held and self._held[0][0] <= self._arrived:
+            self._print_held()
+
+    def _give_up(self, held: tuple[int, str]) -> None:
+        """Words that never arrived (a reply cut mid-send) must not hold a line back for ever."""
+        while any(h is held for h in self._held):
+            self._print_held()
+
+    def flush(self) -> None:
+        """Print what is held back, whether or not the words before it arrived."""
+        while self._held:
+            self._print_held()
+
+    def _print_held(self) -> None:
+        self._end_utterance()
+        self.show(self._held.pop(0)[1])
 
     def _end_utterance(self) -> None:
         if self._mid_utterance:
@@ -97,6 +129,7 @@ class Terminal:
                     break
                 text = typed.result()
                 if text is None or text.strip() == "/hangup":
+                    self._end_utterance()
                     self.show("[you hung up]")
                     await line.hang_up()
                     break
@@ -169,6 +202,7 @@ async def outcome(store: CallStore, tenant: str, call_id: str, terminal: Termina
                     break
                 await asyncio.sleep(0.1)
     state = await store.get(tenant, call_id)
+    terminal.flush()
     if state is None:
         return
     terminal.show(f"call {call_id}: {state.status}, {state.duration_seconds or 0} s, "

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--chat", metavar="SLUG",
                    help="be the callee: a simulated call to this workflow (or agent), in the terminal")
-    p.add_argument("--phone", default="+15555550100", help="--chat: the number the campaign would send")
+    p.add_argument("--phone", default="+15005550006", help="--chat: the number the campaign would send")
     p.add_argument("--user-id", default="dev-user", help="--chat: user_id")
     p.add_argument("--user-context", type=_json_object, default={}, metavar="JSON", help="--chat: user_context")
     p.add_argument("--metadata", type=_json_object, default={}, metavar="JSON", help="--chat: metadata")

@@ -175,7 +175,9 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     nats.start()
     print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
     stop = asyncio.Event()
-    settings = Settings(nats_url=nats.url, host=host, port=port, public_base_url=f"http://{host}:{port}")
+    # Locally nothing is spoken aloud, so the agent need not wait for its words to play out.
+    settings = Settings(nats_url=nats.url, host=host, port=port, public_base_url=f"http://{host}:{port}",
+                        speech_chars_per_second=1e6)
     service = IngestService(settings)
     terminal = Terminal()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ POLICY_VIOLATION = 1008
 # uvicorn's websockets-sansio server (its "auto" choice) never finished shutting down after we
 # closed a refused socket (uvicorn 0.54); the websockets implementation does.
 UVICORN_WS = "websockets"
+warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
 
 
 def relay_url(public_base_url: str) -> str:
