@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import websockets
+from twilio.request_validator import RequestValidator
 from nats.js import JetStreamContext
 
 from agentstudio.natsserver import NatsServer
@@ -148,3 +149,21 @@ async def test_api_call_to_a_private_address_is_refused_unless_allow_listed(
     [tool] = [t for t in record.transcript if t["kind"] == "tool"]
     assert "loopback" in tool["error"]
     assert "loopback" in stack.model.requests[1]["messages"][-1]["content"]  # the model learns why
+
+
+async def test_with_an_auth_token_the_upgrade_must_carry_twilios_signature(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    token = "twilio-auth-token"
+    async with voice_stack(nats_server.url, js, twilio_auth_token=token) as stack:
+        call, sid = await stack.answered_call()
+        for signature in (None, "bm90IGl0", RequestValidator("another token").compute_signature(stack.relay, {})):
+            with pytest.raises(websockets.ConnectionClosed) as closed:  # before or after the setup went
+                async with TwilioRelay.connect(stack.relay, call, sid, signature) as twilio:
+                    await twilio.next()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert (await stack.record(call.call_id)).conversation is None
+        # Signed over the wss:// URL Twilio was given (here ws://, the stack has no TLS).
+        signed = RequestValidator(token).compute_signature(stack.relay, {})
+        async with TwilioRelay.connect(stack.relay, call, sid, signed) as twilio:
+            assert (await twilio.utterance()).startswith("Hi John")

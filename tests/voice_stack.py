@@ -154,6 +154,7 @@ async def voice_stack(
     allow_loopback: bool = True,
     extra: list[dict[str, Any]] = [],
     secrets: dict[tuple[str, str], str] = {},
+    twilio_auth_token: str = "",
 ) -> AsyncIterator[VoiceStack]:
     """The examples (or `manifests`, which may say MODEL_URL for the scripted model's, and TARGET_URL
     for the HTTP target's) and `extra` as a fresh tenant, with `secrets` ((Secret, key) → value),
@@ -175,8 +176,9 @@ async def voice_stack(
         known = {(tenant.name, name, key): value for (name, key), value in secrets.items()}
         reader = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY, **known})
         tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), reader)
-        runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits)
         port = free_port()
+        runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits,
+                               twilio_auth_token=twilio_auth_token, public_base_url=f"http://127.0.0.1:{port}")
         try:
             async with serve(dialer_main.relay_app(runtime), port), serve(target.app(), target.port):
                 yield VoiceStack(nc, nc.jetstream(), tenant, runtime, model, target, port)
@@ -196,8 +198,11 @@ class TwilioRelay:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str, call: calls.CallRequest, call_sid: str) -> AsyncIterator[TwilioRelay]:
-        async with websockets.connect(url) as ws:
+    async def connect(
+        cls, url: str, call: calls.CallRequest, call_sid: str, signature: str | None = None
+    ) -> AsyncIterator[TwilioRelay]:
+        headers = {"X-Twilio-Signature": signature} if signature is not None else {}
+        async with websockets.connect(url, additional_headers=headers) as ws:
             relay = cls(ws)
             await relay.send(type="setup", sessionId="VX" + uuid.uuid4().hex, accountSid="AC" + "1" * 32,
                              callSid=call_sid, parentCallSid="", **{"from": "+15005550006"}, to=call.phone_number,

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from twilio.request_validator import RequestValidator
 
 from agentstudio.conversation.runtime import Refused, VoiceRuntime
 
@@ -58,10 +59,26 @@ class RelayVoice:
         await self._send({"type": "end", "handoffData": orjson.dumps(data).decode()})
 
 
+def signed_by_twilio(ws: WebSocket, runtime: VoiceRuntime) -> bool:
+    """Twilio signs the upgrade request (X-Twilio-Signature) over the wss:// URL it was given, with the
+    query string's parameters as the signed parameters; without an auth token configured (a local
+    run) only the call sid check applies."""
+    if not runtime.twilio_auth_token:
+        return True
+    signature = ws.headers.get("x-twilio-signature", "")
+    url = relay_url(runtime.public_base_url)
+    params = dict(ws.query_params)
+    return bool(signature) and RequestValidator(runtime.twilio_auth_token).validate(url, params, signature)
+
+
 @router.websocket(RELAY_PATH)
 async def relay(ws: WebSocket) -> None:
     runtime: VoiceRuntime = ws.app.state.voice
     await ws.accept()
+    if not signed_by_twilio(ws, runtime):
+        log.warning("relay refused: missing or invalid X-Twilio-Signature")
+        await _close(ws, "missing or invalid X-Twilio-Signature")
+        return
     try:
         setup = orjson.loads(await asyncio.wait_for(ws.receive_text(), SETUP_TIMEOUT_SECONDS))
     except (TimeoutError, orjson.JSONDecodeError, WebSocketDisconnect, KeyError):

@@ -41,6 +41,8 @@ class VoiceRuntime:
         limits: Limits = Limits(),
         observer: Callable[[str, Turn], None] | None = None,
         record_wait_seconds: float = 5.0,
+        twilio_auth_token: str = "",
+        public_base_url: str = "",
     ) -> None:
         self.js = js
         self.tracker = tracker
@@ -49,6 +51,8 @@ class VoiceRuntime:
         self.limits = limits
         self.observer = observer  # `dev --chat` prints tool calls and handoffs as they happen
         self.record_wait_seconds = record_wait_seconds
+        self.twilio_auth_token = twilio_auth_token  # when set, the upgrade must carry Twilio's signature
+        self.public_base_url = public_base_url
 
     async def open(self, tenant: str, call_id: str, provider_call_id: str, voice: Voice) -> Session:
         """A conversation for the call, or Refused."""

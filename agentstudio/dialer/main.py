@@ -79,7 +79,8 @@ async def voice(
     """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
     tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets)
     limits = Limits(speech_chars_per_second=settings.speech_chars_per_second, max_call_seconds=settings.max_call_seconds)
-    return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer)
+    return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer,
+                        twilio_auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url)
 
 
 def relay_app(runtime: VoiceRuntime) -> FastAPI:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 import websockets
+from twilio.request_validator import RequestValidator
 
 from agentstudio.calls import CallRequest
 
@@ -98,10 +99,17 @@ class Callee(Protocol):
 
 @contextlib.asynccontextmanager
 async def connect(
-    relay_url: str, call: CallRequest, call_sid: str, on_token: Callable[[str], None] | None = None
+    relay_url: str,
+    call: CallRequest,
+    call_sid: str,
+    on_token: Callable[[str], None] | None = None,
+    auth_token: str = "",
 ) -> AsyncIterator[Line]:
-    """Open the relay WebSocket for an answered call, as Twilio does, and send its setup."""
-    async with websockets.connect(relay_url, max_size=2**20) as ws:
+    """Open the relay WebSocket for an answered call, as Twilio does (signed when there is an auth
+    token to sign with), and send its setup."""
+    headers = {"X-Twilio-Signature": RequestValidator(auth_token).compute_signature(relay_url, {})} \
+        if auth_token else {}
+    async with websockets.connect(relay_url, max_size=2**20, additional_headers=headers) as ws:
         await ws.send(orjson.dumps({
             "type": "setup",
             "sessionId": "VX" + uuid.uuid4().hex,

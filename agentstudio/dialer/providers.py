@@ -65,8 +65,10 @@ class SimulatedProvider:
         relay_url: str = "",
         callees: Callable[[CallRequest], Callee | None] | None = None,
         on_token: Callable[[CallRequest], Callable[[str], None] | None] | None = None,
+        auth_token: str = "",
     ) -> None:
         self._tracker = tracker
+        self._auth_token = auth_token  # signs the relay upgrade as Twilio would, where one is required
         self._ring_seconds = ring_seconds
         self._relay_url = relay_url
         self._callees = callees
@@ -100,7 +102,7 @@ class SimulatedProvider:
             if callee is not None:
                 await t.advance(tenant, cid, "in_progress")
                 on_token = self._on_token(call) if self._on_token is not None else None
-                async with phone_line.connect(self._relay_url, call, sid, on_token) as line:
+                async with phone_line.connect(self._relay_url, call, sid, on_token, self._auth_token) as line:
                     await callee(line)
                 await t.advance(tenant, cid, "completed")  # duration: from answer to hang-up
             elif outcome in ("no_answer", "busy"):
