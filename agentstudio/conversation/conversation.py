@@ -206,7 +206,11 @@ class Conversation:
         self._endpoint = Endpoint(spec.llm.base_url, spec.llm.model, api_key, spec.llm.temperature, spec.llm.max_tokens)
         self._tools = agent_tools(agent, self.workflow)
         variables = self.variables()
-        system = templating.render(spec.prompt, variables)
+        try:
+            system = templating.render(spec.prompt, variables)
+            first = templating.render(spec.first_message, variables) if spec.first_message is not None else None
+        except Exception as exc:  # noqa: BLE001 - the sandbox refusing what a manifest's template does
+            raise ConversationError(f"agent {agent.slug}: its prompt could not be rendered: {type(exc).__name__}") from None
         if previous is not None:
             system += f"\n\nYou are taking over this call from the {previous.slug} agent."
             if self._summary:
@@ -216,8 +220,8 @@ class Conversation:
             if spec.language != previous.spec.language:
                 await self.voice.language(spec.language)
         self._system = system
-        if spec.first_message is not None:
-            await self._say(templating.render(spec.first_message, variables))
+        if first is not None:
+            await self._say(first)
             self._arm_silence()
 
     async def _say(self, text: str) -> None:
