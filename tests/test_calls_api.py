@@ -22,7 +22,7 @@ from conftest import SEED_BODY, Tenant, example_resources, ingest_client, wait_f
 
 READER = "analytics-readonly"
 FIXED = ["call_id", "created_at", "status", "workflow_slug", "agent_slug", "user_id", "phone_number", "test",
-         "duration_seconds", "answered_at", "ended_at", "error_code", "error_message"]
+         "duration_seconds", "answered_at", "ended_at", "error_code", "error_message", "end_reason", "captured"]
 
 
 async def queue(client: httpx.AsyncClient, tenant: Tenant, key: str = "clevertap", **changes: Any) -> str:

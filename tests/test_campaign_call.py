@@ -6,6 +6,9 @@ call.completed at the tenant's receiver with the transcript, what was captured a
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
 
 from nats.js import JetStreamContext
 
@@ -68,6 +71,7 @@ async def test_the_seed_campaign_runs_end_to_end(nats_server: NatsServer, js: Je
                     while not receiver.received:
                         await asyncio.sleep(0.05)
                 record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("analytics-readonly"))).json()
+                export = await client.get("/api/v1/calls/export?format=csv", headers=t.auth("analytics-readonly"))
         finally:
             stop.set()
             await asyncio.gather(*running)
@@ -90,3 +94,5 @@ async def test_the_seed_campaign_runs_end_to_end(nats_server: NatsServer, js: Je
     # The record the calls API serves says the same.
     assert record["status"] == "completed" and record["captured"] == data["captured"]
     assert [t["kind"] for t in record["transcript"]] == [t["kind"] for t in data["transcript"]]
+    [row] = csv.DictReader(io.StringIO(export.text))
+    assert row["end_reason"] == "end_call" and json.loads(row["captured"]) == data["captured"]

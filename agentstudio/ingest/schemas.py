@@ -103,7 +103,10 @@ class CallRecord(BaseModel):
     error: CallErrorBody | None = Field(None, description="Why the call failed.")
     events: list[TimelineEntry] = Field(default_factory=list, description="Every status with its time.")
     transcript: list[dict[str, Any]] = Field(default_factory=list)
-    captured: dict[str, Any] = Field(default_factory=dict)
+    captured: dict[str, Any] = Field(default_factory=dict, description="What capture tools recorded, by tool.")
+    end_reason: str | None = Field(
+        None, description="Why the agent's conversation ended: end_call, callee_hangup, silence, max_duration, ..."
+    )
 
 
 class CallPage(BaseModel):

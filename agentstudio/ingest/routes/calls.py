@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from nats.errors import Error as NatsError
@@ -27,7 +28,7 @@ _FILTERS = frozenset({"status", "workflow_slug", "agent_slug", "created_after", 
 _METADATA = "metadata."
 CSV_COLUMNS = (
     "call_id", "created_at", "status", "workflow_slug", "agent_slug", "user_id", "phone_number", "test",
-    "duration_seconds", "answered_at", "ended_at", "error_code", "error_message",
+    "duration_seconds", "answered_at", "ended_at", "error_code", "error_message", "end_reason", "captured",
 )
 _FLUSH_BYTES = 16 * 1024
 
@@ -219,7 +220,8 @@ def csv_row(call: CallRecord, keys: list[str]) -> list[str]:
     fixed = [
         call.call_id, call.created_at, call.status, call.workflow_slug, call.agent_slug, call.user_id,
         call.phone_number, call.test, call.duration_seconds, call.answered_at, call.ended_at,
-        call.error.code if call.error else None, call.error.message if call.error else None,
+        call.error.code if call.error else None, call.error.message if call.error else None, call.end_reason,
+        orjson.dumps(call.captured).decode() if call.captured else None,  # JSON: tools define their own fields
     ]
     metadata = [calls_index.metadata_text(call.metadata[k]) if k in call.metadata else "" for k in keys]
     return [*map(text, fixed), *metadata]
@@ -258,5 +260,5 @@ def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
     if state is None:
         return CallRecord(**base, events=[TimelineEntry(status="pending", at=call.created_at)])
     progress = state.model_dump(include={"status", "provider", "answered_at", "ended_at", "duration_seconds",
-                                         "error", "events", "transcript", "captured"})
+                                         "error", "events", "transcript", "captured", "end_reason"})
     return CallRecord(**{**base, **progress})
