@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import websockets
 from twilio.request_validator import RequestValidator
@@ -35,7 +36,15 @@ async def test_the_seed_agent_greets_captures_logs_and_ends(nats_server: NatsSer
             assert (await twilio.utterance()).endswith("Goodbye!")
             assert await twilio.end() == {"reason": "end_call"}
         record = await stack.closed_record(call.call_id)
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{stack.port}/metrics")).text
 
+    # What the dialer's /metrics says of it.
+    assert 'agentstudio_conversations_ended_total{end_reason="end_call"} 1.0' in metrics
+    assert 'agentstudio_tool_calls_total{outcome="ok",type="capture"} 1.0' in metrics
+    assert 'agentstudio_tool_calls_total{outcome="ok",type="api_call"} 1.0' in metrics
+    assert "agentstudio_model_first_token_seconds_count 2.0" in metrics  # two replies began with words
+    assert "agentstudio_conversations_active 0.0" in metrics
     # The prompt rendered with the campaign's data; the key from the Secret; every tool offered.
     first = stack.model.requests[0]
     system = first["messages"][0]

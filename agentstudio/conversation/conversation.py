@@ -21,6 +21,7 @@ import orjson
 from agentstudio import templating
 from agentstudio.bundle import Bundle, CompiledAgent, CompiledWorkflow
 from agentstudio.calls import CallRequest
+from agentstudio.conversation.metrics import VoiceMetrics
 from agentstudio.conversation.llm import ChatModel, Endpoint, LlmError, TextDelta, ToolCall
 from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.tools import AgentTool, agent_tools, capture_problem, openai_tools, run_api_call
@@ -86,6 +87,7 @@ class Conversation:
         recorder: Recorder,
         limits: Limits = Limits(),
         observer: Callable[[Turn], None] | None = None,
+        metrics: VoiceMetrics | None = None,
     ) -> None:
         self.call = call
         self.bundle = bundle
@@ -94,6 +96,7 @@ class Conversation:
         self.recorder = recorder
         self.limits = limits
         self.observer = observer
+        self.metrics = metrics or VoiceMetrics()
         self.workflow: CompiledWorkflow | None = bundle.workflows.get(call.workflow_slug) if call.workflow_slug else None
         entry = self.workflow.entry_agent if self.workflow else call.agent_slug
         if call.workflow_slug and self.workflow is None:
@@ -301,12 +304,14 @@ class Conversation:
         words: list[str] = []
         calls: list[ToolCall] = []
         self._streaming = True
+        asked = self._loop.time()
         try:
             stream = self.deps.model.stream(self._endpoint, messages, openai_tools(self._tools) if with_tools else [])
             async with contextlib.aclosing(stream):  # a barge-in closes the model's response at once
                 async for event in stream:
                     if isinstance(event, TextDelta):
                         if said is None:
+                            self.metrics.first_token.observe(self._loop.time() - asked)
                             said = turn("message", self.agent.slug, speaker="agent", text="")
                             self.history.append(message)
                             self._add(said)
@@ -368,6 +373,7 @@ class Conversation:
                 elif handoff is None:
                     handoff = (self._agent(target), str(arguments.pop("summary", "") or ""))
                     result = f"handing the call to {target}"
+            self.metrics.tool_calls.labels(tool.action.type if tool else "unknown", "error" if error else "ok").inc()
             shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
             self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=result, error=error,
                            elapsed_ms=elapsed))

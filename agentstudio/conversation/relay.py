@@ -77,6 +77,7 @@ async def relay(ws: WebSocket) -> None:
     await ws.accept()
     if not signed_by_twilio(ws, runtime):
         log.warning("relay refused: missing or invalid X-Twilio-Signature")
+        runtime.metrics.refused.inc()
         await _close(ws, "missing or invalid X-Twilio-Signature")
         return
     try:
@@ -93,6 +94,7 @@ async def relay(ws: WebSocket) -> None:
         session = await runtime.open(tenant, call_id, str(setup.get("callSid") or ""), RelayVoice(ws))
     except Refused as exc:
         log.warning("relay refused", extra={"call_id": call_id, "tenant": tenant, "reason": str(exc)})
+        runtime.metrics.refused.inc()
         await _close(ws, str(exc))
         return
     conversation = session.conversation

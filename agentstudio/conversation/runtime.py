@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from agentstudio import calls
 from agentstudio.bundle_store import BundleWatcher
 from agentstudio.conversation.conversation import Conversation, ConversationError, Limits, Tools, Voice
+from agentstudio.conversation.metrics import VoiceMetrics
 from agentstudio.conversation.record import CallRecorder
 from agentstudio.conversation.transcript import Turn
 from agentstudio.tracking import CallTracker
@@ -53,6 +54,7 @@ class VoiceRuntime:
         self.record_wait_seconds = record_wait_seconds
         self.twilio_auth_token = twilio_auth_token  # when set, the upgrade must carry Twilio's signature
         self.public_base_url = public_base_url
+        self.metrics = VoiceMetrics()
 
     async def open(self, tenant: str, call_id: str, provider_call_id: str, voice: Voice) -> Session:
         """A conversation for the call, or Refused."""
@@ -79,17 +81,21 @@ class VoiceRuntime:
             conversation = Conversation(
                 request, bundle, voice, self.tools, recorder, self.limits,
                 observer=(lambda t: observer(call_id, t)) if observer is not None else None,
+                metrics=self.metrics,
             )
         except ConversationError as exc:
             raise Refused(str(exc)) from None
         if await recorder.open() is None:
             raise Refused("the call already has a conversation")
+        self.metrics.active.inc()
         log.info("conversation started", extra={"call_id": call_id, "tenant": tenant, "agent": conversation.agent.slug})
         return Session(conversation, recorder)
 
     async def close(self, session: Session) -> None:
         """The call is gone: stop the conversation and write its final record."""
         await session.conversation.hung_up()
+        self.metrics.active.dec()
+        self.metrics.ended.labels(session.conversation.end_reason or "unknown").inc()
         await session.recorder.close()
         log.info("conversation ended", extra={"call_id": session.recorder.call_id,
                                               "reason": session.conversation.end_reason})

@@ -7,7 +7,7 @@ from datetime import timedelta
 from collections.abc import Callable
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from nats.aio.client import Client as NATS
 
 from agentstudio import bus
@@ -91,6 +91,10 @@ def relay_app(runtime: VoiceRuntime) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
 
