@@ -119,7 +119,8 @@ def _dev(args: argparse.Namespace) -> int:
     chat = None if args.chat is None else ChatRequest(
         args.chat, args.phone, args.user_id, args.user_context, args.metadata)
     try:
-        asyncio.run(dev.run(args.directory, args.port, args.host, chat))
+        if not asyncio.run(dev.run(args.directory, args.port, args.host, chat)):
+            return 1  # --chat could not place its call
     except KeyboardInterrupt:
         pass
     return 0

@@ -168,7 +168,8 @@ async def _until_served(service: IngestService, bundle: Bundle, timeout: float =
     print(f"warning: ingest has not loaded bundle {bundle.tenant} version {bundle.version} yet", flush=True)
 
 
-async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None) -> None:
+async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None) -> bool:
+    """Run until stopped; with `chat`, until its call is over. False when the chat could not call."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
     nats = NatsServer(state / "nats", log_file=state / "nats.log")
@@ -210,10 +211,13 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
             asyncio.create_task(dispatcher.run(stop), name="webhooks"),
             asyncio.create_task(_watch(directory, key_file, kv, service, secrets, stop), name="watch"),
         ]
-        if chat is not None:
-            background.append(asyncio.create_task(
-                _chat(directory, key_file, chat, settings, server, terminal, dialer.store, ok), name="chat"))
+        chatting = None if chat is None else asyncio.create_task(
+            _chat(directory, key_file, chat, settings, server, terminal, dialer.store, ok), name="chat")
+        if chatting is not None:
+            background.append(chatting)
         await server.serve()  # returns on Ctrl-C, SIGTERM, or when the chat's call is over
+        chatted = chatting is None or (chatting.done() and not chatting.cancelled()
+                                       and chatting.exception() is None and chatting.result())
         stop.set()
         for task in background:
             task.cancel()
@@ -224,6 +228,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     finally:
         nats.stop()
         print("stopped", flush=True)
+    return chatted
 
 
 async def _chat(
@@ -235,14 +240,15 @@ async def _chat(
     terminal: Terminal,
     store: CallStore,
     manifests_ok: bool,
-) -> None:
-    """Place the chat's call once the server is up; stop the local run when the call is over."""
+) -> bool:
+    """Place the chat's call once the server is up; stop the local run when the call is over. Whether
+    a call was placed and talked through."""
     try:
         while not server.started:
             await asyncio.sleep(0.02)
         if not manifests_ok:
             print("chat: fix the manifests first", flush=True)
-            return
+            return False
         resources, _ = load_dir(directory)
         kinds = {(i.resource.kind, i.resource.slug) for i in resources if isinstance(i.resource, (Agent, Workflow))}
         slug_kind = "workflow_slug" if ("Workflow", request.slug) in kinds else \
@@ -250,13 +256,13 @@ async def _chat(
         if slug_kind is None:
             print(f"chat: no workflow or agent {request.slug!r}; there are: "
                   f"{', '.join(sorted(slug for _, slug in kinds))}", flush=True)
-            return
+            return False
         keys = sorted((i.resource.spec.mode != "test", i.resource.name, i.namespace or DEFAULT_TENANT)
                       for i in resources if isinstance(i.resource, ApiKey) and "calls:create" in i.resource.spec.scopes
                       and not i.resource.spec.disabled)
         if not keys:
             print("chat: add an ApiKey with the calls:create scope to the folder", flush=True)
-            return
+            return False
         _, key_name, tenant = keys[0]
         for item in resources:
             ref = item.resource.spec.llm.api_key_secret_ref if isinstance(item.resource, Agent) else None
@@ -267,8 +273,10 @@ async def _chat(
               flush=True)
         call_id = await place(f"http://{settings.host}:{settings.port}", key_name, key_file.keys[key_name], tenant,
                               body_for(request, slug_kind), terminal)
-        if call_id is not None:
-            await outcome(store, tenant, call_id, terminal, timeout=24 * 3600)
+        if call_id is None:
+            return False
+        await outcome(store, tenant, call_id, terminal, timeout=24 * 3600)
+        return True
     finally:
         server.should_exit = True
 
