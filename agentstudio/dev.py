@@ -194,8 +194,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         # Model keys and api_call headers come from AGENTSTUDIO_SECRET_<NAME>_<KEY> locally.
         runtime = await dialer_main.voice(nc, settings, bundles, EnvSecrets(), observer=terminal.turn)
         dialer_main.mount_relay(app, runtime)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                        ws=relay.UVICORN_WS))
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)

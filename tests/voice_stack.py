@@ -27,7 +27,7 @@ from agentstudio.callstate import CallState
 from agentstudio.conversation.conversation import Limits, Tools
 from agentstudio.conversation.llm import ChatModel
 from agentstudio.conversation.outbound import ApiCaller
-from agentstudio.conversation.relay import UVICORN_WS as RELAY_WS, relay_url
+from agentstudio.conversation.relay import relay_url
 from agentstudio.conversation.runtime import VoiceRuntime
 from agentstudio.dialer import main as dialer_main
 from agentstudio.manifests import Located
@@ -64,8 +64,7 @@ class HttpTarget:
 
 @asynccontextmanager
 async def serve(app: FastAPI, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           ws=RELAY_WS))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

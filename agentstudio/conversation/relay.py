@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from typing import Any
 
 import orjson
@@ -24,10 +23,6 @@ router = APIRouter(tags=["conversation"])
 RELAY_PATH = "/api/v1/relay"
 SETUP_TIMEOUT_SECONDS = 10.0
 POLICY_VIOLATION = 1008
-# uvicorn's websockets-sansio server (its "auto" choice) never finished shutting down after we
-# closed a refused socket (uvicorn 0.54); the websockets implementation does.
-UVICORN_WS = "websockets"
-warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
 
 
 def relay_url(public_base_url: str) -> str:

@@ -119,7 +119,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         dialer = await build(nc, settings, bundles=watcher)
         runtime = await voice(nc, settings, watcher, secrets)
         server = uvicorn.Server(uvicorn.Config(relay_app(runtime), host=settings.host, port=settings.port,
-                                               log_config=None, access_log=False, ws=relay.UVICORN_WS))
+                                               log_config=None, access_log=False))
         stale = timedelta(seconds=settings.stale_call_seconds)
 
         async def serve() -> None:
