@@ -346,6 +346,7 @@ class Conversation:
             tool = self._tools.get(call.name)
             arguments, result, error = self._arguments(call), None, None
             elapsed: int | None = None
+            answer: str | None = None  # what the model reads back; by default the result or the error
             if tool is None:
                 error = f"there is no tool named {call.name!r}"
             elif not isinstance(arguments, dict):
@@ -373,11 +374,13 @@ class Conversation:
                 elif handoff is None:
                     handoff = (self._agent(target), str(arguments.pop("summary", "") or ""))
                     result = f"handing the call to {target}"
+                else:
+                    error = "the call is already being handed over"
             self.metrics.tool_calls.labels(tool.action.type if tool else "unknown", "error" if error else "ok").inc()
             shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
             self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=result, error=error,
                            elapsed_ms=elapsed))
-            if not (tool is not None and tool.action.type == "api_call" and error is None):
+            if answer is None:
                 answer = orjson.dumps({"error": error} if error else {"result": result}).decode()
             self.history.append({"role": "tool", "tool_call_id": call.id, "content": answer})
         if ending is not None:
