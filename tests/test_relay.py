@@ -176,3 +176,24 @@ async def test_with_an_auth_token_the_upgrade_must_carry_twilios_signature(
         signed = RequestValidator(token).compute_signature(stack.relay, {})
         async with TwilioRelay.connect(stack.relay, call, sid, signed) as twilio:
             assert (await twilio.utterance()).startswith("Hi John")
+
+
+async def test_malformed_frames_are_dropped_and_a_bad_setup_is_refused(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    async with voice_stack(nats_server.url, js) as stack:
+        stack.model.script([Reply("Still here.")])
+        call, sid = await stack.answered_call()
+        for first in ("[1, 2]", "not json", '{"type": "prompt", "voicePrompt": "hi"}'):
+            async with websockets.connect(stack.relay) as ws:
+                await ws.send(first)
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.ws.send("{oops")
+            await twilio.ws.send(b"\x00binary")
+            await twilio.send(type="error", description="Invalid message received")
+            await twilio.prompt("Hello?")
+            assert await twilio.utterance() == "Still here."  # the session carried on

@@ -80,7 +80,7 @@ async def relay(ws: WebSocket) -> None:
     except (TimeoutError, orjson.JSONDecodeError, WebSocketDisconnect, KeyError):
         await _close(ws, "expected a setup message")
         return
-    params = setup.get("customParameters") or {} if isinstance(setup, dict) else {}
+    params = (setup.get("customParameters") or {}) if isinstance(setup, dict) else None
     if not isinstance(setup, dict) or setup.get("type") != "setup" or not isinstance(params, dict):
         await _close(ws, "expected a setup message")
         return
@@ -96,10 +96,9 @@ async def relay(ws: WebSocket) -> None:
     try:
         await conversation.start()
         while True:
-            raw = await ws.receive_text()
             try:
-                message = orjson.loads(raw)
-            except orjson.JSONDecodeError:
+                message = orjson.loads(await ws.receive_text())
+            except (orjson.JSONDecodeError, KeyError):  # an invalid or binary frame is dropped, as Twilio does
                 continue
             kind = message.get("type") if isinstance(message, dict) else None
             if kind == "prompt" and message.get("last", True) is not False:
