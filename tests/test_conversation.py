@@ -262,3 +262,18 @@ async def test_a_failing_model_ends_the_call_with_its_reason(nats_server: NatsSe
     [end] = [t for t in record.transcript if t["kind"] == "end"]
     assert end["reason"] == "model_error" and "500" in end["error"]  # why, without the key
     assert record.end_reason == "model_error"
+
+
+async def test_an_api_call_whose_secret_is_missing_is_not_sent(nats_server: NatsServer, js: JetStreamContext) -> None:
+    async with voice_stack(nats_server.url, js, CRM) as stack:  # no crm-token Secret
+        stack.model.script([Reply(tool_calls=[("log", {"note": "x"})]), Reply("Sorry, I couldn't log that.")])
+        call, sid = await stack.answered_call(workflow_slug=None, agent_slug="crm-agent")
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("Log it.")
+            await twilio.utterance()
+        record = await stack.closed_record(call.call_id)
+    assert stack.target.seen == []
+    [tool] = [t for t in record.transcript if t["kind"] == "tool"]
+    assert tool["error"] == "secret crm-token/token is not readable"
+    assert orjson.loads(stack.model.requests[1]["messages"][-1]["content"]) == {"error": tool["error"]}

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from agentstudio import templating
 from agentstudio.bundle import CompiledAgent, CompiledWorkflow
 from agentstudio.conversation.outbound import ApiCaller
@@ -98,12 +100,12 @@ async def run_api_call(
         body = templating.render_json(action.body, scope) if action.body is not None else None
     except Exception as exc:  # noqa: BLE001 - a sandbox refusal or a type error in a template
         error = f"the tool's template could not be rendered: {type(exc).__name__}"
-        return ApiOutcome(f'{{"error": "{error}"}}', {}, error, 0)
+        return ApiOutcome(_error(error), {}, error, 0)
     for header in action.headers_from_secrets:
         value = await secrets.get(tenant, header.secret_key_ref)
         if value is None:
             error = f"secret {header.secret_key_ref.name}/{header.secret_key_ref.key} is not readable"
-            return ApiOutcome(f'{{"error": "{error}"}}', {}, error, int((time.monotonic() - started) * 1000))
+            return ApiOutcome(_error(error), {}, error, int((time.monotonic() - started) * 1000))
         headers[header.name] = value
     answer = await caller.call(action.method, url, headers, body, action.timeout_seconds, allowed_hosts)
     summary = answer.for_model()
@@ -111,3 +113,7 @@ async def run_api_call(
     if answer.error is None:
         result["body"] = summary[:500]
     return ApiOutcome(summary, result, answer.error, answer.elapsed_ms)
+
+
+def _error(message: str) -> str:
+    return orjson.dumps({"error": message}).decode()
