@@ -317,14 +317,14 @@ class Conversation:
                             self._add(said)
                             self._last_said = (said, message)
                         words.append(event.text)
-                        said.text = message["content"] = "".join(words)
                         self._open_utterance = True
                         await self.voice.text(event.text, False)
                     elif isinstance(event, ToolCall):
                         calls.append(event)
         finally:
             self._streaming = False
-            if said is not None:
+            if said is not None:  # what was sent, also when a barge-in cut the stream
+                said.text = message["content"] = "".join(words)
                 self._changed()
         if self._open_utterance:
             self._open_utterance = False

@@ -22,7 +22,7 @@ class CallRecorder:
         self.tracker = tracker
         self.tenant = tenant
         self.call_id = call_id
-        self._latest: tuple[list[dict[str, Any]], dict[str, Any], str | None] | None = None
+        self._latest: tuple[list[Turn], dict[str, Any], str | None] | None = None
         self._dirty = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -40,7 +40,9 @@ class CallRecorder:
         return state
 
     def update(self, transcript: list[Turn], captured: dict[str, Any], end_reason: str | None) -> None:
-        self._latest = ([t.record() for t in transcript], dict(captured), end_reason)
+        # Only references: the serialising happens when the write does, off the path from the
+        # callee's words to the model's request (and a burst of updates costs one of it).
+        self._latest = (transcript, captured, end_reason)
         self._dirty.set()
 
     async def close(self) -> CallState | None:
@@ -69,7 +71,7 @@ class CallRecorder:
         update: dict[str, Any] = {"conversation": "closed"} if close else {}
         if self._latest is not None:
             transcript, captured, end_reason = self._latest
-            update.update(transcript=transcript, captured=captured, end_reason=end_reason)
+            update.update(transcript=[t.record() for t in transcript], captured=dict(captured), end_reason=end_reason)
         return state.model_copy(update=update) if update else None
 
     async def _write_loop(self) -> None:
