@@ -257,10 +257,16 @@ class Conversation:
         if cut:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self._open_utterance:
-            self._open_utterance = False
-            await self.voice.text("", True)  # tell Twilio the cut reply is over (as its own sample does)
+        await self._end_utterance()  # a cut reply is over too (Twilio's own sample says so the same way)
         return cut
+
+    async def _end_utterance(self) -> bool:
+        """Send the `last: true` of words sent without it; whether there were any."""
+        if not self._open_utterance:
+            return False
+        self._open_utterance = False
+        await self.voice.text("", True)
+        return True
 
     async def _respond(self, note: str | None = None) -> None:
         try:
@@ -326,9 +332,7 @@ class Conversation:
             if said is not None:  # what was sent, also when a barge-in cut the stream
                 said.text = message["content"] = "".join(words)
                 self._changed()
-        if self._open_utterance:
-            self._open_utterance = False
-            await self.voice.text("", True)
+        if await self._end_utterance():
             self._spoken("".join(words))
         if calls:
             if said is None:
@@ -445,9 +449,7 @@ class Conversation:
         if self._reply is not None and not self._reply.done():
             self._reply.cancel()
             await asyncio.gather(self._reply, return_exceptions=True)
-        if self._open_utterance:
-            self._open_utterance = False
-            await self.voice.text("", True)
+        await self._end_utterance()
         await self._goodbye(TIME_UP, "max_duration")
 
     async def _goodbye(self, note: str, reason: str) -> None:
