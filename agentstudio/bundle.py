@@ -90,6 +90,11 @@ class Bundle(Frozen):
     keys: dict[str, KeyEntry] = Field(default_factory=dict)  # sha256 hex → entry
     subscriptions: list[CompiledSubscription] = Field(default_factory=list)
 
+    def entry_slug(self, workflow_slug: str | None, agent_slug: str | None) -> str | None:
+        """The agent a call starts with: its workflow's entry agent, else the agent it names."""
+        workflow = self.workflows.get(workflow_slug) if workflow_slug else None
+        return workflow.entry_agent if workflow else agent_slug
+
     def content_digest(self) -> str:
         """Digest of what the bundle says, independent of version and compile time."""
         body = self.model_dump(mode="json", exclude={"version", "digest", "compiled_at"})

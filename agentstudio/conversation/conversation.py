@@ -98,10 +98,9 @@ class Conversation:
         self.observer = observer
         self.metrics = metrics or VoiceMetrics()
         self.workflow: CompiledWorkflow | None = bundle.workflows.get(call.workflow_slug) if call.workflow_slug else None
-        entry = self.workflow.entry_agent if self.workflow else call.agent_slug
         if call.workflow_slug and self.workflow is None:
             raise ConversationError(f"workflow {call.workflow_slug!r} no longer exists")
-        self.agent = self._agent(entry or "")
+        self.agent = self._agent(bundle.entry_slug(call.workflow_slug, call.agent_slug) or "")
         self.transcript: list[Turn] = []
         self.captured: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []  # the conversation as the model reads it, without system

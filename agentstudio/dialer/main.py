@@ -62,8 +62,7 @@ def entry_agent(bundles: BundleWatcher) -> Callable[[CallRequest], AgentSpec | N
         bundle = bundles.snapshot.bundles.get(call.tenant)
         if bundle is None:
             return None
-        workflow = bundle.workflows.get(call.workflow_slug or "")
-        agent = bundle.agents.get(workflow.entry_agent if workflow else call.agent_slug or "")
+        agent = bundle.agents.get(bundle.entry_slug(call.workflow_slug, call.agent_slug) or "")
         return agent.spec if agent else None
 
     return agent_of

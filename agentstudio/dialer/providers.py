@@ -141,14 +141,13 @@ class TwilioProvider:
         self._agent_of = agent_of
         self._max_call_seconds = max_call_seconds
 
-    def twiml(self, call: CallRequest) -> str:
+    def twiml(self, call: CallRequest, agent: AgentSpec | None) -> str:
         """Connect the answered call to our ConversationRelay WebSocket (the voice agent), speaking
         with the voice and language of the agent the call starts with."""
         response = VoiceResponse()
         connect = response.connect(action=f"{self._base}{RELAY_ENDED_PATH}?"
                                    + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
         speech: dict[str, str] = {}
-        agent = self._agent_of(call) if self._agent_of is not None else None
         if agent is not None:
             speech = {"language": agent.language, "tts_provider": agent.voice.tts_provider,
                       "transcription_provider": agent.voice.transcription_provider}
@@ -164,16 +163,16 @@ class TwilioProvider:
         return f"{self._base}{STATUS_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
 
     async def place(self, call: CallRequest) -> str:
+        agent = self._agent_of(call) if self._agent_of is not None else None
         kwargs: dict[str, object] = {
             "to": call.phone_number,
             "from_": self._from,
-            "twiml": self.twiml(call),
+            "twiml": self.twiml(call, agent),
             "status_callback": self.status_callback(call),
             "status_callback_event": STATUS_EVENTS,
             "status_callback_method": "POST",
             "timeout": self._timeout,
         }
-        agent = self._agent_of(call) if self._agent_of is not None else None
         if agent is not None:
             # Twilio's own hard stop, a minute after the agent's polite one, in case nothing else ends it.
             limit = min(agent.max_duration_seconds, self._max_call_seconds or agent.max_duration_seconds)
