@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
+from latency import summary  # noqa: E402
 
 from agentstudio import bus, calls, signing  # noqa: E402
 from agentstudio.dialer import main as dialer_main  # noqa: E402
@@ -56,11 +56,6 @@ kind: ApiKey
 metadata: {name: k}
 spec: {scopes: ["calls:create"], mode: test, rateLimitPerMinute: 1000000}
 """
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] * 1000
 
 
 class Timed(SimulatedProvider):
@@ -115,8 +110,7 @@ async def accept_to_provider(nats_url: str, js: Any, n: int) -> dict[str, Any]:
         [msg] = await sub.fetch(1, timeout=5)
         await msg.ack()
         floor.append(time.perf_counter() - start)
-    ours = {"p50_ms": statistics.median(latencies) * 1000, "p99_ms": pct(latencies, 99), "n": n}
-    base = {"p50_ms": statistics.median(floor) * 1000, "p99_ms": pct(floor, 99), "n": n}
+    ours, base = summary(latencies), summary(floor)
     return {"accept_to_provider": ours, "baseline_publish_to_consumer": base,
             "ratio_p99": ours["p99_ms"] / base["p99_ms"], "goal_p99_ms": 150}
 

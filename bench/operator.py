@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import controlplane  # noqa: E402
+from latency import summary  # noqa: E402
 
 from agentstudio import bundle_store, bus  # noqa: E402
 from agentstudio.ingest.service import IngestService  # noqa: E402
@@ -38,16 +38,6 @@ from agentstudio.resources import GROUP, KINDS, VERSION  # noqa: E402
 from agentstudio.settings import Settings  # noqa: E402
 
 NS = "bench"
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"p50_ms": statistics.median(values) * 1000, "p95_ms": percentile(values, 95) * 1000,
-            "max_ms": max(values) * 1000, "n": len(values)}
 
 
 async def until_prompt(svc: IngestService, prompt: str, timeout: float = 30) -> float:
@@ -96,7 +86,7 @@ async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int)
             direct.append(await until_prompt(svc, prompt) - start)
     finally:
         await svc.stop()
-    operator_stats, direct_stats = summary(via_operator), summary(direct)
+    operator_stats, direct_stats = summary(via_operator, (95,)), summary(direct, (95,))
     return {
         "apply_to_ingest": operator_stats,
         "baseline_kv_publish_to_ingest": direct_stats,

@@ -43,22 +43,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scripted_model import Reply, ScriptedModel  # noqa: E402
 from voice_stack import LLM_KEY, TwilioRelay, VoiceStack, voice_stack  # noqa: E402
 
+from latency import summary  # noqa: E402
+
 from agentstudio import bus  # noqa: E402
 from agentstudio.conversation.llm import ChatModel, Endpoint, TextDelta  # noqa: E402
 from agentstudio.natsserver import NatsServer  # noqa: E402
 
 ANSWER = "Sure, happy to help with that."
 SAID = "Yes, the OTP never arrived. Can you help me finish?"
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] * 1000
-
-
-def summary(seconds: list[float]) -> dict[str, Any]:
-    return {"p50_ms": statistics.median(seconds) * 1000, "p90_ms": pct(seconds, 90), "p99_ms": pct(seconds, 99),
-            "max_ms": max(seconds) * 1000, "n": len(seconds)}
 
 
 async def turns(stack: VoiceStack, count: int, per_call: int) -> tuple[list[tuple[int, float]], dict[str, Any]]:
@@ -140,7 +132,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await raw_httpx(stack.model, body, args.warmup)
             raw = await raw_httpx(stack.model, body, args.turns)
         await nc.close()
-    ours, base, floor = summary([s for _, s in latencies]), summary(chat), summary(raw)
+    ours, base, floor = (summary(s, (90, 99)) for s in ([s for _, s in latencies], chat, raw))
     tenth = max(1, args.turns_per_call // 10)
     early = [s for i, s in latencies if i < tenth]
     late = [s for i, s in latencies if i >= args.turns_per_call - tenth]
