@@ -38,16 +38,10 @@ def env_name(ref: SecretKeyRef) -> str:
 
 class EnvSecrets:
     """`agent-studio dev`: a Secret's value comes from the environment (see env_name), so a local run
-    needs no Secret written to disk; `fallback` answers what the environment does not."""
-
-    def __init__(self, fallback: SecretReader | None = None) -> None:
-        self._fallback = fallback
+    needs no Secret written to disk."""
 
     async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
-        value = os.environ.get(env_name(ref))
-        if value is None and self._fallback is not None:
-            return await self._fallback.get(tenant, ref)
-        return value
+        return os.environ.get(env_name(ref))
 
 
 class KubeSecrets:
