@@ -365,12 +365,20 @@ class Condition(Model):
     observed_generation: int | None = None
 
 
+# What the API server fills in before the operator has written anything: the convention of Flux's
+# own kinds. kstatus (Flux's health checks, `kpt live status`) reads an object with no status as
+# Current, i.e. healthy; with observedGeneration -1 ≠ metadata.generation it reads InProgress.
+UNOBSERVED_STATUS = {"observedGeneration": -1}
+
+
 class Status(Model):
-    """Written by the operator only, through the status subresource."""
+    """Written by the operator only, through the status subresource; conditions as kstatus reads them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"default": UNOBSERVED_STATUS})
 
-    observed_generation: int | None = None
+    observed_generation: Annotated[
+        int, Field(description="metadata.generation the operator last reported on; -1 until it has.")
+    ] = -1
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -23,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import controlplane
+import kstatus
 from agentstudio.ingest.service import IngestService
 from agentstudio.natsserver import NatsServer
 from agentstudio.resources import GROUP, KINDS, VERSION
@@ -190,6 +191,8 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
     braze = cluster.api_key(ns, "braze")
     assert await eventually(lambda: _status_is(client_, braze, 201))
+    webengage = cluster.api_key(ns, "webengage")  # platform: webengage compiles to "answer 200"
+    assert await eventually(lambda: _status_is(client_, webengage, 200))
     disabled = cluster.get(ns, "ApiKey", "braze")
     disabled["spec"]["disabled"] = True
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "braze", disabled)
@@ -258,6 +261,8 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
         ({"kind": "Agent", "metadata": {"name": "a"},
           "spec": {"prompt": "x", "tools": [{"name": "t", "action": {"type": "api_call"}}]}}, "api_call needs url"),
         ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:delete"]}}, "spec.scopes[0]"),
+        ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:create"], "successStatus": 202}},
+         "spec.successStatus: Unsupported value"),
         ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
           "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
         ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),
@@ -455,3 +460,17 @@ async def test_a_receiver_that_answered_410_shows_on_its_subscription(cluster: C
     sub["spec"]["url"] = "https://example.com/webhooks/v2"
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "webhooksubscriptions", "results", sub)
     cluster.wait_ready(ns, "WebhookSubscription", "results")  # a new URL is the user's answer
+
+
+def test_a_new_object_reads_in_progress_until_the_operator_reports(control_plane: controlplane.ControlPlane) -> None:
+    """Flux judges with kstatus, which calls an object with no status Current: a broken manifest would
+    pass Flux's health check before the operator ever looked at it (and forever with no operator)."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    control_plane.tenant_namespace(ns)
+    api = client.CustomObjectsApi(control_plane.api())
+    docs = manifests(EXAMPLES)
+    for doc in docs:  # no operator serves this namespace
+        api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[doc["kind"]], doc)
+    objects = [api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[d["kind"]], d["metadata"]["name"])
+               for d in docs]
+    assert [r["status"] for r in kstatus.compute(*objects)] == ["InProgress"] * len(docs), objects[0].get("status")
