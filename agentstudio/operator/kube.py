@@ -1,4 +1,5 @@
-"""The operator's own Kubernetes API calls (Secrets, status, Events), through the official client.
+"""The operator's own Kubernetes API calls (Secrets, status, Events, the bundle summary ConfigMap), through
+the official client.
 
 Kopf watches and dispatches; what the operator writes by itself goes through here, in a thread so the
 event loop never blocks. Secret *values* never leave these functions except as return values.
@@ -79,6 +80,16 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
+
+    async def apply_config_map(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Set an operator-owned ConfigMap's data, creating it the first time."""
+        try:
+            await asyncio.to_thread(self.core.patch_namespaced_config_map, name, namespace, {"data": data})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), data=data)
+            await asyncio.to_thread(self.core.create_namespaced_config_map, namespace, body)
 
     async def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = body["metadata"]

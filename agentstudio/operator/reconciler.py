@@ -4,6 +4,12 @@ A burst of changes is debounced into one compile. A namespace is all or nothing:
 has errors, nothing is published and the last good bundle stays in force; the broken resources get
 Ready=False with the reason and a Warning Event, and the others say whether their current generation
 is live. Compile warnings never block: they follow the Ready message, with a Warning Event when they change.
+
+Conditions follow kstatus (sigs.k8s.io/cli-utils pkg/kstatus), which Flux's health checks apply:
+`Reconciling=True` while a new generation is being compiled, `Stalled=True` (with Ready's reason)
+while it cannot go live without a change to a manifest; both are removed when they stop being true.
+Status is written only where it changes: a publish writes the objects whose generation it made live
+and the namespace's summary (the ConfigMap `agent-studio-bundle`), not every object in the namespace.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store
-from agentstudio.bundle import KeyMaterial, compile_bundle
+from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.manifests import Located, Problem, parse
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
@@ -32,6 +38,12 @@ PLURALS = {kind: model.PLURAL for kind, model in KINDS.items()}
 # Separates the Ready message from the compile warnings appended to it; the old status is the only
 # record of which warnings a user has already been told about, so it survives restarts.
 WARNINGS = "; warnings: "
+
+# kstatus' "abnormal-true" condition types: present only while True.
+RECONCILING, STALLED = "Reconciling", "Stalled"
+
+# The namespace-level summary of what is in force: version, digest and size of the live bundle.
+SUMMARY = "agent-studio-bundle"
 
 
 class IndexesNotReady(Exception):
@@ -48,6 +60,7 @@ class _Namespace:
     task: asyncio.Task[None] | None = None
     published: dict[str, int] = field(default_factory=dict)  # ref → generation in the live bundle
     version: int | None = None
+    summary: dict[str, str] | None = None  # what the summary ConfigMap says
 
 
 class Reconciler:
@@ -96,6 +109,18 @@ class Reconciler:
             state.published.clear()
             log.info("namespace has no resources: bundle removed", extra={"tenant": namespace})
             return
+        # Says Reconciling on the objects with an unreported generation while the compile runs.
+        marking = asyncio.create_task(self._mark_reconciling(bodies))
+        try:
+            await self._compile(namespace, state, bodies, marking)
+        finally:
+            if not marking.done():
+                marking.cancel()
+            await asyncio.gather(marking, return_exceptions=True)
+
+    async def _compile(
+        self, namespace: str, state: _Namespace, bodies: list[dict[str, Any]], marking: asyncio.Task[None]
+    ) -> None:
         located: list[Located] = []
         problems: list[Problem] = []
         for body in bodies:
@@ -127,14 +152,44 @@ class Reconciler:
             state.version = published.version
             state.published = {ref(b): b["metadata"].get("generation", 0) for b in bodies}
             log.info("bundle published", extra={"tenant": namespace, "version": published.version})
+            await self._summarise(namespace, state, published)
         else:
             log.warning(
                 "bundle not published: resources have errors",
                 extra={"tenant": namespace, "errors": sorted(by_ref)},
             )
+        await marking  # our final word on an object must come after "Reconciling"
         for body in bodies:
             own = by_ref.get(ref(body), [])
             await self._report(body, own, warned.get(ref(body), []), sorted(by_ref), state, key_states)
+
+    async def _mark_reconciling(self, bodies: list[dict[str, Any]]) -> None:
+        for body in bodies:
+            generation = body["metadata"].get("generation", 0)
+            old = body.get("status") or {}
+            if old.get("observedGeneration") == generation:
+                continue  # reported on already: a compile of someone else's change
+            previous = _find(old, RECONCILING)
+            if previous and previous.get("status") == "True" and previous.get("observedGeneration") == generation:
+                continue  # marked by an earlier attempt
+            ready = _find(old, "Ready") or _condition(old, "Ready", "Unknown", "Compiling", "", generation)
+            marked = [ready, _condition(old, RECONCILING, "True", "Compiling", f"compiling generation {generation}",
+                                        generation)]
+            meta = body["metadata"]
+            await self._kube.patch_status(PLURALS[body["kind"]], meta["namespace"], meta["name"], {"conditions": marked})
+
+    async def _summarise(self, namespace: str, state: _Namespace, published: Bundle) -> None:
+        summary = {
+            "version": str(published.version),
+            "digest": published.digest,
+            "agents": str(len(published.agents)),
+            "workflows": str(len(published.workflows)),
+            "apiKeys": str(len(published.keys)),
+            "webhookSubscriptions": str(len(published.subscriptions)),
+        }
+        if summary != state.summary:
+            await self._kube.apply_config_map(namespace, SUMMARY, summary)
+            state.summary = summary
 
     def _gone(self, body: dict[str, Any]) -> tuple[str, str] | None:
         if body["kind"] != "WebhookSubscription":
@@ -157,28 +212,39 @@ class Reconciler:
         pending = key_states[body["metadata"]["name"]].pending if body["kind"] == "ApiKey" and \
             body["metadata"]["name"] in key_states else None
         warning = self._gone(body)
+        old = body.get("status") or {}
+        old_ready, old_reason, old_message = _ready_of(old)
+        old_message, _, old_notes = (old_message or "").partition(WARNINGS)
+        live = _find(old, "Ready") or {}
+        reported_live = (old_ready, old_reason, live.get("observedGeneration")) == ("True", "Published", generation)
+        stalled = True
         if own:
             ready, reason = "False", own[0].reason
             message = _lines(own)
         elif pending is not None:
             ready, (reason, message) = "False", pending
+            stalled = False
         elif warning is not None:
             ready, (reason, message) = "False", warning
-        elif state.published.get(ref(body)) == generation:
-            ready, reason, message = "True", "Published", f"live in bundle version {state.version}"
+        elif state.published.get(ref(body)) == generation or (not state.published and reported_live):
+            # (Before this process's first publish, the status it finds is the record of what is live.)
+            ready, reason, stalled = "True", "Published", False
+            # Said once, when this generation went live: a later publish of others' changes rewrites nothing.
+            message = old_message if reported_live else f"live since bundle version {state.version}"
         else:
             ready, reason = "False", "Blocked"
             message = f"not published: {', '.join(broken)} in this namespace has errors"
         notes = _lines(warnings)
-        old = body.get("status") or {}
-        condition = _condition(old, ready, reason, message + (WARNINGS + notes if notes else ""), generation)
-        status: dict[str, Any] = {"observedGeneration": generation, "conditions": [condition]}
+        conditions = [_condition(old, "Ready", ready, reason, message + (WARNINGS + notes if notes else ""), generation)]
+        if pending is not None:
+            conditions.append(_condition(old, RECONCILING, "True", reason, message, generation))
+        if stalled:
+            conditions.append(_condition(old, STALLED, "True", reason, message, generation))
+        status: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
         status.update(_kind_status(body, key_states))
         if all(old.get(k) == v for k, v in status.items()):
             return
         await self._kube.patch_status(PLURALS[body["kind"]], body["metadata"]["namespace"], body["metadata"]["name"], status)
-        old_ready, old_reason, old_message = _ready_of(old)
-        old_message, _, old_notes = (old_message or "").partition(WARNINGS)
         if ready == "False" and pending is None and (old_ready, old_reason, old_message) != (ready, reason, message):
             await self._kube.event(body, "Warning", reason, message)
         elif ready == "True" and old_ready != "True":
@@ -200,19 +266,21 @@ def _lines(problems: list[Problem]) -> str:
     return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
 
 
+def _find(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+
+
 def _ready_of(status: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-    for c in status.get("conditions") or []:
-        if c.get("type") == "Ready":
-            return c.get("status"), c.get("reason"), c.get("message")
-    return None, None, None
+    ready = _find(status, "Ready") or {}
+    return ready.get("status"), ready.get("reason"), ready.get("message")
 
 
-def _condition(old: dict[str, Any], ready: str, reason: str, message: str, generation: int) -> dict[str, Any]:
-    previous = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), None)
-    changed = previous is None or previous.get("status") != ready
+def _condition(old: dict[str, Any], type_: str, value: str, reason: str, message: str, generation: int) -> dict[str, Any]:
+    previous = _find(old, type_)
+    changed = previous is None or previous.get("status") != value
     return {
-        "type": "Ready",
-        "status": ready,
+        "type": type_,
+        "status": value,
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
