@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -563,3 +564,27 @@ async def test_a_change_writes_the_status_of_the_changed_object_only(cluster: Cl
     summary = cluster.core.read_namespaced_config_map("agent-studio-bundle", ns).data
     assert summary["version"] == str(svc.snapshot.bundles[ns].version) and summary["agents"] == "21"
 
+
+def test_the_operator_exits_soon_after_sigterm_with_the_api_server_gone(nats_server: NatsServer, tmp_path: Path) -> None:
+    """The kubelet kills a pod that has not exited within its grace period (30 s by default); an
+    operator that spends it retrying an API server that is gone is killed mid-shutdown."""
+    plane = controlplane.start(tmp_path / "plane")
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        plane.tenant_namespace(ns)
+        own = Cluster(plane, nats_server, tmp_path / "operator.log", [ns])
+        own.start_operator()
+        own.apply(ns, manifests(EXAMPLES))
+        own.wait_ready(ns, "Agent", "trial-followup-agent")
+    finally:
+        plane.stop()
+    assert own.proc is not None
+    time.sleep(1)  # the operator notices: its watches fail
+    own.proc.send_signal(signal.SIGTERM)
+    try:
+        own.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        own.proc.kill()
+        own.proc.wait()
+        raise AssertionError("operator still running 10 s after SIGTERM:\n" + own.log.read_text()[-3000:]) from None
+    assert own.proc.returncode == 0, own.log.read_text()[-3000:]  # a finished shutdown, not a cut-short one

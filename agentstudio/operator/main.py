@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import sys
+import threading
 
 import kopf
 
@@ -18,9 +22,14 @@ log = logging.getLogger("agentstudio.operator")
 
 PEERING_NAME = "agent-studio"
 
+# Exit well inside the kubelet's grace period (30 s by default) even with the API server gone: kopf
+# would otherwise spend ~90 s retrying its last peering patch (error backoffs 1, 1, 2, … 21 s).
+SHUTDOWN_SECONDS = 8.0
+
 
 async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | None = None) -> None:
-    """Serve `namespaces` (all namespaces when empty) until stopped."""
+    """Serve `namespaces` (all namespaces when empty) until stopped: `stop` set, or SIGTERM/SIGINT."""
+    stop = stop or asyncio.Event()
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator")
     try:
         kv = await bus.bundles_bucket(nc.jetstream())
@@ -36,17 +45,51 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         ]
         log.info("operator starting", extra={"namespaces": namespaces or "all"})
         try:
-            await kopf.operator(
+            # kopf.operator() is spawn_tasks + run_tasks; between the two, our signal handlers
+            # replace the ones spawn_tasks installs, to bound the shutdown.
+            kopf_settings = kopf.OperatorSettings()
+            existing = asyncio.all_tasks()
+            tasks = await kopf.spawn_tasks(
                 namespaces=namespaces,
                 clusterwide=not namespaces,
+                settings=kopf_settings,
                 memo=memo,
                 peering_name=PEERING_NAME,
                 stop_flag=stop,
                 liveness_endpoint=settings.operator_liveness_endpoint or None,
             )
+            if threading.current_thread() is threading.main_thread():
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, _shut_down, sig, stop, kopf_settings)
+            await kopf.run_tasks(tasks, ignored=existing)
         finally:
             for task in observers:
                 task.cancel()
             await asyncio.gather(*observers, return_exceptions=True)
     finally:
         await nc.close()
+
+
+def _shut_down(sig: signal.Signals, stop: asyncio.Event, settings: kopf.OperatorSettings) -> None:
+    if stop.is_set():
+        return
+    log.info("stopping", extra={"signal": sig.name})
+    # What kopf still sends (its last peering patch, progress annotations) gets one quick try: an
+    # API server that is unreachable now will not be back within the grace period.
+    settings.networking.error_backoffs = [0.5]
+    settings.networking.connect_timeout = 2.0
+    settings.networking.request_timeout = 3.0
+    stop.set()
+    # Whatever else hangs (a Kubernetes client call in a thread against a silent address), the
+    # process still ends before the kubelet's SIGKILL; exit code 1 says the shutdown was cut short.
+    watchdog = threading.Timer(SHUTDOWN_SECONDS, _exit_unfinished)
+    watchdog.daemon = True
+    watchdog.start()
+
+
+def _exit_unfinished() -> None:
+    log.error("shutdown did not finish in time; exiting", extra={"seconds": SHUTDOWN_SECONDS})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
