@@ -204,6 +204,22 @@ class ControlPlane:
             "kopf.dev", "v1", name, "kopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
                                                       "metadata": {"name": "agent-studio"}})
 
+    def requests_served(self, resource: str, verbs: tuple[str, ...], group: str = "", subresource: str = "") -> int:
+        """How many requests the API server has answered for `resource`, by its own metrics
+        (apiserver_request_total), not by anything the client under test counts."""
+        text = httpx.get(f"{self.url}/metrics", verify=str(self.directory / "certs" / "ca.crt"),
+                         headers={"Authorization": f"Bearer {self.tokens['admin']}"}).text
+        wanted = {f'group="{group}"', f'resource="{resource}"', f'subresource="{subresource}"'}
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels, _, value = line.rpartition(" ")
+            found = set(labels[labels.index("{") + 1:labels.rindex("}")].split(","))
+            if wanted <= found and any(f'verb="{v}"' in found for v in verbs):
+                total += float(value)
+        return int(total)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.terminate()

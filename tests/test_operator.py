@@ -543,6 +543,10 @@ async def test_a_change_writes_the_status_of_the_changed_object_only(cluster: Cl
 
     agent = before[("Agent", "trial-followup-agent")]
     agent["spec"]["prompt"] = "You are calling {{user.name}}. A new prompt."
+    plane = cluster.plane
+    status_writes = lambda: sum(plane.requests_served(p, ("PATCH", "UPDATE"), GROUP, "status")  # noqa: E731
+                                for p in PLURALS.values())
+    writes, secret_reads = status_writes(), plane.requests_served("secrets", ("GET",))
     changed = await asyncio.to_thread(cluster.custom.replace_namespaced_custom_object, GROUP, VERSION, ns, "agents",
                                       "trial-followup-agent", agent)
     seen = await asyncio.to_thread(_watch_statuses, cluster, ns, "trial-followup-agent",
@@ -561,6 +565,8 @@ async def test_a_change_writes_the_status_of_the_changed_object_only(cluster: Cl
     rewritten = [key for key, obj in before.items()
                  if cluster.get(ns, *key)["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]]
     assert rewritten == [("Agent", "trial-followup-agent")]
+    assert status_writes() - writes == 2  # by the API server's count: "Reconciling", then the result
+    assert plane.requests_served("secrets", ("GET",)) == secret_reads  # the keys have not changed
     summary = cluster.core.read_namespaced_config_map("agent-studio-bundle", ns).data
     assert summary["version"] == str(svc.snapshot.bundles[ns].version) and summary["agents"] == "21"
 

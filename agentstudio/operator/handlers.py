@@ -123,7 +123,9 @@ async def on_credentialed_change(**kwargs: Any) -> None:
 @kopf.on.resume(*APIKEYS)
 async def apikey_secret(body: kopf.Body, spec: kopf.Spec, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
     await credentials.ensure_api_key(memo.kube, _keep(body), ApiKeySpec.model_validate(dict(spec)))
-    _reconciler(memo, kwargs).schedule(namespace)
+    reconciler = _reconciler(memo, kwargs)
+    reconciler.forget_key(namespace, body.metadata.name)  # generated or rotated just now
+    reconciler.schedule(namespace)
 
 
 def _keys_in_a_secret_that_can_change(spec: kopf.Spec, **_: Any) -> bool:
@@ -131,10 +133,12 @@ def _keys_in_a_secret_that_can_change(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.timer(*APIKEYS, interval=30, initial_delay=30, when=_keys_in_a_secret_that_can_change)
-async def recheck_keys(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def recheck_keys(name: str, namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
     """A GitOps-managed Secret can change under us, and a rotated-out key expires: look again.
     An unchanged namespace compiles to the same digest and publishes nothing."""
-    _reconciler(memo, kwargs).schedule(namespace)
+    reconciler = _reconciler(memo, kwargs)
+    reconciler.forget_key(namespace, name)
+    reconciler.schedule(namespace)
 
 
 @kopf.on.create(*SUBSCRIPTIONS)

@@ -28,7 +28,7 @@ from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.manifests import Located, Problem, parse
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
-from agentstudio.resources import KINDS, ApiKey, WebhookSubscriptionSpec, webhook_secret_ref
+from agentstudio.resources import KINDS, ApiKey, ApiKeySpec, WebhookSubscriptionSpec, webhook_secret_ref
 
 log = logging.getLogger("agentstudio.operator")
 
@@ -78,6 +78,34 @@ class Reconciler:
         self._namespaces: dict[str, _Namespace] = {}
         # (namespace, subscription) → the URL whose receiver answered 410 Gone (fed by watch_gone)
         self.gone: dict[tuple[str, str], str] = {}
+        # (namespace, ApiKey) → ((uid, generation), what its Secret held). Reading every key's Secret
+        # on every compile made one prompt change cost one GET per ApiKey (~6 s at 1,000 keys). A
+        # Secret changes under a key through our handlers and, for secretRef and rotation, the
+        # recheck timer: each calls forget_key.
+        self._keys: dict[tuple[str, str], tuple[tuple[str | None, int | None], credentials.KeyState]] = {}
+        self._key_epochs: dict[tuple[str, str], int] = {}
+
+    def forget_key(self, namespace: str, name: str) -> None:
+        """The Secret behind ApiKey `name` may have changed: read it on the next compile."""
+        key = (namespace, name)
+        self._keys.pop(key, None)
+        self._key_epochs[key] = self._key_epochs.get(key, 0) + 1  # a read under way is stale too
+
+    async def _key_state(self, body: dict[str, Any], spec: ApiKeySpec) -> credentials.KeyState:
+        meta = body["metadata"]
+        key, stamp = (meta["namespace"], meta["name"]), (meta.get("uid"), meta.get("generation"))
+        cached = self._keys.get(key)
+        if cached is not None and cached[0] == stamp and (
+            cached[1].previous_valid_until is None or cached[1].previous_valid_until > datetime.now(timezone.utc)
+        ):
+            return cached[1]
+        epoch = self._key_epochs.get(key, 0)
+        state = await credentials.key_state(self._kube, body, spec)
+        if state.problem is None and state.pending is None and self._key_epochs.get(key, 0) == epoch:
+            self._keys[key] = (stamp, state)  # problems and pending keys are read again each time
+        else:
+            self._keys.pop(key, None)
+        return state
 
     def schedule(self, namespace: str) -> None:
         """Compile `namespace` soon; calls during a burst or a running compile fold into one more run."""
@@ -131,12 +159,14 @@ class Reconciler:
         key_states: dict[str, credentials.KeyState] = {}
         for item in located:
             if isinstance(item.resource, ApiKey):
-                key_states[item.resource.name] = state_ = await credentials.key_state(
-                    self._kube, _body_of(bodies, item.source), item.resource.spec
+                key_states[item.resource.name] = state_ = await self._key_state(
+                    _body_of(bodies, item.source), item.resource.spec
                 )
                 if state_.problem is not None:
                     reason, message = state_.problem
                     problems.append(Problem(item.source, "spec.secretRef", message, None, reason))
+        for gone in [k for k in self._keys if k[0] == namespace and k[1] not in key_states]:
+            del self._keys[gone]
         material: dict[str, list[KeyMaterial]] = {n: s.material for n, s in key_states.items()}
         result = compile_bundle(namespace, located, material)
         problems += result.errors
