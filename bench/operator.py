@@ -1,11 +1,16 @@
-"""bench/operator: how quickly an applied change is in force at ingest.
+"""bench/operator: how quickly an applied change is in force at ingest, and what it costs the API server.
 
-Measures, on a real kube-apiserver + etcd and a real nats-server, the time from replacing an Agent's
-prompt through the API server until a running ingest serves a bundle with that prompt (the operator's
-watch, debounce, compile, Secret reads, publish, and ingest's KV watch), against a baseline in the
-same run: publishing an equivalent bundle straight to the KV bucket until ingest serves it.
+Measures, on a real kube-apiserver + etcd and a real nats-server, with the examples plus `--agents`
+Agents and `--apikeys` ApiKeys in the namespace (1,000 each by default):
+- apply → in force: the time from replacing an Agent's prompt through the API server until a running
+  ingest serves a bundle with that prompt (the operator's watch, debounce, compile, Secret reads,
+  publish, and ingest's KV watch), against a baseline in the same run: publishing an equivalent bundle
+  straight to the KV bucket until ingest serves it;
+- status writes per change: the API server's own count of requests to a `/status` subresource of
+  our kinds (`apiserver_request_total{group="agentstudio.io",subresource="status"}` on /metrics),
+  from the change until the changed Agent reports its new generation and the count stops growing.
 
-    .venv/bin/python bench/operator.py [--changes 40]
+    .venv/bin/python bench/operator.py [--changes 20] [--agents 1000] [--apikeys 1000]
 
 Prints JSON and writes bench/results/operator.json. Not a test: nothing asserts on it.
 """
@@ -50,27 +55,93 @@ async def until_prompt(svc: IngestService, prompt: str, timeout: float = 30) -> 
     raise TimeoutError(prompt)
 
 
-async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int) -> dict[str, object]:
+def status_writes(plane: controlplane.ControlPlane) -> int:
+    return sum(plane.requests_served(model.PLURAL, ("PATCH", "UPDATE", "APPLY"), GROUP, "status")
+               for model in KINDS.values())
+
+
+def populate(custom: client.CustomObjectsApi, agents: int, apikeys: int) -> dict[str, int]:
+    """The examples plus the generated objects; how many of each kind there are."""
+    counts = {"Agent": agents, "ApiKey": apikeys}
+    for file in sorted((ROOT / "examples").glob("*.yaml")):
+        for doc in (d for d in yaml.safe_load_all(file.read_text()) if d):
+            custom.create_namespaced_custom_object(GROUP, VERSION, NS, KINDS[doc["kind"]].PLURAL, doc)
+            counts[doc["kind"]] = counts.get(doc["kind"], 0) + 1
+    for i in range(agents):
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, "agents", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": f"agent-{i}"},
+            "spec": {"prompt": f"You are agent {i}. Greet {{{{user.name}}}}."}})
+    for i in range(apikeys):
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, "apikeys", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "ApiKey", "metadata": {"name": f"key-{i}"},
+            "spec": {"scopes": ["calls:create"]}})
+    return counts
+
+
+def all_reported(custom: client.CustomObjectsApi) -> bool:
+    for model in KINDS.values():
+        for obj in custom.list_namespaced_custom_object(GROUP, VERSION, NS, model.PLURAL)["items"]:
+            status = obj.get("status") or {}
+            if status.get("observedGeneration") != obj["metadata"]["generation"] or any(
+                    c["type"] == "Reconciling" for c in status.get("conditions", [])):
+                return False
+    return True
+
+
+async def settled(custom: client.CustomObjectsApi, generation: int, timeout: float = 60) -> None:
+    """The changed Agent reports `generation`: the operator has written what this change causes."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        agent = await asyncio.to_thread(custom.get_namespaced_custom_object, GROUP, VERSION, NS, "agents",
+                                        "trial-followup-agent")
+        if (agent.get("status") or {}).get("observedGeneration") == generation:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"generation {generation} not reported")
+
+
+async def quiet(plane: controlplane.ControlPlane) -> int:
+    """The status write count once it has stopped growing for a second."""
+    count = await asyncio.to_thread(status_writes, plane)
+    while True:
+        await asyncio.sleep(1)
+        now = await asyncio.to_thread(status_writes, plane)
+        if now == count:
+            return count
+        count = now
+
+
+async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int, agents: int,
+                  apikeys: int) -> dict[str, object]:
     custom = client.CustomObjectsApi(plane.api())
     svc = IngestService(Settings(nats_url=nats_url))
     await svc.start()
     try:
-        for file in sorted((ROOT / "examples").glob("*.yaml")):
-            for doc in (d for d in yaml.safe_load_all(file.read_text()) if d):
-                custom.create_namespaced_custom_object(GROUP, VERSION, NS, KINDS[doc["kind"]].PLURAL, doc)
-        await until_prompt(svc, yaml.safe_load((ROOT / "examples" / "agents.yaml").read_text())["spec"]["prompt"], 60)
+        started = time.perf_counter()
+        counts = await asyncio.to_thread(populate, custom, agents, apikeys)
+        await until_prompt(svc, yaml.safe_load((ROOT / "examples" / "agents.yaml").read_text())["spec"]["prompt"], 300)
+        # Every key generated, in force, and every object reported on before measuring.
+        while True:
+            bundle = svc.snapshot.bundles[NS]
+            if len(bundle.keys) >= counts["ApiKey"] and len(bundle.agents) >= counts["Agent"] \
+                    and await asyncio.to_thread(all_reported, custom):
+                break
+            await asyncio.sleep(1)
+        setup_s = time.perf_counter() - started
 
-        via_operator = []
+        via_operator, writes = [], []
         for i in range(changes):
             agent = await asyncio.to_thread(custom.get_namespaced_custom_object, GROUP, VERSION, NS, "agents",
                                             "trial-followup-agent")
             prompt = f"You are calling {{{{user.name}}}}. Change {i}."
             agent["spec"]["prompt"] = prompt
+            before = await asyncio.to_thread(status_writes, plane)
             start = time.perf_counter()
-            await asyncio.to_thread(custom.replace_namespaced_custom_object, GROUP, VERSION, NS, "agents",
-                                    "trial-followup-agent", agent)
+            replaced = await asyncio.to_thread(custom.replace_namespaced_custom_object, GROUP, VERSION, NS, "agents",
+                                               "trial-followup-agent", agent)
             via_operator.append(await until_prompt(svc, prompt) - start)
-            await asyncio.sleep(0.3)  # separate changes, as people make them
+            await settled(custom, replaced["metadata"]["generation"])
+            writes.append(await quiet(plane) - before)
 
         kv = await bus.bundles_bucket(svc.js)
         base = svc.snapshot.bundles[NS]
@@ -88,6 +159,9 @@ async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int)
         await svc.stop()
     operator_stats, direct_stats = summary(via_operator, (95,)), summary(direct, (95,))
     return {
+        "objects": counts,
+        "setup_to_all_in_force_s": round(setup_s, 1),
+        "status_writes_per_change": {"min": min(writes), "max": max(writes), "n": len(writes)},
         "apply_to_ingest": operator_stats,
         "baseline_kv_publish_to_ingest": direct_stats,
         "ratio_p95": operator_stats["p95_ms"] / direct_stats["p95_ms"],
@@ -97,7 +171,9 @@ async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--changes", type=int, default=40)
+    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--agents", type=int, default=1000, help="Agents besides the examples'")
+    parser.add_argument("--apikeys", type=int, default=1000, help="ApiKeys besides the examples'")
     args = parser.parse_args()
     plane = controlplane.start()
     try:
@@ -108,7 +184,7 @@ def main() -> None:
             operator = subprocess.Popen([str(Path(sys.executable).parent / "agent-studio"), "operator", "-n", NS],
                                         env=env)
             try:
-                out = asyncio.run(measure(plane, nats.url, args.changes))
+                out = asyncio.run(measure(plane, nats.url, args.changes, args.agents, args.apikeys))
             finally:
                 operator.terminate()
                 operator.wait(timeout=20)
