@@ -39,10 +39,21 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         handlers.install(memo, kube, reconciler)
         js = nc.jetstream()
         _, gone_bucket = await bus.ensure_webhooks(js)
+        started = asyncio.Event(), asyncio.Event()
         observers = [
-            asyncio.create_task(report_usage(await bus.usage_bucket(js), kube, namespaces), name="usage-report"),
-            asyncio.create_task(watch_gone(gone_bucket, reconciler, namespaces), name="webhooks-gone"),
+            asyncio.create_task(report_usage(await bus.usage_bucket(js), kube, namespaces, started=started[0]),
+                                name="usage-report"),
+            asyncio.create_task(watch_gone(gone_bucket, reconciler, namespaces, started=started[1]),
+                                name="webhooks-gone"),
         ]
+        # kopf takes every task that exists after it starts for its own and, on the way out, waits
+        # 5 s for those that have not ended: the observers' watches (tasks of their own) open first.
+        watching = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in started)))
+        done, _ = await asyncio.wait([watching, *observers], return_when=asyncio.FIRST_COMPLETED)
+        if watching not in done:
+            watching.cancel()
+            for task in done:
+                task.result()  # an observer that ended before watching: its error
         log.info("operator starting", extra={"namespaces": namespaces or "all"})
         try:
             # kopf.operator() is spawn_tasks + run_tasks; between the two, our signal handlers
@@ -61,7 +72,7 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
             if threading.current_thread() is threading.main_thread():
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, _shut_down, sig, stop, kopf_settings)
+                    loop.add_signal_handler(sig, _shut_down, sig, stop, kopf_settings, reconciler)
             await kopf.run_tasks(tasks, ignored=existing)
         finally:
             for task in observers:
@@ -71,10 +82,11 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         await nc.close()
 
 
-def _shut_down(sig: signal.Signals, stop: asyncio.Event, settings: kopf.OperatorSettings) -> None:
+def _shut_down(sig: signal.Signals, stop: asyncio.Event, settings: kopf.OperatorSettings, reconciler: Reconciler) -> None:
     if stop.is_set():
         return
     log.info("stopping", extra={"signal": sig.name})
+    reconciler.stop()
     # What kopf still sends (its last peering patch, progress annotations) gets one quick try: an
     # API server that is unreachable now will not be back within the grace period.
     settings.networking.error_backoffs = [0.5]

@@ -84,6 +84,15 @@ class Reconciler:
         # recheck timer: each calls forget_key.
         self._keys: dict[tuple[str, str], tuple[tuple[str | None, int | None], credentials.KeyState]] = {}
         self._key_epochs: dict[tuple[str, str], int] = {}
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Shutting down: cancel what runs (a compile retrying against an API server that is gone
+        would hold the exit) and start nothing more."""
+        self._stopped = True
+        for state in self._namespaces.values():
+            if state.task is not None:
+                state.task.cancel()
 
     def forget_key(self, namespace: str, name: str) -> None:
         """The Secret behind ApiKey `name` may have changed: read it on the next compile."""
@@ -109,6 +118,8 @@ class Reconciler:
 
     def schedule(self, namespace: str) -> None:
         """Compile `namespace` soon; calls during a burst or a running compile fold into one more run."""
+        if self._stopped:
+            return
         state = self._namespaces.setdefault(namespace, _Namespace())
         state.dirty = True
         if state.task is None or state.task.done():

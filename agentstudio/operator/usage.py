@@ -19,8 +19,10 @@ from agentstudio.usage import Usage
 log = logging.getLogger("agentstudio.operator")
 
 
-async def report_usage(kv: KeyValue, kube: Kube, namespaces: list[str], interval: float = 5.0) -> None:
-    """Run until cancelled. `namespaces` empty: every namespace."""
+async def report_usage(
+    kv: KeyValue, kube: Kube, namespaces: list[str], interval: float = 5.0, started: asyncio.Event | None = None
+) -> None:
+    """Run until cancelled. `namespaces` empty: every namespace. `started` is set once it watches."""
     pending: dict[tuple[str, str], Usage] = {}
     watcher = await kv.watchall()
 
@@ -37,6 +39,8 @@ async def report_usage(kv: KeyValue, kube: Kube, namespaces: list[str], interval
                 log.warning("ignoring a malformed usage record", extra={"tenant": tenant})
 
     collector = asyncio.create_task(collect(), name="usage-collect")
+    if started is not None:
+        started.set()
     try:
         while True:
             await asyncio.sleep(interval)
@@ -57,9 +61,13 @@ async def report_usage(kv: KeyValue, kube: Kube, namespaces: list[str], interval
         await watcher.stop()
 
 
-async def watch_gone(kv: KeyValue, reconciler: Reconciler, namespaces: list[str]) -> None:
+async def watch_gone(
+    kv: KeyValue, reconciler: Reconciler, namespaces: list[str], started: asyncio.Event | None = None
+) -> None:
     """Mirror 410 Gone marks into the reconciler, which reports them as Ready=False ReceiverGone."""
     watcher = await kv.watchall()
+    if started is not None:
+        started.set()
     try:
         async for entry in watcher:
             if entry is None:
