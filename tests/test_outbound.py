@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from agentstudio.conversation.outbound import ApiCaller, ApiResult, Refused, guard
+from agentstudio.addresses import Refused, guard
+from agentstudio.conversation.outbound import ApiCaller, ApiResult
 
 ANSWER = {"ok": True, "order": {"id": "A-17", "items": ["tea", "scones"]}}
 

@@ -26,6 +26,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from agentstudio import bus, signing
+from agentstudio.addresses import reserved_host
 from agentstudio.bundle import CompiledSubscription
 from agentstudio.bundle_store import BundleWatcher
 from agentstudio.secrets import SecretReader
@@ -34,16 +35,6 @@ log = logging.getLogger("agentstudio.webhooks")
 
 FANOUT_CONSUMER = "webhook-fanout"
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-
-
-# Reserved for documentation (RFC 2606/6761): nothing answers there, so nothing is ever sent there
-# (the examples' placeholder URL must not send a campaign's data anywhere).
-_RESERVED = (".example", ".invalid", ".test", "example.com", "example.net", "example.org")
-
-
-def reserved_host(url: str) -> bool:
-    host = (httpx.URL(url).host or "").lower().rstrip(".")
-    return any(host == r.lstrip(".") or host.endswith(r if r.startswith(".") else "." + r) for r in _RESERVED)
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
