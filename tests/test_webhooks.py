@@ -210,3 +210,22 @@ async def test_exhausted_deliveries_are_dead_lettered(nats_server, js) -> None: 
         assert (await client.get("/api/v1/webhooks/dead-letters", headers=t.auth("ops"))).json()["data"] == []
         missing = await client.post(f"/api/v1/webhooks/dead-letters/results/{event_id}/replay", headers=t.auth("ops"))
         assert missing.status_code == 404
+
+
+async def dead_letters(js: JetStreamContext, tenant: str) -> list[dict[str, Any]]:
+    dead, _ = await bus.ensure_webhooks(js)
+    keys = await bus.kv_keys(js, bus.DEAD_LETTER_BUCKET, f"{tenant}.")
+    return [orjson.loads((await dead.get(k)).value) for k in keys]
+
+
+async def test_a_receiver_nobody_answers_is_dead_lettered_with_the_failure_in_words(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret())  # not served: nothing listens on its port
+    async with stack(nats_server, js, {"results": receiver}, schedule="0,0.1") as (client, t):
+        await queue_call(client, t, simulate_outcome="busy")
+        for _ in range(100):
+            if found := await dead_letters(js, t.name):
+                break
+            await asyncio.sleep(0.1)
+    [record] = found
+    # What we know (the host, the kind of failure), not the HTTP client's text.
+    assert record["last_error"] == "could not connect to 127.0.0.1"

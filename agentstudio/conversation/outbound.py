@@ -14,6 +14,7 @@ import httpx
 import orjson
 
 from agentstudio.addresses import Refused, guard
+from agentstudio.http_failures import described, header_problem
 
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
 _MIN_MODEL_LIMIT = 64  # room for the envelope of the shortest summary
@@ -90,6 +91,9 @@ class ApiCaller:
         try:
             async with asyncio.timeout(timeout_seconds):
                 addresses = await guard(url, allowed_hosts)
+                for name, value in headers.items():
+                    if (problem := header_problem(value)) is not None:
+                        raise Refused(f"header {name} cannot be sent: {problem}")
                 status, parsed, truncated = await self._send(
                     method.upper(), httpx.URL(url), addresses, headers, body, timeout_seconds
                 )
@@ -98,7 +102,8 @@ class ApiCaller:
         except (TimeoutError, httpx.TimeoutException):
             error = f"timed out after {timeout_seconds:g}s"
         except httpx.HTTPError as e:
-            error = f"connection failed: {str(e) or type(e).__name__}"
+            # Never the exception's text: httpx quotes the headers it refused, Secrets among them.
+            error = described(e, httpx.URL(url).host)
         else:
             return ApiResult(status, parsed, truncated, None, _ms_since(started))
         return ApiResult(None, None, False, error, _ms_since(started))

@@ -29,6 +29,7 @@ from agentstudio import bus, signing
 from agentstudio.addresses import reserved_host
 from agentstudio.bundle import CompiledSubscription
 from agentstudio.bundle_store import BundleWatcher
+from agentstudio.http_failures import described
 from agentstudio.secrets import SecretReader
 
 log = logging.getLogger("agentstudio.webhooks")
@@ -176,7 +177,7 @@ class WebhookDispatcher:
                 resp = await self._http.post(sub.url, content=body, headers=signing.headers(secret, event["id"], body))
                 status, error = resp.status_code, f"HTTP {resp.status_code}"
             except httpx.HTTPError as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+                status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
             await msg.ack()
             return "delivered"
