@@ -74,6 +74,7 @@ class WebhookDispatcher:
         self.timeout = timeout_seconds
         self.per_subscription = concurrency_per_subscription
         self._loops: dict[tuple[str, str], _Loop] = {}
+        self._placeholders: set[tuple[str, str, str]] = set()  # (tenant, subscription, URL) already said
         self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
         self.dead: KeyValue | None = None
         self.disabled: KeyValue | None = None
@@ -119,7 +120,7 @@ class WebhookDispatcher:
         event = orjson.loads(msg.data)
         bundle = self.bundles.snapshot.bundles.get(tenant)
         for sub in bundle.subscriptions if bundle else []:
-            if matches(sub, event):
+            if matches(sub, event) and not reserved_host(sub.url):
                 await self.js.publish(
                     bus.delivery_subject(tenant, sub.name), msg.data,
                     headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"},
@@ -128,11 +129,16 @@ class WebhookDispatcher:
     # --- one loop per subscription --------------------------------------------------------------
 
     async def _reconcile_loops(self, stop: asyncio.Event) -> None:
+        bundles = self.bundles.snapshot.bundles
+        subs = [(tenant, sub) for tenant, bundle in bundles.items() for sub in bundle.subscriptions]
+        # A placeholder URL (the examples' own) is a choice, not a failure: said once as it loads, not per event.
+        placeholders = {(tenant, sub.name, sub.url) for tenant, sub in subs if reserved_host(sub.url)}
+        for tenant, name, url in placeholders - self._placeholders:
+            log.warning("webhook subscription sends nothing: its URL is a reserved example domain", extra={
+                "tenant": tenant, "subscription": name, "host": httpx.URL(url).host})
+        self._placeholders = placeholders
         wanted: dict[tuple[str, str], CompiledSubscription] = {
-            (tenant, sub.name): sub
-            for tenant, bundle in self.bundles.snapshot.bundles.items()
-            for sub in bundle.subscriptions
-            if not sub.disabled
+            (tenant, sub.name): sub for tenant, sub in subs if not sub.disabled and not reserved_host(sub.url)
         }
         for key in [k for k in self._loops if k not in wanted]:
             self._loops.pop(key).task.cancel()
@@ -164,10 +170,6 @@ class WebhookDispatcher:
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
         secret = await self.secrets.get(tenant, sub.secret_ref)
-        if reserved_host(sub.url):
-            await self._dead_letter(tenant, sub, event, attempt, f"{sub.url} is a reserved example domain")
-            await msg.ack()
-            return "dead"
         if secret is None:
             error = f"signing secret {sub.secret_ref.name} not readable"
             status = None
