@@ -286,7 +286,11 @@ class ApiKeySpec(Model):
     mode: Annotated[Mode, Field(description="test keys only ever use simulated telephony.")] = "live"
     platform: Annotated[
         str | None,
-        Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Label: clevertap, moengage, braze, ..."),
+        Field(
+            pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="The sending platform: clevertap, moengage, braze, webengage, ... With clevertap "
+            "or braze, the platform's form for an attribute the profile lacks ($Name, \"\") counts as absent.",
+        ),
     ] = None
     rate_limit_per_minute: Annotated[
         int | None, Field(ge=1, le=1_000_000, description="Requests per minute; default 600 live, 60 test.")

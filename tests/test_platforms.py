@@ -52,6 +52,60 @@ async def test_clevertap_profile_without_phone_is_400_naming_it(client: httpx.As
     assert resp.json()["error"]["field"] == "phone_number"
 
 
+async def test_clevertap_tokens_a_profile_lacks_count_as_absent(
+    client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext
+) -> None:
+    profile = {"Phone": "+919876543210", "selected_plan": "premium"}
+    raw = platforms.clevertap(profile)
+    assert '"$Name"' in raw and '"$Identity"' in raw and '"$user_segment"' in raw
+    call = await queued(js, tenant, await send(client, tenant, "clevertap", raw))
+    assert call.user_id is None
+    assert call.user_context == {"plan_type": "premium"}  # the agent never reads "Hi $Name"
+    assert call.metadata == {"campaign_id": "trial_recovery_v2", "source": "clevertap"}
+
+
+async def test_clevertap_phone_token_is_400_naming_phone_number_as_missing(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    resp = await send(client, tenant, "clevertap", platforms.clevertap({"Name": "Asha"}))
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {"code": "missing_field", "message": "phone_number is required", "field": "phone_number"}
+
+
+UNFILLED_EVERYWHERE = {
+    "workflow_slug": "free-trial-followup",
+    "phone_number": "+919876543210",
+    "user_id": "$Identity",
+    "user_context": {"name": "$Name", "price": "$5", "note": "", "address": {"city": "$City", "zip": "400001"},
+                     "tags": ["$Tier", "vip"], "greeting": "Hi $Name"},
+    "metadata": {"segment": "$user_segment", "source": "clevertap"},
+}
+
+
+async def test_clevertap_tokens_are_absent_at_any_depth_and_only_whole_values(
+    client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext
+) -> None:
+    resp = await client.post("/api/v1/webhooks/ingest", json=UNFILLED_EVERYWHERE, headers=tenant.auth("clevertap"))
+    call = await queued(js, tenant, resp)
+    assert call.user_id is None
+    # "$5" is no token (a price), "Hi $Name" is not exactly one, "" is not CleverTap's unfilled form
+    assert call.user_context == {"price": "$5", "note": "", "address": {"zip": "400001"}, "tags": ["vip"],
+                                 "greeting": "Hi $Name"}
+    assert call.metadata == {"source": "clevertap"}
+
+
+@pytest.mark.parametrize("key", ["sandbox", "moengage"])
+async def test_without_a_platform_form_dollar_words_and_blanks_are_data(
+    client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext, key: str
+) -> None:
+    # MoEngage does not send a webhook whose attribute is missing: it has no unfilled form.
+    resp = await client.post("/api/v1/webhooks/ingest", json=UNFILLED_EVERYWHERE, headers=tenant.auth(key))
+    call = await queued(js, tenant, resp)
+    assert call.user_id == "$Identity"
+    assert call.user_context == UNFILLED_EVERYWHERE["user_context"]
+    assert call.metadata == UNFILLED_EVERYWHERE["metadata"]
+
+
 async def test_clevertap_quote_in_a_name_breaks_the_json_and_is_400(client: httpx.AsyncClient, tenant: Tenant) -> None:
     resp = await send(client, tenant, "clevertap", platforms.clevertap({**CLEVERTAP_PROFILE, "Name": 'Ann "Jo"'}))
     assert resp.status_code == 400
@@ -79,10 +133,15 @@ async def test_braze(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamCon
     assert call.user_context == {"name": "Lee"} and call.metadata == {"campaign_id": "camp-9", "source": "braze"}
 
 
-async def test_braze_missing_attributes_render_empty(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
-    raw = platforms.braze({"phone_number": "+14155552671"}, campaign={"api_id": "camp-9"})
+async def test_braze_missing_attributes_render_empty_and_count_as_absent(
+    client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext
+) -> None:
+    raw = platforms.braze({"phone_number": "+14155552671"}, campaign={})
+    assert '"name": ""' in raw and '"campaign_id": ""' in raw
     call = await queued(js, tenant, await send(client, tenant, "braze", raw))
-    assert call.user_id is None  # "" counts as absent
+    # Braze's blank is its unfilled form, inside user_context and metadata too, so an agent's
+    # {{ user.name | default("there") }} says "there", not "".
+    assert call.user_id is None and call.user_context == {} and call.metadata == {"source": "braze"}
     no_phone = await send(client, tenant, "braze", platforms.braze({"user_id": "b-1"}, campaign={}))
     assert no_phone.status_code == 400 and no_phone.json()["error"]["field"] == "phone_number"
 
@@ -99,3 +158,4 @@ async def test_webengage_missing_attributes_render_empty(client: httpx.AsyncClie
     assert call.user_id is None and call.user_context == {"name": ""} and call.metadata["campaign_id"] == ""
     no_phone = await send(client, tenant, "webengage", platforms.webengage({"userId": "we-3"}, {}))
     assert no_phone.status_code == 400 and no_phone.json()["error"]["field"] == "phone_number"
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -54,7 +55,7 @@ async def ingest(
     if idempotency_key is not None and len(idempotency_key) > 255:
         raise ApiError(400, "invalid_header", "Idempotency-Key is longer than 255 characters", "Idempotency-Key")
     body = await _read_json_body(request, svc.settings.max_body_bytes)
-    req = _parse(body)
+    req = _parse(body, principal.key.unfilled)
     bundle = principal.bundle
     if req.workflow_slug:
         workflow = bundle.workflows.get(req.workflow_slug)
@@ -129,9 +130,9 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
 _FIRST = {"both_slugs": 0}  # a 422 is only reported when nothing else is wrong
 
 
-def _parse(body: bytes) -> IngestRequest:
+def _parse(body: bytes, unfilled: re.Pattern[str] | None) -> IngestRequest:
     try:
-        return IngestRequest.model_validate_json(body)
+        return IngestRequest.model_validate_json(body, context={"unfilled": unfilled} if unfilled is not None else None)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         error = min(errors, key=lambda e: _FIRST.get(e["type"], 1))
