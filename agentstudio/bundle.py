@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentstudio import platforms, templating
 from agentstudio.json_schema import schema_problem
 from agentstudio.manifests import Located, Problem
+from agentstudio.platforms import DEFAULT_SUCCESS_STATUS, SuccessStatus
 from agentstudio.resources import (
     Agent,
     AgentSpec,
@@ -67,6 +68,7 @@ class KeyEntry(Frozen):
     platform: str | None = None
     # How the platform writes an attribute the profile lacks; such values count as absent at ingest.
     unfilled: re.Pattern[str] | None = None
+    success_status: SuccessStatus = DEFAULT_SUCCESS_STATUS  # of an accepted call
     disabled: bool = False
     not_after: datetime | None = None  # expiresAt, or the end of a rotation's grace period
 
@@ -182,6 +184,7 @@ def compile_bundle(
                 rate_limit_per_minute=ak.spec.effective_rate_limit(),
                 platform=ak.spec.platform,
                 unfilled=platforms.unfilled(ak.spec.platform),
+                success_status=platforms.success_status(ak.spec.platform, ak.spec.success_status),
                 disabled=ak.spec.disabled,
                 not_after=not_after,
             )

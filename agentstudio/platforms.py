@@ -1,12 +1,14 @@
 """What each marketing platform does with a webhook, as its documentation says: the form a
-personalisation tag takes when the profile lacks the attribute. The bundle compiler reads it into
-each ApiKey's key entry by the key's `platform`.
+personalisation tag takes when the profile lacks the attribute, and the HTTP status it counts as
+success. The bundle compiler reads these into each ApiKey's key entry by the key's `platform`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
+
+SuccessStatus = Literal[200, 201]
 
 # The whole value a platform sends in place of an attribute the profile lacks.
 UNFILLED: dict[str, str] = {
@@ -27,11 +29,24 @@ UNFILLED: dict[str, str] = {
     # Failed to Send (help.moengage.com/hc/en-us/articles/30958502449300).
 }
 
+# WebEngage: "Responses with HTTP Status 200 will be treated as successful posts, everything else
+# will be logged as failed webhook posts" (docs.webengage.com/docs/webhooks, "Response"), so a 201
+# would be retried. Every other platform takes any 2xx.
+SUCCESS_STATUS: dict[str, SuccessStatus] = {"webengage": 200}
+DEFAULT_SUCCESS_STATUS: SuccessStatus = 201
+
 
 def unfilled(platform: str | None) -> re.Pattern[str] | None:
     """The platform's unfilled-tag form as a whole-value pattern; None when it has none."""
     source = UNFILLED.get(platform) if platform else None
     return re.compile(source) if source is not None else None
+
+
+def success_status(platform: str | None, declared: SuccessStatus | None) -> SuccessStatus:
+    """The status an accepted call is answered with: the key's own choice, else its platform's."""
+    if declared is not None:
+        return declared
+    return SUCCESS_STATUS.get(platform or "", DEFAULT_SUCCESS_STATUS)
 
 
 def is_unfilled(form: re.Pattern[str], value: Any) -> bool:

@@ -258,6 +258,8 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
         ({"kind": "Agent", "metadata": {"name": "a"},
           "spec": {"prompt": "x", "tools": [{"name": "t", "action": {"type": "api_call"}}]}}, "api_call needs url"),
         ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:delete"]}}, "spec.scopes[0]"),
+        ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:create"], "successStatus": 202}},
+         "spec.successStatus: Unsupported value"),
         ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
           "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
         ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+import yaml
 from nats.js import JetStreamContext
 
 import platforms
-from agentstudio import bus
+from agentstudio import bus, crdgen, keys
+from agentstudio.bundle import KeyMaterial, compile_bundle
 from agentstudio.calls import CallRequest
-from conftest import Tenant
+from agentstudio.natsserver import NatsServer
+from conftest import SEED_BODY, Tenant, docs, example_resources, ingest_client, wait_for_bundle
 
 
 async def send(client: httpx.AsyncClient, tenant: Tenant, key: str, raw: str) -> httpx.Response:
@@ -20,8 +25,8 @@ async def send(client: httpx.AsyncClient, tenant: Tenant, key: str, raw: str) ->
     )
 
 
-async def queued(js: JetStreamContext, tenant: Tenant, resp: httpx.Response) -> CallRequest:
-    assert resp.status_code == 201, resp.text
+async def queued(js: JetStreamContext, tenant: Tenant, resp: httpx.Response, status: int = 201) -> CallRequest:
+    assert resp.status_code == status, resp.text
     msg = await js.get_last_msg(bus.CALLS_STREAM, bus.dispatch_subject(tenant.name, resp.json()["call_id"]))
     return CallRequest.model_validate_json(msg.data)
 
@@ -148,14 +153,65 @@ async def test_braze_missing_attributes_render_empty_and_count_as_absent(
 
 async def test_webengage(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
     raw = platforms.webengage({"phone": "+447911123456", "userId": "we-3", "firstName": "Sam"}, {"journeyId": "j-5"})
-    call = await queued(js, tenant, await send(client, tenant, "webengage", raw))
+    call = await queued(js, tenant, await send(client, tenant, "webengage", raw), status=200)
     assert call.phone_number == "+447911123456" and call.user_id == "we-3"
     assert call.user_context == {"name": "Sam"} and call.metadata == {"campaign_id": "j-5", "source": "webengage"}
 
 
 async def test_webengage_missing_attributes_render_empty(client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext) -> None:
-    call = await queued(js, tenant, await send(client, tenant, "webengage", platforms.webengage({"phone": "+447911123456"}, {})))
+    call = await queued(js, tenant, await send(client, tenant, "webengage", platforms.webengage({"phone": "+447911123456"}, {})), 200)
     assert call.user_id is None and call.user_context == {"name": ""} and call.metadata["campaign_id"] == ""
     no_phone = await send(client, tenant, "webengage", platforms.webengage({"userId": "we-3"}, {}))
     assert no_phone.status_code == 400 and no_phone.json()["error"]["field"] == "phone_number"
 
+
+# --- the status an accepted call is answered with -----------------------------------------------
+
+
+async def test_webengage_accepted_calls_and_their_retries_are_answered_200(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    # WebEngage counts only HTTP 200 as success (docs.webengage.com/docs/webhooks, "Response").
+    raw = platforms.webengage({"phone": "+447911123456", "userId": "we-3"}, {"journeyId": "j-5"})
+    headers = {**tenant.auth("webengage"), "Content-Type": "application/json", "Idempotency-Key": "we-3-j-5"}
+    first = await client.post("/api/v1/webhooks/ingest", content=raw.encode(), headers=headers)
+    again = await client.post("/api/v1/webhooks/ingest", content=raw.encode(), headers=headers)
+    assert first.status_code == 200 and again.status_code == 200, (first.text, again.text)
+    assert first.json() == again.json() == {"call_id": first.json()["call_id"], "status": "pending"}
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await send(client, tenant, "clevertap", platforms.clevertap(CLEVERTAP_PROFILE))).status_code == 201
+
+
+SUCCESS_STATUS_KEYS = """
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: custom-sender}
+spec: {scopes: ["calls:create"], successStatus: 200}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: webengage-201}
+spec: {scopes: ["calls:create"], platform: webengage, successStatus: 201}
+"""
+
+
+async def test_success_status_of_a_key_overrides_its_platform(nats_server: NatsServer, tenant: Tenant) -> None:
+    bundle = await tenant.publish([*tenant.resources, *docs(SUCCESS_STATUS_KEYS)])
+    async with ingest_client(nats_server.url) as (client, svc):
+        await wait_for_bundle(svc, tenant.name, bundle.version)
+        assert (await send(client, tenant, "custom-sender", json.dumps(SEED_BODY))).status_code == 200
+        assert (await send(client, tenant, "webengage-201", json.dumps(SEED_BODY))).status_code == 201
+
+
+def test_success_status_compiles_into_the_key_entry_and_the_crd() -> None:
+    resources = [*example_resources(), *docs(SUCCESS_STATUS_KEYS)]
+    names = {"webengage", "clevertap", "custom-sender", "webengage-201"}
+    material = {name: [KeyMaterial(keys.digest(keys.generate("live")))] for name in names}
+    result = compile_bundle("t", resources, material)
+    assert result.bundle is not None, result.errors
+    status = {entry.name: entry.success_status for entry in result.bundle.keys.values()}
+    assert status == {"webengage": 200, "clevertap": 201, "custom-sender": 200, "webengage-201": 201}
+    crd = yaml.safe_load(crdgen.render_all()["apikeys.agentstudio.io.yaml"])
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["successStatus"]["enum"] == [200, 201]
+    assert spec["properties"]["successStatus"]["type"] == "integer"

@@ -34,7 +34,14 @@ IDEMPOTENCY_HEADER = {
     "/webhooks/ingest",
     status_code=201,
     response_model=CallAccepted,
-    responses=responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    responses={
+        200: {
+            "model": CallAccepted,
+            "description": "Queued, for a key whose successStatus is 200 (the default of platform webengage, "
+                           "which counts only 200 as success): the same body as 201.",
+        },
+        **responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    },
     openapi_extra={
         # Declared here rather than as a Header() parameter: FastAPI's parameter machinery is a
         # measurable share of this route's time.
@@ -102,7 +109,7 @@ async def ingest(
     headers = {} if new else {"Idempotent-Replayed": "true"}
     return Response(
         orjson.dumps({"call_id": call.call_id, "status": "pending"}),
-        status_code=201,
+        status_code=principal.key.success_status,
         media_type="application/json",
         headers=headers,
     )
