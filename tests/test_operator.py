@@ -190,6 +190,8 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
     braze = cluster.api_key(ns, "braze")
     assert await eventually(lambda: _status_is(client_, braze, 201))
+    webengage = cluster.api_key(ns, "webengage")  # platform: webengage compiles to "answer 200"
+    assert await eventually(lambda: _status_is(client_, webengage, 200))
     disabled = cluster.get(ns, "ApiKey", "braze")
     disabled["spec"]["disabled"] = True
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "braze", disabled)
