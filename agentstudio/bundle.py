@@ -9,6 +9,7 @@ does not declare) never block a bundle. API keys enter only as SHA-256 digests.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -16,9 +17,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentstudio import templating
+from agentstudio import platforms, templating
 from agentstudio.json_schema import schema_problem
 from agentstudio.manifests import Located, Problem
+from agentstudio.platforms import DEFAULT_SUCCESS_STATUS, SuccessStatus
 from agentstudio.resources import (
     Agent,
     AgentSpec,
@@ -64,6 +66,9 @@ class KeyEntry(Frozen):
     mode: Mode
     rate_limit_per_minute: int
     platform: str | None = None
+    # How the platform writes an attribute the profile lacks; such values count as absent at ingest.
+    unfilled: re.Pattern[str] | None = None
+    success_status: SuccessStatus = DEFAULT_SUCCESS_STATUS  # of an accepted call
     disabled: bool = False
     not_after: datetime | None = None  # expiresAt, or the end of a rotation's grace period
 
@@ -178,6 +183,8 @@ def compile_bundle(
                 mode=ak.spec.mode,
                 rate_limit_per_minute=ak.spec.effective_rate_limit(),
                 platform=ak.spec.platform,
+                unfilled=platforms.unfilled(ak.spec.platform),
+                success_status=platforms.success_status(ak.spec.platform, ak.spec.success_status),
                 disabled=ak.spec.disabled,
                 not_after=not_after,
             )

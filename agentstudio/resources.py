@@ -286,7 +286,16 @@ class ApiKeySpec(Model):
     mode: Annotated[Mode, Field(description="test keys only ever use simulated telephony.")] = "live"
     platform: Annotated[
         str | None,
-        Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Label: clevertap, moengage, braze, ..."),
+        Field(
+            pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="The sending platform: clevertap, moengage, braze, webengage, ... With clevertap "
+            "or braze, the platform's form for an attribute the profile lacks ($Name, \"\") counts as absent; "
+            "webengage's accepted calls are answered 200.",
+        ),
+    ] = None
+    success_status: Annotated[
+        Literal[200, 201] | None,
+        Field(description="Status of an accepted call (same body); default 200 for webengage, else 201."),
     ] = None
     rate_limit_per_minute: Annotated[
         int | None, Field(ge=1, le=1_000_000, description="Requests per minute; default 600 live, 60 test.")

@@ -190,6 +190,8 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
     braze = cluster.api_key(ns, "braze")
     assert await eventually(lambda: _status_is(client_, braze, 201))
+    webengage = cluster.api_key(ns, "webengage")  # platform: webengage compiles to "answer 200"
+    assert await eventually(lambda: _status_is(client_, webengage, 200))
     disabled = cluster.get(ns, "ApiKey", "braze")
     disabled["spec"]["disabled"] = True
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "braze", disabled)
@@ -258,6 +260,8 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
         ({"kind": "Agent", "metadata": {"name": "a"},
           "spec": {"prompt": "x", "tools": [{"name": "t", "action": {"type": "api_call"}}]}}, "api_call needs url"),
         ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:delete"]}}, "spec.scopes[0]"),
+        ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:create"], "successStatus": 202}},
+         "spec.successStatus: Unsupported value"),
         ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
           "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
         ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),
