@@ -136,7 +136,7 @@ def _validate(args: argparse.Namespace) -> int:
     for w in report.warnings:
         print(f"warning: {report.describe(w)}")
     for e in report.errors:
-        print(f"error: {e}")
+        print(f"error: {report.describe(e)}")
     print(f"{len(report.resources)} resources, {len(report.errors)} errors, {len(report.warnings)} warnings")
     return 1 if report.errors else 0  # warnings never fail: the operator publishes despite them
 

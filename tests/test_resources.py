@@ -104,10 +104,10 @@ def test_validate_reports_every_error_with_file_document_and_field() -> None:
     expected = [
         f"{agents}[1] spec.frstMessage: unknown field",
         f"{agents}[2] spec.slug: String should match pattern",
-        f"{agents}[3] spec.prompt: template does not parse",
-        f"{agents}[3] spec.tools[0].action.body: unknown template variable 'secret'",
+        f"{agents}[3] Agent/broken-template spec.prompt: template does not parse",
+        f"{agents}[3] Agent/broken-template spec.tools[0].action.body: unknown template variable 'secret'",
         f"{agents}[4] spec.tools[0].action: api_call needs url",
-        f"{MANIFESTS / 'bad' / 'workflows.yaml'} spec.entryAgent: agent 'ghost-agent' does not exist",
+        f"{MANIFESTS / 'bad' / 'workflows.yaml'} Workflow/missing-agent spec.entryAgent: agent 'ghost-agent' does not exist",
     ]
     for line in expected:
         assert line in out, f"{line!r} not in:\n{out}"
