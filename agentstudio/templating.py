@@ -77,12 +77,27 @@ _scoping_env.filters = _AnyName()
 _scoping_env.tests = _AnyName()
 
 
-def _looked_up(tree: nodes.Template) -> set[str]:
+# Nodes that bind names or open a scope. A template without them (prints, ifs, expressions: most
+# prompts) looks every name it reads up in the context, so the compiler's analysis, which costs as
+# much as the parse, is needed only for the others.
+_SCOPING = (nodes.For, nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.With, nodes.Block,
+            nodes.Scope, nodes.OverlayScope, nodes.Assign, nodes.AssignBlock)
+
+
+@lru_cache(maxsize=65536)
+def _looked_up(source: str) -> frozenset[str]:
     """The names Jinja's compiler looks up in the render context, after its own scoping: a name a
     `for` binds inside the loop and a template reads after it is counted, as it is at render time."""
+    tree = _parse(source)
+    # `self` is the template itself, never a context lookup (and refused apart)
+    read = frozenset(n.name for n in tree.find_all(nodes.Name) if n.ctx == "load") - {"self"}
+    if next(tree.find_all(_SCOPING), None) is None:
+        return read
     tracker = meta.TrackingCodeGenerator(_scoping_env)
     tracker.visit(tree)
-    return tracker.undeclared_identifiers
+    # A name set in only one branch of an `if` is looked up as the other branch's value; it matters
+    # only if the template reads it.
+    return frozenset(tracker.undeclared_identifiers) & read
 
 
 @dataclass(frozen=True)
@@ -103,21 +118,33 @@ def check(source: str, roots: frozenset[str]) -> list[TemplateProblem]:
     Static, on the parsed tree, so every branch counts: rendering once against sample values would
     miss what sits behind an `if` the sample does not take.
     """
+    return list(_check(source, roots))
+
+
+# Results are small and a recompile sees mostly the same templates: cache far more than the trees.
+@lru_cache(maxsize=65536)
+def _check(source: str, roots: frozenset[str]) -> tuple[TemplateProblem, ...]:
     try:
         tree = _parse(source)
     except TemplateSyntaxError as exc:
-        return [TemplateProblem(f"template does not parse: {exc.message}", exc.lineno)]
-    unknown = sorted(_looked_up(tree) - roots)
+        return (TemplateProblem(f"template does not parse: {exc.message}", exc.lineno),)
+    unknown = sorted(_looked_up(source) - roots)
     allowed = ", ".join(sorted(roots))
     problems = [TemplateProblem(f"unknown template variable {name!r} (allowed: {allowed})") for name in unknown]
-    return problems + _refused(tree)
+    return (*problems, *_refused(tree))
+
+
+# There is no loader: each of these would fail on the call.
+_OTHER_TEMPLATES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
 
 
 def _refused(tree: nodes.Template) -> list[TemplateProblem]:
     problems: list[TemplateProblem] = []
-    for node in tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call)):
+    for node in tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, *_OTHER_TEMPLATES)):
         line = node.lineno
-        if isinstance(node, nodes.Name) and node.name == "self" and node.ctx == "load":
+        if isinstance(node, _OTHER_TEMPLATES):
+            problems.append(TemplateProblem("a template is one string: include, import and extends are not offered", line))
+        elif isinstance(node, nodes.Name) and node.name == "self" and node.ctx == "load":
             problems.append(TemplateProblem("'self' (the template itself) is not readable", line))
         elif isinstance(node, nodes.Getattr):
             problems += _attribute_problems(node.attr, line)
@@ -169,7 +196,7 @@ def _filter_problems(node: nodes.Filter) -> list[TemplateProblem]:
 def variable_paths(source: str) -> set[tuple[str, ...]]:
     """Dotted paths the template reads from its variables, e.g. {("user", "name"), ("metadata",)}."""
     tree = _parse(source)
-    looked_up = _looked_up(tree)
+    looked_up = _looked_up(source)
     paths: set[tuple[str, ...]] = set()
 
     def walk(node: nodes.Node, parents_cover: bool) -> None:

@@ -61,6 +61,8 @@ REFUSED = {
     "{{ user.orders | selectattr('_x') | list }}": "'_x': names starting with '_'",
     "{{ user.orders | select(user.test) | list }}": "the test it uses must be a quoted name",
     "{{ user.n is nosuch }}": "unknown test 'nosuch'",
+    "{% include 'other' %}": "include, import and extends are not offered",
+    "{% from 'x' import y %}{{ y }}": "include, import and extends are not offered",
     "{% set x = 1 %}{% for loop_var in [1] %}{% endfor %}{{ loop }}": "unknown template variable 'loop'",
 }
 
@@ -73,6 +75,7 @@ def test_what_the_sandbox_would_refuse_or_a_global_would_leak_is_refused_before_
 
 def test_names_a_template_binds_itself_are_not_unknown() -> None:
     for source in (
+        "{% if user.vip %}{% set tone = 'warm' %}{% endif %}{{ user.name }}",
         "{% set greeting = 'Hi' %}{{ greeting }} {{ user.name }}",
         "{% for order in user.orders %}{{ loop.index }}. {{ order.sku }}{% endfor %}",
         "{% macro line(x) %}- {{ x }}{% endmacro %}{{ line(user.name) }}",
@@ -84,6 +87,13 @@ def test_names_a_template_binds_itself_are_not_unknown() -> None:
             assert [p.message for p in problems] == ["'_id': names starting with '_' are never readable in a template"]
         else:
             assert problems == [], (source, problems)
+
+
+def test_names_bound_only_in_some_branches_or_only_inside_a_loop_are_looked_up() -> None:
+    [problem] = templating.check("{% if user.vip %}{% set tone = 'warm' %}{% endif %}{{ tone }}", templating.PROMPT_ROOTS)
+    assert "unknown template variable 'tone'" in problem.message
+    [problem] = templating.check("{% for x in user.items %}{% endfor %}{{ x }}", templating.PROMPT_ROOTS)
+    assert "unknown template variable 'x'" in problem.message
 
 
 def test_jinja_globals_are_gone_from_rendering() -> None:
