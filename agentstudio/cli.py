@@ -137,8 +137,13 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"warning: {report.describe(w)}")
     for e in report.errors:
         print(f"error: {report.describe(e)}")
-    print(f"{len(report.resources)} resources, {len(report.errors)} errors, {len(report.warnings)} warnings")
+    counts = (len(report.resources) + len(report.rejected), len(report.errors), len(report.warnings))
+    print(", ".join(_count(n, noun) for n, noun in zip(counts, ("resource", "error", "warning"))))
     return 1 if report.errors else 0  # warnings never fail: the operator publishes despite them
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _crds(args: argparse.Namespace) -> int:

@@ -21,6 +21,13 @@ SLUG_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# The patterns in words, for messages: a raw regular expression is no help to someone fixing a manifest.
+PATTERN_MEANINGS = {
+    SLUG_PATTERN: "lowercase letters, digits and dashes, starting and ending with a letter or digit",
+    TOOL_NAME_PATTERN: "letters, digits, '_' and '-' (at most 64)",
+    E164_PATTERN: "a phone number in E.164 form, such as +14155550123",
+    K8S_NAME_PATTERN: "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+}
 
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN, max_length=63)]
 Template = Annotated[str, Field(max_length=32768)]
