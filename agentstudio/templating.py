@@ -134,16 +134,21 @@ def _check(source: str, roots: frozenset[str]) -> tuple[TemplateProblem, ...]:
     return (*problems, *_refused(tree))
 
 
-# There is no loader: each of these would fail on the call.
-_OTHER_TEMPLATES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
+# Not offered: there is no loader, so include, import and extends would fail on the call; without
+# extends a block is pointless and its super() fails; a macro called with the wrong arguments fails
+# only when rendered. A prompt needs none of them.
+_NOT_OFFERED_TAGS = {
+    nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "import", nodes.Extends: "extends",
+    nodes.Block: "block", nodes.Macro: "macro", nodes.CallBlock: "call",
+}
 
 
 def _refused(tree: nodes.Template) -> list[TemplateProblem]:
     problems: list[TemplateProblem] = []
-    for node in tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, *_OTHER_TEMPLATES)):
+    for node in tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, *_NOT_OFFERED_TAGS)):
         line = node.lineno
-        if isinstance(node, _OTHER_TEMPLATES):
-            problems.append(TemplateProblem("a template is one string: include, import and extends are not offered", line))
+        if type(node) in _NOT_OFFERED_TAGS:
+            problems.append(TemplateProblem(f"{{% {_NOT_OFFERED_TAGS[type(node)]} %}} is not offered: a template is one string", line))
         elif isinstance(node, nodes.Name) and node.name == "self" and node.ctx == "load":
             problems.append(TemplateProblem("'self' (the template itself) is not readable", line))
         elif isinstance(node, nodes.Getattr):

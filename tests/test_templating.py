@@ -61,8 +61,10 @@ REFUSED = {
     "{{ user.orders | selectattr('_x') | list }}": "'_x': names starting with '_'",
     "{{ user.orders | select(user.test) | list }}": "the test it uses must be a quoted name",
     "{{ user.n is nosuch }}": "unknown test 'nosuch'",
-    "{% include 'other' %}": "include, import and extends are not offered",
-    "{% from 'x' import y %}{{ y }}": "include, import and extends are not offered",
+    "{% include 'other' %}": "{% include %} is not offered",
+    "{% from 'x' import y %}{{ y }}": "{% import %} is not offered",
+    "{% block greeting %}{{ super() }}{% endblock %}": "{% block %} is not offered",
+    "{% macro m(a) %}{{ a }}{% endmacro %}{{ m(1, 2) }}": "{% macro %} is not offered",
     "{% set x = 1 %}{% for loop_var in [1] %}{% endfor %}{{ loop }}": "unknown template variable 'loop'",
 }
 
@@ -78,7 +80,7 @@ def test_names_a_template_binds_itself_are_not_unknown() -> None:
         "{% if user.vip %}{% set tone = 'warm' %}{% endif %}{{ user.name }}",
         "{% set greeting = 'Hi' %}{{ greeting }} {{ user.name }}",
         "{% for order in user.orders %}{{ loop.index }}. {{ order.sku }}{% endfor %}",
-        "{% macro line(x) %}- {{ x }}{% endmacro %}{{ line(user.name) }}",
+        "{% with greeting = 'Hi' %}{{ greeting }}{% endwith %} {% filter upper %}{{ user.name }}{% endfilter %}",
         "{{ user.orders | map(attribute='sku') | join(', ') }} {{ user.orders | selectattr('paid') | list | length }}",
         "{{ user['_id'] is defined }}{{ '%s!' | format(user.name) }}",
     ):
