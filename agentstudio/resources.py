@@ -29,7 +29,18 @@ PATTERN_MEANINGS = {
     K8S_NAME_PATTERN: "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
 }
 
-Slug = Annotated[str, Field(pattern=SLUG_PATTERN, max_length=63)]
+# The API server quotes a failed `pattern` as the raw expression; the CEL rule beside it adds the words.
+Slug = Annotated[
+    str,
+    Field(
+        pattern=SLUG_PATTERN,
+        max_length=63,
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": f"self.matches('{SLUG_PATTERN}')", "message": f"must be {PATTERN_MEANINGS[SLUG_PATTERN]}"}
+        ]},
+    ),
+]
+
 Template = Annotated[str, Field(max_length=32768)]
 # Free-form JSON (JSON Schemas, request bodies): Kubernetes keeps it as given.
 FreeObject = Annotated[

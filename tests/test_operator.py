@@ -255,6 +255,8 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
     ("doc", "expected"),
     [
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"slug": "Bad_Slug", "prompt": "x"}}, "spec.slug"),
+        ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {"entryAgent": "Bad_Slug"}},
+         "must be lowercase letters, digits and dashes, starting and ending with a letter or digit"),
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {}}, "spec.prompt"),
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"prompt": "x", "frstMessage": "hi"}}, "frstMessage"),
         ({"kind": "Agent", "metadata": {"name": "a"},

@@ -82,6 +82,9 @@ def test_crd_schemas_carry_patterns_enums_and_cross_field_rules() -> None:
     crds = {n.split(".")[0]: yaml.safe_load(t) for n, t in crdgen.render_all().items()}
     spec = lambda kind: crds[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]  # noqa: E731
     assert spec("agents")["properties"]["slug"]["pattern"]
+    # the API server quotes a failed pattern raw; the rule beside it gives the words validate prints
+    [rule] = spec("workflows")["properties"]["agents"]["items"]["x-kubernetes-validations"]
+    assert rule["message"] == "must be lowercase letters, digits and dashes, starting and ending with a letter or digit"
     action = spec("agents")["properties"]["tools"]["items"]["properties"]["action"]
     assert action["properties"]["type"]["enum"] == ["api_call", "capture", "end_call", "handoff", "transfer"]
     assert any("has(self.url)" in rule["rule"] for rule in action["x-kubernetes-validations"])
