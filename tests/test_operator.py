@@ -461,3 +461,15 @@ async def test_a_receiver_that_answered_410_shows_on_its_subscription(cluster: C
     sub["spec"]["url"] = "https://example.com/webhooks/v2"
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "webhooksubscriptions", "results", sub)
     cluster.wait_ready(ns, "WebhookSubscription", "results")  # a new URL is the user's answer
+
+
+async def test_a_template_the_sandbox_would_refuse_is_not_ready_and_never_published(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "sneaky"},
+                        "spec": {"prompt": "{% for cycler in [] %}{% endfor %}{{ cycler }} {{ ''.__class__.__mro__ }}"}}])
+    condition = cluster.wait_ready(ns, "Agent", "sneaky", status="False")
+    assert condition["reason"] == "InvalidTemplate"
+    assert "'cycler'" in condition["message"] and "'__class__'" in condition["message"], condition["message"]
+    await asyncio.sleep(1)
+    assert ns not in svc.snapshot.bundles
