@@ -91,10 +91,12 @@ def rejected(document: Any, source: str, index: int | None, problems: list[Probl
     return Rejected(document["kind"], name, document, source, index, problems)
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """`; did you mean 'x'?` for a near miss among `known`, else ""."""
-    # 0.8, not difflib's 0.6: slugs share suffixes ("-agent"), and a wrong guess misleads
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+def did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.8) -> str:
+    """`; did you mean 'x'?` for a near miss among `known`, else "".
+
+    0.8 by default, not difflib's 0.6: slugs share suffixes ("-agent"), and a wrong guess misleads.
+    """
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -131,7 +133,8 @@ def parse(document: Any, source: str, index: int | None) -> tuple[Located | None
 def _message(error: Any, model: type[BaseModel]) -> str:
     if error["type"] == "extra_forbidden":
         fields = _fields_at(model, tuple(error["loc"])[:-1])
-        return "unknown field" + did_you_mean(str(error["loc"][-1]), fields)
+        # field names are few and fixed: a looser match still guesses right (spce → spec)
+        return "unknown field" + did_you_mean(str(error["loc"][-1]), fields, cutoff=0.6)
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in PATTERN_MEANINGS:
         return f"must be {PATTERN_MEANINGS[error['ctx']['pattern']]}"
     msg = str(error["msg"])

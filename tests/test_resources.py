@@ -208,6 +208,11 @@ metadata: {name: y}
 spec:
   prompt: "Hi"
   tools: [{name: go, action: {type: end_call, mehtod: GET}}]
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: z}
+spce: {prompt: "Hi"}
 """
     out = "\n".join(validate(tmp_path, **{"all.yaml": manifests}))
     for line in (
@@ -217,6 +222,7 @@ spec:
         "did you mean 'helpr'?",
         "(document 3) kind: must be one of Agent, Workflow, ApiKey, WebhookSubscription; did you mean 'Agent'?",
         "(document 4) Agent/y spec.tools[0].action.mehtod: unknown field; did you mean 'method'?",
+        "(document 5) Agent/z spce: unknown field; did you mean 'spec'?",
     ):
         assert line in out, f"{line!r} not in:\n{out}"
     # far from every name: no guess
