@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import ChainableUndefined, TemplateSyntaxError, meta, nodes, sandbox
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 # Roots a template may read. `params` exists only inside tool actions.
 PROMPT_ROOTS = frozenset({"user", "context", "metadata"})
@@ -46,9 +46,44 @@ _UNSAFE_NAMES = frozenset(
 ) | sandbox.UNSAFE_GENERATOR_ATTRIBUTES | sandbox.UNSAFE_COROUTINE_ATTRIBUTES | sandbox.UNSAFE_ASYNC_GENERATOR_ATTRIBUTES
 
 
+# The most a `*` may build (characters or items), the largest exponent of a `**`, and the largest
+# integer either may make (in bits, about 3,000 digits).
+MAX_PRODUCT = 100_000
+MAX_EXPONENT = 100
+MAX_BITS = 10_000
+
+
+def _bounded(operator: str, left: Any, right: Any) -> Any:
+    """`left * right` or `left ** right`, refused before it is computed if it would be huge."""
+    ints = isinstance(left, int) and isinstance(right, int)
+    if operator == "**":
+        if isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"an exponent above {MAX_EXPONENT} is not offered")
+        if ints and right > 0 and abs(left).bit_length() * right > MAX_BITS:
+            raise SecurityError(f"'**' would make a number of more than {MAX_BITS} bits")
+        return left**right
+    if ints and abs(left).bit_length() + abs(right).bit_length() > MAX_BITS:
+        raise SecurityError(f"'*' would make a number of more than {MAX_BITS} bits")
+    for seq, times in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_PRODUCT:
+            raise SecurityError(f"'*' would build more than {MAX_PRODUCT} characters or items")
+    return left * right
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with `*` and `**` bounded. Intercepting them also stops Jinja from
+    folding them at compile time, which `{{ 'x' * 10**10 }}` would otherwise make allocate 10 GB
+    in whoever compiles the template: the operator's check or the voice agent."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        return _bounded(operator, left, right)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     # ChainableUndefined: `user.address.city` with no address renders "" instead of failing the call.
-    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True, undefined=ChainableUndefined)
+    env = _Sandbox(autoescape=False, keep_trailing_newline=True, undefined=ChainableUndefined)
     # Jinja's default globals (range, dict, lipsum, cycler, joiner, namespace) are none of ours: a
     # template reads its variables and nothing else, so no name can reach a Python object.
     env.globals.clear()
@@ -71,7 +106,7 @@ class _AnyName(dict[str, Any]):
         return len
 
 
-_scoping_env = ImmutableSandboxedEnvironment()
+_scoping_env = _Sandbox()
 _scoping_env.globals.clear()
 _scoping_env.filters = _AnyName()
 _scoping_env.tests = _AnyName()
@@ -145,7 +180,8 @@ _NOT_OFFERED_TAGS = {
 
 def _refused(tree: nodes.Template) -> list[TemplateProblem]:
     problems: list[TemplateProblem] = []
-    for node in tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, *_NOT_OFFERED_TAGS)):
+    wanted = (nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, nodes.Mul, nodes.Pow)
+    for node in tree.find_all((*wanted, *_NOT_OFFERED_TAGS)):
         line = node.lineno
         if type(node) in _NOT_OFFERED_TAGS:
             problems.append(TemplateProblem(f"{{% {_NOT_OFFERED_TAGS[type(node)]} %}} is not offered: a template is one string", line))
@@ -161,7 +197,21 @@ def _refused(tree: nodes.Template) -> list[TemplateProblem]:
             problems += _filter_problems(node)
         elif isinstance(node, nodes.Test) and node.name not in _env.tests:
             problems.append(TemplateProblem(f"unknown test {node.name!r}", line))
+        elif isinstance(node, (nodes.Mul, nodes.Pow)):
+            try:
+                _folded(node)
+            except nodes.Impossible:
+                pass  # it involves data: bounded when rendered
+            except SecurityError as exc:
+                problems.append(TemplateProblem(str(exc), line))
     return problems
+
+
+def _folded(node: nodes.Expr) -> Any:
+    """The value of a constant expression, `*` and `**` bounded; nodes.Impossible if it is not constant."""
+    if isinstance(node, (nodes.Mul, nodes.Pow)):
+        return _bounded(node.operator, _folded(node.left), _folded(node.right))
+    return node.as_const(nodes.EvalContext(_env))
 
 
 def _attribute_problems(name: str, line: int) -> list[TemplateProblem]:

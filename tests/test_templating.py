@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
+
+import pytest
+from jinja2.sandbox import SecurityError
 
 from agentstudio import templating
 from agentstudio.bundle import compile_bundle
@@ -65,6 +69,10 @@ REFUSED = {
     "{% from 'x' import y %}{{ y }}": "{% import %} is not offered",
     "{% block greeting %}{{ super() }}{% endblock %}": "{% block %} is not offered",
     "{% macro m(a) %}{{ a }}{% endmacro %}{{ m(1, 2) }}": "{% macro %} is not offered",
+    "{{ 'x' * 10**10 }}": "'*' would build more than 100000 characters or items",
+    "{% set a = 1 %}{{ [a] * 10**10 }}{{ 'x' * 10**10 }}": "'*' would build more than 100000",
+    "{{ ((10**100)**100)**100 }}": "'**' would make a number of more than 10000 bits",
+    "{{ 2 ** 1000 }}": "an exponent above 100 is not offered",
     "{% set x = 1 %}{% for loop_var in [1] %}{% endfor %}{{ loop }}": "unknown template variable 'loop'",
 }
 
@@ -96,6 +104,24 @@ def test_names_bound_only_in_some_branches_or_only_inside_a_loop_are_looked_up()
     assert "unknown template variable 'tone'" in problem.message
     [problem] = templating.check("{% for x in user.items %}{% endfor %}{{ x }}", templating.PROMPT_ROOTS)
     assert "unknown template variable 'x'" in problem.message
+
+
+def test_products_are_bounded_when_rendered_and_small_ones_work() -> None:
+    assert templating.check("{{ '-' * 20 }} {{ 2 ** 10 }} {{ user.n * 3 }}", templating.PROMPT_ROOTS) == []
+    assert templating.render("{{ '-' * 3 }}{{ 2 ** 10 }} {{ user.n * 3 }}", {"user": {"n": 4}}) == "---1024 12"
+    with pytest.raises(SecurityError):
+        templating.render("{{ user.name * user.n }}", {"user": {"name": "ab", "n": 10**6}})
+
+
+def test_checking_a_template_never_builds_what_it_describes() -> None:
+    # Jinja folds constant expressions while compiling, and the check runs its compiler's analysis.
+    tracemalloc.start()
+    try:
+        templating.check("{% set a = 1 %}{{ 'x' * 10**8 }}", templating.PROMPT_ROOTS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000, peak  # it was 100 MB and more
 
 
 def test_jinja_globals_are_gone_from_rendering() -> None:
