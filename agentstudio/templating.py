@@ -180,6 +180,7 @@ _NOT_OFFERED_TAGS = {
 
 def _refused(tree: nodes.Template) -> list[TemplateProblem]:
     problems: list[TemplateProblem] = []
+    folded: dict[int, Any] = {}
     wanted = (nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Filter, nodes.Test, nodes.Call, nodes.Mul, nodes.Pow)
     for node in tree.find_all((*wanted, *_NOT_OFFERED_TAGS)):
         line = node.lineno
@@ -199,7 +200,7 @@ def _refused(tree: nodes.Template) -> list[TemplateProblem]:
             problems.append(TemplateProblem(f"unknown test {node.name!r}", line))
         elif isinstance(node, (nodes.Mul, nodes.Pow)):
             try:
-                _folded(node)
+                _folded(node, folded)
             except nodes.Impossible:
                 pass  # it involves data: bounded when rendered
             except SecurityError as exc:
@@ -207,11 +208,19 @@ def _refused(tree: nodes.Template) -> list[TemplateProblem]:
     return problems
 
 
-def _folded(node: nodes.Expr) -> Any:
-    """The value of a constant expression, `*` and `**` bounded; nodes.Impossible if it is not constant."""
-    if isinstance(node, (nodes.Mul, nodes.Pow)):
-        return _bounded(node.operator, _folded(node.left), _folded(node.right))
-    return node.as_const(nodes.EvalContext(_env))
+def _folded(node: nodes.Expr, memo: dict[int, Any]) -> Any:
+    """The value of a constant expression, `*` and `**` bounded; nodes.Impossible if it is not constant.
+    `memo` keeps each product's value, so a long chain is folded once, not once per link."""
+    if not isinstance(node, (nodes.Mul, nodes.Pow)):
+        return node.as_const(nodes.EvalContext(_env))
+    if id(node) not in memo:
+        try:
+            memo[id(node)] = _bounded(node.operator, _folded(node.left, memo), _folded(node.right, memo))
+        except nodes.Impossible as exc:
+            memo[id(node)] = exc
+    if isinstance(memo[id(node)], nodes.Impossible):
+        raise memo[id(node)]
+    return memo[id(node)]
 
 
 def _attribute_problems(name: str, line: int) -> list[TemplateProblem]:
