@@ -20,7 +20,7 @@ import uvicorn
 import watchfiles
 from nats.js.kv import KeyValue
 
-from agentstudio import bundle_store, bus, keys, signing
+from agentstudio import bundle_store, bus, keys, ports, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
@@ -172,8 +172,15 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     """Run until stopped; with `chat`, until its call is over. False when the chat could not call."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
+    # Before anything starts or is printed: a second `dev` must not get as far as printing an ingest
+    # URL that is another's.
+    listening = ports.bind(host, port, "use --port", guess="is another `agent-studio dev` running?")
     nats = NatsServer(state / "nats", log_file=state / "nats.log")
-    nats.start()
+    try:
+        nats.start()
+    except BaseException:
+        listening.close()
+        raise
     print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
     stop = asyncio.Event()
     # Locally nothing is spoken aloud, so the agent need not wait for its words to play out.
@@ -194,7 +201,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         # Model keys and api_call headers come from AGENTSTUDIO_SECRET_<NAME>_<KEY> locally.
         runtime = await dialer_main.voice(nc, settings, bundles, EnvSecrets(), observer=terminal.turn)
         dialer_main.mount_relay(app, runtime)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+        server = _Server(uvicorn.Config(app, fd=listening.fileno(), log_config=None, access_log=False))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
@@ -226,6 +233,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         await nc.close()
     finally:
         nats.stop()
+        listening.close()
         print("stopped", flush=True)
     return chatted
 

@@ -47,7 +47,8 @@ class NatsServer:
     def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
-        self.log_file = log_file
+        # Its own words are what a failed start is explained by: always kept.
+        self.log_file = log_file or store_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,24 +57,39 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
-            stdout=out,
-            stderr=out,
-            start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
-            preexec_fn=die_with_parent,
-        )
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
+                preexec_fn=die_with_parent,
+            )
+        try:
+            self._wait(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}")
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.05)
-        raise TimeoutError(f"nats-server did not listen on {self.port}")
+        raise TimeoutError(f"nats-server did not listen on {self.port}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is None or self.proc.poll() is not None:

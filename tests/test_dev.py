@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,40 +14,35 @@ import httpx
 
 from agentstudio.natsserver import free_port
 from conftest import EXAMPLES, SEED_BODY
+from processes import Process
 
 
 class DevProcess:
+    """`agent-studio dev` as a user runs it; its stdout read line by line, its stderr in a log beside
+    the folder (both in the report of a failing test)."""
+
     def __init__(self, directory: Path, port: int) -> None:
-        cli = Path(sys.executable).parent / "agent-studio"
-        self.proc = subprocess.Popen(
-            [str(cli), "dev", str(directory), "--port", str(port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.process = Process.agent_studio("dev", str(directory), "--port", str(port),
+                                            log=directory.parent / f"dev-{port}.log", read_stdout=True)
+        self.proc = self.process.proc
         self.url = f"http://127.0.0.1:{port}"
-        self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.version = 0
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
 
     def expect(self, pattern: str, timeout: float = 20) -> re.Match[str]:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                continue
+                line = self.process.next_line(timeout=left)
+            except AssertionError:
+                break
+            if line is None:
+                break
             self.seen.append(line)
             match = re.search(pattern, line)
             if match:
                 return match
-        raise AssertionError(f"no line matching {pattern!r}; output so far:\n" + "\n".join(self.seen))
+        raise AssertionError(f"no line matching {pattern!r}\n{self.process.output()}")
 
     def start(self) -> dict[str, str]:
         keys = {}
@@ -62,7 +54,7 @@ class DevProcess:
                 self.version = int(match.group(4))
             else:
                 keys[match.group(2)] = match.group(3)
-        wait_ready(self.url)
+        self.process.wait_until(lambda: ready(self.url), "dev's ingest ready")
         return keys
 
     def expect_new_version(self) -> None:
@@ -73,20 +65,14 @@ class DevProcess:
                 return
 
     def interrupt(self, sig: signal.Signals = signal.SIGINT) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
+        return self.process.stop(sig)
 
 
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("dev ingest never became ready")
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def nats_port(directory: Path, dev: DevProcess) -> int:
@@ -153,3 +139,4 @@ def test_dev_runs_the_stack_from_a_folder(tmp_path: Path) -> None:
     ignored = subprocess.run(["git", "-C", str(folder), "check-ignore", ".agent-studio/keys.json"], capture_output=True)
     assert ignored.returncode == 0
     assert (folder / ".agent-studio" / "keys.json").stat().st_mode & 0o077 == 0
+
