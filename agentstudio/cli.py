@@ -129,6 +129,7 @@ def _json_object(text: str) -> dict[str, object]:
 def _dev(args: argparse.Namespace) -> int:
     from agentstudio import dev
     from agentstudio.chat import ChatRequest
+    from agentstudio.natsserver import StoreInUse
 
     logs.setup("WARNING")
     chat = None if args.chat is None else ChatRequest(
@@ -136,7 +137,7 @@ def _dev(args: argparse.Namespace) -> int:
     try:
         if not asyncio.run(dev.run(args.directory, args.port, args.host, chat)):
             return 1  # --chat could not place its call
-    except ports.CannotListen as exc:
+    except (ports.CannotListen, StoreInUse) as exc:
         return _refuse(args, exc)
     except KeyboardInterrupt:
         pass

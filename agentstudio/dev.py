@@ -26,7 +26,7 @@ from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
-from agentstudio.natsserver import NatsServer
+from agentstudio.natsserver import NatsServer, StoreInUse
 from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, WebhookSubscription, Workflow
 from agentstudio.callstate import CallStore
 from agentstudio.chat import HELP, ChatRequest, Terminal, body_for, outcome, place
@@ -172,12 +172,16 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     """Run until stopped; with `chat`, until its call is over. False when the chat could not call."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
-    # Before anything starts or is printed: a second `dev` must not get as far as printing an ingest
-    # URL that is another's.
+    # Both checks come before anything starts or is printed: a second `dev` must not get as far as
+    # printing an ingest URL that is another's, nor open a store another server is writing.
     listening = ports.bind(host, port, "use --port", guess="is another `agent-studio dev` running?")
     nats = NatsServer(state / "nats", log_file=state / "nats.log")
     try:
         nats.start()
+    except StoreInUse as exc:
+        listening.close()
+        raise StoreInUse(f"{directory} is in use by another `agent-studio dev` (pid {exc.holder}); two servers "
+                         "must never share its JetStream store: stop that one first", exc.holder) from None
     except BaseException:
         listening.close()
         raise

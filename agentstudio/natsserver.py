@@ -7,6 +7,8 @@ the Python interpreter; nothing is downloaded at run time.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -41,8 +43,20 @@ def die_with_parent() -> None:
         pass
 
 
+class StoreInUse(Exception):
+    """Another server's process holds the JetStream store: two servers on one store corrupt it."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder  # the pid that locked it, as it wrote it
+
+
+LOCK_FILE = "agentstudio.lock"
+
+
 class NatsServer:
-    """A nats-server child process on 127.0.0.1 with JetStream storing into `store_dir`."""
+    """A nats-server child process on 127.0.0.1 with JetStream storing into `store_dir`, which it
+    holds locked (`store_dir`/agentstudio.lock) so no second server ever opens the same store."""
 
     def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
         self.store_dir = store_dir
@@ -50,6 +64,7 @@ class NatsServer:
         # Its own words are what a failed start is explained by: always kept.
         self.log_file = log_file or store_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -57,6 +72,7 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = self._hold_store()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
@@ -65,6 +81,9 @@ class NatsServer:
                 stderr=out,
                 start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
                 preexec_fn=die_with_parent,
+                # The server shares the lock: it stays held until the server is gone too, even when
+                # we are killed first and it is still shutting down.
+                pass_fds=(self._lock,),
             )
         try:
             self._wait(timeout)
@@ -85,6 +104,20 @@ class NatsServer:
                 time.sleep(0.05)
         raise TimeoutError(f"nats-server did not listen on {self.port}:\n{self.log_tail()}")
 
+    def _hold_store(self) -> int:
+        """Lock the store for this server, naming our pid in the lock file."""
+        fd = os.open(self.store_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreInUse(f"the JetStream store {self.store_dir} is in use by another process (pid {holder})",
+                             holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -92,6 +125,10 @@ class NatsServer:
             return "(no log)"
 
     def stop(self, kill: bool = False) -> None:
+        """Stop the server and unlock its store."""
+        if self._lock is not None:
+            os.close(self._lock)  # the server's inherited copy holds it until the server is gone
+            self._lock = None
         if self.proc is None or self.proc.poll() is not None:
             return
         if kill:

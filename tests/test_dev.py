@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -11,8 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from agentstudio.natsserver import free_port
+from agentstudio.natsserver import NatsServer, StoreInUse, free_port
 from conftest import EXAMPLES, SEED_BODY
 from processes import Process
 
@@ -140,3 +142,52 @@ def test_dev_runs_the_stack_from_a_folder(tmp_path: Path) -> None:
     assert ignored.returncode == 0
     assert (folder / ".agent-studio" / "keys.json").stat().st_mode & 0o077 == 0
 
+
+def test_a_second_dev_on_the_same_folder_is_refused_before_it_starts_anything(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    shutil.copytree(EXAMPLES, folder)
+    port = free_port()
+    first = DevProcess(folder, port)
+    try:
+        keys = first.start()
+        # The README's command run twice: same folder, same port.
+        again = DevProcess(folder, port)
+        assert again.proc.wait(timeout=30) == 1  # it exits on its own...
+        assert again.process.stdout == []  # ...before printing a key, a bundle or someone else's ingest URL
+        assert again.process.log.read_text() == (
+            f"agent-studio dev: port {port} is in use (is another `agent-studio dev` running?); use --port\n")
+
+        # Another port does not make sharing the folder safe: its JetStream store is locked.
+        other = DevProcess(folder, free_port())
+        assert other.proc.wait(timeout=30) == 1
+        assert other.process.stdout == []
+        assert other.process.log.read_text() == (
+            f"agent-studio dev: {folder} is in use by another `agent-studio dev` (pid {first.proc.pid}); two servers "
+            "must never share its JetStream store: stop that one first\n")
+
+        # The first one never noticed.
+        resp = httpx.post(f"{first.url}/api/v1/webhooks/ingest", json=SEED_BODY,
+                          headers={"Authorization": f"Bearer {keys['clevertap']}"})
+        assert resp.status_code == 201, resp.text
+        assert first.interrupt() == 0
+    finally:
+        first.process.kill()
+
+    # Once it is gone, the folder is free again.
+    after = DevProcess(folder, port)
+    try:
+        assert after.start() == keys
+        assert after.interrupt() == 0
+    finally:
+        after.process.kill()
+
+
+def test_two_nats_servers_never_share_a_store(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "store"):
+        second = NatsServer(tmp_path / "store")
+        with pytest.raises(StoreInUse, match=rf"the JetStream store {tmp_path / 'store'} is in use by another "
+                                             rf"process \(pid {os.getpid()}\)"):
+            second.start()
+        assert second.proc is None  # refused before a server was started on it
+    with NatsServer(tmp_path / "store"):  # free once the first has stopped
+        pass
