@@ -27,7 +27,7 @@ from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
 from agentstudio.natsserver import NatsServer, StoreInUse
-from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, WebhookSubscription, Workflow
+from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, SecretKeyRef, WebhookSubscription, Workflow
 from agentstudio.callstate import CallStore
 from agentstudio.chat import HELP, ChatRequest, Terminal, body_for, outcome, place
 from agentstudio.conversation import relay
@@ -275,11 +275,12 @@ async def _chat(
             print("chat: add an ApiKey with the calls:create scope to the folder", flush=True)
             return False
         _, key_name, tenant = keys[0]
-        for item in resources:
-            ref = item.resource.spec.llm.api_key_secret_ref if isinstance(item.resource, Agent) else None
-            if ref is not None and env_name(ref) not in os.environ:
-                print(f"chat: agent {item.resource.slug} reads its model key from Secret {ref.name}/{ref.key}: "
+        # Without its model key the call would ring, then end in `error`: refuse before placing it.
+        if missing := _missing_model_keys(resources, request.slug, slug_kind):
+            for agent, ref in missing:
+                print(f"chat: agent {agent} reads its model key from Secret {ref.name}/{ref.key}: "
                       f"set {env_name(ref)}", flush=True)
+            return False
         print(f"chat: calling {request.phone_number} with {slug_kind} {request.slug} (key {key_name}). {HELP}",
               flush=True)
         call_id = await place(f"http://{settings.host}:{settings.port}", key_name, key_file.keys[key_name], tenant,
@@ -290,6 +291,16 @@ async def _chat(
         return True
     finally:
         server.should_exit = True
+
+
+def _missing_model_keys(resources: list[Located], slug: str, slug_kind: str) -> list[tuple[str, SecretKeyRef]]:
+    """The agents the chat's call can reach whose model key is not in the environment, with its Secret."""
+    reachable = {slug}
+    if slug_kind == "workflow_slug":
+        reachable = {s for i in resources if isinstance(i.resource, Workflow) and i.resource.slug == slug
+                     for s in i.resource.spec.agent_slugs()}
+    return [(i.resource.slug, ref) for i in resources if isinstance(i.resource, Agent) and i.resource.slug in reachable
+            and (ref := i.resource.spec.llm.api_key_secret_ref) is not None and env_name(ref) not in os.environ]
 
 
 async def _watch(
