@@ -15,12 +15,16 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import uvicorn
 import watchfiles
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
-from agentstudio import bundle_store, bus, keys, ports, signing
+from agentstudio import bundle_store, bus, keys, phone, ports, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
@@ -110,9 +114,10 @@ async def compile_and_publish(
     new_keys = key_file.ensure(resources)
     new_secrets = key_file.webhook_secrets(resources)
     shown = key_file.keys.items() if announce else new_keys
+    api_keys = {i.resource.name: i.resource.spec for i in resources if isinstance(i.resource, ApiKey)}
     for name, key in sorted(shown):
-        if any(isinstance(i.resource, ApiKey) and i.resource.name == name for i in resources):
-            print(f"api key {name}: {key}", flush=True)
+        if (spec := api_keys.get(name)) is not None:
+            print(f"api key {name}: {key} ({spec.mode}; {', '.join(spec.scopes)})", flush=True)
     shown_secrets = [(k[6:], v) for k, v in key_file.keys.items() if k.startswith("whsec:")] if announce else new_secrets
     for name, secret in sorted(shown_secrets):
         if any(isinstance(i.resource, WebhookSubscription) and i.resource.name == name for i in resources):
@@ -221,6 +226,8 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
             asyncio.create_task(dispatcher.run(stop), name="webhooks"),
             asyncio.create_task(_watch(directory, key_file, kv, service, secrets, stop), name="watch"),
         ]
+        if chat is None:  # a chat prints its own call's story
+            background.append(asyncio.create_task(_report_calls(js), name="call lines"))
         chatting = None if chat is None else asyncio.create_task(
             _chat(directory, key_file, chat, settings, server, terminal, dialer.store, ok), name="chat")
         if chatting is not None:
@@ -301,6 +308,31 @@ def _missing_model_keys(resources: list[Located], slug: str, slug_kind: str) -> 
                      for s in i.resource.spec.agent_slugs()}
     return [(i.resource.slug, ref) for i in resources if isinstance(i.resource, Agent) and i.resource.slug in reachable
             and (ref := i.resource.spec.llm.api_key_secret_ref) is not None and env_name(ref) not in os.environ]
+
+
+async def _report_calls(js: JetStreamContext) -> None:
+    """A line per call status change, from the events status webhooks carry (the answer and the end),
+    so the outcome of a call is seen without asking the calls API."""
+    await bus.ensure_events_stream(js)
+    sub = await js.subscribe(bus.EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    try:
+        async for msg in sub.messages:
+            print(call_line(orjson.loads(msg.data)["data"]), flush=True)
+    finally:
+        await sub.unsubscribe()
+
+
+def call_line(data: dict[str, Any]) -> str:
+    """`call <id> to ******3210: completed in 8 s, ended by end_call` from a status event's data."""
+    status = data["status"]
+    said = {"in_progress": "answered"}.get(status, status)
+    if status == "completed":
+        said += f" in {data['duration_seconds']} s"
+    if data.get("end_reason"):
+        said += f", ended by {data['end_reason']}"
+    if data.get("error"):
+        said += f" ({data['error']['code']}: {data['error']['message']})"
+    return f"call {data['call_id']} to {phone.mask(data['phone_number'])}: {said}"
 
 
 async def _watch(

@@ -89,15 +89,30 @@ def test_dev_runs_the_stack_from_a_folder(tmp_path: Path) -> None:
     dev = DevProcess(folder, port)
     try:
         keys = dev.start()
-        assert set(keys) == {"clevertap", "moengage", "braze", "webengage", "analytics-readonly", "sandbox"}
+        assert set(keys) == {"clevertap", "moengage", "braze", "webengage", "analytics-readonly", "sandbox",
+                             "webhooks-admin"}
         assert keys["sandbox"].startswith("as_test_") and keys["clevertap"].startswith("as_live_")
+        # Each key says what it may do, so the user knows which one to pick for what.
+        assert f"api key clevertap: {keys['clevertap']} (live; calls:create)" in dev.seen
+        assert f"api key sandbox: {keys['sandbox']} (test; calls:create, calls:read)" in dev.seen
+        assert f"api key webhooks-admin: {keys['webhooks-admin']} (live; webhooks:manage)" in dev.seen
         assert any(line.startswith("webhook secret results: whsec_") for line in dev.seen)
         ingest = f"{dev.url}/api/v1/webhooks/ingest"
+        dead = httpx.get(f"{dev.url}/api/v1/webhooks/dead-letters",
+                         headers={"Authorization": f"Bearer {keys['webhooks-admin']}"})
+        assert dead.status_code == 200, dead.text
+        assert httpx.get(f"{dev.url}/docs").status_code == 200  # the API reference the README points to
 
-        # A campaign's request is accepted and the dialer picks the call up.
+        # A campaign's request is accepted, the dialer picks the call up, and its outcome is shown.
         resp = httpx.post(ingest, json=SEED_BODY, headers={"Authorization": f"Bearer {keys['clevertap']}"})
         assert resp.status_code == 201, resp.text
-        dev.expect(rf"dialer \(simulated\): call {resp.json()['call_id']} to \*+3210 workflow=free-trial-followup")
+        call_id = resp.json()["call_id"]
+        dev.expect(rf"dialer \(simulated\): call {call_id} to \*+3210 workflow=free-trial-followup")
+        dev.expect(rf"^call {call_id} to \*{{9}}3210: answered$")
+        dev.expect(rf"^call {call_id} to \*{{9}}3210: completed in 2 s$")
+        failing = {**SEED_BODY, "metadata": {"simulate_outcome": "failed"}}
+        resp = httpx.post(ingest, json=failing, headers={"Authorization": f"Bearer {keys['clevertap']}"})
+        dev.expect(rf"^call {resp.json()['call_id']} to \*{{9}}3210: failed \(simulated_failure: scripted failure\)$")
 
         # A new manifest takes effect without a restart.
         new_agent = {"agent_slug": "reminder", "phone_number": "+14155552671"}
