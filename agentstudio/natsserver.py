@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 
@@ -65,6 +66,9 @@ class NatsServer:
         self.log_file = log_file or store_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
+        # Ready means *this* server answers: another one on the port (a free port is only free until
+        # someone takes it) would otherwise pass for ours while ours exits on "address already in use".
+        self.name = f"agentstudio-{uuid.uuid4().hex[:12]}"
 
     @property
     def url(self) -> str:
@@ -76,7 +80,8 @@ class NatsServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)],
+                [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir),
+                 "--server_name", self.name],
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
@@ -98,10 +103,13 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.settimeout(1)
+                    if f'"server_name":"{self.name}"'.encode() in conn.recv(4096):  # its INFO line
+                        return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise TimeoutError(f"nats-server did not listen on {self.port}:\n{self.log_tail()}")
 
     def _hold_store(self) -> int:

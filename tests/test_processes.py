@@ -16,6 +16,7 @@ import pytest
 from agentstudio.natsserver import NatsServer
 from conftest import EXAMPLES
 from processes import Process
+from twilio_mock import TwilioMock
 
 TESTS = Path(__file__).resolve().parent
 
@@ -60,6 +61,7 @@ INNER_TEST = '''
 import os, socket, time
 from pathlib import Path
 from processes import Process
+from twilio_mock import TwilioMock
 
 def test_calls_are_placed(tmp_path):
     with socket.socket() as holder:
@@ -89,3 +91,22 @@ def test_a_failing_test_shows_the_output_of_the_processes_it_started(tmp_path: P
     assert "process agent-studio dialer" in report, report
     assert "exited with 1" in report, report
     assert "agent-studio dialer: port " in report and "is in use; set AGENTSTUDIO_PORT to a free one" in report, report
+
+
+def test_a_nats_server_that_cannot_start_quotes_its_own_error(taken_port: int, tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "store", port=taken_port)
+    with pytest.raises(RuntimeError, match=r"nats-server exited with 1:\n(.|\n)*address already in use"):
+        server.start()
+
+
+def test_prism_that_cannot_start_quotes_its_own_error(tmp_path: Path) -> None:
+    spec = tmp_path / "broken.json"
+    spec.write_text('{"openapi": "3.0.0", "paths": ')
+    mock = TwilioMock(spec=spec, log_file=tmp_path / "prism.log")
+    try:
+        with pytest.raises(RuntimeError) as failure:
+            mock.start()
+    finally:
+        mock.stop()
+    assert f"Error parsing {spec}" in str(failure.value)  # Prism's own fatal line
+    assert "unexpected end of the stream" in str(failure.value)
