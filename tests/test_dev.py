@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -24,8 +25,8 @@ class DevProcess:
     the folder (both in the report of a failing test)."""
 
     def __init__(self, directory: Path, port: int) -> None:
-        self.process = Process.agent_studio("dev", str(directory), "--port", str(port),
-                                            log=directory.parent / f"dev-{port}.log", read_stdout=True)
+        log = directory.parent / f"dev-{uuid.uuid4().hex[:8]}.log"  # its own, when two share a port
+        self.process = Process.agent_studio("dev", str(directory), "--port", str(port), log=log, read_stdout=True)
         self.proc = self.process.proc
         self.url = f"http://127.0.0.1:{port}"
         self.seen: list[str] = []
