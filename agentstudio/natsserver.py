@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 
@@ -68,7 +68,8 @@ class NatsServer:
         self._lock: int | None = None
         # Ready means *this* server answers: another one on the port (a free port is only free until
         # someone takes it) would otherwise pass for ours while ours exits on "address already in use".
-        self.name = f"agentstudio-{uuid.uuid4().hex[:12]}"
+        # Named for its store, so a store's server keeps its name across restarts.
+        self.name = "agentstudio-" + hashlib.sha256(str(store_dir.resolve()).encode()).hexdigest()[:12]
 
     @property
     def url(self) -> str:
