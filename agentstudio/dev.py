@@ -307,7 +307,7 @@ def _missing_model_keys(resources: list[Located], slug: str, slug_kind: str) -> 
         reachable = {s for i in resources if isinstance(i.resource, Workflow) and i.resource.slug == slug
                      for s in i.resource.spec.agent_slugs()}
     return [(i.resource.slug, ref) for i in resources if isinstance(i.resource, Agent) and i.resource.slug in reachable
-            and (ref := i.resource.spec.llm.api_key_secret_ref) is not None and env_name(ref) not in os.environ]
+            and (ref := i.resource.spec.llm.api_key_secret_ref) is not None and not os.environ.get(env_name(ref))]
 
 
 async def _report_calls(js: JetStreamContext) -> None:

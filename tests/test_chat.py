@@ -199,11 +199,15 @@ def test_end_of_input_hangs_up(tmp_path: Path, model: ScriptedModel, chats: list
     assert model.requests == []  # the agent's first message is the manifest's, not the model's
 
 
+@pytest.mark.parametrize("key", [None, ""], ids=["unset", "empty"])
 def test_a_missing_model_key_is_named_and_nothing_is_placed(
-    tmp_path: Path, model: ScriptedModel, chats: list[Chat]
+    tmp_path: Path, model: ScriptedModel, chats: list[Chat], key: str | None
 ) -> None:
     folder = examples_for(tmp_path, model.url)
-    chat = Chat(folder, "free-trial-followup", "--phone", PHONE, *JOHN, env=environment(model_key=False))
+    env = environment(model_key=False)
+    if key is not None:
+        env[KEY_ENV] = key  # `KEY= scripts/dev --chat …`: set, but to nothing
+    chat = Chat(folder, "free-trial-followup", "--phone", PHONE, *JOHN, env=env)
     chats.append(chat)
     rest = chat.rest()
     assert (f"chat: agent trial-followup-agent reads its model key from Secret llm-credentials/api-key: "
