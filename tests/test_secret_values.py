@@ -18,16 +18,11 @@ import pytest
 from nats.js import JetStreamContext
 
 from agentstudio import bus, signing
-from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.phone_line import Line
-from agentstudio.dialer.providers import SimulatedProvider
 from agentstudio.natsserver import NatsServer
-from agentstudio.secrets import StaticSecrets
-from agentstudio.settings import Settings
-from agentstudio.tracking import CallTracker
-from conftest import SEED_BODY, ingest_client, wait_for_bundle
+from conftest import SEED_BODY
 from scripted_model import Reply
-from test_webhooks import Receiver, serving
+from test_webhooks import Receiver
 from voice_stack import LLM_KEY, TwilioRelay, voice_stack
 
 LLM = {"baseUrl": "MODEL_URL", "apiKeySecretRef": {"name": "llm-credentials", "key": "api-key"}}
@@ -99,39 +94,22 @@ async def test_a_secret_a_header_cannot_carry_leaks_nowhere(
         stack.model.script([Reply(tool_calls=[("log", {"note": "wants a demo"})]),
                             Reply("Done, goodbye.", tool_calls=[("end_call", {})])])
         t = stack.tenant
-        settings = Settings(nats_url=own_nats.url)
-        dispatcher, watcher = await dialer_main.webhooks(
-            stack.nc, settings, StaticSecrets({(t.name, "results-webhook-secret", "secret"): receiver.secret}))
-
-        def simulated(tracker: CallTracker) -> SimulatedProvider:
-            return SimulatedProvider(tracker, relay_url=stack.relay, callees=lambda call: callee)
-
-        dialer = await dialer_main.build(stack.nc, settings, simulated_factory=simulated)
-        stop = asyncio.Event()
-        running = [asyncio.create_task(dialer.run(stop)), asyncio.create_task(dispatcher.run(stop))]
-        try:
-            async with serving(receiver), ingest_client(own_nats.url) as (client, svc):
-                assert t.bundle is not None
-                await wait_for_bundle(svc, t.name, t.bundle.version)
-                body = {**SEED_BODY, "workflow_slug": None, "agent_slug": "crm-agent"}
-                answer = await client.post("/api/v1/webhooks/ingest", json=body, headers=t.auth("clevertap"))
-                assert answer.status_code == 201, answer.text
-                call_id = answer.json()["call_id"]
-                events = await js.subscribe(bus.event_subject(t.name, call_id), ordered_consumer=True)
-                async with asyncio.timeout(20):
-                    while "call.completed" not in [r["type"] for r in receiver.received]:
-                        await asyncio.sleep(0.05)
-                record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("clevertap"))).json()
-                published = []
-                while True:
-                    try:
-                        published.append((await events.next_msg(timeout=0.5)).data.decode())
-                    except TimeoutError:
-                        break
-        finally:
-            stop.set()
-            await asyncio.gather(*running)
-            await watcher.stop()
+        async with stack.campaign(own_nats.url, receiver, "results-webhook-secret", callee) as client:
+            body = {**SEED_BODY, "workflow_slug": None, "agent_slug": "crm-agent"}
+            answer = await client.post("/api/v1/webhooks/ingest", json=body, headers=t.auth("clevertap"))
+            assert answer.status_code == 201, answer.text
+            call_id = answer.json()["call_id"]
+            events = await js.subscribe(bus.event_subject(t.name, call_id), ordered_consumer=True)
+            async with asyncio.timeout(20):
+                while "call.completed" not in [r["type"] for r in receiver.received]:
+                    await asyncio.sleep(0.05)
+            record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("clevertap"))).json()
+            published = []
+            while True:
+                try:
+                    published.append((await events.next_msg(timeout=0.5)).data.decode())
+                except TimeoutError:
+                    break
     await nc.close()
 
     assert [orjson.loads(p)["type"] for p in published] == ["call.answered", "call.completed"]
