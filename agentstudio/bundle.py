@@ -9,6 +9,8 @@ does not declare) never block a bundle. API keys enter only as SHA-256 digests.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -16,9 +18,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentstudio import templating
+from agentstudio import platforms, templating
 from agentstudio.json_schema import schema_problem
-from agentstudio.manifests import Located, Problem
+from agentstudio.manifests import Located, Problem, Rejected, did_you_mean
+from agentstudio.platforms import DEFAULT_SUCCESS_STATUS, SuccessStatus
 from agentstudio.resources import (
     Agent,
     AgentSpec,
@@ -64,6 +67,9 @@ class KeyEntry(Frozen):
     mode: Mode
     rate_limit_per_minute: int
     platform: str | None = None
+    # How the platform writes an attribute the profile lacks; such values count as absent at ingest.
+    unfilled: re.Pattern[str] | None = None
+    success_status: SuccessStatus = DEFAULT_SUCCESS_STATUS  # of an accepted call
     disabled: bool = False
     not_after: datetime | None = None  # expiresAt, or the end of a rotation's grace period
 
@@ -124,9 +130,17 @@ class CompileResult:
 
 
 def compile_bundle(
-    tenant: str, resources: list[Located], key_material: dict[str, list[KeyMaterial]]
+    tenant: str,
+    resources: list[Located],
+    key_material: dict[str, list[KeyMaterial]],
+    rejected: Sequence[Rejected] = (),
 ) -> CompileResult:
-    """Compile one tenant's resources. `key_material` maps ApiKey name → digests of its valid keys."""
+    """Compile one tenant's resources. `key_material` maps ApiKey name → digests of its valid keys.
+
+    `rejected` are the tenant's documents that did not parse (their errors are the caller's): their
+    templates and the agents they name are still checked, so one pass reports every error, and a
+    reference to a rejected agent says it is invalid rather than missing.
+    """
     errors: list[Problem] = []
     warnings: list[Problem] = []
     by_kind: dict[str, list[Located]] = {}
@@ -134,17 +148,30 @@ def compile_bundle(
         by_kind.setdefault(item.resource.kind, []).append(item)
         _check_unique_name(item, by_kind[item.resource.kind], errors)
 
+    # The manifest form (camelCase) of every Agent and Workflow spec, parsed or not: the checks below
+    # read it, so a rejected document is checked the same way.
+    specs: list[tuple[Located | Rejected, dict[str, Any]]] = [
+        (item, item.resource.spec.model_dump(by_alias=True)) for item in resources  # type: ignore[union-attr]
+        if item.resource.kind in ("Agent", "Workflow")
+    ] + [(r, r.spec) for r in rejected if r.kind in ("Agent", "Workflow")]
+    agent_specs = [(item, spec) for item, spec in specs if _kind(item) == "Agent"]
+    invalid = {r.slug: r for r in rejected if r.kind == "Agent"}
+
     agents: dict[str, CompiledAgent] = {}
     for item in by_kind.get("Agent", []):
         agent: Agent = item.resource  # type: ignore[assignment]
         if _claim_slug(agent.slug, agents, item, errors):
             agents[agent.slug] = CompiledAgent(name=agent.name, slug=agent.slug, spec=agent.spec)
-        errors += _agent_template_problems(agent, item)
+        errors += _schema_problems(agent, item)
+    for located_or_rejected, spec in agent_specs:
+        errors += _template_problems(located_or_rejected, spec)
 
+    for located_or_rejected, spec in specs:
+        if _kind(located_or_rejected) == "Workflow":
+            errors += _workflow_problems(spec, located_or_rejected, agents, invalid)
     workflows: dict[str, CompiledWorkflow] = {}
     for item in by_kind.get("Workflow", []):
         wf: Workflow = item.resource  # type: ignore[assignment]
-        errors += _workflow_problems(wf, item, agents)
         if _claim_slug(wf.slug, workflows, item, errors):
             workflows[wf.slug] = CompiledWorkflow(
                 name=wf.name,
@@ -156,14 +183,15 @@ def compile_bundle(
                 user_context_schema=wf.spec.user_context_schema,
             )
 
-    for item in by_kind.get("Agent", []):
-        agent = item.resource  # type: ignore[assignment]
-        for i, tool in enumerate(agent.spec.tools):
-            if tool.action.type == "handoff" and tool.action.agent not in agents:
-                errors.append(
-                    _at(item, f"spec.tools[{i}].action.agent", f"agent {tool.action.agent!r} does not exist", "AgentNotFound")
-                )
-    warnings += _undeclared_user_variables(by_kind.get("Agent", []), by_kind.get("Workflow", []))
+    for located_or_rejected, spec in agent_specs:
+        for i, tool in enumerate(_items(spec.get("tools"))):
+            action = tool.get("action") if isinstance(tool, dict) else None
+            if isinstance(action, dict) and action.get("type") == "handoff" and isinstance(action.get("agent"), str):
+                problem = _agent_problem(located_or_rejected, f"spec.tools[{i}].action.agent", action["agent"], agents, invalid)
+                errors += [problem] if problem else []
+    warnings += _undeclared_user_variables(
+        [(item, spec) for item, spec in agent_specs if isinstance(item, Located)], by_kind.get("Workflow", [])
+    )
 
     keys: dict[str, KeyEntry] = {}
     for item in by_kind.get("ApiKey", []):
@@ -178,6 +206,8 @@ def compile_bundle(
                 mode=ak.spec.mode,
                 rate_limit_per_minute=ak.spec.effective_rate_limit(),
                 platform=ak.spec.platform,
+                unfilled=platforms.unfilled(ak.spec.platform),
+                success_status=platforms.success_status(ak.spec.platform, ak.spec.success_status),
                 disabled=ak.spec.disabled,
                 not_after=not_after,
             )
@@ -208,8 +238,30 @@ def compile_bundle(
     return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
 
 
-def _at(item: Located, path: str, message: str, reason: str = "Invalid") -> Problem:
+def _at(item: Located | Rejected, path: str, message: str, reason: str = "Invalid") -> Problem:
     return Problem(item.source, path, message, item.index, reason)
+
+
+def _kind(item: Located | Rejected) -> str:
+    return item.resource.kind if isinstance(item, Located) else item.kind
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _agent_problem(
+    item: Located | Rejected, path: str, slug: str, agents: dict[str, CompiledAgent], invalid: dict[str, Rejected]
+) -> Problem | None:
+    """What is wrong with naming agent `slug`, if anything: it is invalid, or it does not exist."""
+    if slug in agents:
+        return None
+    if (bad := invalid.get(slug)) is not None:
+        first = bad.problems[0]
+        more = f" (and {len(bad.problems) - 1} more)" if len(bad.problems) > 1 else ""
+        at = f"{first.path}: " if first.path else ""
+        return _at(item, path, f"agent {slug!r} is invalid: {at}{first.message}{more}", "AgentInvalid")
+    return _at(item, path, f"agent {slug!r} does not exist{did_you_mean(slug, [*agents, *invalid])}", "AgentNotFound")
 
 
 def _check_unique_name(item: Located, same_kind: list[Located], errors: list[Problem]) -> None:
@@ -224,30 +276,40 @@ def _claim_slug(slug: str, taken: dict[str, Any], item: Located, errors: list[Pr
     return True
 
 
-def _agent_templates(spec: AgentSpec) -> list[tuple[str, str, frozenset[str]]]:
-    """(manifest path, template source, allowed roots) of every template in an agent."""
-    templates: list[tuple[str, str, frozenset[str]]] = [("spec.prompt", spec.prompt, templating.PROMPT_ROOTS)]
-    if spec.first_message:
-        templates.append(("spec.firstMessage", spec.first_message, templating.PROMPT_ROOTS))
-    for i, tool in enumerate(spec.tools):
+def _agent_templates(spec: dict[str, Any]) -> list[tuple[str, str, frozenset[str]]]:
+    """(manifest path, template source, allowed roots) of every template in an agent's spec (manifest
+    form; a rejected document may hold anything, so what is not a string is not a template)."""
+    templates: list[tuple[str, str, frozenset[str]]] = [
+        (f"spec.{key}", spec[key], templating.PROMPT_ROOTS)
+        for key in ("prompt", "firstMessage")
+        if isinstance(spec.get(key), str)
+    ]
+    for i, tool in enumerate(_items(spec.get("tools"))):
+        action = tool.get("action") if isinstance(tool, dict) else None
+        if not isinstance(action, dict):
+            continue
         base = f"spec.tools[{i}].action"
-        action = tool.action
-        if action.url:
-            templates.append((f"{base}.url", action.url, templating.TOOL_ROOTS))
-        templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in action.headers.items()]
-        templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.body)]
+        if isinstance(action.get("url"), str):
+            templates.append((f"{base}.url", action["url"], templating.TOOL_ROOTS))
+        headers = action.get("headers")
+        if isinstance(headers, dict):
+            templates += [(f"{base}.headers.{k}", v, templating.TOOL_ROOTS) for k, v in headers.items() if isinstance(v, str)]
+        templates += [(f"{base}.body", s, templating.TOOL_ROOTS) for s in templating.json_strings(action.get("body"))]
     return templates
 
 
-def _agent_template_problems(agent: Agent, item: Located) -> list[Problem]:
-    problems = [
+def _schema_problems(agent: Agent, item: Located) -> list[Problem]:
+    return [
         _at(item, f"spec.tools[{i}].parameters", f"not a valid JSON Schema: {why}", "InvalidSchema")
         for i, tool in enumerate(agent.spec.tools)
         if (why := schema_problem(tool.parameters)) is not None
     ]
-    return problems + [
+
+
+def _template_problems(item: Located | Rejected, spec: dict[str, Any]) -> list[Problem]:
+    return [
         _at(item, path, problem.message + (f" (line {problem.line})" if problem.line else ""), "InvalidTemplate")
-        for path, source, roots in _agent_templates(agent.spec)
+        for path, source, roots in _agent_templates(spec)
         for problem in templating.check(source, roots)
     ]
 
@@ -263,14 +325,16 @@ def _declared_user_keys(schema: dict[str, Any] | None) -> frozenset[str] | None:
     return frozenset(schema["properties"])
 
 
-def _undeclared_user_variables(agent_items: list[Located], workflow_items: list[Located]) -> list[Problem]:
+def _undeclared_user_variables(
+    agent_items: list[tuple[Located, dict[str, Any]]], workflow_items: list[Located]
+) -> list[Problem]:
     """Warn where an agent's template reads user.X and a workflow it serves does not declare X.
 
     The schema promises nothing about an undeclared key, and a missing variable renders as an empty
     string: the model would read "started their trial on ." and nobody would notice.
     """
     by_slug: dict[str, Located] = {}
-    for item in agent_items:
+    for item, _ in agent_items:
         by_slug.setdefault(item.resource.slug, item)  # a duplicate slug is an error already
     serving: dict[tuple[str, int | None], list[tuple[str, frozenset[str]]]] = {}  # agent → (workflow, keys)
     for wf_item in sorted(workflow_items, key=lambda w: w.resource.name):
@@ -283,11 +347,10 @@ def _undeclared_user_variables(agent_items: list[Located], workflow_items: list[
                 serving.setdefault((agent_item.source, agent_item.index), []).append((wf.name, declared))
 
     warnings: list[Problem] = []
-    for item in agent_items:
+    for item, spec in agent_items:
         workflows = serving.get((item.source, item.index), [])
-        agent: Agent = item.resource  # type: ignore[assignment]
         seen: set[tuple[str, str, str]] = set()  # every string of a tool body shares one path
-        for path, source, roots in _agent_templates(agent.spec):
+        for path, source, roots in _agent_templates(spec):
             if templating.check(source, roots):
                 continue  # already an error
             # user_id is the request's own field, not a user_context key
@@ -305,20 +368,22 @@ def _undeclared_user_variables(agent_items: list[Located], workflow_items: list[
     return warnings
 
 
-def _workflow_problems(wf: Workflow, item: Located, agents: dict[str, CompiledAgent]) -> list[Problem]:
-    problems: list[Problem] = []
-    members = set(wf.spec.agent_slugs())
-    if wf.spec.entry_agent not in agents:
-        problems.append(_at(item, "spec.entryAgent", f"agent {wf.spec.entry_agent!r} does not exist", "AgentNotFound"))
-    for i, slug in enumerate(wf.spec.agents):
-        if slug not in agents:
-            problems.append(_at(item, f"spec.agents[{i}]", f"agent {slug!r} does not exist", "AgentNotFound"))
-    for i, rule in enumerate(wf.spec.handoffs):
-        for side, slug in (("from", rule.from_), ("to", rule.to)):
-            if slug not in members:
-                problems.append(
-                    _at(item, f"spec.handoffs[{i}].{side}", f"agent {slug!r} is not one of the workflow's agents", "InvalidHandoff")
-                )
-    if wf.spec.user_context_schema is not None and (why := schema_problem(wf.spec.user_context_schema)):
+def _workflow_problems(
+    spec: dict[str, Any], item: Located | Rejected, agents: dict[str, CompiledAgent], invalid: dict[str, Rejected]
+) -> list[Problem]:
+    """A workflow's references to agents (manifest form, so a rejected workflow is checked too)."""
+    named = [("spec.entryAgent", spec.get("entryAgent"))]
+    named += [(f"spec.agents[{i}]", slug) for i, slug in enumerate(_items(spec.get("agents")))]
+    named = [(path, slug) for path, slug in named if isinstance(slug, str)]
+    problems = [p for path, slug in named if (p := _agent_problem(item, path, slug, agents, invalid)) is not None]
+    members = {slug for _, slug in named}
+    for i, rule in enumerate(_items(spec.get("handoffs"))):
+        for side in ("from", "to"):
+            slug = rule.get(side) if isinstance(rule, dict) else None
+            if isinstance(slug, str) and slug not in members:
+                message = f"agent {slug!r} is not one of the workflow's agents{did_you_mean(slug, members)}"
+                problems.append(_at(item, f"spec.handoffs[{i}].{side}", message, "InvalidHandoff"))
+    schema = spec.get("userContextSchema")
+    if isinstance(schema, dict) and (why := schema_problem(schema)):
         problems.append(_at(item, "spec.userContextSchema", f"not a valid JSON Schema: {why}", "InvalidSchema"))
     return problems

@@ -65,6 +65,9 @@ def event_subject(tenant: str, call_id: str) -> str:
     return f"calls.{tenant}.events.{call_id}"
 
 
+EVENTS_ALL = "calls.*.events.*"
+
+
 async def connect(
     servers: str,
     name: str,
@@ -144,7 +147,7 @@ async def ensure_calls_stream(js: JetStreamContext) -> None:
 
 async def ensure_events_stream(js: JetStreamContext) -> None:
     # An event id is published once however often its transition is re-driven.
-    await _ensure_kept_stream(js, EVENTS_STREAM, ["calls.*.events.*"])
+    await _ensure_kept_stream(js, EVENTS_STREAM, [EVENTS_ALL])
 
 
 def delivery_subject(tenant: str, subscription: str) -> str:

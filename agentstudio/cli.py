@@ -9,8 +9,10 @@ import signal
 import sys
 from pathlib import Path
 
-from agentstudio import logs
+from agentstudio import logs, ports
 from agentstudio.settings import Settings
+
+PORT_HINT = "set AGENTSTUDIO_PORT to a free one"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +61,14 @@ def _ingest(args: argparse.Namespace) -> int:
 
     settings = Settings()
     logs.setup(settings.log_level)
+    try:
+        listening = ports.bind(settings.host, settings.port, PORT_HINT)
+    except ports.CannotListen as exc:
+        return _refuse(args, exc)
     uvicorn.run(
         "agentstudio.ingest.app:create_app",
         factory=True,
-        host=settings.host,
-        port=settings.port,
+        fd=listening.fileno(),
         workers=args.workers,
         log_config=None,
         access_log=False,
@@ -89,16 +94,26 @@ def _dialer(args: argparse.Namespace) -> int:
 
     settings = Settings()
     logs.setup(settings.log_level)
+    try:
+        listening = ports.bind(settings.host, settings.port, PORT_HINT)
+    except ports.CannotListen as exc:
+        return _refuse(args, exc)
     stop = asyncio.Event()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # finish or hand back what it holds, then exit
             loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+        await run(settings, stop, listening)
 
     asyncio.run(main())
     return 0
+
+
+def _refuse(args: argparse.Namespace, exc: Exception) -> int:
+    """A role that cannot start says why in one line on stderr, and exits 1."""
+    print(f"agent-studio {args.command}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -114,6 +129,7 @@ def _json_object(text: str) -> dict[str, object]:
 def _dev(args: argparse.Namespace) -> int:
     from agentstudio import dev
     from agentstudio.chat import ChatRequest
+    from agentstudio.natsserver import StoreInUse
 
     logs.setup("WARNING")
     chat = None if args.chat is None else ChatRequest(
@@ -121,6 +137,8 @@ def _dev(args: argparse.Namespace) -> int:
     try:
         if not asyncio.run(dev.run(args.directory, args.port, args.host, chat)):
             return 1  # --chat could not place its call
+    except (ports.CannotListen, StoreInUse) as exc:
+        return _refuse(args, exc)
     except KeyboardInterrupt:
         pass
     return 0
@@ -136,9 +154,14 @@ def _validate(args: argparse.Namespace) -> int:
     for w in report.warnings:
         print(f"warning: {report.describe(w)}")
     for e in report.errors:
-        print(f"error: {e}")
-    print(f"{len(report.resources)} resources, {len(report.errors)} errors, {len(report.warnings)} warnings")
+        print(f"error: {report.describe(e)}")
+    counts = (len(report.resources) + len(report.rejected), len(report.errors), len(report.warnings))
+    print(", ".join(_count(n, noun) for n, noun in zip(counts, ("resource", "error", "warning"))))
     return 1 if report.errors else 0  # warnings never fail: the operator publishes despite them
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _crds(args: argparse.Namespace) -> int:

@@ -15,19 +15,23 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import uvicorn
 import watchfiles
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
-from agentstudio import bundle_store, bus, keys, signing
+from agentstudio import bundle_store, bus, keys, phone, ports, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
-from agentstudio.natsserver import NatsServer
-from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, WebhookSubscription, Workflow
+from agentstudio.natsserver import NatsServer, StoreInUse
+from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, SecretKeyRef, WebhookSubscription, Workflow
 from agentstudio.callstate import CallStore
 from agentstudio.chat import HELP, ChatRequest, Terminal, body_for, outcome, place
 from agentstudio.conversation import relay
@@ -110,9 +114,10 @@ async def compile_and_publish(
     new_keys = key_file.ensure(resources)
     new_secrets = key_file.webhook_secrets(resources)
     shown = key_file.keys.items() if announce else new_keys
+    api_keys = {i.resource.name: i.resource.spec for i in resources if isinstance(i.resource, ApiKey)}
     for name, key in sorted(shown):
-        if any(isinstance(i.resource, ApiKey) and i.resource.name == name for i in resources):
-            print(f"api key {name}: {key}", flush=True)
+        if (spec := api_keys.get(name)) is not None:
+            print(f"api key {name}: {key} ({spec.mode}; {', '.join(spec.scopes)})", flush=True)
     shown_secrets = [(k[6:], v) for k, v in key_file.keys.items() if k.startswith("whsec:")] if announce else new_secrets
     for name, secret in sorted(shown_secrets):
         if any(isinstance(i.resource, WebhookSubscription) and i.resource.name == name for i in resources):
@@ -172,8 +177,19 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     """Run until stopped; with `chat`, until its call is over. False when the chat could not call."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
+    # Both checks come before anything starts or is printed: a second `dev` must not get as far as
+    # printing an ingest URL that is another's, nor open a store another server is writing.
+    listening = ports.bind(host, port, "use --port", guess="is another `agent-studio dev` running?")
     nats = NatsServer(state / "nats", log_file=state / "nats.log")
-    nats.start()
+    try:
+        nats.start()
+    except StoreInUse as exc:
+        listening.close()
+        raise StoreInUse(f"{directory} is in use by another `agent-studio dev` (pid {exc.holder}); two servers "
+                         "must never share its JetStream store: stop that one first", exc.holder) from None
+    except BaseException:
+        listening.close()
+        raise
     print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
     stop = asyncio.Event()
     # Locally nothing is spoken aloud, so the agent need not wait for its words to play out.
@@ -194,7 +210,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         # Model keys and api_call headers come from AGENTSTUDIO_SECRET_<NAME>_<KEY> locally.
         runtime = await dialer_main.voice(nc, settings, bundles, EnvSecrets(), observer=terminal.turn)
         dialer_main.mount_relay(app, runtime)
-        server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+        server = _Server(uvicorn.Config(app, fd=listening.fileno(), log_config=None, access_log=False))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
@@ -210,6 +226,8 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
             asyncio.create_task(dispatcher.run(stop), name="webhooks"),
             asyncio.create_task(_watch(directory, key_file, kv, service, secrets, stop), name="watch"),
         ]
+        if chat is None:  # a chat prints its own call's story
+            background.append(asyncio.create_task(_report_calls(js), name="call lines"))
         chatting = None if chat is None else asyncio.create_task(
             _chat(directory, key_file, chat, settings, server, terminal, dialer.store, ok), name="chat")
         if chatting is not None:
@@ -226,6 +244,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         await nc.close()
     finally:
         nats.stop()
+        listening.close()
         print("stopped", flush=True)
     return chatted
 
@@ -263,11 +282,12 @@ async def _chat(
             print("chat: add an ApiKey with the calls:create scope to the folder", flush=True)
             return False
         _, key_name, tenant = keys[0]
-        for item in resources:
-            ref = item.resource.spec.llm.api_key_secret_ref if isinstance(item.resource, Agent) else None
-            if ref is not None and env_name(ref) not in os.environ:
-                print(f"chat: agent {item.resource.slug} reads its model key from Secret {ref.name}/{ref.key}: "
+        # Without its model key the call would ring, then end in `error`: refuse before placing it.
+        if missing := _missing_model_keys(resources, request.slug, slug_kind):
+            for agent, ref in missing:
+                print(f"chat: agent {agent} reads its model key from Secret {ref.name}/{ref.key}: "
                       f"set {env_name(ref)}", flush=True)
+            return False
         print(f"chat: calling {request.phone_number} with {slug_kind} {request.slug} (key {key_name}). {HELP}",
               flush=True)
         call_id = await place(f"http://{settings.host}:{settings.port}", key_name, key_file.keys[key_name], tenant,
@@ -278,6 +298,41 @@ async def _chat(
         return True
     finally:
         server.should_exit = True
+
+
+def _missing_model_keys(resources: list[Located], slug: str, slug_kind: str) -> list[tuple[str, SecretKeyRef]]:
+    """The agents the chat's call can reach whose model key is not in the environment, with its Secret."""
+    reachable = {slug}
+    if slug_kind == "workflow_slug":
+        reachable = {s for i in resources if isinstance(i.resource, Workflow) and i.resource.slug == slug
+                     for s in i.resource.spec.agent_slugs()}
+    return [(i.resource.slug, ref) for i in resources if isinstance(i.resource, Agent) and i.resource.slug in reachable
+            and (ref := i.resource.spec.llm.api_key_secret_ref) is not None and not os.environ.get(env_name(ref))]
+
+
+async def _report_calls(js: JetStreamContext) -> None:
+    """A line per call status change, from the events status webhooks carry (the answer and the end),
+    so the outcome of a call is seen without asking the calls API."""
+    await bus.ensure_events_stream(js)
+    sub = await js.subscribe(bus.EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+    try:
+        async for msg in sub.messages:
+            print(call_line(orjson.loads(msg.data)["data"]), flush=True)
+    finally:
+        await sub.unsubscribe()
+
+
+def call_line(data: dict[str, Any]) -> str:
+    """`call <id> to ******3210: completed in 8 s, ended by end_call` from a status event's data."""
+    status = data["status"]
+    said = {"in_progress": "answered"}.get(status, status)
+    if status == "completed":
+        said += f" in {data['duration_seconds']} s"
+    if data.get("end_reason"):
+        said += f", ended by {data['end_reason']}"
+    if data.get("error"):
+        said += f" ({data['error']['code']}: {data['error']['message']})"
+    return f"call {data['call_id']} to {phone.mask(data['phone_number'])}: {said}"
 
 
 async def _watch(

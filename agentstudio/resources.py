@@ -21,8 +21,26 @@ SLUG_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# The patterns in words, for messages: a raw regular expression is no help to someone fixing a manifest.
+PATTERN_MEANINGS = {
+    SLUG_PATTERN: "lowercase letters, digits and dashes, starting and ending with a letter or digit",
+    TOOL_NAME_PATTERN: "letters, digits, '_' and '-' (at most 64)",
+    E164_PATTERN: "a phone number in E.164 form, such as +14155550123",
+    K8S_NAME_PATTERN: "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+}
 
-Slug = Annotated[str, Field(pattern=SLUG_PATTERN, max_length=63)]
+# The API server quotes a failed `pattern` as the raw expression; the CEL rule beside it adds the words.
+Slug = Annotated[
+    str,
+    Field(
+        pattern=SLUG_PATTERN,
+        max_length=63,
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": f"self.matches('{SLUG_PATTERN}')", "message": f"must be {PATTERN_MEANINGS[SLUG_PATTERN]}"}
+        ]},
+    ),
+]
+
 Template = Annotated[str, Field(max_length=32768)]
 # Free-form JSON (JSON Schemas, request bodies): Kubernetes keeps it as given.
 FreeObject = Annotated[
@@ -286,7 +304,16 @@ class ApiKeySpec(Model):
     mode: Annotated[Mode, Field(description="test keys only ever use simulated telephony.")] = "live"
     platform: Annotated[
         str | None,
-        Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Label: clevertap, moengage, braze, ..."),
+        Field(
+            pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+            description="The sending platform: clevertap, moengage, braze, webengage, ... With clevertap "
+            "or braze, the platform's form for an attribute the profile lacks ($Name, \"\") counts as absent; "
+            "webengage's accepted calls are answered 200.",
+        ),
+    ] = None
+    success_status: Annotated[
+        Literal[200, 201] | None,
+        Field(description="Status of an accepted call (same body); default 200 for webengage, else 201."),
     ] = None
     rate_limit_per_minute: Annotated[
         int | None, Field(ge=1, le=1_000_000, description="Requests per minute; default 600 live, 60 test.")

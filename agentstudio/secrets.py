@@ -1,5 +1,5 @@
 """Reading values out of Kubernetes Secrets by reference (SecretKeyRef), the one way: webhook signing
-secrets, the LLM's API key, api_call headers. Values are never logged."""
+secrets, the LLM's API key, api_call headers. Values are never logged, nor quoted in an error."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import time
 from typing import Protocol
 
+from agentstudio.http_failures import header_problem
 from agentstudio.resources import SecretKeyRef
 
 log = logging.getLogger("agentstudio.secrets")
@@ -29,6 +30,29 @@ class StaticSecrets:
 
     async def get(self, tenant: str, ref: SecretKeyRef) -> str | None:
         return self.secrets.get((tenant, ref.name, ref.key))
+
+
+class SecretInvalid(Exception):
+    """A Secret's value cannot be used where it is referenced; str() names the Secret, the key and
+    why, never the value."""
+
+
+def header_value(ref: SecretKeyRef, value: str) -> str:
+    """`value` as an HTTP header value. One trailing line break (LF or CRLF) is dropped, since
+    `kubectl create secret --from-file` keeps a file's last one; anything else a header cannot carry
+    (a line break inside, NUL, a control or non-ASCII character) raises SecretInvalid."""
+    if value.endswith("\n"):
+        value = value[:-2] if value.endswith("\r\n") else value[:-1]
+    problem = header_problem(value)
+    if problem is not None:
+        raise SecretInvalid(f"secret {ref.name}/{ref.key} cannot be sent as an HTTP header: {problem}")
+    return value
+
+
+async def read_header(secrets: SecretReader, tenant: str, ref: SecretKeyRef) -> str | None:
+    """The value of `ref` ready for an HTTP header (see header_value), or None when it cannot be read."""
+    value = await secrets.get(tenant, ref)
+    return None if value is None else header_value(ref, value)
 
 
 def env_name(ref: SecretKeyRef) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from agentstudio.bundle import compile_bundle
-from agentstudio.manifests import Located, Problem, load_dir
+from agentstudio.manifests import Located, Problem, Rejected, read_dir
 
 
 @dataclass(frozen=True)
@@ -14,25 +15,36 @@ class Report:
     errors: list[Problem]
     warnings: list[Problem]
     resources: list[Located]
+    rejected: list[Rejected]
+
+    @cached_property
+    def _names(self) -> dict[tuple[str, int | None], str]:
+        names = {(r.source, r.index): f"{r.resource.kind}/{r.resource.name}" for r in self.resources}
+        return names | {(r.source, r.index): f"{r.kind}/{r.name}" for r in self.rejected}
 
     def describe(self, problem: Problem) -> str:
-        """`file[doc] Kind/name path: message`; the resource is left out when its document did not parse."""
-        item = next((r for r in self.resources if (r.source, r.index) == (problem.source, problem.index)), None)
-        if item is None:
+        """`file (document N) Kind/name path: message`; the resource is left out when its document
+        does not say which it is."""
+        name = self._names.get((problem.source, problem.index))
+        if name is None:
             return str(problem)
-        where = problem.source if problem.index is None else f"{problem.source}[{problem.index}]"
         at = f" {problem.path}" if problem.path else ""
-        return f"{where} {item.resource.kind}/{item.resource.name}{at}: {problem.message}"
+        return f"{problem.where} {name}{at}: {problem.message}"
 
 
 def validate_dir(directory: Path) -> Report:
-    resources, errors = load_dir(directory)
+    found = read_dir(directory)
+    errors = list(found.problems)
     warnings: list[Problem] = []
-    by_tenant: dict[str | None, list[Located]] = {}
-    for item in resources:
-        by_tenant.setdefault(item.namespace, []).append(item)
-    for tenant, items in by_tenant.items():
-        result = compile_bundle(tenant or "default", items, {})
+    tenants: dict[str | None, tuple[list[Located], list[Rejected]]] = {}
+    for item in found.resources:
+        tenants.setdefault(item.namespace, ([], []))[0].append(item)
+    for refused in found.rejected:
+        tenants.setdefault(refused.namespace, ([], []))[1].append(refused)
+    for tenant, (items, rejected) in tenants.items():
+        result = compile_bundle(tenant or "default", items, {}, rejected)
         errors += result.errors
         warnings += result.warnings
-    return Report(errors, warnings, resources)
+    # file by file, document by document, as a user fixes them; stable, so each keeps its order
+    errors.sort(key=lambda p: (p.source, -1 if p.index is None else p.index))
+    return Report(errors, warnings, found.resources, found.rejected)

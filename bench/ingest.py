@@ -60,17 +60,21 @@ async def publish_tenant(nats_url: str, key: str) -> None:
     await nc.close()
 
 
-def serve(args: list[str], env: dict[str, str], ready_url: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def serve(args: list[str], env: dict[str, str], ready_url: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it answers; if it exits or never answers, say what it said."""
+    with open(log, "ab") as out:  # stderr only: the servers' request logs are off
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(ready_url).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"{args} never became ready")
+    proc.wait()
+    said = log.read_text(errors="replace")[-4000:]
+    raise RuntimeError(f"{args} never became ready (exit status {proc.returncode}):\n{said}")
 
 
 def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int) -> dict[str, Result]:
@@ -95,14 +99,15 @@ def main() -> None:
         env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats.url, "AGENTSTUDIO_HOST": "127.0.0.1",
                "AGENTSTUDIO_PORT": str(ingest_port), "AGENTSTUDIO_LOG_LEVEL": "INFO"}
         ingest = serve([str(bin_dir / "agent-studio"), "ingest", "--workers", "1"], env,
-                       f"http://127.0.0.1:{ingest_port}/readyz")
+                       f"http://127.0.0.1:{ingest_port}/readyz", Path(tmp) / "ingest.log")
         bare = serve([str(bin_dir / "uvicorn"), "bare_app:app", "--app-dir", str(ROOT / "bench"), "--host",
                       "127.0.0.1", "--port", str(bare_port), "--workers", "1", "--no-access-log",
-                      "--log-level", "warning"], os.environ.copy(), f"http://127.0.0.1:{bare_port}/docs")
+                      "--log-level", "warning"], os.environ.copy(), f"http://127.0.0.1:{bare_port}/docs",
+                     Path(tmp) / "bare.log")
         floor = serve([str(bin_dir / "uvicorn"), "bare_app:app", "--app-dir", str(ROOT / "bench"), "--host",
                        "127.0.0.1", "--port", str(floor_port), "--workers", "1", "--no-access-log",
                        "--log-level", "warning"], {**os.environ, "BARE_NATS_URL": nats.url},
-                      f"http://127.0.0.1:{floor_port}/docs")
+                      f"http://127.0.0.1:{floor_port}/docs", Path(tmp) / "floor.log")
         try:
             urls = {"ingest": f"http://127.0.0.1:{ingest_port}/api/v1/webhooks/ingest",
                     "bare": f"http://127.0.0.1:{bare_port}/api/v1/webhooks/ingest",

@@ -147,7 +147,9 @@ class ControlPlane:
         while time.monotonic() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{what} exited; see {self.directory / 'control-plane.log'}")
+                    log = self.directory / "control-plane.log"
+                    said = log.read_text(errors="replace").splitlines()[-30:]
+                    raise RuntimeError(f"{what} exited ({log}):\n" + "\n".join(said))
             try:
                 if httpx.get(url, headers=headers, verify=verify, timeout=2).status_code == 200:
                     return

@@ -13,16 +13,11 @@ import json
 from nats.js import JetStreamContext
 
 from agentstudio import signing
-from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.phone_line import Line
-from agentstudio.dialer.providers import SimulatedProvider
 from agentstudio.natsserver import NatsServer
-from agentstudio.secrets import StaticSecrets
-from agentstudio.settings import Settings
-from agentstudio.tracking import CallTracker
-from conftest import SEED_BODY, ingest_client, wait_for_bundle
+from conftest import SEED_BODY
 from scripted_model import Reply
-from test_webhooks import Receiver, serving
+from test_webhooks import Receiver
 from voice_stack import voice_stack
 
 CAPTURED = {"faced_issues": True, "issue": "the OTP never arrived", "wants_help": True}
@@ -50,32 +45,15 @@ async def test_the_seed_campaign_runs_end_to_end(nats_server: NatsServer, js: Je
             Reply("Thanks John, someone from Tap Health will help you finish. Goodbye!", tool_calls=[("end_call", {})]),
         ])
         t = stack.tenant
-        settings = Settings(nats_url=nats_server.url)
-        dispatcher, watcher = await dialer_main.webhooks(
-            stack.nc, settings, StaticSecrets({(t.name, "crm-webhook-secret", "secret"): receiver.secret}))
-
-        def simulated(tracker: CallTracker) -> SimulatedProvider:
-            return SimulatedProvider(tracker, relay_url=stack.relay, callees=lambda call: callee)
-
-        dialer = await dialer_main.build(stack.nc, settings, simulated_factory=simulated)
-        stop = asyncio.Event()
-        running = [asyncio.create_task(dialer.run(stop)), asyncio.create_task(dispatcher.run(stop))]
-        try:
-            async with serving(receiver), ingest_client(nats_server.url) as (client, svc):
-                assert t.bundle is not None
-                await wait_for_bundle(svc, t.name, t.bundle.version)
-                answer = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=t.auth("clevertap"))
-                assert answer.status_code == 201, answer.text
-                call_id = answer.json()["call_id"]
-                async with asyncio.timeout(20):
-                    while not receiver.received:
-                        await asyncio.sleep(0.05)
-                record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("analytics-readonly"))).json()
-                export = await client.get("/api/v1/calls/export?format=csv", headers=t.auth("analytics-readonly"))
-        finally:
-            stop.set()
-            await asyncio.gather(*running)
-            await watcher.stop()
+        async with stack.campaign(nats_server.url, receiver, "crm-webhook-secret", callee) as client:
+            answer = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=t.auth("clevertap"))
+            assert answer.status_code == 201, answer.text
+            call_id = answer.json()["call_id"]
+            async with asyncio.timeout(20):
+                while not receiver.received:
+                    await asyncio.sleep(0.05)
+            record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("analytics-readonly"))).json()
+            export = await client.get("/api/v1/calls/export?format=csv", headers=t.auth("analytics-readonly"))
 
     [completed] = receiver.received
     data = completed["event"]["data"]

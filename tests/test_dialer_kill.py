@@ -5,31 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
 
 from agentstudio import bus
 from agentstudio.callstate import CallStore
+from agentstudio.natsserver import free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from test_dialer import MANIFESTS, queue_call
+from processes import Process
 from test_dialer_twilio import FROM, PUBLIC
 
 CALLS = 40
 
 
-def start_dialer(nats_url: str, mock, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats_url, "AGENTSTUDIO_TELEPHONY_PROVIDER": "twilio",
+def start_dialer(nats_url: str, mock, log: Path) -> Process:  # type: ignore[no-untyped-def]
+    # Its relay on a port of its own: never the default 8080, which `scripts/dev` may be serving.
+    env = {**os.environ, "AGENTSTUDIO_HOST": "127.0.0.1", "AGENTSTUDIO_PORT": str(free_port()),
+           "AGENTSTUDIO_NATS_URL": nats_url, "AGENTSTUDIO_TELEPHONY_PROVIDER": "twilio",
            "AGENTSTUDIO_TWILIO_ACCOUNT_SID": mock.account_sid, "AGENTSTUDIO_TWILIO_AUTH_TOKEN": mock.auth_token,
            "AGENTSTUDIO_TWILIO_FROM_NUMBER": FROM, "AGENTSTUDIO_TWILIO_API_BASE_URL": mock.base_url,
            "AGENTSTUDIO_PUBLIC_BASE_URL": PUBLIC, "AGENTSTUDIO_WEBHOOK_SECRETS": "none",
            "AGENTSTUDIO_DISPATCH_ACK_WAIT_SECONDS": "2", "AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT": "100"}
-    with open(log, "ab") as out:
-        return subprocess.Popen([str(Path(sys.executable).parent / "agent-studio"), "dialer"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+    return Process.agent_studio("dialer", log=log, env=env)
 
 
 def creates(mock, ids: set[str]) -> Counter[str]:  # type: ignore[no-untyped-def]
@@ -55,9 +54,9 @@ async def test_sigkill_mid_batch_places_every_call_exactly_once(nats_server, js,
         for _ in range(600):  # kill it while it is working through the batch
             if len(creates(twilio_mock, ids)) >= 5:
                 break
+            first.alive()
             await asyncio.sleep(0.01)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.kill()
         killed_at = len(creates(twilio_mock, ids))
         assert killed_at < CALLS, "the first dialer finished before it was killed; nothing was tested"
 
@@ -67,10 +66,10 @@ async def test_sigkill_mid_batch_places_every_call_exactly_once(nats_server, js,
                 states = [await store.get(t.name, c) for c in ids]
                 if all(s is not None and s.provider_call_id for s in states):
                     break
+                second.alive()
                 await asyncio.sleep(0.1)
         finally:
-            second.send_signal(signal.SIGTERM)
-            second.wait(timeout=30)
+            second.stop(timeout=30)
     placed = creates(twilio_mock, ids)
     assert set(placed) == ids, f"{len(ids - set(placed))} calls never placed"
     assert set(placed.values()) == {1}, {c: n for c, n in placed.items() if n != 1}

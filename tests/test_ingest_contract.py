@@ -135,7 +135,7 @@ async def test_bad_fields_are_400_naming_the_field(
 
 
 async def test_invalid_phone_message_says_why(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    error = assert_error(await post(client, tenant, body(phone_number="$Phone")), 400, "phone_number")
+    error = assert_error(await post(client, tenant, body(phone_number="98765 43210")), 400, "phone_number")
     assert "E.164" in error["message"]
 
 
@@ -227,7 +227,7 @@ spec: {{scopes: ["calls:create"], expiresAt: "{past}"}}
         for key, why in (("clevertap", "disabled"), ("moengage", "expired"), ("braze", "unknown")):
             error = assert_error(await post(client, tenant, SEED_BODY, key=key), 401, "Authorization")
             assert why in error["message"]
-        assert (await post(client, tenant, SEED_BODY, key="webengage")).status_code == 201
+        assert (await post(client, tenant, SEED_BODY, key="webengage")).status_code == 200  # its platform's success
 
 
 async def test_key_without_scope_is_403(client: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -362,7 +362,10 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient, tenant: Tenan
 async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     ingest = spec["paths"]["/api/v1/webhooks/ingest"]["post"]
-    assert set(ingest["responses"]) == {"201", "400", "401", "403", "404", "413", "415", "422", "429", "503"}
+    assert set(ingest["responses"]) == {"200", "201", "400", "401", "403", "404", "413", "415", "422", "429", "503"}
+    # a key whose successStatus is 200 (WebEngage's) gets the same body
+    assert ingest["responses"]["200"]["content"] == ingest["responses"]["201"]["content"]
+    assert "successStatus" in ingest["responses"]["200"]["description"]
     assert "phone_number" in ingest["requestBody"]["content"]["application/json"]["schema"]["required"]
     assert {"/api/v1/calls/{call_id}", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     assert "404" in spec["paths"]["/api/v1/calls/{call_id}"]["get"]["responses"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ from hypothesis import strategies as st
 from agentstudio import bus, phone
 from agentstudio.natsserver import NatsServer, free_port
 from conftest import Tenant, docs, example_resources
+from processes import Process
 
 FUZZ_KEY = """
 apiVersion: agentstudio.io/v1alpha1
@@ -57,25 +56,20 @@ def ingest_process(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFac
         "AGENTSTUDIO_PORT": str(port),
         "AGENTSTUDIO_LOG_LEVEL": "DEBUG",
     }
-    cli = Path(sys.executable).parent / "agent-studio"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(cli), "ingest"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = Process.agent_studio("ingest", log=log, env=env)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
+        process.wait_until(ready, "ingest ready")
         yield IngestProcess(url, tenant, log)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        process.stop(timeout=10)
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

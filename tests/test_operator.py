@@ -204,6 +204,8 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert shown["requestCount"] >= 2 and shown["acceptedCount"] >= 1 and shown["lastUsedAt"]
     braze = cluster.api_key(ns, "braze")
     assert await eventually(lambda: _status_is(client_, braze, 201))
+    webengage = cluster.api_key(ns, "webengage")  # platform: webengage compiles to "answer 200"
+    assert await eventually(lambda: _status_is(client_, webengage, 200))
     disabled = cluster.get(ns, "ApiKey", "braze")
     disabled["spec"]["disabled"] = True
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "apikeys", "braze", disabled)
@@ -267,11 +269,15 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
     ("doc", "expected"),
     [
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"slug": "Bad_Slug", "prompt": "x"}}, "spec.slug"),
+        ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {"entryAgent": "Bad_Slug"}},
+         "must be lowercase letters, digits and dashes, starting and ending with a letter or digit"),
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {}}, "spec.prompt"),
         ({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"prompt": "x", "frstMessage": "hi"}}, "frstMessage"),
         ({"kind": "Agent", "metadata": {"name": "a"},
           "spec": {"prompt": "x", "tools": [{"name": "t", "action": {"type": "api_call"}}]}}, "api_call needs url"),
         ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:delete"]}}, "spec.scopes[0]"),
+        ({"kind": "ApiKey", "metadata": {"name": "k"}, "spec": {"scopes": ["calls:create"], "successStatus": 202}},
+         "spec.successStatus: Unsupported value"),
         ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
           "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
         ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),
@@ -469,6 +475,18 @@ async def test_a_receiver_that_answered_410_shows_on_its_subscription(cluster: C
     sub["spec"]["url"] = "https://example.com/webhooks/v2"
     cluster.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, "webhooksubscriptions", "results", sub)
     cluster.wait_ready(ns, "WebhookSubscription", "results")  # a new URL is the user's answer
+
+
+async def test_a_template_the_sandbox_would_refuse_is_not_ready_and_never_published(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "sneaky"},
+                        "spec": {"prompt": "{% for cycler in [] %}{% endfor %}{{ cycler }} {{ ''.__class__.__mro__ }}"}}])
+    condition = cluster.wait_ready(ns, "Agent", "sneaky", status="False")
+    assert condition["reason"] == "InvalidTemplate"
+    assert "'cycler'" in condition["message"] and "'__class__'" in condition["message"], condition["message"]
+    await asyncio.sleep(1)
+    assert ns not in svc.snapshot.bundles
 
 
 def test_a_new_object_reads_in_progress_until_the_operator_reports(control_plane: controlplane.ControlPlane) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from agentstudio.conversation.outbound import ApiCaller, ApiResult, Refused, guard
+from agentstudio.addresses import Refused, guard
+from agentstudio.conversation.outbound import ApiCaller, ApiResult
 
 ANSWER = {"ok": True, "order": {"id": "A-17", "items": ["tea", "scones"]}}
 
@@ -290,8 +291,19 @@ async def test_unreachable_target_is_a_connection_error(caller: ApiCaller) -> No
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = await caller.call("GET", f"http://127.0.0.1:{port}/", {}, None, 2, ["127.0.0.1"])
-    assert result.status is None
-    assert result.error is not None and result.error.startswith("connection failed: ")
+    assert (result.status, result.error) == (None, "could not connect to 127.0.0.1")
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("campaign-7\r\nX-Injected: 1", "a line break"), ("campaign-7\0", "a NUL character"),
+    ("campaign-7é", "a character that is not ASCII"),
+])
+async def test_a_header_value_http_cannot_carry_is_refused_without_quoting_it(
+    caller: ApiCaller, target: Target, value: str, problem: str
+) -> None:
+    result = await caller.call("GET", target.url("/echo"), {"X-Campaign": value}, None, 2, ["127.0.0.1"])
+    assert (result.status, result.error) == (None, f"header X-Campaign cannot be sent: it contains {problem}")
+    assert target.seen == []
 
 
 async def test_redirect_is_returned_not_followed(caller: ApiCaller, target: Target) -> None:

@@ -4,6 +4,7 @@ with the `standardwebhooks` package, as a tenant's endpoint would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from nats.js import JetStreamContext
@@ -99,9 +101,9 @@ spec: {{url: "{url}", events: {events}}}
 
 @asynccontextmanager
 async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[str, Receiver],
-                schedule: str = "0,0.2,0.2") -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
+                schedule: str = "0,0.2,0.2", extra: str = "") -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
-               docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items())))
+               docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items()) + extra))
     bundle = await t.publish()
     secrets = StaticSecrets({(t.name, f"{n}-webhook-secret", "secret"): r.secret for n, r in receivers.items()})
     settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=2)
@@ -210,3 +212,40 @@ async def test_exhausted_deliveries_are_dead_lettered(nats_server, js) -> None: 
         assert (await client.get("/api/v1/webhooks/dead-letters", headers=t.auth("ops"))).json()["data"] == []
         missing = await client.post(f"/api/v1/webhooks/dead-letters/results/{event_id}/replay", headers=t.auth("ops"))
         assert missing.status_code == 404
+
+
+async def dead_letters(js: JetStreamContext, tenant: str) -> list[dict[str, Any]]:
+    dead, _ = await bus.ensure_webhooks(js)
+    keys = await bus.kv_keys(js, bus.DEAD_LETTER_BUCKET, f"{tenant}.")
+    return [orjson.loads((await dead.get(k)).value) for k in keys]
+
+
+async def test_a_receiver_nobody_answers_is_dead_lettered_with_the_failure_in_words(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret())  # not served: nothing listens on its port
+    async with stack(nats_server, js, {"results": receiver}, schedule="0,0.1") as (client, t):
+        await queue_call(client, t, simulate_outcome="busy")
+        for _ in range(100):
+            if found := await dead_letters(js, t.name):
+                break
+            await asyncio.sleep(0.1)
+    [record] = found
+    # What we know (the host, the kind of failure), not the HTTP client's text.
+    assert record["last_error"] == "could not connect to 127.0.0.1"
+
+
+async def test_a_reserved_example_domain_is_said_once_at_load_and_sends_nothing(
+    nats_server: NatsServer, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentstudio.webhooks")
+    receiver = Receiver(signing.new_secret())
+    placeholder = subscription("placeholder", "https://example.com/webhooks/call-results")
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}, extra=placeholder) as (client, t):
+        for _ in range(2):
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+        await until(lambda: len(receiver.received) == 4)
+        await asyncio.sleep(1)  # the placeholder's turn, were anything filed for it
+        dead = await dead_letters(js, t.name)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if getattr(r, "tenant", None) == t.name and getattr(r, "subscription", None) == "placeholder"]
+    assert said == [("WARNING", "webhook subscription sends nothing: its URL is a reserved example domain")]
+    assert dead == []

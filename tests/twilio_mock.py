@@ -48,9 +48,10 @@ _HOP_RESPONSE = {"content-length", "connection", "keep-alive", "transfer-encodin
 
 def prism_path() -> str:
     """The prism executable, installed by scripts/install-prism on first use (cached by version)."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "install-prism")], check=True, capture_output=True, text=True
-    ).stdout
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "install-prism")], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"scripts/install-prism exited with {run.returncode}:\n{run.stderr}")
+    out = run.stdout
     paths = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     return paths["PRISM"]
 
@@ -239,7 +240,9 @@ class TwilioMock:
         assert self._proc is not None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"prism exited with {self._proc.returncode}; see {self.log_file}")
+                # All of it: it exited while starting, and its fatal line comes before a page of usage.
+                said = self.log_file.read_text(errors="replace")[:8000]
+                raise RuntimeError(f"prism exited with {self._proc.returncode} ({self.log_file}):\n{said}")
             try:
                 httpx.get(self.prism_url, timeout=2, trust_env=False)  # any answer, even 404, means up
                 return

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import httpx
 import orjson
 import uvicorn
 import websockets
@@ -30,11 +31,16 @@ from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.relay import relay_url
 from agentstudio.conversation.runtime import VoiceRuntime
 from agentstudio.dialer import main as dialer_main
+from agentstudio.dialer.phone_line import Line
+from agentstudio.dialer.providers import SimulatedProvider
 from agentstudio.manifests import Located
 from agentstudio.natsserver import free_port
 from agentstudio.secrets import StaticSecrets
-from conftest import EXAMPLES, SEED_BODY, Tenant, docs
+from agentstudio.settings import Settings
+from agentstudio.tracking import CallTracker
+from conftest import EXAMPLES, SEED_BODY, Tenant, docs, ingest_client, wait_for_bundle
 from scripted_model import ScriptedModel
+from test_webhooks import Receiver, serving
 
 LLM_KEY = "sk-test-" + "x" * 24
 
@@ -142,6 +148,33 @@ class VoiceStack:
             while (state := await self.record(call_id)).conversation != "closed":
                 await asyncio.sleep(0.02)
         return state
+
+    @asynccontextmanager
+    async def campaign(
+        self, nats_url: str, receiver: Receiver, webhook_secret: str, callee: Callable[[Line], Awaitable[None]]
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """The rest of a campaign call's path around this stack: an ingest client (once it serves the
+        tenant's bundle), a dialer whose simulated provider answers with `callee` and opens this relay
+        as Twilio does, and webhook delivery to `receiver`, signed with the Secret `webhook_secret`."""
+        settings = Settings(nats_url=nats_url)
+        secrets = StaticSecrets({(self.tenant.name, webhook_secret, "secret"): receiver.secret})
+        dispatcher, watcher = await dialer_main.webhooks(self.nc, settings, secrets)
+
+        def simulated(tracker: CallTracker) -> SimulatedProvider:
+            return SimulatedProvider(tracker, relay_url=self.relay, callees=lambda call: callee)
+
+        dialer = await dialer_main.build(self.nc, settings, simulated_factory=simulated)
+        stop = asyncio.Event()
+        running = [asyncio.create_task(dialer.run(stop)), asyncio.create_task(dispatcher.run(stop))]
+        try:
+            async with serving(receiver), ingest_client(nats_url) as (client, svc):
+                assert self.tenant.bundle is not None
+                await wait_for_bundle(svc, self.tenant.name, self.tenant.bundle.version)
+                yield client
+        finally:
+            stop.set()
+            await asyncio.gather(*running)
+            await watcher.stop()
 
 
 @asynccontextmanager

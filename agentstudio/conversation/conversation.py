@@ -27,7 +27,7 @@ from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.tools import AgentTool, agent_tools, capture_problem, openai_tools, run_api_call
 from agentstudio.conversation.transcript import Turn, turn
 from agentstudio.conversation.variables import call_variables
-from agentstudio.secrets import SecretReader
+from agentstudio.secrets import SecretInvalid, SecretReader, read_header
 
 log = logging.getLogger("agentstudio.conversation")
 
@@ -199,10 +199,12 @@ class Conversation:
         """Make `agent` the one talking: its prompt, tools and model; it speaks its first message."""
         spec = agent.spec
         api_key = None
-        if spec.llm.api_key_secret_ref is not None:
-            api_key = await self.deps.secrets.get(self.call.tenant, spec.llm.api_key_secret_ref)
+        if (ref := spec.llm.api_key_secret_ref) is not None:
+            try:  # the key travels as a header (Authorization: Bearer)
+                api_key = await read_header(self.deps.secrets, self.call.tenant, ref)
+            except SecretInvalid as exc:
+                raise ConversationError(f"agent {agent.slug}: {exc} (spec.llm.apiKeySecretRef)") from None
             if api_key is None:
-                ref = spec.llm.api_key_secret_ref
                 raise ConversationError(f"agent {agent.slug}: secret {ref.name}/{ref.key} (spec.llm.apiKeySecretRef) is not readable")
         self.agent = agent
         self._endpoint = Endpoint(spec.llm.base_url, spec.llm.model, api_key, spec.llm.temperature, spec.llm.max_tokens)

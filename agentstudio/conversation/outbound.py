@@ -1,32 +1,23 @@
-"""The HTTP requests an Agent's `api_call` tools send during a live call: checked against internal
-addresses (SSRF), sent to the address that was checked, bounded in time and size, and summarised
-for the model."""
+"""The HTTP requests an Agent's `api_call` tools send during a live call: checked by the outbound
+address policy (addresses.py), sent to the address that was checked, bounded in time and size, and
+summarised for the model."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 import httpx
 import orjson
 
-from agentstudio.dialer.webhooks import reserved_host
+from agentstudio.addresses import Refused, guard
+from agentstudio.http_failures import described, header_problem
 
-# Names that only mean something inside a host or cluster (".local" covers ".cluster.local").
-_INTERNAL_SUFFIXES = (".localhost", ".local", ".internal", ".svc")
-_SHARED = IPv4Network("100.64.0.0/10")  # carrier-grade NAT; cloud providers put services here too
-_NAT64 = IPv6Network("64:ff9b::/96")
 _NO_BODY = frozenset({"GET", "HEAD", "DELETE"})
 _MIN_MODEL_LIMIT = 64  # room for the envelope of the shortest summary
-
-
-class Refused(Exception):
-    """The request was not sent; str() says why in words fit for the model and the transcript."""
 
 
 @dataclass(frozen=True)
@@ -69,77 +60,6 @@ def _fit(shape: Callable[[str], dict[str, Any]], text: str, limit: int) -> str:
     return out
 
 
-def _non_public(ip: IPv4Address | IPv6Address) -> str | None:
-    """What kind of non-public address `ip` is, or None when the public internet reaches it."""
-    if isinstance(ip, IPv6Address):
-        # These IPv6 forms are delivered to the IPv4 address they carry: judge that one.
-        carried = ip.ipv4_mapped or ip.sixtofour
-        if carried is None and ip in _NAT64:
-            carried = IPv4Address(int(ip) & 0xFFFFFFFF)
-        if carried is not None:
-            return _non_public(carried)
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if isinstance(ip, IPv4Address) and ip in _SHARED:
-        return "shared (carrier-grade NAT)"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:  # RFC 1918, unique local, and the other special-purpose ranges
-        return "private"
-    return None
-
-
-async def guard(url: str, allowed_hosts: Sequence[str]) -> list[str]:
-    """The IP addresses `url` may be sent to (resolved once), or raises Refused."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        raise Refused("the URL is not valid") from None
-    if parsed.scheme not in ("http", "https"):
-        raise Refused("only http and https URLs may be called")
-    if parsed.userinfo:
-        raise Refused("URLs with a user name or password are not allowed")
-    host = parsed.raw_host.decode("ascii").lower().rstrip(".")
-    if not host:
-        raise Refused("the URL has no host")
-    if reserved_host(url):
-        raise Refused(f"{host} is reserved for documentation; nothing answers there")
-    allowed = {h.strip().lower().strip("[]").rstrip(".") for h in allowed_hosts}
-    trusted = host in allowed or parsed.host.lower().rstrip(".") in allowed
-
-    try:
-        literal = ip_address(host)
-    except ValueError:
-        literal = None  # a name
-    if literal is not None:
-        return [_checked(literal, f"{host} is", trusted)]
-    if not trusted and (host == "localhost" or host.endswith(_INTERNAL_SUFFIXES) or "." not in host):
-        # Single labels are how Kubernetes services are reached from inside the cluster.
-        raise Refused(f"{host} is an internal name; requests there are not allowed")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise Refused(f"could not resolve {host}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    # Every address must pass: the connection (or a retry) could go to any of them.
-    return [_checked(ip_address(a), f"{host} resolves to", trusted) for a in addresses]
-
-
-def _checked(ip: IPv4Address | IPv6Address, subject: str, trusted: bool) -> str:
-    kind = None if trusted else _non_public(ip)
-    if kind is not None:
-        # The address itself stays out of the message: it would map the internal network for a caller.
-        raise Refused(f"{subject} a {kind} address; requests there are not allowed")
-    return str(ip)
-
-
 class ApiCaller:
     """Sends `api_call` tool requests; one per process, shared by all calls."""
 
@@ -171,6 +91,9 @@ class ApiCaller:
         try:
             async with asyncio.timeout(timeout_seconds):
                 addresses = await guard(url, allowed_hosts)
+                for name, value in headers.items():
+                    if (problem := header_problem(value)) is not None:
+                        raise Refused(f"header {name} cannot be sent: {problem}")
                 status, parsed, truncated = await self._send(
                     method.upper(), httpx.URL(url), addresses, headers, body, timeout_seconds
                 )
@@ -179,7 +102,8 @@ class ApiCaller:
         except (TimeoutError, httpx.TimeoutException):
             error = f"timed out after {timeout_seconds:g}s"
         except httpx.HTTPError as e:
-            error = f"connection failed: {str(e) or type(e).__name__}"
+            # Never the exception's text: httpx quotes the headers it refused, Secrets among them.
+            error = described(e, httpx.URL(url).host)
         else:
             return ApiResult(status, parsed, truncated, None, _ms_since(started))
         return ApiResult(None, None, False, error, _ms_since(started))

@@ -17,7 +17,7 @@ from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.variables import with_params
 from agentstudio.json_schema import compiled
 from agentstudio.resources import ToolAction
-from agentstudio.secrets import SecretReader
+from agentstudio.secrets import SecretInvalid, SecretReader, read_header
 
 # A handoff tool always lets the model say what the next agent needs to know.
 SUMMARY_PROPERTY = {
@@ -102,9 +102,14 @@ async def run_api_call(
         error = f"the tool's template could not be rendered: {type(exc).__name__}"
         return ApiOutcome(_error(error), {}, error, 0)
     for header in action.headers_from_secrets:
-        value = await secrets.get(tenant, header.secret_key_ref)
+        ref = header.secret_key_ref
+        try:
+            value = await read_header(secrets, tenant, ref)
+        except SecretInvalid as exc:
+            value, error = None, str(exc)
+        else:
+            error = f"secret {ref.name}/{ref.key} is not readable"
         if value is None:
-            error = f"secret {header.secret_key_ref.name}/{header.secret_key_ref.key} is not readable"
             return ApiOutcome(_error(error), {}, error, int((time.monotonic() - started) * 1000))
         headers[header.name] = value
     answer = await caller.call(action.method, url, headers, body, action.timeout_seconds, allowed_hosts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from datetime import timedelta
 from collections.abc import Callable
 
@@ -110,14 +111,16 @@ async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple
     return WebhookDispatcher(js, watcher, secrets, settings.retry_schedule(), settings.webhook_timeout_seconds), watcher
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket) -> None:
+    """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
+    started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
         dialer = await build(nc, settings, bundles=watcher)
         runtime = await voice(nc, settings, watcher, secrets)
-        server = uvicorn.Server(uvicorn.Config(relay_app(runtime), host=settings.host, port=settings.port,
+        server = uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(),
                                                log_config=None, access_log=False))
         stale = timedelta(seconds=settings.stale_call_seconds)
 

@@ -22,11 +22,10 @@ from agentstudio.dialer import phone_line
 from agentstudio.dialer.phone_line import Callee
 from agentstudio.callstate import CallError
 from agentstudio.tracking import CallTracker
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
 
 log = logging.getLogger("agentstudio.dialer")
 
-STATUS_CALLBACK_PATH = "/api/v1/providers/twilio/status"
-RELAY_ENDED_PATH = "/api/v1/providers/twilio/relay-ended"
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
 
 

@@ -26,24 +26,16 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from agentstudio import bus, signing
+from agentstudio.addresses import reserved_host
 from agentstudio.bundle import CompiledSubscription
 from agentstudio.bundle_store import BundleWatcher
+from agentstudio.http_failures import described
 from agentstudio.secrets import SecretReader
 
 log = logging.getLogger("agentstudio.webhooks")
 
 FANOUT_CONSUMER = "webhook-fanout"
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-
-
-# Reserved for documentation (RFC 2606/6761): nothing answers there, so nothing is ever sent there
-# (the examples' placeholder URL must not send a campaign's data anywhere).
-_RESERVED = (".example", ".invalid", ".test", "example.com", "example.net", "example.org")
-
-
-def reserved_host(url: str) -> bool:
-    host = (httpx.URL(url).host or "").lower().rstrip(".")
-    return any(host == r.lstrip(".") or host.endswith(r if r.startswith(".") else "." + r) for r in _RESERVED)
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
@@ -82,6 +74,7 @@ class WebhookDispatcher:
         self.timeout = timeout_seconds
         self.per_subscription = concurrency_per_subscription
         self._loops: dict[tuple[str, str], _Loop] = {}
+        self._placeholders: set[tuple[str, str, str]] = set()  # (tenant, subscription, URL) already said
         self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
         self.dead: KeyValue | None = None
         self.disabled: KeyValue | None = None
@@ -127,7 +120,7 @@ class WebhookDispatcher:
         event = orjson.loads(msg.data)
         bundle = self.bundles.snapshot.bundles.get(tenant)
         for sub in bundle.subscriptions if bundle else []:
-            if matches(sub, event):
+            if matches(sub, event) and not reserved_host(sub.url):
                 await self.js.publish(
                     bus.delivery_subject(tenant, sub.name), msg.data,
                     headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"},
@@ -136,11 +129,16 @@ class WebhookDispatcher:
     # --- one loop per subscription --------------------------------------------------------------
 
     async def _reconcile_loops(self, stop: asyncio.Event) -> None:
+        bundles = self.bundles.snapshot.bundles
+        subs = [(tenant, sub) for tenant, bundle in bundles.items() for sub in bundle.subscriptions]
+        # A placeholder URL (the examples' own) is a choice, not a failure: said once as it loads, not per event.
+        placeholders = {(tenant, sub.name, sub.url) for tenant, sub in subs if reserved_host(sub.url)}
+        for tenant, name, url in placeholders - self._placeholders:
+            log.warning("webhook subscription sends nothing: its URL is a reserved example domain", extra={
+                "tenant": tenant, "subscription": name, "host": httpx.URL(url).host})
+        self._placeholders = placeholders
         wanted: dict[tuple[str, str], CompiledSubscription] = {
-            (tenant, sub.name): sub
-            for tenant, bundle in self.bundles.snapshot.bundles.items()
-            for sub in bundle.subscriptions
-            if not sub.disabled
+            (tenant, sub.name): sub for tenant, sub in subs if not sub.disabled and not reserved_host(sub.url)
         }
         for key in [k for k in self._loops if k not in wanted]:
             self._loops.pop(key).task.cancel()
@@ -172,10 +170,6 @@ class WebhookDispatcher:
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
         secret = await self.secrets.get(tenant, sub.secret_ref)
-        if reserved_host(sub.url):
-            await self._dead_letter(tenant, sub, event, attempt, f"{sub.url} is a reserved example domain")
-            await msg.ack()
-            return "dead"
         if secret is None:
             error = f"signing secret {sub.secret_ref.name} not readable"
             status = None
@@ -185,7 +179,7 @@ class WebhookDispatcher:
                 resp = await self._http.post(sub.url, content=body, headers=signing.headers(secret, event["id"], body))
                 status, error = resp.status_code, f"HTTP {resp.status_code}"
             except httpx.HTTPError as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"[:300]
+                status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
             await msg.ack()
             return "delivered"

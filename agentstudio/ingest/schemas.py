@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from agentstudio import phone
+from agentstudio import phone, platforms
 
 _OPTIONAL = ("workflow_slug", "agent_slug", "user_id", "user_context", "metadata")
 
 
 class IngestRequest(BaseModel):
-    """What a marketing platform's webhook sends. Empty strings count as absent."""
+    """What a marketing platform's webhook sends. Empty strings count as absent, and so does any
+    value, at any depth of user_context and metadata, in the sending key's platform form for an
+    attribute the profile lacks (`$Name` from CleverTap, `""` from Braze)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -42,16 +45,20 @@ class IngestRequest(BaseModel):
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
     def _empty_is_absent(cls, value: Any, info: ValidationInfo) -> Any:
-        if value == "" or value is None:
+        unfilled = _unfilled(info)
+        if value == "" or value is None or (unfilled is not None and platforms.is_unfilled(unfilled, value)):
             return {} if info.field_name in ("user_context", "metadata") else None
         if info.field_name == "user_id" and isinstance(value, int) and not isinstance(value, bool):
             return str(value)
+        if unfilled is not None and info.field_name in ("user_context", "metadata"):
+            return platforms.without_unfilled(unfilled, value)
         return value
 
     @field_validator("phone_number", mode="before")
     @classmethod
-    def _phone(cls, value: Any) -> Any:
-        if value is None or value == "":
+    def _phone(cls, value: Any, info: ValidationInfo) -> Any:
+        unfilled = _unfilled(info)
+        if value is None or value == "" or (unfilled is not None and platforms.is_unfilled(unfilled, value)):
             raise PydanticCustomError("missing", "Field required")
         if not isinstance(value, str):
             raise PydanticCustomError("string_type", "Input should be a string")
@@ -67,6 +74,11 @@ class IngestRequest(BaseModel):
         if not self.workflow_slug and not self.agent_slug:
             raise PydanticCustomError("missing_slug", "one of workflow_slug or agent_slug is required")
         return self
+
+
+def _unfilled(info: ValidationInfo) -> re.Pattern[str] | None:
+    """The sending key's platform form for an unfilled attribute (`context={"unfilled": ...}`)."""
+    return info.context.get("unfilled") if info.context else None
 
 
 class CallAccepted(BaseModel):

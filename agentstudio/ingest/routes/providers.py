@@ -16,11 +16,11 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
 from agentstudio.callstate import CallError, CallStatus
-from agentstudio.dialer.providers import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
 from agentstudio.ingest.auth import service_of, unavailable
 from agentstudio.resources import E164_PATTERN
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.settings import Settings
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(tags=["providers"])

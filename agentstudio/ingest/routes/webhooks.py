@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -33,7 +34,14 @@ IDEMPOTENCY_HEADER = {
     "/webhooks/ingest",
     status_code=201,
     response_model=CallAccepted,
-    responses=responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    responses={
+        200: {
+            "model": CallAccepted,
+            "description": "Queued, for a key whose successStatus is 200 (the default of platform webengage, "
+                           "which counts only 200 as success): the same body as 201.",
+        },
+        **responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    },
     openapi_extra={
         # Declared here rather than as a Header() parameter: FastAPI's parameter machinery is a
         # measurable share of this route's time.
@@ -54,7 +62,7 @@ async def ingest(
     if idempotency_key is not None and len(idempotency_key) > 255:
         raise ApiError(400, "invalid_header", "Idempotency-Key is longer than 255 characters", "Idempotency-Key")
     body = await _read_json_body(request, svc.settings.max_body_bytes)
-    req = _parse(body)
+    req = _parse(body, principal.key.unfilled)
     bundle = principal.bundle
     if req.workflow_slug:
         workflow = bundle.workflows.get(req.workflow_slug)
@@ -101,7 +109,7 @@ async def ingest(
     headers = {} if new else {"Idempotent-Replayed": "true"}
     return Response(
         orjson.dumps({"call_id": call.call_id, "status": "pending"}),
-        status_code=201,
+        status_code=principal.key.success_status,
         media_type="application/json",
         headers=headers,
     )
@@ -129,9 +137,9 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
 _FIRST = {"both_slugs": 0}  # a 422 is only reported when nothing else is wrong
 
 
-def _parse(body: bytes) -> IngestRequest:
+def _parse(body: bytes, unfilled: re.Pattern[str] | None) -> IngestRequest:
     try:
-        return IngestRequest.model_validate_json(body)
+        return IngestRequest.model_validate_json(body, context={"unfilled": unfilled} if unfilled is not None else None)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         error = min(errors, key=lambda e: _FIRST.get(e["type"], 1))
