@@ -320,6 +320,25 @@ async def test_workflow_naming_a_missing_agent_is_not_ready_and_changes_nothing(
     assert await eventually(lambda: _newer(svc, ns, good.version))
 
 
+def test_a_workflow_naming_an_agent_our_models_refuse_says_it_is_invalid(cluster: Cluster) -> None:
+    """Duplicate tool names pass the CRD schema but not the Agent model: the Workflow that names the
+    agent must say the agent is invalid, not that it does not exist."""
+    ns = cluster.namespaces[0]
+    end = {"name": "bye", "action": {"type": "end_call"}}
+    cluster.apply(ns, [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "twin-tools"},
+         "spec": {"prompt": "Hello.", "tools": [end, end]}},
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow", "metadata": {"name": "twins"},
+         "spec": {"entryAgent": "twin-tools"}},
+    ])
+    agent = cluster.wait_ready(ns, "Agent", "twin-tools", status="False")
+    assert "duplicate tool names: bye" in agent["message"], agent
+    workflow = cluster.wait_ready(ns, "Workflow", "twins", status="False")
+    assert workflow["reason"] == "AgentInvalid", workflow
+    assert workflow["message"].startswith("spec.entryAgent: agent 'twin-tools' is invalid: "), workflow
+    assert "duplicate tool names: bye" in workflow["message"], workflow
+
+
 async def test_a_key_only_reaches_its_own_namespace(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
     client_, _ = ingest
     a, b = cluster.namespaces

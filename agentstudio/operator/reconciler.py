@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
-from agentstudio.manifests import Located, Problem, parse
+from agentstudio.manifests import Located, Problem, Rejected, parse, rejected
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
 from agentstudio.resources import KINDS, ApiKey, ApiKeySpec, WebhookSubscriptionSpec, webhook_secret_ref
@@ -161,12 +161,15 @@ class Reconciler:
         self, namespace: str, state: _Namespace, bodies: list[dict[str, Any]], marking: asyncio.Task[None]
     ) -> None:
         located: list[Located] = []
+        refused: list[Rejected] = []  # what the CRD schema let through and our models did not
         problems: list[Problem] = []
         for body in bodies:
             item, parse_problems = parse(_essence(body), ref(body), None)
             problems += parse_problems
             if item is not None:
                 located.append(item)
+            elif (refusal := rejected(_essence(body), ref(body), None, parse_problems)) is not None:
+                refused.append(refusal)
         key_states: dict[str, credentials.KeyState] = {}
         for item in located:
             if isinstance(item.resource, ApiKey):
@@ -179,7 +182,7 @@ class Reconciler:
         for gone in [k for k in self._keys if k[0] == namespace and k[1] not in key_states]:
             del self._keys[gone]
         material: dict[str, list[KeyMaterial]] = {n: s.material for n, s in key_states.items()}
-        result = compile_bundle(namespace, located, material)
+        result = compile_bundle(namespace, located, material, rejected=refused)
         problems += result.errors
         by_ref: dict[str, list[Problem]] = {}
         for problem in problems:
