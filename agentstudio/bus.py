@@ -7,13 +7,17 @@ Subjects:
   calls.<tenant>.events.<call_id>     call status events for webhooks (stream CALL_EVENTS)
   webhooks.<tenant>.<subscription>    deliveries owed to one subscription (stream WEBHOOKS)
 KV buckets:
-  as-bundles     key <tenant> → compiled config bundle (ingest and dialers watch it)
+  as-bundles     key <tenant> → head of its config bundle: which body is current (ingest and
+                 dialers watch it; its revision is the bundle's version)
   as-ratelimit   key <tenant>.<apikey>.<minute> → requests leased in that minute (expires by TTL)
   as-usage       key <tenant>.<apikey> → request counts and last use of an ApiKey
   as-calls       key <tenant>.<call_id> → the call's state, timeline and result
   as-concurrency key <tenant> → calls holding one of the tenant's concurrent-call slots
   as-webhook-dead      key <tenant>.<subscription>.<event_id> → a delivery that exhausted its retries
   as-webhook-disabled  key <tenant>.<subscription> → the receiver answered 410 Gone
+Object stores:
+  as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
+                    the 1 MiB a message may carry
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 log = logging.getLogger("agentstudio.bus")
 
@@ -40,6 +45,7 @@ DEAD_LETTER_BUCKET = "as-webhook-dead"
 DISABLED_BUCKET = "as-webhook-disabled"
 CONCURRENCY_BUCKET = "as-concurrency"
 BUNDLES_BUCKET = "as-bundles"
+BUNDLE_BODIES_BUCKET = "as-bundle-bodies"
 RATELIMIT_BUCKET = "as-ratelimit"
 USAGE_BUCKET = "as-usage"
 
@@ -205,6 +211,16 @@ async def _add_or_update(js: JetStreamContext, config: StreamConfig) -> None:
 
 async def bundles_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, BUNDLES_BUCKET, history=5, ttl=None)
+
+
+async def bundle_bodies_bucket(js: JetStreamContext) -> ObjectStore:
+    try:
+        return await js.object_store(BUNDLE_BODIES_BUCKET)
+    except BucketNotFoundError:
+        try:
+            return await js.create_object_store(BUNDLE_BODIES_BUCKET)
+        except nats.js.errors.BadRequestError:
+            return await js.object_store(BUNDLE_BODIES_BUCKET)  # another process created it first
 
 
 async def ratelimit_bucket(js: JetStreamContext) -> KeyValue:

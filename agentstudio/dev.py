@@ -22,7 +22,6 @@ import uvicorn
 import watchfiles
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
-from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store, bus, keys, phone, ports, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
@@ -101,7 +100,7 @@ def prepare_state_dir(directory: Path) -> Path:
 async def compile_and_publish(
     directory: Path,
     key_file: KeyFile,
-    kv: KeyValue,
+    kv: bundle_store.Buckets,
     announce: bool,
     service: IngestService | None = None,
     signing_secrets: StaticSecrets | None = None,
@@ -200,7 +199,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     try:
         nc = await bus.connect_retrying(nats.url, "agentstudio-dev")
         js = nc.jetstream()
-        kv = await bus.bundles_bucket(js)
+        kv = await bundle_store.buckets(js)
         key_file = KeyFile(state / "keys.json")
         secrets = StaticSecrets()
         ok = await compile_and_publish(directory, key_file, kv, announce=True, signing_secrets=secrets)
@@ -338,7 +337,7 @@ def call_line(data: dict[str, Any]) -> str:
 async def _watch(
     directory: Path,
     key_file: KeyFile,
-    kv: KeyValue,
+    kv: bundle_store.Buckets,
     service: IngestService,
     secrets: StaticSecrets,
     stop: asyncio.Event,

@@ -56,7 +56,7 @@ async def publish_tenant(nats_url: str, key: str) -> None:
     bundle = result.bundle
     entry = bundle.keys[keys.digest(key)].model_copy(update={"rate_limit_per_minute": 1_000_000_000})
     bundle = bundle.model_copy(update={"keys": {keys.digest(key): entry}})
-    await bundle_store.publish(await bus.bundles_bucket(nc.jetstream()), bundle)
+    await bundle_store.publish(await bundle_store.buckets(nc.jetstream()), bundle)
     await nc.close()
 
 

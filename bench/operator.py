@@ -143,7 +143,7 @@ async def measure(plane: controlplane.ControlPlane, nats_url: str, changes: int,
             await settled(custom, replaced["metadata"]["generation"])
             writes.append(await quiet(plane) - before)
 
-        kv = await bus.bundles_bucket(svc.js)
+        kv = await bundle_store.buckets(svc.js)
         base = svc.snapshot.bundles[NS]
         direct = []
         for i in range(changes):

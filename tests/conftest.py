@@ -78,8 +78,7 @@ class Tenant:
         material = {n: [KeyMaterial(keys.digest(k))] for n, k in self.keys.items() if n in names}
         result = compile_bundle(self.name, self.resources, material)
         assert result.bundle is not None, [str(e) for e in result.errors]
-        kv = await bus.bundles_bucket(self.js)
-        self.bundle = await bundle_store.publish(kv, result.bundle)
+        self.bundle = await bundle_store.publish(await bundle_store.buckets(self.js), result.bundle)
         return self.bundle
 
     def auth(self, key_name: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
 from agentstudio import bus
-from agentstudio.bundle_store import BundleWatcher
+from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.callstate import CallEvent, CallState, now
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.providers import SimulatedProvider
@@ -63,7 +63,7 @@ async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterat
     for _ in range(count):
         nc = await bus.connect(nats_url, "test-dialer")
         conns.append(nc)
-        watchers.append(BundleWatcher(await bus.bundles_bucket(nc.jetstream())))
+        watchers.append(BundleWatcher(await buckets(nc.jetstream())))
         await watchers[-1].start()
         running.append(await dialer_main.build(
             nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05),

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from starlette.responses import JSONResponse
 
 from agentstudio import bus, calls
-from agentstudio.bundle_store import BundleWatcher
+from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.callstate import CallState
 from agentstudio.conversation.conversation import Limits, Tools
 from agentstudio.conversation.llm import ChatModel
@@ -200,7 +200,7 @@ async def voice_stack(
         tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, located(items))
         bundle = await tenant.publish()
         nc = await bus.connect(nats_server_url, "test-voice")
-        watcher = BundleWatcher(await bus.bundles_bucket(nc.jetstream()))
+        watcher = BundleWatcher(await buckets(nc.jetstream()))
         await watcher.start()
         async with asyncio.timeout(5):
             while (b := watcher.snapshot.bundles.get(tenant.name)) is None or b.version < bundle.version:

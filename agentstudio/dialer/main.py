@@ -19,7 +19,7 @@ from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
-from agentstudio.bundle_store import BundleWatcher
+from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
 from agentstudio.resources import AgentSpec
 from agentstudio.conversation import relay
@@ -106,7 +106,7 @@ def mount_relay(app: FastAPI, runtime: VoiceRuntime) -> None:
 
 async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple[WebhookDispatcher, BundleWatcher]:
     js = nc.jetstream()
-    watcher = BundleWatcher(await bus.bundles_bucket(js))
+    watcher = BundleWatcher(await buckets(js))
     await watcher.start()
     return WebhookDispatcher(js, watcher, secrets, settings.retry_schedule(), settings.webhook_timeout_seconds), watcher
 

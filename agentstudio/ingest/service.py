@@ -8,7 +8,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agentstudio import bus
-from agentstudio.bundle_store import BundleWatcher, Snapshot
+from agentstudio.bundle_store import BundleWatcher, Snapshot, buckets
 from agentstudio.ingest.ratelimit import RateLimiter
 from agentstudio.settings import Settings
 from agentstudio.usage import UsageCounter
@@ -35,7 +35,7 @@ class IngestService:
         )
         self._js = self.nc.jetstream(timeout=self.settings.publish_timeout_seconds)
         await bus.ensure_calls_stream(self._js)
-        self._watcher = BundleWatcher(await bus.bundles_bucket(self._js))
+        self._watcher = BundleWatcher(await buckets(self._js))
         await self._watcher.start()
         self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
         self._usage = UsageCounter(await bus.usage_bucket(self._js), self.settings.usage_flush_seconds)

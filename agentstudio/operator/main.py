@@ -11,7 +11,7 @@ import threading
 
 import kopf
 
-from agentstudio import bus
+from agentstudio import bundle_store, bus
 from agentstudio.operator import handlers
 from agentstudio.operator.kube import Kube
 from agentstudio.operator.reconciler import Reconciler
@@ -32,7 +32,7 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
     stop = stop or asyncio.Event()
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator")
     try:
-        kv = await bus.bundles_bucket(nc.jetstream())
+        kv = await bundle_store.buckets(nc.jetstream())
         kube = Kube()
         memo = kopf.Memo()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from nats.js.kv import KeyValue
 
 from agentstudio import bundle_store
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
@@ -67,7 +66,7 @@ class Reconciler:
     def __init__(
         self,
         kube: Kube,
-        kv: KeyValue,
+        kv: bundle_store.Buckets,
         resources_of: Callable[[str], Iterable[dict[str, Any]]],
         debounce_seconds: float = 0.1,
     ) -> None:
