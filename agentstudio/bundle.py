@@ -144,9 +144,10 @@ def compile_bundle(
     errors: list[Problem] = []
     warnings: list[Problem] = []
     by_kind: dict[str, list[Located]] = {}
+    named: set[tuple[str, str]] = set()
     for item in resources:
         by_kind.setdefault(item.resource.kind, []).append(item)
-        _check_unique_name(item, by_kind[item.resource.kind], errors)
+        _check_unique_name(item, named, errors)
 
     # The manifest form (camelCase) of every Agent and Workflow spec, parsed or not: the checks below
     # read it, so a rejected document is checked the same way.
@@ -264,8 +265,13 @@ def _agent_problem(
     return _at(item, path, f"agent {slug!r} does not exist{did_you_mean(slug, [*agents, *invalid])}", "AgentNotFound")
 
 
-def _check_unique_name(item: Located, same_kind: list[Located], errors: list[Problem]) -> None:
-    if sum(1 for other in same_kind if other.resource.name == item.resource.name) > 1:
+def _check_unique_name(item: Located, named: set[tuple[str, str]], errors: list[Problem]) -> None:
+    """The second and later resource of a kind with one name is an error; `named` holds the
+    (kind, name) pairs seen so far, so a namespace of thousands is checked in one pass."""
+    key = (item.resource.kind, item.resource.name)
+    if key not in named:
+        named.add(key)
+    else:
         errors.append(_at(item, "metadata.name", f"another {item.resource.kind} is named {item.resource.name!r}", "DuplicateName"))
 
 
