@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -214,5 +215,24 @@ async def test_a_head_naming_a_missing_body_keeps_the_last_good_bundle(js: JetSt
         await until_version(watcher, t.name, later.version)
         assert watcher.snapshot.bundles[t.name].agents["a"].spec.prompt == "later"
         assert watcher._task is not None and not watcher._task.done()  # noqa: SLF001 - the watch lives on
+    finally:
+        await watcher.stop()
+
+
+async def test_a_body_that_compresses_badly_is_chunked(js: JetStreamContext) -> None:
+    """Prompts of random text: even compressed, the body is past what one message may carry."""
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs("---\n".join(
+        f"apiVersion: {API}\nkind: Agent\nmetadata: {{name: agent-{i}}}\nspec: {{prompt: {secrets.token_hex(1024)}}}\n"
+        for i in range(1000))))
+    bundle = await t.publish()
+    store = await bundle_store.buckets(js)
+    head = Head.model_validate_json((await store.heads.get(t.name)).value)
+    info = await store.bodies.get_info(head.body)
+    assert info.size is not None and info.size > 1024 * 1024 and (info.chunks or 0) > 8
+    watcher = BundleWatcher(store)
+    await watcher.start()
+    try:
+        await until_version(watcher, t.name, bundle.version)
+        assert watcher.snapshot.bundles[t.name].agents["agent-999"].spec.prompt == bundle.agents["agent-999"].spec.prompt
     finally:
         await watcher.stop()
