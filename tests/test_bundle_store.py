@@ -21,7 +21,7 @@ from agentstudio.bundle_store import BundleWatcher, Head
 from agentstudio.manifests import parse
 from agentstudio.natsserver import free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
-from test_dev import DevProcess, wait_ready
+from test_dev import DevProcess, ready
 
 N = 5000
 API = "agentstudio.io/v1alpha1"
@@ -113,7 +113,7 @@ def test_dev_serves_a_folder_past_the_message_limit(tmp_path: Path) -> None:
         found: dict[str, str] = {}
         while (line := dev.expect(r"^(api key (\S+): (\S+)|ingest: )", timeout=120)).group(1) != "ingest: ":
             found[line.group(2)] = line.group(3)
-        wait_ready(dev.url)
+        dev.process.wait_until(lambda: ready(dev.url), "dev's ingest ready")
         started = time.monotonic() - start
         ingest = f"{dev.url}/api/v1/webhooks/ingest"
         resp = httpx.post(ingest, json=call("workflow-4999"), headers={"Authorization": f"Bearer {found['key-4999']}"})
@@ -129,8 +129,7 @@ def test_dev_serves_a_folder_past_the_message_limit(tmp_path: Path) -> None:
         assert resp.status_code == 201, resp.text
         assert dev.interrupt() == 0
     finally:
-        if dev.proc.poll() is None:
-            dev.proc.kill()
+        dev.process.kill()
     print(f"\n5,000 each through dev: start → ready {started:.1f} s, edit → in force {applied:.1f} s")
 
 
