@@ -68,8 +68,6 @@ async def test_the_store_carries_a_namespace_past_the_message_limit(js: JetStrea
     result = compile_bundle(tenant, resources, material)
     figures["compile_s"] = time.perf_counter() - start
     assert result.bundle is not None, [str(e) for e in result.errors[:5]]
-    # Linear in the resources: 2-4 s here; a check that compared every name with every other took 13-47 s.
-    assert figures["compile_s"] < 8
     assert len(result.bundle.to_bytes()) > 4 * 1024 * 1024  # well past the 1 MiB a message may carry
 
     store = await bundle_store.buckets(js)
