@@ -7,6 +7,8 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
+import re
+
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -20,12 +22,14 @@ API_VERSION = f"{GROUP}/{VERSION}"
 SLUG_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9-]{1,128}$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # The patterns in words, for messages: a raw regular expression is no help to someone fixing a manifest.
 PATTERN_MEANINGS = {
     SLUG_PATTERN: "lowercase letters, digits and dashes, starting and ending with a letter or digit",
     TOOL_NAME_PATTERN: "letters, digits, '_' and '-' (at most 64)",
     E164_PATTERN: "a phone number in E.164 form, such as +14155550123",
+    HEADER_NAME_PATTERN: "letters, digits and dashes (at most 128)",
     K8S_NAME_PATTERN: "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
 }
 
@@ -120,7 +124,7 @@ class Llm(Model):
 class HeaderFromSecret(Model):
     """An HTTP header whose value comes from a Secret (never written in the manifest)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,128}$", description="Header name.")]
+    name: Annotated[str, Field(pattern=HEADER_NAME_PATTERN, description="Header name.")]
     secret_key_ref: SecretKeyRef
 
 
@@ -179,6 +183,11 @@ class ToolAction(Model):
             raise ValueError("handoff needs agent")
         if self.type == "transfer" and not self.phone_number:
             raise ValueError("transfer needs phoneNumber")
+        # The CRD cannot constrain a map's keys (no propertyNames), so a header name the HTTP client
+        # would refuse on the call is refused here, at validate and operator compile time.
+        bad = sorted(name for name in self.headers if not re.fullmatch(HEADER_NAME_PATTERN, name))
+        if bad:
+            raise ValueError(f"headers: {bad[0]!r} is not a header name: must be {PATTERN_MEANINGS[HEADER_NAME_PATTERN]}")
         return self
 
 

@@ -289,3 +289,21 @@ spec:
     assert any("slug 'same' is already used by 'one'" in m for m in messages), messages
     assert any("spec.tools[0].action.agent: agent 'nobody' does not exist" in m for m in messages), messages
     assert any("spec.handoffs[0].to: agent 'stranger' is not one of the workflow's agents" in m for m in messages)
+
+
+def test_a_header_name_the_http_client_would_refuse_is_refused_before_publishing(tmp_path: Path) -> None:
+    """The CRD cannot constrain a map's keys, so validate (and the operator's compile) must: such a
+    name made every call of the tool fail inside the HTTP client."""
+    agent = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: crm}
+spec:
+  prompt: Log it.
+  tools:
+    - name: log
+      action: {type: api_call, url: "https://crm.example.org/log", headers: {"X-Tenant": "a", "X-Clé": "b"}}
+"""
+    out = validate(tmp_path, **{"agent.yaml": agent})
+    assert any(line.endswith("Agent/crm spec.tools[0].action: headers: 'X-Clé' is not a header name: "
+                             "must be letters, digits and dashes (at most 128)") for line in out), out
