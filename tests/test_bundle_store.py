@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,11 +16,11 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from agentstudio import bundle_store, keys
+from agentstudio import bundle_store, bus, keys
 from agentstudio.bundle import KeyMaterial, compile_bundle
 from agentstudio.bundle_store import BundleWatcher, Head
 from agentstudio.manifests import parse
-from agentstudio.natsserver import free_port
+from agentstudio.natsserver import NatsServer, free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from test_dev import DevProcess, ready
 
@@ -57,7 +58,24 @@ def manifests(n: int) -> dict[str, str]:
             for kind, make in (("agents", agent), ("workflows", workflow), ("keys", api_key))}
 
 
-async def test_the_store_carries_a_namespace_past_the_message_limit(js: JetStreamContext, nats_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A server of its own for the big bundles: on the shared one, every later test's ingest and
+    dialers would load them at start (seconds each), and wait_for_bundle would time out."""
+    with NatsServer(tmp_path_factory.mktemp("nats-big-bundles")) as server:
+        yield server
+
+
+@pytest.fixture
+async def own_js(own_nats: NatsServer) -> AsyncIterator[JetStreamContext]:
+    nc = await bus.connect(own_nats.url, "test-big-bundles")
+    js = nc.jetstream()
+    await bus.ensure_calls_stream(js)
+    yield js
+    await nc.close()
+
+
+async def test_the_store_carries_a_namespace_past_the_message_limit(own_js: JetStreamContext, own_nats: NatsServer) -> None:
     tenant = f"t-{uuid.uuid4().hex[:10]}"
     resources = docs("---\n".join(manifests(N).values()))
     plain = {f"key-{i}": keys.generate("test") for i in range(N)}
@@ -70,13 +88,13 @@ async def test_the_store_carries_a_namespace_past_the_message_limit(js: JetStrea
     assert result.bundle is not None, [str(e) for e in result.errors[:5]]
     assert len(result.bundle.to_bytes()) > 4 * 1024 * 1024  # well past the 1 MiB a message may carry
 
-    store = await bundle_store.buckets(js)
+    store = await bundle_store.buckets(own_js)
     start = time.perf_counter()
     published = await bundle_store.publish(store, result.bundle)
     figures["publish_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    async with ingest_client(nats_server.url) as (client, svc):
+    async with ingest_client(own_nats.url) as (client, svc):
         await wait_for_bundle(svc, tenant, published.version, timeout=60)
         figures["load_s"] = time.perf_counter() - start
         resp = await client.post("/api/v1/webhooks/ingest", json=call("workflow-4999"),
@@ -216,13 +234,13 @@ async def test_a_head_naming_a_missing_body_keeps_the_last_good_bundle(js: JetSt
         await watcher.stop()
 
 
-async def test_a_body_that_compresses_badly_is_chunked(js: JetStreamContext) -> None:
+async def test_a_body_that_compresses_badly_is_chunked(own_js: JetStreamContext) -> None:
     """Prompts of random text: even compressed, the body is past what one message may carry."""
-    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs("---\n".join(
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", own_js, docs("---\n".join(
         f"apiVersion: {API}\nkind: Agent\nmetadata: {{name: agent-{i}}}\nspec: {{prompt: {secrets.token_hex(1024)}}}\n"
         for i in range(1000))))
     bundle = await t.publish()
-    store = await bundle_store.buckets(js)
+    store = await bundle_store.buckets(own_js)
     head = Head.model_validate_json((await store.heads.get(t.name)).value)
     info = await store.bodies.get_info(head.body)
     assert info.size is not None and info.size > 1024 * 1024 and (info.chunks or 0) > 8
