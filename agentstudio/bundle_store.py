@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -25,9 +26,15 @@ from typing import Mapping
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
+from nats.js.errors import DigestMismatchError, KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from nats.js.kv import KeyValue
-from nats.js.object_store import OBJ_ALL_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
+from nats.js.object_store import (
+    OBJ_ALL_META_PRE_TEMPLATE,
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DIGEST_TYPE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agentstudio import bus
@@ -161,6 +168,25 @@ async def _bodies_of(store: Buckets, tenant: str) -> list[str]:
     return sorted(name for name in names if name.startswith(f"{tenant}/"))
 
 
+async def _read(store: Buckets, name: str) -> bytes:
+    """A body's bytes, chunk by chunk with direct gets. The object store's own get makes a consumer
+    for every read, which the server keeps for seconds after it, and a server allows 1,000 a stream:
+    an ingest or dialer starting beside many tenants ran out ("maximum consumers limit reached")."""
+    info = await store.bodies.get_info(name)
+    subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bus.BUNDLE_BODIES_BUCKET, obj=info.nuid)
+    data, digest, seq = bytearray(), hashlib.sha256(), 1
+    for _ in range(info.chunks or 0):
+        chunk = await store.js.get_msg(BODIES_STREAM, seq=seq, subject=subject, next=True, direct=True)
+        data += chunk.data or b""
+        digest.update(chunk.data or b"")
+        seq = chunk.seq + 1
+    if len(data) != (info.size or 0) or digest.digest() != base64.urlsafe_b64decode(
+        (info.digest or "").removeprefix(OBJ_DIGEST_TYPE)
+    ):
+        raise DigestMismatchError
+    return bytes(data)
+
+
 async def _drop(store: Buckets, name: str) -> None:
     """Delete a body completely: the object store's delete leaves a marker behind, which would
     pile up one per published version."""
@@ -270,7 +296,7 @@ class BundleWatcher:
         the body will not be delivered again."""
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                return (await self._store.bodies.get(body)).data or b""
+                return await _read(self._store, body)
             except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, asyncio.TimeoutError):
                 if attempt == FETCH_ATTEMPTS - 1:
                     raise

@@ -251,3 +251,28 @@ async def test_a_body_that_compresses_badly_is_chunked(own_js: JetStreamContext)
         assert watcher.snapshot.bundles[t.name].agents["agent-999"].spec.prompt == bundle.agents["agent-999"].spec.prompt
     finally:
         await watcher.stop()
+
+
+async def test_watchers_loading_more_bodies_than_a_stream_allows_consumers_load_them_all(tmp_path: Path) -> None:
+    """The server allows 1,000 consumers a stream and keeps a finished one for seconds: reading
+    bodies through consumers, the 1,001st read in a few seconds failed and its tenant was not served."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test-many-tenants")
+        js = nc.jetstream()
+        store = await bundle_store.buckets(js)
+        resources = docs(SMALL % "v0")
+        tenants = [f"t-{i:04d}" for i in range(600)]
+        for name in tenants:
+            result = compile_bundle(name, resources, {})
+            assert result.bundle is not None
+            await bundle_store.publish(store, result.bundle)
+        watchers = [BundleWatcher(store), BundleWatcher(store)]  # 1,200 reads, as two processes starting
+        try:
+            for watcher in watchers:
+                await watcher.start()
+                await asyncio.wait_for(watcher.loaded.wait(), 60)
+            assert [sorted(w.snapshot.bundles) for w in watchers] == [tenants, tenants]
+        finally:
+            for watcher in watchers:
+                await watcher.stop()
+            await nc.close()
