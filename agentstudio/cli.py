@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agentstudio import logs, ports
-from agentstudio.settings import Settings
+from agentstudio.settings import InvalidSettings, from_environment
 
 PORT_HINT = "set AGENTSTUDIO_PORT to a free one"
 
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = Settings()
-    logs.setup(settings.log_level)
     try:
+        settings = from_environment()
+        logs.setup(settings.log_level)
         listening = ports.bind(settings.host, settings.port, PORT_HINT)
-    except ports.CannotListen as exc:
+    except (InvalidSettings, ports.CannotListen) as exc:
         return _refuse(args, exc)
     uvicorn.run(
         "agentstudio.ingest.app:create_app",
@@ -79,7 +79,10 @@ def _ingest(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     from agentstudio.operator.main import run
 
-    settings = Settings()
+    try:
+        settings = from_environment()
+    except InvalidSettings as exc:
+        return _refuse(args, exc)
     logs.setup(settings.log_level)
     namespaces = args.namespace or [n for n in settings.operator_namespaces.split(",") if n]
     try:
@@ -92,11 +95,11 @@ def _operator(args: argparse.Namespace) -> int:
 def _dialer(args: argparse.Namespace) -> int:
     from agentstudio.dialer.main import run
 
-    settings = Settings()
-    logs.setup(settings.log_level)
     try:
+        settings = from_environment()
+        logs.setup(settings.log_level)
         listening = ports.bind(settings.host, settings.port, PORT_HINT)
-    except ports.CannotListen as exc:
+    except (InvalidSettings, ports.CannotListen) as exc:
         return _refuse(args, exc)
     stop = asyncio.Event()
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AGENTSTUDIO_"
+# Twilio's TimeLimit ends a call this long after the agent's polite end, in case nothing else ends it.
+TIME_LIMIT_BACKSTOP_SECONDS = 60
+
+
+class InvalidSettings(ValueError):
+    """Settings a role cannot run with; the message names the variables (never their values)."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AGENTSTUDIO_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS servers, comma-separated.")
     log_level: str = "INFO"
@@ -25,12 +33,15 @@ class Settings(BaseSettings):
 
     # Dialers and telephony
     telephony_provider: str = Field("simulated", description="twilio or simulated; test keys always simulate.")
-    public_base_url: str = Field("http://127.0.0.1:8080", description="How Twilio reaches ingest (callbacks).")
+    public_base_url: str = Field(
+        "http://127.0.0.1:8080", description="How Twilio reaches ingest and the relay; https:// with twilio."
+    )
     twilio_account_sid: str = ""
     twilio_auth_token: str = Field("", description="Also checks X-Twilio-Signature on status callbacks.")
     twilio_from_number: str = ""
     twilio_api_base_url: str = Field("", description="Override Twilio's API URL (tests: the validating mock).")
-    ring_timeout_seconds: int = Field(30, description="How long a call rings before no_answer.")
+    # Twilio's Timeout: "the maximum is 600 seconds" (Calls resource, twilio_api_v2010.json).
+    ring_timeout_seconds: int = Field(30, ge=1, le=600, description="How long a call rings before no_answer.")
     max_concurrent_calls_per_tenant: int = Field(10, description="Calls above it wait in the queue.")
     dispatch_max_attempts: int = Field(5, description="Attempts to place a call before it is dead-lettered.")
     dispatch_max_deliver: int = Field(10_000, description="Deliveries (waiting included) before dead-lettering.")
@@ -52,8 +63,43 @@ class Settings(BaseSettings):
     speech_chars_per_second: float = Field(
         15.0, description="Speaking rate assumed to end a call after its last words and time silence."
     )
-    max_call_seconds: float = Field(14400, description="Cap over every agent's maxDurationSeconds.")
+    max_call_seconds: float = Field(
+        4 * 3600 - TIME_LIMIT_BACKSTOP_SECONDS, gt=0, description="Cap over every agent's maxDurationSeconds."
+    )
+    twilio_max_call_seconds: int = Field(
+        4 * 3600, gt=0, description="The Twilio account's maximum call duration (Twilio's default: 4 h)."
+    )
     webhook_secrets: str = Field("kubernetes", description="Where signing secrets are read: kubernetes or none.")
+
+    @model_validator(mode="after")
+    def _twilio_can_honour(self) -> Settings:
+        if self.telephony_provider != "twilio":
+            return self
+        if not self.public_base_url.startswith("https://"):
+            # ConversationRelay only connects to wss:// (Twilio's ConversationRelay onboarding); our relay
+            # URL is the public base's with http(s) swapped for ws(s).
+            raise ValueError(f"{ENV_PREFIX}PUBLIC_BASE_URL must be https:// with the twilio provider: "
+                             "ConversationRelay connects only to wss://")
+        if self.max_call_seconds + TIME_LIMIT_BACKSTOP_SECONDS > self.twilio_max_call_seconds:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_CALL_SECONDS ({self.max_call_seconds:g}) plus the {TIME_LIMIT_BACKSTOP_SECONDS} s "
+                f"TimeLimit backstop exceeds {ENV_PREFIX}TWILIO_MAX_CALL_SECONDS ({self.twilio_max_call_seconds}), "
+                "the account's maximum call duration: Twilio would cut calls before the agent ends them")
+        return self
 
     def retry_schedule(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.webhook_retry_schedule.split(",") if x.strip())
+
+
+def from_environment() -> Settings:
+    """The settings of a starting role, or InvalidSettings naming each bad variable (not its value,
+    which may be a secret)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if error["loc"] else message)
+        raise InvalidSettings("; ".join(problems)) from None

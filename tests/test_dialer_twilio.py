@@ -89,6 +89,21 @@ async def test_a_live_call_through_twilio(live, nats_server, twilio_mock, js) ->
     assert done[0]["data"]["metadata"] == {"campaign_id": "trial_recovery_v2"} and done[0]["data"]["test"] is False
 
 
+async def test_time_limit_stays_inside_a_default_accounts_maximum(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    # A default account ends every call at 4 h (Twilio error 32015, "exceeding maximum call duration");
+    # TimeLimit ("the maximum duration of the call in seconds", Calls resource) is our backstop a minute
+    # after the agent's polite end, so the polite end must come a minute before the account's maximum.
+    client, t = live
+    longest = MANIFESTS.replace('spec: {prompt: "Hello {{user.name}}"}',
+                                'spec: {prompt: "Hello {{user.name}}", maxDurationSeconds: 14400}')
+    await t.publish(docs(longest))
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        call_id = await queue_call(client, t, key="live")
+        [request] = await placed_requests(twilio_mock, call_id)
+    assert request.status == 201
+    assert request.param("TimeLimit") == str(4 * 3600)
+
+
 async def provider_sid(js: JetStreamContext, t: Tenant, call_id: str) -> str:
     store = CallStore(await bus.calls_bucket(js))
     for _ in range(200):
@@ -102,7 +117,7 @@ async def provider_sid(js: JetStreamContext, t: Tenant, call_id: str) -> str:
 async def test_a_request_twilio_would_refuse_fails_the_call_with_the_reason(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
     client, t = live
     # A status callback that is not a URI: the real API (and the spec) refuse the request.
-    async with dialers(nats_server.url, **twilio_settings(twilio_mock, public_base_url="not a url")):
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock, public_base_url="https://not a url")):
         call_id = await queue_call(client, t, key="live")
         record = await until_status(client, t, call_id, "failed")
     [request] = await placed_requests(twilio_mock, call_id)

@@ -23,6 +23,7 @@ from agentstudio.dialer.phone_line import Callee
 from agentstudio.callstate import CallError
 from agentstudio.tracking import CallTracker
 from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
+from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS
 
 log = logging.getLogger("agentstudio.dialer")
 
@@ -175,7 +176,7 @@ class TwilioProvider:
         if agent is not None:
             # Twilio's own hard stop, a minute after the agent's polite one, in case nothing else ends it.
             limit = min(agent.max_duration_seconds, self._max_call_seconds or agent.max_duration_seconds)
-            kwargs["time_limit"] = int(limit) + 60
+            kwargs["time_limit"] = int(limit) + TIME_LIMIT_BACKSTOP_SECONDS
         if self._amd:
             kwargs["machine_detection"] = "Enable"
         try:
