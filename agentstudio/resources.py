@@ -221,7 +221,10 @@ class AgentSpec(Model):
         default_factory=list
     )
     max_duration_seconds: Annotated[
-        int, Field(ge=30, le=14400, description="The call ends politely after this long.")
+        int,
+        # The schema cannot see the deployment's Twilio account; the runtime caps by the setting.
+        Field(ge=30, le=14400, description="The call ends politely after this long "
+              "(at most AGENTSTUDIO_MAX_CALL_SECONDS, by default 4 h less a minute)."),
     ] = 600
     silence_timeout_seconds: Annotated[
         int, Field(ge=3, le=120, description="Seconds of callee silence before the agent checks in or ends.")
