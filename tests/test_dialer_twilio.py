@@ -184,3 +184,32 @@ async def test_end_to_end_campaign_call_to_signed_webhook_and_export(nats_server
     [row] = [r for r in rows if r["call_id"] == call_id]
     assert row["status"] == "completed" and row["duration_seconds"] == "95"
     assert row["metadata.campaign_id"] == "trial_recovery_v2" and row["metadata.segment"] == "high_value"
+
+
+def _request(call_id: str, phone_number: str = "+14155552671") -> Any:
+    from datetime import datetime, timezone
+
+    from agentstudio.calls import CallRequest
+
+    return CallRequest(call_id=call_id, tenant="t-find", api_key="live", phone_number=phone_number, user_context={},
+                       metadata={}, test=False, created_at=datetime.now(timezone.utc), bundle_version=1)
+
+
+async def test_a_call_still_queued_at_twilio_is_found_after_a_dialer_died(twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """A dialer that dies between calls.create and recording the sid must find the call, even while
+    Twilio still holds it `queued` (calls-per-second limit): its start_time is empty until dialed
+    (Call resource, `start_time`), so only when it was created can find it."""
+    from datetime import datetime, timedelta, timezone
+
+    from agentstudio.dialer.providers import TwilioProvider, twilio_client
+
+    provider = TwilioProvider(twilio_client(twilio_mock.account_sid, twilio_mock.auth_token, twilio_mock.base_url),
+                              FROM, PUBLIC, ring_timeout_seconds=30)
+    number = "+1415555" + str(uuid.uuid4().int)[:4]
+    since = datetime.now(timezone.utc) - timedelta(seconds=1)  # the claim, just before calls.create
+    sid = await provider.place(_request("c-1", number))
+    assert await provider.find(_request("c-1", number), since) == sid
+    # Nothing created after a later claim (beyond the 5 s clock allowance): a new call must be placed.
+    assert await provider.find(_request("c-1", number), since + timedelta(seconds=30)) is None
+    lists = [r for r in twilio_mock.requests if r.method == "GET" and r.path == twilio_mock.calls_path]
+    assert lists and all(r.status == 200 for r in lists)  # every lookup is one the spec accepts

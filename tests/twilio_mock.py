@@ -173,10 +173,13 @@ class _ShimHandler(BaseHTTPRequestHandler):
                   query: dict[str, list[str]]) -> dict[str, Any]:
         """Prism answers every create with the same example call and every list with the same page.
         A dialer that must find out whether a call went out needs what Twilio gives: a distinct sid
-        per created call, and a list of the calls really created (filtered by To, From, StartTime>)."""
+        per created call, and a list of the calls really created (filtered by To, From, Status, StartTime>).
+        A created call stays `queued` with no start time, as Twilio documents `start_time` ("Empty if
+        the call has not yet been dialed"): a StartTime filter never matches it."""
         if self.command == "POST" and status == 201:
             call = {**body, "sid": "CA" + secrets.token_hex(16), "to": form.get("To", [""])[-1],
-                    "from": form.get("From", [""])[-1], "status": "queued",
+                    "from": form.get("From", [""])[-1], "status": "queued", "start_time": None,
+                    "end_time": None, "duration": None,
                     "date_created": email.utils.format_datetime(datetime.now(timezone.utc))}
             with self.server.lock:
                 self.server.created.append(call)
@@ -186,7 +189,9 @@ class _ShimHandler(BaseHTTPRequestHandler):
             with self.server.lock:
                 calls = [c for c in self.server.created
                          if c["to"] == query.get("To", [c["to"]])[-1] and c["from"] == query.get("From", [c["from"]])[-1]
-                         and (after is None or email.utils.parsedate_to_datetime(c["date_created"]).date().isoformat() >= after[:10])]
+                         and c["status"] == query.get("Status", [c["status"]])[-1]
+                         and (after is None or (c["start_time"] is not None and email.utils.parsedate_to_datetime(
+                             c["start_time"]).date().isoformat() >= after[:10]))]
             # One page: the example's next_page_uri would send the SDK to a URL Prism refuses.
             return {**body, "calls": calls, "next_page_uri": None, "previous_page_uri": None}
         return body

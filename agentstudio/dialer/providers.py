@@ -185,16 +185,21 @@ class TwilioProvider:
         return str(created.sid)
 
     async def find(self, call: CallRequest, since: datetime) -> str | None:
-        try:
-            found = await asyncio.to_thread(
-                self._client.calls.list, to=call.phone_number, from_=self._from,
-                start_time_after=since - timedelta(minutes=1), limit=20,
-            )
-        except TwilioRestException as exc:
-            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
-        except TwilioException as exc:  # e.g. a page that could not be read
-            raise ProviderError("twilio_lookup", str(exc)[:500]) from None
-        for placed in found:
+        # Twilio lists calls by To, From, Status and start/end dates, not by creation: a call still
+        # `queued` (held by the account's calls-per-second limit) has an empty start_time until it is
+        # dialed (Call resource, `start_time`), so a StartTime filter alone misses it. Two exact lists
+        # cover both: the queued calls from us to this number, and those started since the claim's
+        # day; a match must have been created since the claim (5 s allowance for clock skew).
+        found = []
+        for filters in ({"status": "queued"}, {"start_time_after": since - timedelta(minutes=1)}):
+            try:
+                found += await asyncio.to_thread(
+                    self._client.calls.list, to=call.phone_number, from_=self._from, limit=20, **filters)
+            except TwilioRestException as exc:
+                raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+            except TwilioException as exc:  # e.g. a page that could not be read
+                raise ProviderError("twilio_lookup", str(exc)[:500]) from None
+        for placed in sorted(found, key=lambda c: c.date_created or since):
             created = placed.date_created
             if placed.to == call.phone_number and created is not None and created >= since - timedelta(seconds=5):
                 return str(placed.sid)
