@@ -213,3 +213,45 @@ async def test_a_call_still_queued_at_twilio_is_found_after_a_dialer_died(twilio
     assert await provider.find(_request("c-1", number), since + timedelta(seconds=30)) is None
     lists = [r for r in twilio_mock.requests if r.method == "GET" and r.path == twilio_mock.calls_path]
     assert lists and all(r.status == 200 for r in lists)  # every lookup is one the spec accepts
+
+
+async def test_a_lost_completed_callback_is_settled_by_asking_twilio(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    """Twilio retries a status callback only per its retry policy (by default once, not on every 5xx):
+    a call whose `completed` never arrives is fetched from Twilio minutes after it must have ended,
+    long before the 6-hour stale sweep."""
+    from datetime import timedelta
+
+    from agentstudio.dialer import main as dialer_main, sweeper
+    from agentstudio.settings import Settings
+
+    client, t = live
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)) as [dialer]:
+        call_id = await queue_call(client, t, key="live")
+        [request] = await placed_requests(twilio_mock, call_id)
+        sid = await provider_sid(js, t, call_id)
+        callback = request.param("StatusCallback") or ""
+        for seq, status in enumerate(["initiated", "ringing", "in-progress"]):  # then `completed` is lost
+            params = {"CallSid": sid, "AccountSid": twilio_mock.account_sid, "CallStatus": status,
+                      "SequenceNumber": str(seq), "To": "+14155552671", "From": FROM}
+            signature = RequestValidator(twilio_mock.auth_token).compute_signature(callback, params)
+            resp = await client.post(callback.removeprefix(PUBLIC), data=params, headers={"X-Twilio-Signature": signature})
+            assert resp.status_code == 204
+        await until_status(client, t, call_id, "in_progress")
+        twilio_mock.update_call(sid, status="completed", duration="17")
+
+        kv = await bus.calls_bucket(js)
+        stale = timedelta(hours=6)
+        settled = dialer_main.reconcile(Settings(**twilio_settings(twilio_mock)), dialer.live)
+        await sweeper.sweep(kv, dialer.tracker, stale, reconcile=settled)  # answered just now: not yet due
+        assert not [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]
+        assert (await until_status(client, t, call_id, "in_progress"))["status"] == "in_progress"
+
+        # Past the longest call Twilio would allow it (and the allowance for a late report): ask Twilio.
+        overdue = sweeper.Reconcile(dialer.live, ring=settled.ring, longest=timedelta(0), late=timedelta(0))
+        assert call_id not in await sweeper.sweep(kv, dialer.tracker, stale, reconcile=overdue)  # not failed stale
+        record = await until_status(client, t, call_id, "completed")
+        assert record["duration_seconds"] == 17 and record["error"] is None
+        [fetch] = [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]
+        assert fetch.status == 200  # the spec accepts the fetch
+    done = [e for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
+    assert done and done[0]["data"]["duration_seconds"] == 17

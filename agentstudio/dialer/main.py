@@ -56,6 +56,14 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
 
 
+def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
+    """When an overdue call is asked about: past its ring timeout, or past the longest call Twilio
+    allows it (`TimeLimit`: the longest agent's limit and its one-minute backstop)."""
+    return sweeper.Reconcile(provider, ring=timedelta(seconds=settings.ring_timeout_seconds),
+                             longest=timedelta(seconds=settings.max_call_seconds + 60),
+                             late=timedelta(seconds=settings.reconcile_after_seconds))
+
+
 def entry_agent(bundles: BundleWatcher) -> Callable[[CallRequest], AgentSpec | None]:
     """The agent a call starts with, from the tenant's current bundle."""
 
@@ -135,7 +143,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                 dialer.run(stop),
                 dispatcher.run(stop),
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
-                            settings.sweep_interval_seconds, stop),
+                            settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),
                 serve(),
             )
         finally:

@@ -8,6 +8,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode
 
@@ -20,9 +21,9 @@ from agentstudio.resources import AgentSpec
 from agentstudio.conversation.relay import relay_url
 from agentstudio.dialer import phone_line
 from agentstudio.dialer.phone_line import Callee
-from agentstudio.callstate import CallError
+from agentstudio.callstate import CallError, CallStatus
 from agentstudio.tracking import CallTracker
-from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
 
 log = logging.getLogger("agentstudio.dialer")
 
@@ -35,6 +36,15 @@ class ProviderError(Exception):
         self.error = CallError(code=code, message=message)
 
 
+@dataclass(frozen=True)
+class Report:
+    """Where the provider says a call is now (asked when its own report is overdue)."""
+
+    status: CallStatus
+    duration_seconds: int | None = None
+    error: CallError | None = None
+
+
 class Provider(Protocol):
     name: str
 
@@ -44,6 +54,9 @@ class Provider(Protocol):
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         """The provider's id of this call if it was placed at or after `since` (a dialer died
         between placing it and recording the answer), else None."""
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        """The call's status as the provider has it now; None when the provider cannot say."""
 
     async def drain(self) -> None:
         """Finish what is in progress (a dialer stopping)."""
@@ -85,6 +98,9 @@ class SimulatedProvider:
 
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         return self._placed.get(call.call_id)
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        return None  # nothing outside this process knows; the stale sweep ends what it left
 
     async def drain(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -204,6 +220,19 @@ class TwilioProvider:
             if placed.to == call.phone_number and created is not None and created >= since - timedelta(seconds=5):
                 return str(placed.sid)
         return None
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        try:
+            fetched = await asyncio.to_thread(self._client.calls(provider_call_id).fetch)
+        except TwilioRestException as exc:
+            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+        status = TWILIO_STATUS.get(fetched.status or "")
+        if status is None:
+            return None
+        # The Call resource has no error code (only its status callback and the call's Notifications do).
+        error = CallError(code="twilio_unknown", message="Twilio reports the call failed") if status == "failed" else None
+        duration = int(fetched.duration) if (fetched.duration or "").isdigit() else None
+        return Report(status, duration, error)
 
     async def drain(self) -> None:
         return None

@@ -15,28 +15,15 @@ from starlette.responses import Response
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from agentstudio.callstate import CallError, CallStatus
+from agentstudio.callstate import CallError
 from agentstudio.ingest.auth import service_of, unavailable
 from agentstudio.resources import E164_PATTERN
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.settings import Settings
-from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(tags=["providers"])
-
-TWILIO_STATUS: dict[str, CallStatus] = {
-    "queued": "dialing",
-    "initiated": "dialing",
-    "ringing": "ringing",
-    "in-progress": "in_progress",
-    "answered": "in_progress",
-    "completed": "completed",
-    "busy": "busy",
-    "no-answer": "no_answer",
-    "failed": "failed",
-    "canceled": "canceled",
-}
 
 
 async def _verified_form(request: Request, settings: Settings) -> dict[str, str]:
