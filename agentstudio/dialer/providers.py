@@ -203,9 +203,10 @@ class TwilioProvider:
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         # Twilio lists calls by To, From, Status and start/end dates, not by creation: a call still
         # `queued` (held by the account's calls-per-second limit) has an empty start_time until it is
-        # dialed (Call resource, `start_time`), so a StartTime filter alone misses it. Two exact lists
-        # cover both: the queued calls from us to this number, and those started since the claim's
-        # day; a match must have been created since the claim (5 s allowance for clock skew).
+        # dialed (https://www.twilio.com/docs/voice/api/call-resource, `start_time`; so says Twilio's
+        # OpenAPI spec), so a StartTime filter alone misses it. Two exact lists cover both: the queued
+        # calls from us to this number, and those started since the claim's day; a match must have
+        # been created since the claim (5 s allowance for clock skew).
         found = []
         for filters in ({"status": "queued"}, {"start_time_after": since - timedelta(minutes=1)}):
             try:

@@ -1,9 +1,9 @@
 """No call stays unfinished forever. A call whose end is overdue (its final status callback lost:
-Twilio retries a callback only as its retry policy says, by default once and not on every 5xx) is
-settled by asking the provider where it is, minutes after it must have ended; a call the provider
-cannot say anything about (a dialer gone with a simulated call) is failed with `stale` once it is
-older than any real call could be. Every dialer runs the sweep; the compare-and-set write makes a
-double sweep harmless."""
+Twilio retries a failed callback `rc` times, 1 by default, for the failures its retry policy `rp`
+names; https://www.twilio.com/docs/usage/webhooks/webhooks-connection-overrides) is settled by asking
+the provider where it is, minutes after it must have ended; a call the provider cannot say anything
+about (a dialer gone with a simulated call) is failed with `stale` once it is older than any real
+call could be. Every dialer runs the sweep; the compare-and-set write makes a double sweep harmless."""
 
 from __future__ import annotations
 
