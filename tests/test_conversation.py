@@ -195,7 +195,8 @@ async def test_transfer_ends_the_relay_and_dials_the_human(nats_server: NatsServ
 
 async def test_a_relay_that_never_connected_fails_the_call(nats_server: NatsServer, js: JetStreamContext) -> None:
     # Twilio could not open our WebSocket (error 64102): its <Connect action> request says so with
-    # SessionStatus=failed and ErrorCode (twilio.com/docs/voice/twiml/connect/conversationrelay, "action").
+    # SessionStatus=failed and ErrorCode/ErrorMessage (../shared/twilio/conversation-relay.md, from
+    # Twilio's <ConversationRelay> docs and samples).
     async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
         call, sid = await stack.answered_call(**BODY)
         events = await js.subscribe(bus.event_subject(call.tenant, call.call_id), ordered_consumer=True)

@@ -137,8 +137,8 @@ spec:
 
 async def test_every_language_of_the_workflow_is_declared_with_its_agents_voice(nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
     # A handoff sends only a `language` message; Twilio then speaks with the settings of that
-    # language's <Language> element (twilio.com/docs/voice/twiml/connect/conversationrelay,
-    # "<Language>"), so each agent's voice must be declared up front.
+    # language's <Language> element (../shared/twilio/conversation-relay.md; built with twilio-python's
+    # ConversationRelay.language), so each agent's voice must be declared up front.
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(VOICES))
     bundle = await t.publish()
     async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC) as (client, svc):
