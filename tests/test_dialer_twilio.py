@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -97,6 +98,73 @@ async def provider_sid(js: JetStreamContext, t: Tenant, call_id: str) -> str:
             return state.provider_call_id
         await asyncio.sleep(0.05)
     raise AssertionError("the provider's call id was never recorded")
+
+
+VOICES = MANIFESTS + """
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: front}
+spec: {prompt: Hi., voice: {ttsProvider: ElevenLabs, voice: UgBBYS2sOqTuMpoF3BR0}}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: billing}
+spec:
+  prompt: Billing.
+  language: hi-IN
+  voice: {ttsProvider: Google, voice: hi-IN-Wavenet-A, transcriptionProvider: Google}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: sales}
+spec: {prompt: Sales., voice: {ttsProvider: Amazon, voice: Joanna-Neural}}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: concierge}
+spec: {prompt: Hello., tools: [{name: billing, action: {type: handoff, agent: billing}}]}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Workflow
+metadata: {name: desk}
+spec:
+  entryAgent: front
+  agents: [billing, sales]
+  handoffs: [{from: front, to: billing, when: Billing.}, {from: front, to: sales, when: Buying.}]
+"""
+
+
+async def test_every_language_of_the_workflow_is_declared_with_its_agents_voice(nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    # A handoff sends only a `language` message; Twilio then speaks with the settings of that
+    # language's <Language> element (../shared/twilio/conversation-relay.md; built with twilio-python's
+    # ConversationRelay.language), so each agent's voice must be declared up front.
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(VOICES))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            placed = []
+            for start in ({"workflow_slug": "desk"}, {"agent_slug": "concierge"}):
+                resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
+                    **start, "phone_number": "+14155552671", "user_id": "u-1"})
+                assert resp.status_code == 201, resp.text
+                placed += await placed_requests(twilio_mock, resp.json()["call_id"])
+    assert [r.status for r in placed] == [201, 201]
+    relay, lone = (ElementTree.fromstring(r.param("Twiml") or "").find("Connect/ConversationRelay") for r in placed)
+    assert relay is not None and lone is not None
+    # Without a workflow, the agents its handoff tools reach are declared too.
+    assert [e.get("code") for e in lone.findall("Language")] == ["en-US", "hi-IN"]
+    # The entry agent's settings stay on <ConversationRelay> itself: they apply from the start.
+    assert relay.get("language") == "en-US" and relay.get("voice") == "UgBBYS2sOqTuMpoF3BR0"
+    languages = {e.get("code"): e.attrib for e in relay.findall("Language")}
+    assert languages == {
+        # sales shares en-US with the entry agent: one voice per language, the first agent's wins.
+        "en-US": {"code": "en-US", "ttsProvider": "ElevenLabs", "voice": "UgBBYS2sOqTuMpoF3BR0",
+                  "transcriptionProvider": "Deepgram"},
+        "hi-IN": {"code": "hi-IN", "ttsProvider": "Google", "voice": "hi-IN-Wavenet-A",
+                  "transcriptionProvider": "Google"},
+    }
 
 
 async def test_a_request_twilio_would_refuse_fails_the_call_with_the_reason(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]

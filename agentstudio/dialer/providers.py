@@ -145,7 +145,7 @@ class TwilioProvider:
         public_base_url: str,
         ring_timeout_seconds: int,
         machine_detection: bool = False,
-        agent_of: Callable[[CallRequest], AgentSpec | None] | None = None,
+        agents_of: Callable[[CallRequest], list[AgentSpec]] | None = None,
         max_call_seconds: float | None = None,
     ) -> None:
         self._client = client
@@ -153,12 +153,16 @@ class TwilioProvider:
         self._base = public_base_url.rstrip("/")
         self._timeout = ring_timeout_seconds
         self._amd = machine_detection
-        self._agent_of = agent_of
+        self._agents_of = agents_of
         self._max_call_seconds = max_call_seconds
 
-    def twiml(self, call: CallRequest, agent: AgentSpec | None) -> str:
+    def twiml(self, call: CallRequest, agents: list[AgentSpec]) -> str:
         """Connect the answered call to our ConversationRelay WebSocket (the voice agent), speaking
-        with the voice and language of the agent the call starts with."""
+        with the voice and language of the agent the call starts with (`agents[0]`). Every language
+        of the call's agents is declared as a <Language> with that agent's speech settings: a
+        handoff sends only a `language` message, and Twilio then speaks with what the matching
+        <Language> declares. One voice per language: the first agent with it wins."""
+        agent = agents[0] if agents else None
         response = VoiceResponse()
         connect = response.connect(action=f"{self._base}{RELAY_ENDED_PATH}?"
                                    + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
@@ -170,6 +174,12 @@ class TwilioProvider:
                 speech["voice"] = agent.voice.voice
         relay = connect.conversation_relay(url=relay_url(self._base), interruptible="any", dtmf_detection=True,
                                            **speech)
+        declared: set[str] = set()
+        for other in agents:
+            if other.language not in declared:
+                declared.add(other.language)
+                relay.language(code=other.language, tts_provider=other.voice.tts_provider,
+                               voice=other.voice.voice, transcription_provider=other.voice.transcription_provider)
         relay.parameter(name="call_id", value=call.call_id)
         relay.parameter(name="tenant", value=call.tenant)
         return str(response)
@@ -178,11 +188,12 @@ class TwilioProvider:
         return f"{self._base}{STATUS_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
 
     async def place(self, call: CallRequest) -> str:
-        agent = self._agent_of(call) if self._agent_of is not None else None
+        agents = self._agents_of(call) if self._agents_of is not None else []
+        agent = agents[0] if agents else None
         kwargs: dict[str, object] = {
             "to": call.phone_number,
             "from_": self._from,
-            "twiml": self.twiml(call, agent),
+            "twiml": self.twiml(call, agents),
             "status_callback": self.status_callback(call),
             "status_callback_event": STATUS_EVENTS,
             "status_callback_method": "POST",
