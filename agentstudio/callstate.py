@@ -86,6 +86,7 @@ class CallState(BaseModel):
         detail: str | None = None,
         error: CallError | None = None,
         duration_seconds: int | None = None,
+        end_reason: str | None = None,
     ) -> CallState | None:
         """This call moved to `status`, or None when that would not move it forward (a duplicate
         or out-of-order report, or anything after the end)."""
@@ -101,6 +102,8 @@ class CallState(BaseModel):
         if status in TERMINAL:
             update["ended_at"] = at
             update["error"] = error
+            if end_reason is not None:
+                update["end_reason"] = end_reason
             if duration_seconds is not None:
                 update["duration_seconds"] = duration_seconds
             elif self.answered_at is not None:

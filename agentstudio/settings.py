@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         6 * 3600, description="A placed call with no report for this long is failed as stale."
     )
     sweep_interval_seconds: float = Field(300, description="How often dialers look for stale calls.")
+    reconcile_after_seconds: float = Field(
+        120, description="A call's end not reported this long after it must have come: ask the provider."
+    )
     webhook_retry_schedule: str = Field(
         "0,5,300,1800,7200,18000,36000,36000", description="Seconds before each retry of a failed delivery."
     )

@@ -44,6 +44,7 @@ class CallTracker:
         detail: str | None = None,
         error: CallError | None = None,
         duration_seconds: int | None = None,
+        end_reason: str | None = None,
     ) -> CallState | None:
         """Record that the call reached `status` (no-op when it is already there or beyond), then
         publish its event. Re-driving the same report publishes the same event id, which JetStream
@@ -51,7 +52,8 @@ class CallTracker:
         state, changed = await self.store.change(
             tenant,
             call_id,
-            lambda s: s.advanced(status, at=at, detail=detail, error=error, duration_seconds=duration_seconds)
+            lambda s: s.advanced(status, at=at, detail=detail, error=error, duration_seconds=duration_seconds,
+                                 end_reason=end_reason)
             if s is not None
             else None,
         )

@@ -193,6 +193,30 @@ async def test_transfer_ends_the_relay_and_dials_the_human(nats_server: NatsServ
     assert forged.status_code == 403
 
 
+async def test_a_relay_that_never_connected_fails_the_call(nats_server: NatsServer, js: JetStreamContext) -> None:
+    # Twilio could not open our WebSocket (error 64102): its <Connect action> request says so with
+    # SessionStatus=failed and ErrorCode/ErrorMessage (../shared/twilio/conversation-relay.md, from
+    # Twilio's <ConversationRelay> docs and samples).
+    async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
+        call, sid = await stack.answered_call(**BODY)
+        events = await js.subscribe(bus.event_subject(call.tenant, call.call_id), ordered_consumer=True)
+        token, base = "tok3n", "https://voice.example.net"
+        async with ingest_client(nats_server.url, twilio_auth_token=token, public_base_url=base) as (client, _):
+            path = f"/api/v1/providers/twilio/relay-ended?call_id={call.call_id}&tenant={call.tenant}"
+            params = {"CallSid": sid, "CallStatus": "in-progress", "SessionId": "VX" + "0" * 32,
+                      "SessionStatus": "failed", "SessionDuration": "0", "ErrorCode": "64102",
+                      "ErrorMessage": "Unable to connect to the WebSocket"}
+            signature = RequestValidator(token).compute_signature(base + path, params)
+            answer = await client.post(path, data=params, headers={"X-Twilio-Signature": signature})
+        state = await stack.record(call.call_id)
+        sent = orjson.loads((await events.next_msg(timeout=5)).data)
+    assert answer.status_code == 200 and "<Hangup />" in answer.text
+    assert state.status == "failed" and state.end_reason == "relay_failed"
+    assert state.error is not None and state.error.code == "twilio_64102"
+    assert sent["type"] == "call.failed" and sent["data"]["end_reason"] == "relay_failed"
+    assert sent["data"]["error"]["code"] == "twilio_64102"
+
+
 async def test_the_end_event_waits_for_the_final_transcript(nats_server: NatsServer, js: JetStreamContext) -> None:
     async with voice_stack(nats_server.url, js, MANIFESTS) as stack:
         stack.model.script([Reply("Sure.")])

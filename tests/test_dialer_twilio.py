@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -114,6 +115,73 @@ async def provider_sid(js: JetStreamContext, t: Tenant, call_id: str) -> str:
     raise AssertionError("the provider's call id was never recorded")
 
 
+VOICES = MANIFESTS + """
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: front}
+spec: {prompt: Hi., voice: {ttsProvider: ElevenLabs, voice: UgBBYS2sOqTuMpoF3BR0}}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: billing}
+spec:
+  prompt: Billing.
+  language: hi-IN
+  voice: {ttsProvider: Google, voice: hi-IN-Wavenet-A, transcriptionProvider: Google}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: sales}
+spec: {prompt: Sales., voice: {ttsProvider: Amazon, voice: Joanna-Neural}}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: concierge}
+spec: {prompt: Hello., tools: [{name: billing, action: {type: handoff, agent: billing}}]}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Workflow
+metadata: {name: desk}
+spec:
+  entryAgent: front
+  agents: [billing, sales]
+  handoffs: [{from: front, to: billing, when: Billing.}, {from: front, to: sales, when: Buying.}]
+"""
+
+
+async def test_every_language_of_the_workflow_is_declared_with_its_agents_voice(nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    # A handoff sends only a `language` message; Twilio then speaks with the settings of that
+    # language's <Language> element (../shared/twilio/conversation-relay.md; built with twilio-python's
+    # ConversationRelay.language), so each agent's voice must be declared up front.
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(VOICES))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            placed = []
+            for start in ({"workflow_slug": "desk"}, {"agent_slug": "concierge"}):
+                resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
+                    **start, "phone_number": "+14155552671", "user_id": "u-1"})
+                assert resp.status_code == 201, resp.text
+                placed += await placed_requests(twilio_mock, resp.json()["call_id"])
+    assert [r.status for r in placed] == [201, 201]
+    relay, lone = (ElementTree.fromstring(r.param("Twiml") or "").find("Connect/ConversationRelay") for r in placed)
+    assert relay is not None and lone is not None
+    # Without a workflow, the agents its handoff tools reach are declared too.
+    assert [e.get("code") for e in lone.findall("Language")] == ["en-US", "hi-IN"]
+    # The entry agent's settings stay on <ConversationRelay> itself: they apply from the start.
+    assert relay.get("language") == "en-US" and relay.get("voice") == "UgBBYS2sOqTuMpoF3BR0"
+    languages = {e.get("code"): e.attrib for e in relay.findall("Language")}
+    assert languages == {
+        # sales shares en-US with the entry agent: one voice per language, the first agent's wins.
+        "en-US": {"code": "en-US", "ttsProvider": "ElevenLabs", "voice": "UgBBYS2sOqTuMpoF3BR0",
+                  "transcriptionProvider": "Deepgram"},
+        "hi-IN": {"code": "hi-IN", "ttsProvider": "Google", "voice": "hi-IN-Wavenet-A",
+                  "transcriptionProvider": "Google"},
+    }
+
+
 async def test_a_request_twilio_would_refuse_fails_the_call_with_the_reason(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
     client, t = live
     # A status callback that is not a URI: the real API (and the spec) refuse the request.
@@ -199,3 +267,74 @@ async def test_end_to_end_campaign_call_to_signed_webhook_and_export(nats_server
     [row] = [r for r in rows if r["call_id"] == call_id]
     assert row["status"] == "completed" and row["duration_seconds"] == "95"
     assert row["metadata.campaign_id"] == "trial_recovery_v2" and row["metadata.segment"] == "high_value"
+
+
+def _request(call_id: str, phone_number: str = "+14155552671") -> Any:
+    from datetime import datetime, timezone
+
+    from agentstudio.calls import CallRequest
+
+    return CallRequest(call_id=call_id, tenant="t-find", api_key="live", phone_number=phone_number, user_context={},
+                       metadata={}, test=False, created_at=datetime.now(timezone.utc), bundle_version=1)
+
+
+async def test_a_call_still_queued_at_twilio_is_found_after_a_dialer_died(twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """A dialer that dies between calls.create and recording the sid must find the call, even while
+    Twilio still holds it `queued` (calls-per-second limit): its start_time is empty until dialed
+    (Call resource, `start_time`), so only when it was created can find it."""
+    from datetime import datetime, timedelta, timezone
+
+    from agentstudio.dialer.providers import TwilioProvider, twilio_client
+
+    provider = TwilioProvider(twilio_client(twilio_mock.account_sid, twilio_mock.auth_token, twilio_mock.base_url),
+                              FROM, PUBLIC, ring_timeout_seconds=30)
+    number = "+1415555" + str(uuid.uuid4().int)[:4]
+    since = datetime.now(timezone.utc) - timedelta(seconds=1)  # the claim, just before calls.create
+    sid = await provider.place(_request("c-1", number))
+    assert await provider.find(_request("c-1", number), since) == sid
+    # Nothing created after a later claim (beyond the 5 s clock allowance): a new call must be placed.
+    assert await provider.find(_request("c-1", number), since + timedelta(seconds=30)) is None
+    lists = [r for r in twilio_mock.requests if r.method == "GET" and r.path == twilio_mock.calls_path]
+    assert lists and all(r.status == 200 for r in lists)  # every lookup is one the spec accepts
+
+
+async def test_a_lost_completed_callback_is_settled_by_asking_twilio(live, nats_server, twilio_mock, js) -> None:  # type: ignore[no-untyped-def]
+    """Twilio retries a status callback only per its retry policy (by default once, not on every 5xx):
+    a call whose `completed` never arrives is fetched from Twilio minutes after it must have ended,
+    long before the 6-hour stale sweep."""
+    from datetime import timedelta
+
+    from agentstudio.dialer import main as dialer_main, sweeper
+    from agentstudio.settings import Settings
+
+    client, t = live
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)) as [dialer]:
+        call_id = await queue_call(client, t, key="live")
+        [request] = await placed_requests(twilio_mock, call_id)
+        sid = await provider_sid(js, t, call_id)
+        callback = request.param("StatusCallback") or ""
+        for seq, status in enumerate(["initiated", "ringing", "in-progress"]):  # then `completed` is lost
+            params = {"CallSid": sid, "AccountSid": twilio_mock.account_sid, "CallStatus": status,
+                      "SequenceNumber": str(seq), "To": "+14155552671", "From": FROM}
+            signature = RequestValidator(twilio_mock.auth_token).compute_signature(callback, params)
+            resp = await client.post(callback.removeprefix(PUBLIC), data=params, headers={"X-Twilio-Signature": signature})
+            assert resp.status_code == 204
+        await until_status(client, t, call_id, "in_progress")
+        twilio_mock.update_call(sid, status="completed", duration="17")
+
+        kv = await bus.calls_bucket(js)
+        stale = timedelta(hours=6)
+        settled = dialer_main.reconcile(Settings(**twilio_settings(twilio_mock)), dialer.live)
+        await sweeper.sweep(kv, dialer.tracker, stale, reconcile=settled)  # answered just now: not yet due
+        assert not [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]
+        assert (await until_status(client, t, call_id, "in_progress"))["status"] == "in_progress"
+
+        # Past the longest call Twilio would allow it (and the allowance for a late report): ask Twilio.
+        overdue = sweeper.Reconcile(dialer.live, ring=settled.ring, longest=timedelta(0), late=timedelta(0))
+        assert call_id not in await sweeper.sweep(kv, dialer.tracker, stale, reconcile=overdue)  # not failed stale
+        record = await until_status(client, t, call_id, "completed")
+        assert record["duration_seconds"] == 17 and record["error"] is None
+        [fetch] = [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]
+        assert fetch.status == 200  # the spec accepts the fetch
+    done = [e for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
+    assert done and done[0]["data"]["duration_seconds"] == 17

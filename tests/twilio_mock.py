@@ -17,6 +17,7 @@ import email.utils
 from datetime import datetime, timezone
 import json
 import os
+import re
 import secrets
 import subprocess
 import tempfile
@@ -44,6 +45,7 @@ FORM = "application/x-www-form-urlencoded"
 _HOP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "accept-encoding",
                 "proxy-authorization", "proxy-connection", "te", "upgrade"}
 _HOP_RESPONSE = {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding"}
+_ONE_CALL = re.compile(r"/Calls/(CA[0-9a-fA-F]{32})\.json$")  # a fetch of one call
 
 
 def prism_path() -> str:
@@ -151,8 +153,8 @@ class _ShimHandler(BaseHTTPRequestHandler):
         form: dict[str, list[str]] = {}
         for key, value in pairs:
             form.setdefault(key, []).append(value)
-        if isinstance(parsed, dict) and url.path.endswith("/Calls.json"):
-            parsed = self._remember(status, parsed, form, parse_qs(url.query))
+        if isinstance(parsed, dict) and (url.path.endswith("/Calls.json") or _ONE_CALL.search(url.path)):
+            parsed = self._remember(status, parsed, form, parse_qs(url.query), url.path)
             out = json.dumps(parsed).encode()
         record = RecordedRequest(
             self.command, url.path, parse_qs(url.query, keep_blank_values=True), form,
@@ -170,13 +172,21 @@ class _ShimHandler(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
     def _remember(self, status: int, body: dict[str, Any], form: dict[str, list[str]],
-                  query: dict[str, list[str]]) -> dict[str, Any]:
+                  query: dict[str, list[str]], path: str) -> dict[str, Any]:
         """Prism answers every create with the same example call and every list with the same page.
         A dialer that must find out whether a call went out needs what Twilio gives: a distinct sid
-        per created call, and a list of the calls really created (filtered by To, From, StartTime>)."""
+        per created call, and a list of the calls really created (filtered by To, From, Status, StartTime>).
+        A created call stays `queued` with no start time, as Twilio documents `start_time` ("Empty if
+        the call has not yet been dialed"): a StartTime filter never matches it. Fetching one call
+        gives it as created, or as a test moved it on (TwilioMock.update_call)."""
+        one = _ONE_CALL.search(path)
+        if one and self.command == "GET" and status == 200:
+            with self.server.lock:
+                return next((c for c in self.server.created if c["sid"] == one.group(1)), body)
         if self.command == "POST" and status == 201:
             call = {**body, "sid": "CA" + secrets.token_hex(16), "to": form.get("To", [""])[-1],
-                    "from": form.get("From", [""])[-1], "status": "queued",
+                    "from": form.get("From", [""])[-1], "status": "queued", "start_time": None,
+                    "end_time": None, "duration": None,
                     "date_created": email.utils.format_datetime(datetime.now(timezone.utc))}
             with self.server.lock:
                 self.server.created.append(call)
@@ -186,7 +196,9 @@ class _ShimHandler(BaseHTTPRequestHandler):
             with self.server.lock:
                 calls = [c for c in self.server.created
                          if c["to"] == query.get("To", [c["to"]])[-1] and c["from"] == query.get("From", [c["from"]])[-1]
-                         and (after is None or email.utils.parsedate_to_datetime(c["date_created"]).date().isoformat() >= after[:10])]
+                         and c["status"] == query.get("Status", [c["status"]])[-1]
+                         and (after is None or (c["start_time"] is not None and email.utils.parsedate_to_datetime(
+                             c["start_time"]).date().isoformat() >= after[:10]))]
             # One page: the example's next_page_uri would send the SDK to a URL Prism refuses.
             return {**body, "calls": calls, "next_page_uri": None, "previous_page_uri": None}
         return body
@@ -276,6 +288,14 @@ class TwilioMock:
         assert self._shim is not None, "TwilioMock is not started"
         with self._shim.lock:
             self._shim.recorded.clear()
+
+    def update_call(self, sid: str, **fields: Any) -> None:
+        """Move a created call on as Twilio would (status, start_time, duration...): what a fetch
+        or a list then returns, whether or not a status callback told anyone."""
+        assert self._shim is not None, "TwilioMock is not started"
+        with self._shim.lock:
+            [call] = [c for c in self._shim.created if c["sid"] == sid]
+            call.update(fields)
 
     @property
     def calls_path(self) -> str:

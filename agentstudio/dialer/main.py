@@ -51,22 +51,40 @@ async def build(
     if settings.telephony_provider == "twilio":
         client = twilio_client(settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url)
         live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
-                              settings.ring_timeout_seconds, agent_of=entry_agent(bundles) if bundles else None,
+                              settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
 
 
-def entry_agent(bundles: BundleWatcher) -> Callable[[CallRequest], AgentSpec | None]:
-    """The agent a call starts with, from the tenant's current bundle."""
+def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
+    """When an overdue call is asked about: past its ring timeout, or past the longest call Twilio
+    allows it (`TimeLimit`: the longest agent's limit and its one-minute backstop)."""
+    return sweeper.Reconcile(provider, ring=timedelta(seconds=settings.ring_timeout_seconds),
+                             longest=timedelta(seconds=settings.max_call_seconds + 60),
+                             late=timedelta(seconds=settings.reconcile_after_seconds))
 
-    def agent_of(call: CallRequest) -> AgentSpec | None:
+
+def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:
+    """The agents a call may speak with, from the tenant's current bundle: the one it starts with
+    first, then the rest of its workflow's, or, without a workflow, those its handoff tools reach."""
+
+    def agents_of(call: CallRequest) -> list[AgentSpec]:
         bundle = bundles.snapshot.bundles.get(call.tenant)
         if bundle is None:
-            return None
-        agent = bundle.agents.get(bundle.entry_slug(call.workflow_slug, call.agent_slug) or "")
-        return agent.spec if agent else None
+            return []
+        workflow = bundle.workflows.get(call.workflow_slug) if call.workflow_slug else None
+        slugs = [bundle.entry_slug(call.workflow_slug, call.agent_slug) or "", *(workflow.agents if workflow else [])]
+        found: dict[str, AgentSpec] = {}
+        while slugs:
+            slug = slugs.pop(0)
+            if slug in found or slug not in bundle.agents:
+                continue
+            found[slug] = bundle.agents[slug].spec
+            if workflow is None:
+                slugs += [t.action.agent for t in found[slug].tools if t.action.type == "handoff" and t.action.agent]
+        return list(found.values())
 
-    return agent_of
+    return agents_of
 
 
 async def voice(
@@ -135,7 +153,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                 dialer.run(stop),
                 dispatcher.run(stop),
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
-                            settings.sweep_interval_seconds, stop),
+                            settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),
                 serve(),
             )
         finally:

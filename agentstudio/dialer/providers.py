@@ -8,6 +8,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode
 
@@ -20,9 +21,9 @@ from agentstudio.resources import AgentSpec
 from agentstudio.conversation.relay import relay_url
 from agentstudio.dialer import phone_line
 from agentstudio.dialer.phone_line import Callee
-from agentstudio.callstate import CallError
+from agentstudio.callstate import CallError, CallStatus
 from agentstudio.tracking import CallTracker
-from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
 from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS
 
 log = logging.getLogger("agentstudio.dialer")
@@ -36,6 +37,15 @@ class ProviderError(Exception):
         self.error = CallError(code=code, message=message)
 
 
+@dataclass(frozen=True)
+class Report:
+    """Where the provider says a call is now (asked when its own report is overdue)."""
+
+    status: CallStatus
+    duration_seconds: int | None = None
+    error: CallError | None = None
+
+
 class Provider(Protocol):
     name: str
 
@@ -45,6 +55,9 @@ class Provider(Protocol):
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         """The provider's id of this call if it was placed at or after `since` (a dialer died
         between placing it and recording the answer), else None."""
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        """The call's status as the provider has it now; None when the provider cannot say."""
 
     async def drain(self) -> None:
         """Finish what is in progress (a dialer stopping)."""
@@ -86,6 +99,9 @@ class SimulatedProvider:
 
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         return self._placed.get(call.call_id)
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        return None  # nothing outside this process knows; the stale sweep ends what it left
 
     async def drain(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -130,7 +146,7 @@ class TwilioProvider:
         public_base_url: str,
         ring_timeout_seconds: int,
         machine_detection: bool = False,
-        agent_of: Callable[[CallRequest], AgentSpec | None] | None = None,
+        agents_of: Callable[[CallRequest], list[AgentSpec]] | None = None,
         max_call_seconds: float | None = None,
     ) -> None:
         self._client = client
@@ -138,12 +154,16 @@ class TwilioProvider:
         self._base = public_base_url.rstrip("/")
         self._timeout = ring_timeout_seconds
         self._amd = machine_detection
-        self._agent_of = agent_of
+        self._agents_of = agents_of
         self._max_call_seconds = max_call_seconds
 
-    def twiml(self, call: CallRequest, agent: AgentSpec | None) -> str:
+    def twiml(self, call: CallRequest, agents: list[AgentSpec]) -> str:
         """Connect the answered call to our ConversationRelay WebSocket (the voice agent), speaking
-        with the voice and language of the agent the call starts with."""
+        with the voice and language of the agent the call starts with (`agents[0]`). Every language
+        of the call's agents is declared as a <Language> with that agent's speech settings: a
+        handoff sends only a `language` message, and Twilio then speaks with what the matching
+        <Language> declares. One voice per language: the first agent with it wins."""
+        agent = agents[0] if agents else None
         response = VoiceResponse()
         connect = response.connect(action=f"{self._base}{RELAY_ENDED_PATH}?"
                                    + urlencode({"call_id": call.call_id, "tenant": call.tenant}))
@@ -155,6 +175,12 @@ class TwilioProvider:
                 speech["voice"] = agent.voice.voice
         relay = connect.conversation_relay(url=relay_url(self._base), interruptible="any", dtmf_detection=True,
                                            **speech)
+        declared: set[str] = set()
+        for other in agents:
+            if other.language not in declared:
+                declared.add(other.language)
+                relay.language(code=other.language, tts_provider=other.voice.tts_provider,
+                               voice=other.voice.voice, transcription_provider=other.voice.transcription_provider)
         relay.parameter(name="call_id", value=call.call_id)
         relay.parameter(name="tenant", value=call.tenant)
         return str(response)
@@ -163,11 +189,12 @@ class TwilioProvider:
         return f"{self._base}{STATUS_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
 
     async def place(self, call: CallRequest) -> str:
-        agent = self._agent_of(call) if self._agent_of is not None else None
+        agents = self._agents_of(call) if self._agents_of is not None else []
+        agent = agents[0] if agents else None
         kwargs: dict[str, object] = {
             "to": call.phone_number,
             "from_": self._from,
-            "twiml": self.twiml(call, agent),
+            "twiml": self.twiml(call, agents),
             "status_callback": self.status_callback(call),
             "status_callback_event": STATUS_EVENTS,
             "status_callback_method": "POST",
@@ -186,20 +213,39 @@ class TwilioProvider:
         return str(created.sid)
 
     async def find(self, call: CallRequest, since: datetime) -> str | None:
-        try:
-            found = await asyncio.to_thread(
-                self._client.calls.list, to=call.phone_number, from_=self._from,
-                start_time_after=since - timedelta(minutes=1), limit=20,
-            )
-        except TwilioRestException as exc:
-            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
-        except TwilioException as exc:  # e.g. a page that could not be read
-            raise ProviderError("twilio_lookup", str(exc)[:500]) from None
-        for placed in found:
+        # Twilio lists calls by To, From, Status and start/end dates, not by creation: a call still
+        # `queued` (held by the account's calls-per-second limit) has an empty start_time until it is
+        # dialed (https://www.twilio.com/docs/voice/api/call-resource, `start_time`; so says Twilio's
+        # OpenAPI spec), so a StartTime filter alone misses it. Two exact lists cover both: the queued
+        # calls from us to this number, and those started since the claim's day; a match must have
+        # been created since the claim (5 s allowance for clock skew).
+        found = []
+        for filters in ({"status": "queued"}, {"start_time_after": since - timedelta(minutes=1)}):
+            try:
+                found += await asyncio.to_thread(
+                    self._client.calls.list, to=call.phone_number, from_=self._from, limit=20, **filters)
+            except TwilioRestException as exc:
+                raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+            except TwilioException as exc:  # e.g. a page that could not be read
+                raise ProviderError("twilio_lookup", str(exc)[:500]) from None
+        for placed in sorted(found, key=lambda c: c.date_created or since):
             created = placed.date_created
             if placed.to == call.phone_number and created is not None and created >= since - timedelta(seconds=5):
                 return str(placed.sid)
         return None
+
+    async def report(self, provider_call_id: str) -> Report | None:
+        try:
+            fetched = await asyncio.to_thread(self._client.calls(provider_call_id).fetch)
+        except TwilioRestException as exc:
+            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+        status = TWILIO_STATUS.get(fetched.status or "")
+        if status is None:
+            return None
+        # The Call resource has no error code (only its status callback and the call's Notifications do).
+        error = CallError(code="twilio_unknown", message="Twilio reports the call failed") if status == "failed" else None
+        duration = int(fetched.duration) if (fetched.duration or "").isdigit() else None
+        return Report(status, duration, error)
 
     async def drain(self) -> None:
         return None

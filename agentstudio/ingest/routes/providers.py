@@ -15,28 +15,15 @@ from starlette.responses import Response
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from agentstudio.callstate import CallError, CallStatus
+from agentstudio.callstate import CallError
 from agentstudio.ingest.auth import service_of, unavailable
 from agentstudio.resources import E164_PATTERN
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.settings import Settings
-from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH
+from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(tags=["providers"])
-
-TWILIO_STATUS: dict[str, CallStatus] = {
-    "queued": "dialing",
-    "initiated": "dialing",
-    "ringing": "ringing",
-    "in-progress": "in_progress",
-    "answered": "in_progress",
-    "completed": "completed",
-    "busy": "busy",
-    "no-answer": "no_answer",
-    "failed": "failed",
-    "canceled": "canceled",
-}
 
 
 async def _verified_form(request: Request, settings: Settings) -> dict[str, str]:
@@ -86,9 +73,21 @@ async def twilio_status(request: Request) -> Response:
     summary="Twilio's <Connect action>: the ConversationRelay session ended (X-Twilio-Signature checked)",
 )
 async def twilio_relay_ended(request: Request) -> Response:
-    """What the call does after the agent: connect a human (a transfer), else hang up."""
+    """What the call does after the agent: connect a human (a transfer), else hang up. A session that
+    failed (SessionStatus=failed with an ErrorCode, e.g. 64102 when Twilio could not open our
+    WebSocket) fails the call, so it is not hung up and later recorded as if it had gone well."""
     svc = service_of(request)
     params = await _verified_form(request, svc.settings)
+    call_id, tenant = request.query_params.get("call_id"), request.query_params.get("tenant")
+    if params.get("SessionStatus") == "failed" and call_id and tenant:
+        code = params.get("ErrorCode") or "unknown"
+        error = CallError(code=f"twilio_{code}", message=params.get("ErrorMessage") or "the relay session failed")
+        try:
+            await svc.tracker.advance(tenant, call_id, "failed", error=error, end_reason="relay_failed",
+                                      detail=f"twilio relay session failed ({code})")
+        except (NatsError, TimeoutError):
+            # The call still ends (below); its final status callback records it, without the cause.
+            log.exception("relay failure not recorded", extra={"call_id": call_id, "tenant": tenant})
     try:
         data = orjson.loads(params.get("HandoffData") or "{}")
     except orjson.JSONDecodeError:
