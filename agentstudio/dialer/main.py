@@ -28,7 +28,7 @@ from agentstudio.conversation.llm import ChatModel
 from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.runtime import VoiceRuntime
 from agentstudio.conversation.transcript import Turn
-from agentstudio.settings import Settings
+from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS, Settings
 from agentstudio.tracking import CallTracker
 
 
@@ -60,7 +60,7 @@ def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
     """When an overdue call is asked about: past its ring timeout, or past the longest call Twilio
     allows it (`TimeLimit`: the longest agent's limit and its one-minute backstop)."""
     return sweeper.Reconcile(provider, ring=timedelta(seconds=settings.ring_timeout_seconds),
-                             longest=timedelta(seconds=settings.max_call_seconds + 60),
+                             longest=timedelta(seconds=settings.max_call_seconds + TIME_LIMIT_BACKSTOP_SECONDS),
                              late=timedelta(seconds=settings.reconcile_after_seconds))
 
 
