@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from agentstudio import logs, ports
-from agentstudio.settings import InvalidSettings, from_environment
+from agentstudio.settings import InvalidSettings, Settings, from_environment
 
 PORT_HINT = "set AGENTSTUDIO_PORT to a free one"
 
@@ -56,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.run(args) or 0)
 
 
+def _serving() -> tuple[Settings, socket.socket]:
+    """A serving role's settings (logging set up) and its port, bound before anything starts;
+    raises InvalidSettings or ports.CannotListen."""
+    settings = from_environment()
+    logs.setup(settings.log_level)
+    return settings, ports.bind(settings.host, settings.port, PORT_HINT)
+
+
 def _ingest(args: argparse.Namespace) -> int:
     import uvicorn
 
     try:
-        settings = from_environment()
-        logs.setup(settings.log_level)
-        listening = ports.bind(settings.host, settings.port, PORT_HINT)
+        settings, listening = _serving()
     except (InvalidSettings, ports.CannotListen) as exc:
         return _refuse(args, exc)
     uvicorn.run(
@@ -96,9 +103,7 @@ def _dialer(args: argparse.Namespace) -> int:
     from agentstudio.dialer.main import run
 
     try:
-        settings = from_environment()
-        logs.setup(settings.log_level)
-        listening = ports.bind(settings.host, settings.port, PORT_HINT)
+        settings, listening = _serving()
     except (InvalidSettings, ports.CannotListen) as exc:
         return _refuse(args, exc)
     stop = asyncio.Event()
