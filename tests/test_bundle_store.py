@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from agentstudio import bundle_store, bus, keys
-from agentstudio.bundle import KeyMaterial, compile_bundle
+from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.bundle_store import BundleWatcher, Head
 from agentstudio.manifests import parse
 from agentstudio.natsserver import NatsServer, free_port
@@ -175,6 +175,17 @@ async def until_version(watcher: BundleWatcher, tenant: str, version: int) -> No
     raise AssertionError(f"the watcher never loaded {tenant} v{version}")
 
 
+async def a_watcher_serves(store: bundle_store.Buckets, bundle: Bundle, agent: str) -> None:
+    """A fresh watcher loads `bundle` (its version or newer) with `agent`'s prompt as published."""
+    watcher = BundleWatcher(store)
+    await watcher.start()
+    try:
+        await until_version(watcher, bundle.tenant, bundle.version)
+        assert watcher.snapshot.bundles[bundle.tenant].agents[agent].spec.prompt == bundle.agents[agent].spec.prompt
+    finally:
+        await watcher.stop()
+
+
 async def test_racing_publishers_each_get_their_own_version(js: JetStreamContext) -> None:
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(SMALL % "v0"))
     await t.publish()
@@ -186,13 +197,7 @@ async def test_racing_publishers_each_get_their_own_version(js: JetStreamContext
     last = max(published, key=lambda b: b.version)
     head = Head.model_validate_json((await store.heads.get(t.name)).value)
     assert head.digest == last.digest
-    watcher = BundleWatcher(store)
-    await watcher.start()
-    try:
-        await until_version(watcher, t.name, last.version)
-        assert watcher.snapshot.bundles[t.name].agents["a"].spec.prompt == last.agents["a"].spec.prompt
-    finally:
-        await watcher.stop()
+    await a_watcher_serves(store, last, "a")
 
 
 async def test_republishing_the_same_content_keeps_the_version(js: JetStreamContext) -> None:
@@ -244,13 +249,7 @@ async def test_a_body_that_compresses_badly_is_chunked(own_js: JetStreamContext)
     head = Head.model_validate_json((await store.heads.get(t.name)).value)
     info = await store.bodies.get_info(head.body)
     assert info.size is not None and info.size > 1024 * 1024 and (info.chunks or 0) > 8
-    watcher = BundleWatcher(store)
-    await watcher.start()
-    try:
-        await until_version(watcher, t.name, bundle.version)
-        assert watcher.snapshot.bundles[t.name].agents["agent-999"].spec.prompt == bundle.agents["agent-999"].spec.prompt
-    finally:
-        await watcher.stop()
+    await a_watcher_serves(store, bundle, "agent-999")
 
 
 async def test_watchers_loading_more_bodies_than_a_stream_allows_consumers_load_them_all(tmp_path: Path) -> None:
