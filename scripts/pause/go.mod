@@ -1,0 +1,3 @@
+module agentstudio.local/pause
+
+go 1.26.0
