@@ -12,7 +12,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /src/
 COPY agentstudio /src/agentstudio
-RUN python3 -m pip install --no-cache-dir --no-compile --target /opt/agentstudio /src \
+RUN python3 -m pip install --no-cache-dir --no-compile --root-user-action=ignore --target /opt/agentstudio /src \
  && find /opt/agentstudio/bin -mindepth 1 ! -name agent-studio -delete \
  && rm -rf /opt/agentstudio/kubernetes/aio /opt/agentstudio/phonenumbers/geodata \
  && find /opt/agentstudio -name '*.so' -exec strip --strip-debug {} + \

@@ -162,6 +162,15 @@ def test_a_build_with_nothing_changed_builds_nothing(images: Images) -> None:
                                          f"NATS_IMAGE={images.nats_image}", f"NATS_IMAGE_ARCHIVE={images.nats_archive}"]
     assert again.stderr == "" and took < 5, (took, again.stderr)
 
+    # Other repository names: the same archives (they carry only the tag), other printed names.
+    env = {**os.environ, "AGENTSTUDIO_IMAGE_REPOSITORY": "registry.example/tenant/app",
+           "AGENTSTUDIO_NATS_IMAGE_REPOSITORY": "registry.example/tenant/nats"}
+    renamed = subprocess.run(["bash", str(BUILD_IMAGE)], capture_output=True, text=True, env=env)
+    assert renamed.stdout.splitlines() == [
+        f"IMAGE=registry.example/tenant/app:{images.image.rpartition(':')[2]}", f"IMAGE_ARCHIVE={images.archive}",
+        f"NATS_IMAGE=registry.example/tenant/nats:{images.nats_image.rpartition(':')[2]}",
+        f"NATS_IMAGE_ARCHIVE={images.nats_archive}"], renamed.stderr
+
 
 @pytest.mark.slow
 def test_the_app_image_is_configured_as_the_dockerfile_says(images: Images, app: ImageFiles) -> None:
