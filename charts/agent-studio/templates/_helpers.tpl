@@ -100,7 +100,7 @@ imagePullSecrets:
       key: {{ .Values.nats.urlSecret.key }}
 {{- else }}
 - name: AGENTSTUDIO_NATS_URL
-  value: {{ include "agent-studio.natsUrl" . | required "nats.url (or nats.urlSecret.name) is required when nats.enabled is false" | quote }}
+  value: {{ include "agent-studio.natsUrl" . | quote }}
 {{- end }}
 - name: AGENTSTUDIO_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
@@ -132,18 +132,10 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Checks the schema cannot make: they fail the render naming the value. */}}
+{{/* What values.schema.json cannot say (arithmetic across values); fails the render naming them. */}}
 {{- define "agent-studio.checks" -}}
-{{- if eq .Values.telephony.provider "twilio" }}
-{{- if not (hasPrefix "https://" (include "agent-studio.publicBaseUrl" .)) }}
-{{- fail "telephony.publicBaseUrl must be https:// with telephony.provider=twilio (or set ingress.host with ingress.tls.enabled): ConversationRelay connects only to wss://" }}
-{{- end }}
-{{- if gt (add .Values.calls.maxCallSeconds 60) (int .Values.telephony.twilio.maxCallSeconds) }}
-{{- fail "calls.maxCallSeconds plus the 60 s TimeLimit backstop must fit in telephony.twilio.maxCallSeconds" }}
-{{- end }}
-{{- end }}
-{{- if and (not .Values.nats.enabled) (not .Values.nats.url) (not .Values.nats.urlSecret.name) }}
-{{- fail "nats.url (or nats.urlSecret.name) is required when nats.enabled is false" }}
+{{- if and (eq .Values.telephony.provider "twilio") (gt (add .Values.calls.maxCallSeconds 60) (int .Values.telephony.twilio.maxCallSeconds)) }}
+{{- fail "calls.maxCallSeconds plus the 60 s TimeLimit backstop must fit in telephony.twilio.maxCallSeconds, the Twilio account's maximum call duration" }}
 {{- end }}
 {{- end }}
 
