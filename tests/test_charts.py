@@ -207,6 +207,17 @@ def test_secrets_are_referenced_never_written() -> None:
     assert external["AGENTSTUDIO_NATS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
 
 
+def test_each_role_gets_only_the_twilio_credentials_it_uses() -> None:
+    objects = render_matrix("ingress-tls-twilio")
+    twilio = {role: sorted(e["name"] for e in container(objects, role)["env"] if "valueFrom" in e)
+              for role in ("operator", "ingest", "dialer")}
+    assert twilio == {
+        "operator": [],  # it places no call and checks no signature
+        "ingest": ["AGENTSTUDIO_TWILIO_AUTH_TOKEN"],  # X-Twilio-Signature of status callbacks
+        "dialer": ["AGENTSTUDIO_TWILIO_ACCOUNT_SID", "AGENTSTUDIO_TWILIO_AUTH_TOKEN", "AGENTSTUDIO_TWILIO_FROM_NUMBER"],
+    }
+
+
 def test_ingress_routes_the_relay_to_dialers_and_the_rest_to_ingest() -> None:
     ingress = by_kind(render_matrix("ingress-tls-twilio"), "Ingress", "ingest")
     assert ingress["spec"]["ingressClassName"] == "nginx"

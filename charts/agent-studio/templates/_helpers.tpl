@@ -110,15 +110,6 @@ imagePullSecrets:
 - name: AGENTSTUDIO_PUBLIC_BASE_URL
   value: {{ . | quote }}
 {{- end }}
-{{- with .Values.telephony.twilio.existingSecret }}
-{{- range $var, $key := dict "ACCOUNT_SID" $.Values.telephony.twilio.accountSidKey "AUTH_TOKEN" $.Values.telephony.twilio.authTokenKey "FROM_NUMBER" $.Values.telephony.twilio.fromNumberKey }}
-- name: AGENTSTUDIO_TWILIO_{{ $var }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ $.Values.telephony.twilio.existingSecret }}
-      key: {{ $key }}
-{{- end }}
-{{- end }}
 - name: AGENTSTUDIO_TWILIO_MAX_CALL_SECONDS
   value: {{ .Values.telephony.twilio.maxCallSeconds | quote }}
 - name: AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT
@@ -129,6 +120,22 @@ imagePullSecrets:
   value: {{ .Values.calls.maxCallSeconds | quote }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The Twilio credentials a role uses, by reference to the Secret: (dict "root" $ "vars" (list
+"AUTH_TOKEN")). Only dialers place calls (all three); ingest only checks signatures (the token). */}}
+{{- define "agent-studio.twilioEnv" -}}
+{{- $twilio := .root.Values.telephony.twilio }}
+{{- if $twilio.existingSecret }}
+{{- $keys := dict "ACCOUNT_SID" $twilio.accountSidKey "AUTH_TOKEN" $twilio.authTokenKey "FROM_NUMBER" $twilio.fromNumberKey }}
+{{- range $var := .vars }}
+- name: AGENTSTUDIO_TWILIO_{{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $twilio.existingSecret }}
+      key: {{ get $keys $var }}
+{{- end }}
 {{- end }}
 {{- end }}
 
