@@ -182,6 +182,14 @@ def test_roles_are_least_privilege_and_the_operator_role_is_the_rules_file() -> 
     assert container(objects, "operator")["args"] == ["operator", "-n", NAMESPACE]
 
 
+def test_pods_get_no_service_link_variables() -> None:
+    # Kubernetes would put <SERVICE>_PORT=tcp://… variables of every Service of the namespace into each
+    # container: a release named agentstudio would add AGENTSTUDIO_AGENT_STUDIO_…_PORT variables, in
+    # the settings' prefix.
+    for where, pod in pod_templates(render_matrix("defaults")):
+        assert pod["spec"]["enableServiceLinks"] is False, where
+
+
 def test_probes_grace_and_prestop() -> None:
     objects = render_matrix("defaults")
     dialer, ingest, nats = (container(objects, c) for c in ("dialer", "ingest", "nats"))
