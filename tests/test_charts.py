@@ -198,6 +198,8 @@ def test_probes_grace_and_prestop() -> None:
     assert dialer["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
     assert by_kind(objects, "Deployment", "dialer")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3600
     assert nats["livenessProbe"]["httpGet"] == {"path": "/healthz?js-enabled-only=true", "port": "monitor"}
+    # nats-server (Go) collects as its heap nears the container's memory limit instead of being killed past it.
+    assert {"name": "GOMEMLIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}} in nats["env"]
     env = {e["name"]: e.get("value") for e in container(objects, "operator")["env"]}
     assert env["AGENTSTUDIO_OPERATOR_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8081/healthz"
     assert container(objects, "operator")["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
