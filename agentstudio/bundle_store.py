@@ -73,8 +73,9 @@ class Head(BaseModel):
     digest: str
 
 
-async def publish(store: Buckets, bundle: Bundle) -> Bundle:
-    """Store `bundle` as its tenant's newest version; unchanged content is not republished.
+async def publish(store: Buckets, bundle: Bundle, replace: bool = True) -> Bundle:
+    """Store `bundle` as its tenant's newest version; unchanged content is not republished. With
+    `replace` false a tenant that has a bundle keeps it (the version returned is the kept one's).
 
     A bundle's version is the KV revision of the head that names it: it grows with every change and
     needs no counter of its own (a garbled head in between cannot reset it).
@@ -85,6 +86,8 @@ async def publish(store: Buckets, bundle: Bundle) -> Bundle:
         while True:
             current, revision = await _head(store.heads, bundle.tenant)
             if current is not None and current.digest == bundle.digest and revision is not None:
+                return bundle.model_copy(update={"version": revision})
+            if not replace and revision is not None:
                 return bundle.model_copy(update={"version": revision})
             if body is None:
                 body = _body_name(bundle.tenant)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import nats
 from nats.aio.client import Client as NATS
@@ -78,6 +78,7 @@ async def connect(
     servers: str,
     name: str,
     *,
+    auth: Mapping[str, str] = {},
     connect_timeout: float = 2.0,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
@@ -105,16 +106,21 @@ async def connect(
         error_cb=_log_error,
         disconnected_cb=_log_event("disconnected"),
         reconnected_cb=reconnected_cb,
+        **auth,  # type: ignore[arg-type]
     )
 
 
 async def connect_retrying(
-    servers: str, name: str, attempts: int = 40, on_reconnect: Callable[[], Awaitable[None]] | None = None
+    servers: str,
+    name: str,
+    attempts: int = 40,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    auth: Mapping[str, str] = {},
 ) -> NATS:
     """Connect, retrying while NATS starts (pods start in any order)."""
     for attempt in range(attempts):
         try:
-            return await connect(servers, name, on_reconnect=on_reconnect)
+            return await connect(servers, name, auth=auth, on_reconnect=on_reconnect)
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError):
             if attempt == attempts - 1:
                 raise

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS servers, comma-separated.")
+    nats_user: str = Field("", description="NATS user (with NATS_PASSWORD): the chart's bundled NATS requires one.")
+    nats_password: str = ""
+    nats_credentials_file: str = Field("", description="A NATS .creds file (JWT and seed), for an external NATS.")
     log_level: str = "INFO"
     host: str = "0.0.0.0"
     port: int = 8080
@@ -89,6 +92,13 @@ class Settings(BaseSettings):
                 f"TimeLimit backstop exceeds {ENV_PREFIX}TWILIO_MAX_CALL_SECONDS ({self.twilio_max_call_seconds}), "
                 "the account's maximum call duration: Twilio would cut calls before the agent ends them")
         return self
+
+    def nats_auth(self) -> dict[str, str]:
+        """How this process proves itself to NATS: keyword arguments for `nats.connect`."""
+        auth = {"user": self.nats_user, "password": self.nats_password} if self.nats_user else {}
+        if self.nats_credentials_file:
+            auth["user_credentials"] = self.nats_credentials_file
+        return auth
 
     def retry_schedule(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.webhook_retry_schedule.split(",") if x.strip())

@@ -505,7 +505,8 @@ async def test_a_template_the_sandbox_would_refuse_is_not_ready_and_never_publis
     assert condition["reason"] == "InvalidTemplate"
     assert "'cycler'" in condition["message"] and "'__class__'" in condition["message"], condition["message"]
     await asyncio.sleep(1)
-    assert ns not in svc.snapshot.bundles
+    bundle = svc.snapshot.bundles.get(ns)  # the tenant's empty bundle from the start, at most
+    assert bundle is None or bundle.agents == {}
 
 
 def test_a_new_object_reads_in_progress_until_the_operator_reports(control_plane: controlplane.ControlPlane) -> None:
@@ -631,3 +632,42 @@ def test_the_operator_exits_soon_after_sigterm_with_the_api_server_gone(nats_ser
         own.proc.wait()
         raise AssertionError("operator still running 10 s after SIGTERM:\n" + own.log.read_text()[-3000:]) from None
     assert own.proc.returncode == 0, own.log.read_text()[-3000:]  # a finished shutdown, not a cut-short one
+
+
+async def test_an_empty_tenant_has_an_empty_bundle_and_keeps_one_when_emptied(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    client_, svc = ingest
+    empty, used = cluster.namespaces
+    # Before any manifest: both namespaces are tenants with nothing in them, and ingest is ready.
+    for ns in (empty, used):
+        bundle = await eventually(lambda ns=ns: _bundle(svc, ns))
+        assert (bundle.agents, bundle.workflows, bundle.keys) == ({}, {}, {})
+    assert (await client_.get("/readyz")).status_code == 200
+
+    cluster.apply(used, manifests(EXAMPLES))
+    for doc in manifests(EXAMPLES):
+        cluster.wait_ready(used, doc["kind"], doc["metadata"]["name"])
+    full = await eventually(lambda: _bundle_with_agents(svc, used))
+    key = cluster.api_key(used, "clevertap")
+    assert await eventually(lambda: _status_is(client_, key, 201))
+
+    for doc in manifests(EXAMPLES):
+        cluster.delete(used, doc["kind"], doc["metadata"]["name"])
+
+    async def emptied():  # type: ignore[no-untyped-def]
+        b = await _bundle(svc, used)
+        return b if b is not None and b.version > full.version and not b.agents else None
+
+    now = await eventually(emptied)
+    assert now.keys == {}
+    assert await eventually(lambda: _status_is(client_, key, 401))
+
+    async def summarised():  # type: ignore[no-untyped-def]
+        data = cluster.core.read_namespaced_config_map("agent-studio-bundle", used).data or {}
+        return data.get("version") == str(now.version)
+
+    assert await eventually(summarised)  # the summary says the bundle in force is the empty one
+
+
+async def _bundle_with_agents(svc: IngestService, ns: str):  # type: ignore[no-untyped-def]
+    b = await _bundle(svc, ns)
+    return b if b is not None and b.agents else None

@@ -7,11 +7,14 @@ import asyncio
 
 import httpx
 import pytest
+import uvicorn
 import websockets
 from twilio.request_validator import RequestValidator
 from nats.js import JetStreamContext
 
-from agentstudio.natsserver import NatsServer
+from agentstudio.conversation.relay import relay_url
+from agentstudio.dialer import main as dialer_main
+from agentstudio.natsserver import NatsServer, free_port
 from scripted_model import Reply
 from voice_stack import LLM_KEY, TwilioRelay, voice_stack
 
@@ -197,3 +200,39 @@ async def test_malformed_frames_are_dropped_and_a_bad_setup_is_refused(
             await twilio.send(type="error", description="Invalid message received")
             await twilio.prompt("Hello?")
             assert await twilio.utterance() == "Still here."  # the session carried on
+
+
+async def test_a_stopping_dialer_says_not_ready_and_lets_live_conversations_finish(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    async with voice_stack(nats_server.url, js) as stack:
+        stack.model.script([Reply("Still here, go on."), Reply("Goodbye!", tool_calls=[("end_call", {})])])
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(dialer_main.relay_app(stack.runtime), host="127.0.0.1", port=port,
+                                               log_config=None, access_log=False))
+        stop = asyncio.Event()
+        serving = asyncio.create_task(dialer_main.serve_relay(server, stack.runtime, stop))
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            async with asyncio.timeout(10):
+                while not server.started:
+                    await asyncio.sleep(0.01)
+            assert (await http.get("/readyz")).status_code == 200
+            call, sid = await stack.answered_call()
+            async with TwilioRelay.connect(relay_url(base), call, sid) as twilio:
+                assert await twilio.utterance() == FIRST
+                stop.set()  # SIGTERM: a rollout replaces this dialer mid-call
+                async with asyncio.timeout(5):
+                    while (await http.get("/readyz")).status_code != 503:
+                        await asyncio.sleep(0.01)
+                # uvicorn looks at should_exit every 0.1 s: a server that would cut the call has by now.
+                await asyncio.sleep(0.5)
+                await twilio.prompt("Yes, sure.")
+                assert await twilio.utterance() == "Still here, go on."
+                assert not serving.done()
+                await twilio.prompt("That's all.")
+                assert await twilio.utterance() == "Goodbye!"
+                assert await twilio.end() == {"reason": "end_call"}
+        async with asyncio.timeout(10):
+            await serving  # the last conversation ended: the server stops
+        assert (await stack.closed_record(call.call_id)).end_reason == "end_call"

@@ -55,6 +55,10 @@ class VoiceRuntime:
         self.twilio_auth_token = twilio_auth_token  # when set, the upgrade must carry Twilio's signature
         self.public_base_url = public_base_url
         self.metrics = VoiceMetrics()
+        self.draining = False  # set when the dialer stops: /readyz then says 503 so no new calls come
+        self._live = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def open(self, tenant: str, call_id: str, provider_call_id: str, voice: Voice) -> Session:
         """A conversation for the call, or Refused."""
@@ -88,14 +92,25 @@ class VoiceRuntime:
         if await recorder.open() is None:
             raise Refused("the call already has a conversation")
         self.metrics.active.inc()
+        self._live += 1
+        self._idle.clear()
         log.info("conversation started", extra={"call_id": call_id, "tenant": tenant, "agent": conversation.agent.slug})
         return Session(conversation, recorder)
 
+    async def idle(self) -> None:
+        """Returns once no conversation is open (at once when none is)."""
+        await self._idle.wait()
+
     async def close(self, session: Session) -> None:
         """The call is gone: stop the conversation and write its final record."""
-        await session.conversation.hung_up()
-        self.metrics.active.dec()
-        self.metrics.ended.labels(session.conversation.end_reason or "unknown").inc()
-        await session.recorder.close()
+        try:
+            await session.conversation.hung_up()
+            self.metrics.active.dec()
+            self.metrics.ended.labels(session.conversation.end_reason or "unknown").inc()
+            await session.recorder.close()
+        finally:
+            self._live -= 1
+            if self._live == 0:
+                self._idle.set()
         log.info("conversation ended", extra={"call_id": session.recorder.call_id,
                                               "reason": session.conversation.end_reason})

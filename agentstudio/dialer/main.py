@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 
 from agentstudio import bus
@@ -110,11 +111,30 @@ def relay_app(runtime: VoiceRuntime) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        # Not ready while stopping: the Service stops sending relay connections here, while the
+        # conversations already open finish.
+        ready = not runtime.draining and runtime.bundles.loaded.is_set()
+        return JSONResponse({"status": "ready" if ready else "not ready", "draining": runtime.draining},
+                            status_code=200 if ready else 503)
+
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def serve_relay(server: uvicorn.Server, runtime: VoiceRuntime, stop: asyncio.Event) -> None:
+    """Serve the relay until `stop`, then until the last open conversation ends: a dialer being
+    replaced (a rollout, a scale-down) lets its live calls finish, within the pod's grace period."""
+    serving = asyncio.create_task(server.serve())
+    await stop.wait()
+    runtime.draining = True
+    await runtime.idle()
+    server.should_exit = True
+    await serving
 
 
 def mount_relay(app: FastAPI, runtime: VoiceRuntime) -> None:
@@ -132,7 +152,7 @@ async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple
 async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket) -> None:
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
-    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer")
+    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer", auth=settings.nats_auth())
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
@@ -142,19 +162,13 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                                                log_config=None, access_log=False))
         stale = timedelta(seconds=settings.stale_call_seconds)
 
-        async def serve() -> None:
-            serving = asyncio.create_task(server.serve())
-            await stop.wait()
-            server.should_exit = True  # open conversations end when their calls do
-            await serving
-
         try:
             await asyncio.gather(
                 dialer.run(stop),
                 dispatcher.run(stop),
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
                             settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),
-                serve(),
+                serve_relay(server, runtime, stop),
             )
         finally:
             await watcher.stop()

@@ -31,7 +31,8 @@ class IngestService:
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
-            self.settings.nats_url, "agentstudio-ingest", on_reconnect=self._resubscribe
+            self.settings.nats_url, "agentstudio-ingest", on_reconnect=self._resubscribe,
+            auth=self.settings.nats_auth(),
         )
         self._js = self.nc.jetstream(timeout=self.settings.publish_timeout_seconds)
         await bus.ensure_calls_stream(self._js)

@@ -12,6 +12,7 @@ import threading
 import kopf
 
 from agentstudio import bundle_store, bus
+from agentstudio.bundle import Bundle, compile_bundle
 from agentstudio.operator import handlers
 from agentstudio.operator.kube import Kube
 from agentstudio.operator.reconciler import Reconciler
@@ -27,12 +28,22 @@ PEERING_NAME = "agent-studio"
 SHUTDOWN_SECONDS = 8.0
 
 
+def empty_bundle(namespace: str) -> Bundle:
+    bundle = compile_bundle(namespace, [], {}).bundle
+    assert bundle is not None  # nothing to refuse in nothing
+    return bundle
+
+
 async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | None = None) -> None:
     """Serve `namespaces` (all namespaces when empty) until stopped: `stop` set, or SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
-    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator")
+    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator", auth=settings.nats_auth())
     try:
         kv = await bundle_store.buckets(nc.jetstream())
+        for namespace in namespaces:
+            # An empty tenant is a tenant: ingest is ready before any manifest is applied. Only where
+            # no bundle exists, so a standby replica never overwrites what the active one published.
+            await bundle_store.publish(kv, empty_bundle(namespace), replace=False)
         kube = Kube()
         memo = kopf.Memo()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns))

@@ -141,12 +141,9 @@ class Reconciler:
                 delay = min(max(delay * 2, 1.0), 30.0)
 
     async def reconcile(self, namespace: str, state: _Namespace) -> None:
+        # No resources left compiles to an empty bundle: the tenant stays known (its keys are gone,
+        # so every request gets 401) and ingest stays ready.
         bodies = [b for b in self._resources_of(namespace) if not b["metadata"].get("deletionTimestamp")]
-        if not bodies:
-            await bundle_store.remove(self._kv, namespace)
-            state.published.clear()
-            log.info("namespace has no resources: bundle removed", extra={"tenant": namespace})
-            return
         # Says Reconciling on the objects with an unreported generation while the compile runs.
         marking = asyncio.create_task(self._mark_reconciling(bodies))
         try:
