@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import base64
 import os
 import subprocess
 import sys
@@ -212,14 +213,30 @@ def test_secrets_are_referenced_never_written() -> None:
         assert env[f"AGENTSTUDIO_TWILIO_{var}"] == {
             "name": f"AGENTSTUDIO_TWILIO_{var}", "valueFrom": {"secretKeyRef": {"name": "twilio", "key": key}}}
     assert env["AGENTSTUDIO_PUBLIC_BASE_URL"]["value"] == "https://calls.example.org"
-    assert not [o for o in objects if o["kind"] == "Secret"]
+    # The only Secret the chart writes is the one it generates: the bundled NATS's password.
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == ["agent-studio-nats-auth"]
     external = {e["name"]: e for e in container(render_matrix("external-nats-secret"), "ingest")["env"]}
     assert external["AGENTSTUDIO_NATS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "nats-url", "key": "url"}}
 
 
+def test_the_bundled_nats_requires_the_release_password_every_role_holds() -> None:
+    objects = render_matrix("defaults")
+    secret = by_kind(objects, "Secret", "nats")
+    assert base64.b64decode(secret["data"]["user"]) == b"agentstudio" and len(base64.b64decode(secret["data"]["password"])) == 40
+    assert "authorization {\n  user: $NATS_USER\n  password: $NATS_PASSWORD\n}" in \
+        by_kind(objects, "ConfigMap", "nats")["data"]["nats.conf"]
+    ref = {"secretKeyRef": {"name": "agent-studio-nats-auth", "key": "password"}}
+    for role, var in (("operator", "AGENTSTUDIO_NATS_PASSWORD"), ("ingest", "AGENTSTUDIO_NATS_PASSWORD"),
+                      ("dialer", "AGENTSTUDIO_NATS_PASSWORD"), ("nats", "NATS_PASSWORD")):
+        assert {e["name"]: e for e in container(objects, role)["env"]}[var]["valueFrom"] == ref, role
+    external = render_matrix("external-nats-secret")
+    assert not [o for o in external if o["kind"] == "Secret"]
+    assert "AGENTSTUDIO_NATS_PASSWORD" not in {e["name"] for e in container(external, "ingest")["env"]}
+
+
 def test_each_role_gets_only_the_twilio_credentials_it_uses() -> None:
     objects = render_matrix("ingress-tls-twilio")
-    twilio = {role: sorted(e["name"] for e in container(objects, role)["env"] if "valueFrom" in e)
+    twilio = {role: sorted(e["name"] for e in container(objects, role)["env"] if "TWILIO" in e["name"] and "valueFrom" in e)
               for role in ("operator", "ingest", "dialer")}
     assert twilio == {
         "operator": [],  # it places no call and checks no signature
@@ -253,7 +270,8 @@ def test_the_nats_configuration_is_one_nats_server_accepts(name: str, tmp_path: 
     config = by_kind(render_matrix(name), "ConfigMap", "nats")["data"]["nats.conf"]
     (tmp_path / "nats.conf").write_text(config)
     proc = subprocess.run([natsserver.binary(), "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True,
-                          text=True, env={**os.environ, "SERVER_NAME": "agent-studio-nats-0"})
+                          text=True, env={**os.environ, "SERVER_NAME": "agent-studio-nats-0",
+                                                         "NATS_USER": "agentstudio", "NATS_PASSWORD": "p"})
     assert proc.returncode == 0, proc.stderr
     if name == "nats-cluster":
         assert "name: agent-studio" in config

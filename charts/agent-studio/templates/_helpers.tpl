@@ -102,6 +102,9 @@ imagePullSecrets:
 - name: AGENTSTUDIO_NATS_URL
   value: {{ include "agent-studio.natsUrl" . | quote }}
 {{- end }}
+{{- if .Values.nats.enabled }}
+{{- include "agent-studio.natsAuthEnv" (dict "root" . "prefix" "AGENTSTUDIO_") }}
+{{- end }}
 - name: AGENTSTUDIO_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: AGENTSTUDIO_TELEPHONY_PROVIDER
@@ -146,11 +149,29 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* The bundled NATS's user and password, by reference to the release's Secret: (dict "root" $
+"prefix" "AGENTSTUDIO_") for the roles, "" for nats-server (its config reads $NATS_USER). */}}
+{{- define "agent-studio.natsAuthEnv" -}}
+{{- range $var, $key := dict "NATS_USER" "user" "NATS_PASSWORD" "password" }}
+- name: {{ $.prefix }}{{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "agent-studio.fullname" $.root }}-nats-auth
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+
 {{/* nats.conf of the bundled NATS; its checksum rolls the servers when it changes. */}}
 {{- define "agent-studio.natsConfig" -}}
 server_name: $SERVER_NAME
 listen: 0.0.0.0:4222
 http: 0.0.0.0:8222
+# Only this release's pods hold the password (a Secret of the release): a pod of another tenant
+# reaching this server, where no CNI enforces the NetworkPolicy, cannot read or write anything.
+authorization {
+  user: $NATS_USER
+  password: $NATS_PASSWORD
+}
 jetstream {
   store_dir: /data
   max_file_store: {{ .Values.nats.persistence.size }}
