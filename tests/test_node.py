@@ -1,0 +1,141 @@
+"""The real single-node cluster the install tests run on (tests/node.py): it comes up inside a network
+namespace of the run's own, runs a locked-down pod under the restricted Pod Security profile, serves
+Services and cluster DNS, has no way out, and leaves nothing behind when stopped."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from node import DNS_SERVICE_IP, KUBELET_SYSCTLS, KUBERNETES_SERVICE_IP, NODE_NAME, Node, _sysctl
+
+
+def pause_pod(image: str, name: str, namespace: str, locked_down: bool = True) -> str:
+    """A pod of the pause image; locked down as the restricted profile asks, or not at all."""
+    container: dict[str, object] = {"name": "pause", "image": image, "imagePullPolicy": "Never",
+                                    "resources": {"limits": {"cpu": "10m", "memory": "16Mi"}}}
+    spec: dict[str, object] = {"automountServiceAccountToken": False, "containers": [container]}
+    if locked_down:
+        spec["securityContext"] = {"runAsNonRoot": True, "runAsUser": 65535, "seccompProfile": {"type": "RuntimeDefault"}}
+        container["securityContext"] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+                           "spec": spec})
+
+
+def host_links() -> list[str]:
+    return sorted(os.listdir("/sys/class/net"))
+
+
+HOST_DIRS = ("/run", "/var/lib", "/var/log")  # where kubelet, containerd and mount write by default
+
+
+def host_entries() -> dict[str, list[str]]:
+    return {d: sorted(os.listdir(d)) for d in HOST_DIRS}
+
+
+def host_mounts_under(folder: Path) -> list[str]:
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [m for m in mounts if str(folder) in m]
+
+
+def test_a_stopped_node_leaves_no_process_mount_cgroup_sysctl_or_file(tmp_path: Path) -> None:
+    """Runs first and alone (a node of its own), so the sysctls it saves are the host's own."""
+    sysctls = {name: _sysctl(name) for name in KUBELET_SYSCTLS}
+    links, entries = host_links(), host_entries()
+    run = tmp_path / "node"
+    node = Node(run).start()
+    try:
+        node.kubectl("apply", "-f", "-", input=pause_pod(node.pause_image, "sleeper", "default"))
+        node.wait_ready("pod", "sleeper", "default", timeout=90)
+        pids = node.pids()
+        in_pods = [p for p in pids if os.stat(f"/proc/{p}/ns/net").st_ino != node.netns]
+        assert in_pods, "the pod's processes (own network namespace) must be among the node's"
+        cgroups = [h / node.cgroup_root for h in node._hierarchies()]
+        assert all(c.is_dir() for c in cgroups)
+        assert any(_sysctl(n) != v for n, v in sysctls.items()), "the kubelet changed no sysctl: nothing is tested"
+        print(f"\nnode bring-up {node.timings['start']:.1f} s, processes {len(pids)}")
+    finally:
+        node.stop()
+    print(f"teardown {node.timings['stop']:.2f} s")
+    assert node.pids() == []  # nothing in its namespaces, nothing in its cgroups (containers)
+    assert host_mounts_under(run) == []
+    assert not any(c.exists() for c in cgroups)
+    assert {name: _sysctl(name) for name in KUBELET_SYSCTLS} == sysctls
+    assert host_links() == links
+    assert host_entries() == entries
+    assert not run.exists()
+
+
+def test_the_node_is_ready_inside_its_own_namespace(node: Node) -> None:
+    status = json.loads(node.kubectl("get", "node", NODE_NAME, "-o", "json"))["status"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    assert status["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    links = node.exec(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert "eth0" not in links and "agst0" in links  # the host's links are not there; ours are
+
+
+def test_a_locked_down_pod_runs_in_a_restricted_namespace(node: Node) -> None:
+    node.kubectl("create", "namespace", "locked")
+    node.kubectl("label", "namespace", "locked", "pod-security.kubernetes.io/enforce=restricted")
+    node.wait_ready("serviceaccount", "default", "locked", timeout=60)
+
+    refused = node.exec([node.bins["KUBECTL"], f"--kubeconfig={node.kubeconfig}", "apply", "-f", "-"],
+                        input=pause_pod(node.pause_image, "loose", "locked", locked_down=False),
+                        capture_output=True, text=True)
+    assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+
+    node.kubectl("apply", "-f", "-", input=pause_pod(node.pause_image, "pause", "locked"))
+    pod = node.wait_ready("pod", "pause", "locked", timeout=90)
+    assert pod["status"]["phase"] == "Running"
+    assert pod["status"]["podIP"].startswith("10.244.0.")
+
+
+def test_services_and_cluster_dns_answer_inside_the_namespace(node: Node) -> None:
+    """kube-proxy (Service IPs) and CoreDNS (names): the kubernetes Service, by name, over HTTPS."""
+    done = node.python(
+        "import socket, ssl, sys, httpx\n"
+        "address = socket.gethostbyname('kubernetes.default.svc.cluster.local')\n"
+        "ca = ssl.create_default_context(cafile=sys.argv[1])\n"
+        "reply = httpx.get(f'https://{address}/', verify=ca, timeout=5)\n"
+        "print(address, reply.status_code)\n",
+        str(node.directory / "certs" / "ca.crt"), timeout=30)
+    assert done.returncode == 0, done.stderr
+    address, code = done.stdout.split()
+    assert address == KUBERNETES_SERVICE_IP
+    assert code in ("401", "403")  # the API server itself answered an anonymous request
+    resolv = node.exec(["cat", "/etc/resolv.conf"], capture_output=True, text=True, check=True).stdout
+    assert f"nameserver {DNS_SERVICE_IP}" in resolv
+
+
+def test_nothing_leaves_the_namespace(node: Node) -> None:
+    """No default route: a connection to a public address fails at once, before sending anything."""
+    done = node.python(
+        "import socket, time\n"
+        "began = time.monotonic()\n"
+        "try:\n"
+        "    socket.create_connection(('1.1.1.1', 443), timeout=5)\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, time.monotonic() - began)\n", timeout=30)
+    assert done.returncode == 0, done.stderr
+    code, seconds = done.stdout.split()
+    assert int(code) == errno.ENETUNREACH and float(seconds) < 0.5
+    routes = node.exec(["ip", "route", "show", "table", "all"], capture_output=True, text=True, check=True).stdout
+    assert "default" not in routes, routes
+
+
+def test_node_memory_with_nothing_deployed(node: Node) -> None:
+    """Reports the node's resident memory (every process of it, containers included)."""
+    total = 0
+    for pid in node.pids():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    print(f"\nnode RSS {total / 1024:.0f} MiB")
+    assert 0 < total < 1024 * 1024, f"{total / 1024:.0f} MiB"  # ../shared/k8s-node.md measured ~690 MB
