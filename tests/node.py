@@ -256,7 +256,7 @@ class Node:
 
     def wait_ready(self, kind: str, name: str, namespace: str | None = None, timeout: float = 120) -> dict[str, Any]:
         """Like `kubectl wait --for=condition=…`, but waits for the object to exist too: Deployments
-        Available, Jobs Complete, StatefulSets all replicas ready, others with conditions Ready, and
+        Available, Jobs Complete, StatefulSets all replicas ready, claims Bound, others with conditions Ready, and
         objects without conditions (ServiceAccounts, ...) as soon as they exist."""
         deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None
@@ -515,7 +515,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "metricsBindAddress": f"127.0.0.1:{self.ports['proxy_metrics']}",
             # Leave conntrack's host-wide and netns settings alone (0: do not set).
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
-            "iptables": {"localhostNodePorts": False},
+            "iptables": {"localhostNodePorts": False}, "nodePortAddresses": ["primary"],
         }))
         # CoreDNS answers only cluster.local (and reverse lookups) from the API; no `forward`, so no
         # query leaves the node. It listens on a free port of the node address; the kube-dns Service
@@ -547,6 +547,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 f"--service-account-signing-key-file={certs / 'sa.key'}",
                 f"--kubelet-client-certificate={certs / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={certs / 'apiserver-kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",  # the node's name resolves nowhere
                 "--profiling=false"]
 
     def _bootstrap_objects(self) -> list[dict[str, Any]]:
@@ -640,6 +641,8 @@ def _ready(obj: dict[str, Any]) -> bool:
     if kind == "StatefulSet":
         want = (obj.get("spec") or {}).get("replicas", 1)
         return status.get("readyReplicas", 0) == want and status.get("updateRevision") == status.get("currentRevision")
+    if kind == "PersistentVolumeClaim":
+        return status.get("phase") == "Bound"
     conditions = status.get("conditions")
     if conditions is None:
         return kind not in ("Pod", "Node", "Deployment", "Job")

@@ -7,11 +7,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-from node import DNS_SERVICE_IP, KUBELET_SYSCTLS, KUBERNETES_SERVICE_IP, NODE_NAME, Node, _sysctl
+from node import DNS_SERVICE_IP, KUBELET_SYSCTLS, KUBERNETES_SERVICE_IP, NODE_IP, NODE_NAME, Node, _sysctl
 
 
 def pause_pod(image: str, name: str, namespace: str, locked_down: bool = True) -> str:
@@ -25,6 +27,14 @@ def pause_pod(image: str, name: str, namespace: str, locked_down: bool = True) -
                                         "capabilities": {"drop": ["ALL"]}}
     return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
                            "spec": spec})
+
+
+def in_pod_netns(node: Node, namespace: str, name: str, argv: list[str]) -> str:
+    """argv in the network namespace of a running pod (found by its UID in the node's cgroups)."""
+    uid = node.get("pod", name, namespace)["metadata"]["uid"]  # type: ignore[index]
+    pid = next(p for p in node.pids() if f"pod{uid}" in Path(f"/proc/{p}/cgroup").read_text())
+    return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def host_links() -> list[str]:
@@ -77,6 +87,7 @@ def test_the_node_is_ready_inside_its_own_namespace(node: Node) -> None:
     assert status["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     links = node.exec(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     assert "eth0" not in links and "agst0" in links  # the host's links are not there; ours are
+    assert "NAME" in node.helm("list", "--all-namespaces")  # helm talks to it
 
 
 def test_a_locked_down_pod_runs_in_a_restricted_namespace(node: Node) -> None:
@@ -93,6 +104,39 @@ def test_a_locked_down_pod_runs_in_a_restricted_namespace(node: Node) -> None:
     pod = node.wait_ready("pod", "pause", "locked", timeout=90)
     assert pod["status"]["phase"] == "Running"
     assert pod["status"]["podIP"].startswith("10.244.0.")
+    assert node.kubectl("logs", "pause", "-n", "locked") == ""  # the API server reaches the kubelet
+
+
+def test_a_pod_reaches_services_and_the_node_and_nothing_else(node: Node) -> None:
+    node.kubectl("apply", "-f", "-", input=pause_pod(node.pause_image, "routes", "default"))
+    node.wait_ready("pod", "routes", "default", timeout=90)
+    routes = in_pod_netns(node, "default", "routes", ["ip", "-4", "route", "show", "table", "all"])
+    assert "default" not in routes, routes
+    assert f"{NODE_IP} via" in routes and "10.96.0.0/24 via" in routes, routes
+    tried = in_pod_netns(node, "default", "routes", [sys.executable, "-c", (
+        "import errno, socket, sys\n"
+        "for host, port in [(sys.argv[1], 443), (sys.argv[2], 53), ('1.1.1.1', 443)]:\n"
+        "    try:\n"
+        "        socket.create_connection((host, port), timeout=5).close()\n"
+        "        print('connected')\n"
+        "    except OSError as exc:\n"
+        "        print(errno.errorcode.get(exc.errno, exc))\n"), KUBERNETES_SERVICE_IP, DNS_SERVICE_IP])
+    # the API server and CoreDNS (TCP) through their Service IPs; a public address is unroutable
+    assert tried.split() == ["connected", "connected", "ENETUNREACH"], tried
+
+
+def test_a_static_hostpath_volume_binds_to_its_claim(node: Node, tmp_path: Path) -> None:
+    """The test node has no provisioner: volumes are hostPath PVs the tests make (PV binder)."""
+    node.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "static-0"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "static",
+                  "hostPath": {"path": str(tmp_path), "type": "Directory"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data", "namespace": "default"},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "static",
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]))
+    node.wait_ready("pvc", "data", "default", timeout=60)
+    assert node.get("pvc", "data", "default")["spec"]["volumeName"] == "static-0"  # type: ignore[index]
 
 
 def test_services_and_cluster_dns_answer_inside_the_namespace(node: Node) -> None:
