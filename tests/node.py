@@ -222,6 +222,7 @@ class Node:
                  timeout: float = 120) -> str:
         done = self.exec(argv, input=input, capture_output=True, text=True, env=env, timeout=timeout)
         if done.returncode != 0:
+            self.check_running()  # a component that died is the story, with its own output
             raise RuntimeError(f"{' '.join(map(str, argv[:4]))} ... exited with {done.returncode}:\n"
                                f"{done.stderr[-4000:]}{done.stdout[-2000:]}")
         return done.stdout
@@ -294,7 +295,8 @@ class Node:
     def _start(self) -> None:
         self.bins = node_binaries()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.logs, ignore_errors=True)  # a reused folder: only this run's logs
+        self.logs.mkdir(parents=True)
         for sub in ("certs", "cni/net.d", "cni/ipam", "containerd", "kubelet", "pod-logs"):
             (self.directory / sub).mkdir(parents=True, exist_ok=True)
         self._host_state()
@@ -379,6 +381,7 @@ class Node:
         self.holder = Process(["unshare", "--net", "--mount", "--propagation", "private", "--",
                                "bash", "-c", HOLDER, "holder", self.directory, self.bins["PAUSE"]],
                               self.logs / "holder.log", name="node namespace holder")
+        Process.started.remove(self.holder)  # reported by the node itself, as its components are
         self._wait_until(lambda: (self.directory / "holder.ready").exists(), "the namespace holder", 20,
                          procs=[self.holder])
         self.netns = _ns_inode(self.holder.proc.pid, "net")
@@ -390,8 +393,11 @@ class Node:
             raise RuntimeError(f"the node's namespace shows links it did not make: {names}")
 
     def _spawn(self, name: str, argv: Sequence[Any], env: dict[str, str] | None = None) -> None:
-        self.procs.append(Process([*self._enter(), *map(str, argv)], self.logs / f"{name}.log",
-                                  env=env, name=f"node {name}"))
+        proc = Process([*self._enter(), *map(str, argv)], self.logs / f"{name}.log", env=env, name=f"node {name}")
+        # Not in every failing test's report for the rest of the session: the node reports a
+        # component that died whenever a test waits on it or a kubectl/helm call fails.
+        Process.started.remove(proc)
+        self.procs.append(proc)
 
     def _wait_until(self, check: Callable[[], bool], what: str, timeout: float,
                     procs: Sequence[Process] | None = None) -> None:
