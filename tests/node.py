@@ -7,6 +7,7 @@ can leave; torn down completely (processes, containers, mounts, cgroups, sysctls
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import secrets
@@ -19,7 +20,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +49,11 @@ CNI_PLUGINS = Path("/usr/lib/cni")
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
 CGROUPS = Path("/sys/fs/cgroup")
+# The sysctls are one set per machine while nodes may overlap (two test runs at once): the first node
+# to start saves them, the last to stop restores them. A run killed before stop() leaves the record,
+# and the next node restores what it says. The lock file stays (empty), as lock files do.
+HOST_RECORD = Path("/run/lock/agentstudio-node.json")
+HOST_LOCK = Path("/run/lock/agentstudio-node.lock")
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -158,6 +165,21 @@ def _ns_inode(pid: int | str, kind: str) -> int | None:
 
 def _sysctl(name: str) -> str:
     return Path("/proc/sys", name).read_text().strip()
+
+
+@contextmanager
+def _host_record() -> Iterator[dict[str, Any]]:
+    """The machine's record of running nodes and the sysctls they found, under an exclusive lock;
+    nodes whose namespace holder is gone are dropped from it."""
+    with open(HOST_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(HOST_RECORD.read_text()) if HOST_RECORD.exists() else {"sysctls": {}, "nodes": []}
+        record["nodes"] = [[pid, netns] for pid, netns in record["nodes"] if _ns_inode(pid, "net") == netns]
+        yield record
+        if record["nodes"]:
+            HOST_RECORD.write_text(json.dumps(record))
+        else:
+            HOST_RECORD.unlink(missing_ok=True)
 
 
 class Node:
@@ -358,8 +380,7 @@ class Node:
             "cluster DNS through the Service IP", 60)
 
     def _host_state(self) -> None:
-        """Save what the kubelet changes on the host; make the cgroup root it runs under."""
-        self.saved_sysctls = {name: _sysctl(name) for name in KUBELET_SYSCTLS}
+        """Make the cgroup root the kubelet runs under."""
         # Our own cgroup root (kubelet cgroupRoot) in every hierarchy: kubepods and every container
         # land under it, so a second node (another test run) never shares cgroups with this one,
         # and stop() removes exactly this subtree.
@@ -391,6 +412,10 @@ class Node:
         names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
         if names != sorted(["lo", NODE_BRIDGE]):
             raise RuntimeError(f"the node's namespace shows links it did not make: {names}")
+        with _host_record() as record:  # before the kubelet changes them
+            record["sysctls"] = record["sysctls"] or {name: _sysctl(name) for name in KUBELET_SYSCTLS}
+            record["nodes"].append([self.holder.proc.pid, self.netns])
+            self.saved_sysctls = record["sysctls"]
 
     def _spawn(self, name: str, argv: Sequence[Any], env: dict[str, str] | None = None) -> None:
         proc = Process([*self._enter(), *map(str, argv)], self.logs / f"{name}.log", env=env, name=f"node {name}")
@@ -610,6 +635,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         # nothing and costs time (measured: etcd 7 s after SIGTERM, kube-apiserver over 12 s).
         for proc in [*self.procs, *([self.holder] if self.holder else [])]:
             proc.kill()
+        problems: list[str] = []  # every step runs even when one fails; all are reported
         deadline = time.monotonic() + 20
         while pids := self.pids():
             for pid in pids:
@@ -618,22 +644,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 except ProcessLookupError:
                     pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node processes survive SIGKILL: {pids}")
+                problems.append(f"node processes survive SIGKILL: {pids}")
+                break
             time.sleep(0.05)
         for hierarchy in self._hierarchies():
             root = hierarchy / self.cgroup_root
-            if root.exists():
-                for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                    path.rmdir()
-                root.rmdir()
-        for name, value in self.saved_sysctls.items():
-            if _sysctl(name) != value:
-                Path("/proc/sys", name).write_text(value)
+            try:
+                if root.exists():
+                    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                        path.rmdir()
+                    root.rmdir()
+            except OSError as exc:
+                problems.append(f"cgroup {root}: {exc}")
+        with _host_record() as record:  # our holder is gone, so we are no longer in it
+            if not record["nodes"]:
+                for name, value in record["sysctls"].items():
+                    if _sysctl(name) != value:
+                        Path("/proc/sys", name).write_text(value)
         # The run folder goes too (containerd's unpacked images are hundreds of MB); a failure
         # already quoted the logs it needed.
         shutil.rmtree(self.directory, ignore_errors=True)
         self.procs.clear()
         self.timings["stop"] = time.monotonic() - began
+        if problems:
+            raise RuntimeError("the node's teardown left: " + "; ".join(problems))
 
     def __enter__(self) -> Node:
         return self.start()

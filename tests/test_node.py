@@ -56,32 +56,46 @@ def host_mounts_under(folder: Path) -> list[str]:
     return [m for m in mounts if str(folder) in m]
 
 
+def kubelets_sysctls_in_force() -> bool:
+    """The values the kubelet writes (pkg/kubelet/cm: overcommit 1, panic 10 s, panic on oops)."""
+    return (_sysctl("vm/overcommit_memory"), _sysctl("kernel/panic"), _sysctl("kernel/panic_on_oops")) == ("1", "10", "1")
+
+
 def test_a_stopped_node_leaves_no_process_mount_cgroup_sysctl_or_file(tmp_path: Path) -> None:
-    """Runs first and alone (a node of its own), so the sysctls it saves are the host's own."""
+    """Two nodes overlap, as two test runs on one machine may: stopping the first takes all of its
+    own and leaves the second working with the kubelet's sysctls; stopping the second leaves nothing."""
     sysctls = {name: _sysctl(name) for name in KUBELET_SYSCTLS}
     links, absent = host_links(), host_defaults_absent()
-    run = tmp_path / "node"
-    node = Node(run).start()
+    first, second = Node(tmp_path / "first"), Node(tmp_path / "second")
     try:
-        node.kubectl("apply", "-f", "-", input=pause_pod(node.pause_image, "sleeper", "default"))
-        node.wait_ready("pod", "sleeper", "default", timeout=90)
-        pids = node.pids()
-        in_pods = [p for p in pids if os.stat(f"/proc/{p}/ns/net").st_ino != node.netns]
+        first.start()
+        first.kubectl("apply", "-f", "-", input=pause_pod(first.pause_image, "sleeper", "default"))
+        first.wait_ready("pod", "sleeper", "default", timeout=90)
+        pids = first.pids()
+        in_pods = [p for p in pids if os.stat(f"/proc/{p}/ns/net").st_ino != first.netns]
         assert in_pods, "the pod's processes (own network namespace) must be among the node's"
-        cgroups = [h / node.cgroup_root for h in node._hierarchies()]
+        cgroups = [h / first.cgroup_root for h in first._hierarchies()]
         assert all(c.is_dir() for c in cgroups)
-        assert any(_sysctl(n) != v for n, v in sysctls.items()), "the kubelet changed no sysctl: nothing is tested"
-        print(f"\nnode bring-up {node.timings['start']:.1f} s, processes {len(pids)}")
+        assert kubelets_sysctls_in_force()  # so the restore below is tested
+        print(f"\nnode bring-up {first.timings['start']:.1f} s, processes {len(pids)}")
+        second.start()
     finally:
-        node.stop()
-    print(f"teardown {node.timings['stop']:.2f} s")
-    assert node.pids() == []  # nothing in its namespaces, nothing in its cgroups (containers)
-    assert host_mounts_under(run) == []
-    assert not any(c.exists() for c in cgroups)
+        first.stop()
+    try:
+        print(f"teardown {first.timings['stop']:.2f} s")
+        assert first.pids() == []  # nothing in its namespaces, nothing in its cgroups (containers)
+        assert host_mounts_under(first.directory) == []
+        assert not any(c.exists() for c in cgroups)
+        assert not first.directory.exists()
+        assert kubelets_sysctls_in_force(), "restored under the second node's kubelet"
+        second.wait_ready("node", NODE_NAME, timeout=30)
+    finally:
+        second.stop()
+    assert second.pids() == []
     assert {name: _sysctl(name) for name in KUBELET_SYSCTLS} == sysctls
     assert host_links() == links
     assert [p for p in absent if os.path.lexists(p)] == []
-    assert not run.exists()
+    assert not second.directory.exists() and host_mounts_under(tmp_path) == []
 
 
 def test_the_node_is_ready_inside_its_own_namespace(node: Node) -> None:
