@@ -29,11 +29,16 @@ def pause_pod(image: str, name: str, namespace: str, locked_down: bool = True) -
                            "spec": spec})
 
 
-def in_pod_netns(node: Node, namespace: str, name: str, argv: list[str]) -> str:
-    """argv in the network namespace of a running pod (found by its UID in the node's cgroups)."""
+def pod_netns(node: Node, namespace: str, name: str) -> str:
+    """The network namespace of a running pod (its processes found by the pod's UID in the node's cgroups)."""
     uid = node.get("pod", name, namespace)["metadata"]["uid"]  # type: ignore[index]
     pid = next(p for p in node.pids() if f"pod{uid}" in Path(f"/proc/{p}/cgroup").read_text())
-    return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv],
+    return f"/proc/{pid}/ns/net"
+
+
+def in_pod_netns(node: Node, namespace: str, name: str, argv: list[str]) -> str:
+    """argv in a pod's network namespace (the pause image has no tools of its own)."""
+    return subprocess.run(["nsenter", f"--net={pod_netns(node, namespace, name)}", "--", *argv],
                           capture_output=True, text=True, check=True, timeout=30).stdout
 
 
@@ -140,6 +145,47 @@ def test_a_pod_reaches_services_and_the_node_and_nothing_else(node: Node) -> Non
         "        print(errno.errorcode.get(exc.errno, exc))\n"), KUBERNETES_SERVICE_IP, DNS_SERVICE_IP])
     # the API server and CoreDNS (TCP) through their Service IPs; a public address is unroutable
     assert tried.split() == ["connected", "connected", "ENETUNREACH"], tried
+
+
+def test_a_pod_reaches_another_pod_and_itself_through_a_service(node: Node) -> None:
+    """Pod -> ClusterIP -> pod on the one bridge: what ingest -> NATS needs (bridge netfilter, forwarding)."""
+    node.kubectl("create", "namespace", "svc")
+    node.wait_ready("serviceaccount", "default", "svc", timeout=60)
+    for name in ("server", "client"):
+        node.kubectl("apply", "-f", "-", input=pause_pod(node.pause_image, name, "svc"))
+    server_ip = node.wait_ready("pod", "server", "svc", timeout=90)["status"]["podIP"]
+    node.wait_ready("pod", "client", "svc", timeout=90)
+    listener = subprocess.Popen(["nsenter", f"--net={pod_netns(node, 'svc', 'server')}", "--", sys.executable, "-c", (
+        "import socket\n"
+        "s = socket.create_server(('0.0.0.0', 0))\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.sendall(b'hello'); c.close()\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listener.stdout.readline())  # type: ignore[union-attr]
+        node.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "svc"},
+             "spec": {"ports": [{"port": 80, "targetPort": port}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "echo-1", "namespace": "svc", "labels": {"kubernetes.io/service-name": "echo"}},
+             "addressType": "IPv4", "endpoints": [{"addresses": [server_ip]}], "ports": [{"port": port}]},
+        ]))
+        cluster_ip = node.get("service", "echo", "svc")["spec"]["clusterIP"]  # type: ignore[index]
+        fetch = [sys.executable, "-c", (
+            "import socket, sys, time\n"
+            "deadline = time.monotonic() + 20\n"
+            "while True:\n"
+            "    try:\n"
+            "        with socket.create_connection((sys.argv[1], 80), timeout=2) as c:\n"
+            "            print(c.recv(5).decode()); break\n"
+            "    except OSError:\n"
+            "        if time.monotonic() > deadline: raise\n"
+            "        time.sleep(0.2)\n"), cluster_ip]
+        assert in_pod_netns(node, "svc", "client", fetch).strip() == "hello"
+        assert in_pod_netns(node, "svc", "server", fetch).strip() == "hello"  # hairpin
+    finally:
+        listener.kill()
+        listener.wait()
 
 
 def test_a_static_hostpath_volume_binds_to_its_claim(node: Node, tmp_path: Path) -> None:
