@@ -50,7 +50,7 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _certs(
+def write_certs(
     directory: Path,
     addresses: tuple[str, ...] = ("127.0.0.1",),
     names: tuple[str, ...] = ("localhost",),
@@ -128,7 +128,7 @@ class ControlPlane:
         bins = binaries()
         certs = self.directory / "certs"
         certs.mkdir(parents=True)
-        _certs(certs)
+        write_certs(certs)
         self.tokens = {"admin": secrets.token_hex(16), "operator": secrets.token_hex(16)}
         (self.directory / "tokens.csv").write_text(
             f'{self.tokens["admin"]},admin,admin,"system:masters"\n'

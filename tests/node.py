@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
-from controlplane import ROOT, _certs, binaries, write_kubeconfig
+from controlplane import ROOT, binaries, write_certs, write_kubeconfig
 from processes import Process
 
 T = TypeVar("T")
@@ -101,8 +101,8 @@ def node_binaries() -> dict[str, str]:
     missing += [str(CNI_PLUGINS / p) for p in ("bridge", "host-local", "loopback") if not (CNI_PLUGINS / p).exists()]
     if missing:
         raise RuntimeError(
-            f"the node needs {', '.join(missing)}: install the Debian packages containerd, runc, "
-            "containernetworking-plugins, iptables, conntrack, util-linux, iproute2 (as root)")
+            f"the node needs {', '.join(missing)}: scripts/setup-node-packages installs them (Debian "
+            "packages containerd, runc, containernetworking-plugins, iptables, conntrack; as root)")
     built = subprocess.run(["bash", str(ROOT / "scripts" / "build-node")], capture_output=True, text=True)
     if built.returncode != 0:
         raise RuntimeError(f"scripts/build-node failed:\n{built.stderr[-3000:]}")
@@ -461,7 +461,7 @@ class Node:
 
     def _write_configs(self) -> None:
         d, certs = self.directory, self.directory / "certs"
-        _certs(certs, addresses=(NODE_IP, KUBERNETES_SERVICE_IP, "127.0.0.1"),
+        write_certs(certs, addresses=(NODE_IP, KUBERNETES_SERVICE_IP, "127.0.0.1"),
                names=("kubernetes", "kubernetes.default", "kubernetes.default.svc",
                       "kubernetes.default.svc.cluster.local", "localhost"),
                clients=(("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),))
