@@ -22,6 +22,7 @@ from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import Located, load_dir, parse
 from agentstudio.natsserver import NatsServer
 from agentstudio.settings import Settings
+from node_fixtures import node  # noqa: F401 - the session's real single-node cluster
 from processes import pytest_runtest_makereport, pytest_runtest_setup  # noqa: F401 - hooks: failures show process output
 from twilio_mock import TwilioMock
 

@@ -50,8 +50,14 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _certs(directory: Path) -> None:
-    """CA, a serving certificate for 127.0.0.1 signed by it, and the service-account key pair."""
+def write_certs(
+    directory: Path,
+    addresses: tuple[str, ...] = ("127.0.0.1",),
+    names: tuple[str, ...] = ("localhost",),
+    clients: tuple[tuple[str, str, str], ...] = (),
+) -> None:
+    """CA, a serving certificate for `addresses`/`names` signed by it, the service-account key pair,
+    and a client certificate `<file>.crt`/`.key` (CN, O) per entry of `clients`."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-studio-test-ca")])
@@ -64,29 +70,51 @@ def _certs(directory: Path) -> None:
         .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    serving_key = _key()
-    serving = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name).public_key(serving_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
+
+    def signed(stem: str, subject: x509.Name, extension: x509.ExtensionType) -> None:
+        key = _key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(extension, critical=False)
+            .sign(ca_key, hashes.SHA256())
         )
-        .sign(ca_key, hashes.SHA256())
-    )
+        (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{stem}.key").write_bytes(_pem_key(key))
+
     (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "apiserver.crt").write_bytes(serving.public_bytes(serialization.Encoding.PEM))
-    (directory / "apiserver.key").write_bytes(_pem_key(serving_key))
+    signed(
+        "apiserver",
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+        x509.SubjectAlternativeName(
+            [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+        ),
+    )
+    for stem, common_name, organization in clients:
+        signed(
+            stem,
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)]),
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+        )
     sa_key = _key()
     (directory / "sa.key").write_bytes(_pem_key(sa_key))
     (directory / "sa.pub").write_bytes(
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> Path:
+    """A kubeconfig for one token identity (the file holds the token: it stays in the run's folder)."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "test", "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }))
+    return path
 
 
 @dataclass
@@ -100,7 +128,7 @@ class ControlPlane:
         bins = binaries()
         certs = self.directory / "certs"
         certs.mkdir(parents=True)
-        _certs(certs)
+        write_certs(certs)
         self.tokens = {"admin": secrets.token_hex(16), "operator": secrets.token_hex(16)}
         (self.directory / "tokens.csv").write_text(
             f'{self.tokens["admin"]},admin,admin,"system:masters"\n'
@@ -161,13 +189,7 @@ class ControlPlane:
     def kubeconfig(self, identity: str) -> Path:
         path = self.directory / f"{identity}.kubeconfig"
         if not path.exists():
-            path.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": identity,
-                "clusters": [{"name": "test", "cluster": {
-                    "server": self.url, "certificate-authority": str(self.directory / "certs" / "ca.crt")}}],
-                "users": [{"name": identity, "user": {"token": self.tokens[identity]}}],
-                "contexts": [{"name": identity, "context": {"cluster": "test", "user": identity}}],
-            }))
+            write_kubeconfig(path, self.url, self.directory / "certs" / "ca.crt", self.tokens[identity])
         return path
 
     def api(self, identity: str = "admin") -> client.ApiClient:

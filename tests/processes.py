@@ -39,9 +39,11 @@ class Process:
         env: dict[str, str] | None = None,
         read_stdout: bool = False,
         stdin: bool = False,
+        name: str | None = None,
     ) -> None:
         self.args = [str(a) for a in args]
-        self.name = " ".join([Path(self.args[0]).name, *self.args[1:2]])  # e.g. "agent-studio dialer"
+        # e.g. "agent-studio dialer"; a wrapped command (nsenter ... kubelet) names itself
+        self.name = name or " ".join([Path(self.args[0]).name, *self.args[1:2]])
         self.log = log
         self.stdout: list[str] = []  # every stdout line read so far (read_stdout)
         self.lines: queue.Queue[str | None] = queue.Queue()  # the same lines, for the test to take
