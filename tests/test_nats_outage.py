@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.errors import Error as NatsError
+
 from agentstudio import bus
+from agentstudio.dialer import main as dialer_main
 from agentstudio.natsserver import NatsServer
+from agentstudio.settings import Settings
 from conftest import SEED_BODY, Tenant, example_resources, ingest_client, wait_for_bundle
 
 
@@ -67,5 +71,48 @@ async def test_outage_gives_503_and_loses_nothing_acknowledged(tmp_path) -> None
             assert msg.data
         assert len(accepted) >= 30
     finally:
+        await admin.close()
+        server.stop()
+
+
+async def test_a_simulated_call_in_progress_outlives_a_nats_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A call being played when NATS restarts (a NATS pod rescheduled) still reports its end: its
+    transitions wait for NATS instead of being dropped, which left it in_progress for hours."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    admin = await bus.connect(server.url, "test-admin")
+    tenant = Tenant("restart", admin.jetstream(), example_resources())
+    bundle = await tenant.publish()
+    nc = await bus.connect(server.url, "test-dialer")
+    stop = asyncio.Event()
+    try:
+        dialer = await dialer_main.build(nc, Settings(nats_url=server.url))
+        running = asyncio.create_task(dialer.run(stop))
+        async with ingest_client(server.url) as (client, svc):
+            await wait_for_bundle(svc, tenant.name, bundle.version)
+            body = {**SEED_BODY, "metadata": {"simulate_duration_seconds": 2}}
+            resp = await client.post("/api/v1/webhooks/ingest", json=body, headers=tenant.auth("clevertap"))
+            call_id = resp.json()["call_id"]
+            store = dialer.tracker.store
+            async with asyncio.timeout(10):
+                while (state := await store.get(tenant.name, call_id)) is None or state.status != "in_progress":
+                    await asyncio.sleep(0.05)
+            server.stop(kill=True)
+            await asyncio.sleep(3)  # the call ends while NATS is away
+            server.start()
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        state = await store.get(tenant.name, call_id)
+                    except (NatsError, TimeoutError):
+                        state = None
+                    if state is not None and state.status == "completed":
+                        break
+                    await asyncio.sleep(0.2)
+            assert state.duration_seconds == 2
+        stop.set()
+        await running
+    finally:
+        await nc.close()
         await admin.close()
         server.stop()

@@ -9,9 +9,10 @@ import uuid
 from datetime import datetime, timedelta
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
+import nats.errors
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
@@ -29,6 +30,8 @@ from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS
 log = logging.getLogger("agentstudio.dialer")
 
 STATUS_EVENTS = ["initiated", "ringing", "answered", "completed"]
+# How long a simulated call's transition waits for NATS to come back before it is given up.
+RECORD_RETRY_SECONDS = 300.0
 
 
 class ProviderError(Exception):
@@ -110,7 +113,7 @@ class SimulatedProvider:
         outcome = str(call.metadata.get("simulate_outcome") or "completed")
         given = call.metadata.get("simulate_duration_seconds")
         duration = 2.0 if given in (None, "") else float(given)
-        t, tenant, cid = self._tracker, call.tenant, call.call_id
+        t, tenant, cid = _Persistent(self._tracker), call.tenant, call.call_id
         callee = self._callees(call) if self._callees is not None else None
         try:
             await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
@@ -132,6 +135,28 @@ class SimulatedProvider:
                 await t.advance(tenant, cid, "completed", duration_seconds=int(round(duration)))
         except Exception:  # noqa: BLE001 - a simulated call must not take the dialer down
             log.exception("simulated call failed", extra={"call_id": cid, "tenant": tenant})
+
+
+class _Persistent:
+    """A tracker whose transitions wait out a NATS restart (a NATS pod rescheduled, a leader moved):
+    the simulated provider is the only one that knows its calls' progress, and a transition lost
+    would leave the call unfinished for hours. Retried for RECORD_RETRY_SECONDS, then given up."""
+
+    def __init__(self, tracker: CallTracker) -> None:
+        self._tracker = tracker
+
+    async def advance(self, tenant: str, call_id: str, status: CallStatus, **kw: Any) -> None:
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + RECORD_RETRY_SECONDS, 0.2
+        while True:
+            try:
+                await self._tracker.advance(tenant, call_id, status, **kw)
+                return
+            except (nats.errors.Error, asyncio.TimeoutError):
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 class TwilioProvider:
