@@ -1,0 +1,106 @@
+"""Jurisdiction presets (shipped as data in presets.yaml, each citing its source), which one applies to
+a callee's number, and resolving a policy's choice of preset and its overrides into the rules to apply."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Literal
+
+import phonenumbers
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic.alias_generators import to_camel
+
+from .hours import WeeklyHours
+
+AUTO = "auto"
+NONE = "none"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+class FrequencyCap(_Model):
+    """At most `count` placed calls to one number per `window_seconds`."""
+
+    count: PositiveInt
+    window_seconds: PositiveInt
+
+
+class Preset(_Model):
+    """A jurisdiction's rules as shipped: where it applies, its hours, its cap, its source."""
+
+    source: str = Field(min_length=1)
+    countries: tuple[str, ...] = Field(min_length=1)
+    area_codes: tuple[int, ...] = ()
+    hours: WeeklyHours
+    cap: FrequencyCap | None = None
+
+
+@functools.cache
+def presets() -> dict[str, Preset]:
+    """The shipped presets by name."""
+    text = resources.files(__package__).joinpath("presets.yaml").read_text(encoding="utf-8")
+    return TypeAdapter(dict[str, Preset]).validate_python(yaml.safe_load(text))
+
+
+def preset_for(number: str) -> str | None:
+    """The preset that applies to a callee's number: by its country, and for the US by the area code
+    a state's law presumes residence by (else US federal); None when no preset covers the country."""
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException:
+        return None
+    country = phonenumbers.region_code_for_number(parsed)
+    national = str(parsed.national_number)
+    area_code = int(national[:3]) if parsed.country_code == 1 and len(national) == 10 else None
+    by_country = None
+    for name, preset in presets().items():
+        if country not in preset.countries:
+            continue
+        if not preset.area_codes:
+            by_country = by_country or name
+        elif area_code in preset.area_codes:
+            return name
+    return by_country
+
+
+class CallingRules(_Model):
+    """What a policy says about calling hours: a preset by name, `auto` (the one for the callee's
+    number) or `none`, and overrides: its own `hours` replace the preset's, its own `cap` the preset's."""
+
+    preset: str = AUTO
+    hours: WeeklyHours | None = None
+    cap: FrequencyCap | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        if name not in (AUTO, NONE) and name not in presets():
+            raise ValueError(f"{name!r} is not a preset: one of {AUTO}, {NONE}, {', '.join(presets())}")
+        return name
+
+
+class Resolved(_Model):
+    """The rules for one call: `hours` None means no calling-hours restriction, `cap` None no cap."""
+
+    preset: str | None
+    hours: WeeklyHours | None
+    cap: FrequencyCap | None
+    hours_from: Literal["policy", "preset", "none"]
+
+
+def resolve(rules: CallingRules, number: str) -> Resolved:
+    """The hours and cap that apply to calling `number` under `rules`."""
+    name = preset_for(number) if rules.preset == AUTO else None if rules.preset == NONE else rules.preset
+    preset = presets()[name] if name else None
+    if rules.hours is not None:
+        hours, hours_from = rules.hours, "policy"
+    elif preset is not None:
+        hours, hours_from = preset.hours, "preset"
+    else:
+        hours, hours_from = None, "none"
+    cap = rules.cap if rules.cap is not None else preset.cap if preset else None
+    return Resolved(preset=name, hours=hours, cap=cap, hours_from=hours_from)
