@@ -63,7 +63,7 @@ quarter = st.integers(0, 95).map(lambda q: f"{q // 4:02d}:{q % 4 * 15:02d}")
 ranges = st.tuples(quarter, quarter).filter(lambda r: r[0] != r[1]).map(lambda r: f"{r[0]}-{r[1]}")
 weekly = st.builds(
     lambda days: WeeklyHours(**days),
-    st.fixed_dictionaries({}, optional={d: st.lists(ranges, max_size=3) for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}),
+    st.fixed_dictionaries({}, optional={day: st.lists(ranges, max_size=3) for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}),
 )
 # Instants around the 2026 DST changes of New York (Mar 8, Nov 1), Paris (Mar 29, Oct 25) and
 # Sydney (Apr 5, Oct 4), and anywhere in the year, to the second.
@@ -84,6 +84,34 @@ def test_next_opening_is_the_first_open_instant(hours: WeeklyHours, number: str,
     if found is not None and found > at:
         assert is_open(hours, number, found)
         assert not is_open(hours, number, found - timedelta(seconds=1))
+
+
+# Ranges that start or end in the small hours, where the changes happen, on the days they happen.
+small_hours = st.integers(0, 16).map(lambda q: f"{q // 4:02d}:{q % 4 * 15:02d}")
+# Either end in the small hours: (start, end) and (end, start).
+night_ranges = st.tuples(st.one_of(small_hours, quarter), small_hours, st.booleans()).filter(lambda r: r[0] != r[1]).map(
+    lambda r: f"{r[0]}-{r[1]}" if r[2] else f"{r[1]}-{r[0]}"
+)
+night_weekly = st.builds(lambda r: every_day(*r), st.lists(night_ranges, min_size=1, max_size=2))
+# The 2026 changes themselves (UTC), and their zone.
+CHANGES = [
+    ("America/New_York", utc(2026, 3, 8, 7)), ("America/New_York", utc(2026, 11, 1, 6)),
+    ("Europe/Paris", utc(2026, 3, 29, 1)), ("Europe/Paris", utc(2026, 10, 25, 1)),
+    ("Australia/Sydney", utc(2026, 4, 4, 16)), ("Australia/Sydney", utc(2026, 10, 3, 16)),
+]
+near_a_change = st.builds(
+    lambda change, s: (change[0], change[1] + timedelta(seconds=s)),
+    st.sampled_from(CHANGES), st.integers(-3 * 3600, 3 * 3600),
+)
+
+
+@settings(PROPERTY, max_examples=200)
+@given(hours=night_weekly, zone_at=near_a_change)
+def test_next_opening_across_dst_changes(hours: WeeklyHours, zone_at: tuple[str, datetime]) -> None:
+    zone, at = zone_at
+    hours = hours.model_copy(update={"default_zone": zone})
+    found = next_opening(hours, UNKNOWN_ZONE, at, horizon=timedelta(days=3))
+    assert found == brute_next_opening(hours, UNKNOWN_ZONE, at, timedelta(days=3))
 
 
 @PROPERTY
