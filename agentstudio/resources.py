@@ -52,8 +52,8 @@ FreeObject = Annotated[
     Field(json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 
-SCOPES = ("calls:create", "calls:read", "webhooks:manage")
-Scope = Literal["calls:create", "calls:read", "webhooks:manage"]
+SCOPES = ("calls:create", "calls:read", "webhooks:manage", "dnc:manage")
+Scope = Literal["calls:create", "calls:read", "webhooks:manage", "dnc:manage"]
 EVENT_TYPES = (
     "call.answered",
     "call.completed",
@@ -307,9 +307,10 @@ class ApiKeySpec(Model):
         list[Scope],
         Field(
             min_length=1,
-            max_length=3,
+            max_length=len(SCOPES),
             description="calls:create to trigger calls, calls:read to read them and export them, "
-            "webhooks:manage to list and replay dead-lettered webhook deliveries.",
+            "webhooks:manage to list and replay dead-lettered webhook deliveries, dnc:manage to change "
+            "the do-not-call list (checking a number needs dnc:manage or calls:read).",
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
     ]

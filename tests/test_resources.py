@@ -88,7 +88,7 @@ def test_crd_schemas_carry_patterns_enums_and_cross_field_rules() -> None:
     action = spec("agents")["properties"]["tools"]["items"]["properties"]["action"]
     assert action["properties"]["type"]["enum"] == ["api_call", "capture", "end_call", "handoff", "transfer"]
     assert any("has(self.url)" in rule["rule"] for rule in action["x-kubernetes-validations"])
-    assert spec("apikeys")["properties"]["scopes"]["items"]["enum"] == ["calls:create", "calls:read", "webhooks:manage"]
+    assert spec("apikeys")["properties"]["scopes"]["items"]["enum"] == ["calls:create", "calls:read", "webhooks:manage", "dnc:manage"]
     assert "call.*" in spec("webhooksubscriptions")["properties"]["events"]["items"]["enum"]
     assert spec("workflows")["required"] == ["entryAgent"]
 

@@ -1,0 +1,153 @@
+"""The do-not-call list on a real nats-server: the API (add, check, remove, CSV import, scopes)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from nats.js import JetStreamContext
+
+from agentstudio.natsserver import NatsServer
+from conftest import Tenant, docs, ingest_client, wait_for_bundle
+
+MANIFESTS = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: a}
+spec: {prompt: "Hello"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: manager}
+spec: {scopes: ["dnc:manage"], rateLimitPerMinute: 100000}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: reader}
+spec: {scopes: ["calls:read"], rateLimitPerMinute: 100000}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: creator}
+spec: {scopes: ["calls:create"], rateLimitPerMinute: 100000}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: test}
+spec: {scopes: ["calls:create", "calls:read", "webhooks:manage", "dnc:manage"], mode: test, rateLimitPerMinute: 100000}
+"""
+DNC = "/api/v1/do-not-call"
+
+
+async def _tenant(js: JetStreamContext) -> Tenant:
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    await t.publish()
+    return t
+
+
+@pytest.fixture
+async def tenant(js: JetStreamContext) -> Tenant:
+    return await _tenant(js)
+
+
+@pytest.fixture
+async def api(nats_server: NatsServer, tenant: Tenant) -> AsyncIterator[httpx.AsyncClient]:
+    async with ingest_client(nats_server.url, dnc_import_max_bytes=4096) as (client, svc):
+        assert tenant.bundle is not None
+        await wait_for_bundle(svc, tenant.name, tenant.bundle.version)
+        yield client
+
+
+async def test_a_number_is_added_checked_and_removed_with_the_right_scopes(
+    api: httpx.AsyncClient, tenant: Tenant, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    t = tenant
+    added = await api.post(DNC, headers=t.auth("manager"),
+                           json={"phone_number": "+1 (415) 555-2671", "reason": "asked by email"})
+    assert added.status_code == 201, added.text
+    listing = added.json()
+    assert listing["phone_number"] == "+14155552671" and listing["source"] == "api"
+    assert listing["reason"] == "asked by email" and listing["added_at"]
+    again = await api.post(DNC, headers=t.auth("manager"), json={"phone_number": "+14155552671"})
+    assert again.status_code == 200 and again.json() == listing  # the first listing is kept
+
+    # A check is allowed with dnc:manage or calls:read; a change only with dnc:manage.
+    for key in ("manager", "reader"):
+        seen = await api.get(f"{DNC}/+14155552671", headers=t.auth(key))
+        assert seen.status_code == 200 and seen.json() == listing
+    assert (await api.get(f"{DNC}/%2B14155552671", headers=t.auth("reader"))).status_code == 200
+    assert (await api.get(f"{DNC}/+14155552671", headers=t.auth("creator"))).status_code == 403
+    for refused in (api.post(DNC, headers=t.auth("reader"), json={"phone_number": "+14155552672"}),
+                    api.delete(f"{DNC}/+14155552671", headers=t.auth("reader")),
+                    api.post(f"{DNC}/import", headers={**t.auth("reader"), "Content-Type": "text/csv"},
+                             content="+14155552672\n")):
+        response = await refused
+        assert response.status_code == 403 and "dnc:manage" in response.json()["error"]["message"]
+    assert (await api.get(f"{DNC}/+14155552672", headers=t.auth("reader"))).status_code == 404
+
+    # Another tenant's list is its own.
+    other = await _tenant(js)
+    async with ingest_client(nats_server.url) as (client, svc):
+        assert other.bundle is not None
+        await wait_for_bundle(svc, other.name, other.bundle.version)
+        assert (await client.get(f"{DNC}/+14155552671", headers=other.auth("manager"))).status_code == 404
+
+    # Bad numbers are a 400 naming the field.
+    bad = await api.post(DNC, headers=t.auth("manager"), json={"phone_number": "$Phone"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "phone_number"
+    assert bad.json()["error"]["code"] == "invalid_phone_number"
+    bad = await api.get(f"{DNC}/4155552671", headers=t.auth("manager"))
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "phone_number"
+
+    removed = await api.delete(f"{DNC}/+14155552671", headers=t.auth("manager"))
+    assert removed.status_code == 204
+    assert (await api.get(f"{DNC}/+14155552671", headers=t.auth("manager"))).status_code == 404
+    assert (await api.delete(f"{DNC}/+14155552671", headers=t.auth("manager"))).status_code == 404
+    # Listed again after a removal: a new listing.
+    assert (await api.post(DNC, headers=t.auth("manager"), json={"phone_number": "+14155552671"})).status_code == 201
+
+
+async def test_a_csv_import_lists_the_valid_numbers_and_names_the_bad_lines(
+    api: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    t = tenant
+    csv_headers = {**t.auth("manager"), "Content-Type": "text/csv"}
+    body = (
+        "\ufeffname,phone_number,plan\r\n"  # a spreadsheet's BOM and CRLF
+        "Ann,+14155552671,premium\r\n"
+        "Ravi,+91 98765 43210,basic\r\n"
+        "\r\n"
+        "Bob,not a number,basic\r\n"
+        "Eve,,basic\r\n"
+        "Ann again,+14155552671,premium\r\n"
+        "Max,+33612345678"  # no final newline
+    )
+    report = await api.post(f"{DNC}/import", headers=csv_headers, content=body)
+    assert report.status_code == 200, report.text
+    got = report.json()
+    assert (got["added"], got["already_listed"], got["invalid"]) == (3, 1, 2)
+    assert [(e["line"], e["message"].split(":")[0]) for e in got["errors"]] == [
+        (5, "invalid phone number"), (6, "no phone_number on this line")]
+    for number in ("+14155552671", "+919876543210", "+33612345678"):
+        seen = await api.get(f"{DNC}/{number}", headers=t.auth("manager"))
+        assert seen.status_code == 200 and seen.json()["source"] == "import"
+
+    # One number per line, without a header; importing it twice changes nothing the second time.
+    plain = "+447911123456\n+61412345678\n+14155552671\n12345\n+1415,extra\n"
+    first = (await api.post(f"{DNC}/import", headers=csv_headers, content=plain)).json()
+    assert (first["added"], first["already_listed"], first["invalid"]) == (2, 1, 2)
+    assert [e["line"] for e in first["errors"]] == [4, 5]
+    second = (await api.post(f"{DNC}/import", headers=csv_headers, content=plain)).json()
+    assert (second["added"], second["already_listed"], second["invalid"]) == (0, 3, 2)
+
+    # The body is bounded (4096 bytes here) also when it is streamed without a Content-Length.
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(400):
+            yield b"+14155550100\n"
+
+    too_big = await api.post(f"{DNC}/import", headers=csv_headers, content=chunks())
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+    wrong_type = await api.post(f"{DNC}/import", headers=t.auth("manager"), json=["+14155552671"])
+    assert wrong_type.status_code == 415
