@@ -1,4 +1,5 @@
-"""The do-not-call list on a real nats-server: the API (add, check, remove, CSV import, scopes)."""
+"""The do-not-call list on a real nats-server: the API (add, check, remove, CSV import, scopes), ingest
+refusing a listed number, and the dialer not dialing a number listed after its call was queued."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from nats.js import JetStreamContext
 
 from agentstudio.natsserver import NatsServer
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from test_dialer import dialers, events_of, queue_call, until_status
 
 MANIFESTS = """
 apiVersion: agentstudio.io/v1alpha1
@@ -151,3 +153,35 @@ async def test_a_csv_import_lists_the_valid_numbers_and_names_the_bad_lines(
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
     wrong_type = await api.post(f"{DNC}/import", headers=t.auth("manager"), json=["+14155552671"])
     assert wrong_type.status_code == 415
+
+
+async def test_ingest_refuses_a_listed_number_with_a_final_409(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    t = tenant
+    assert (await api.post(DNC, headers=t.auth("manager"), json={"phone_number": "+14155552671"})).status_code == 201
+    refused = await api.post("/api/v1/webhooks/ingest", headers=t.auth("test"),
+                             json={"agent_slug": "a", "phone_number": "+1 415 555 2671"})
+    assert refused.status_code == 409
+    assert refused.json()["error"] == {"code": "do_not_call", "field": "phone_number",
+                                       "message": "phone_number is on the do-not-call list; no call was queued"}
+    page = (await api.get("/api/v1/calls", headers=t.auth("test"))).json()
+    assert page["data"] == []  # nothing was queued
+    # Another number of the same tenant is queued as before.
+    await queue_call(api, t, phone_number="+14155552672")
+
+
+async def test_a_number_listed_after_its_call_was_queued_is_never_dialed(
+    api: httpx.AsyncClient, tenant: Tenant, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    t = tenant
+    listed_later = await queue_call(api, t, phone_number="+14155552673")
+    other = await queue_call(api, t, phone_number="+14155552674")
+    assert (await api.post(DNC, headers=t.auth("manager"), json={"phone_number": "+14155552673"})).status_code == 201
+    async with dialers(nats_server.url) as (dialer,):
+        record = await until_status(api, t, listed_later, "canceled")
+        await until_status(api, t, other, "completed")
+    placed: list[str] = dialer.simulated.placed  # type: ignore[attr-defined]
+    assert listed_later not in placed and other in placed
+    assert record["error"]["code"] == "do_not_call" and record["end_reason"] == "do_not_call"
+    assert [e["status"] for e in record["events"]] == ["pending", "canceled"]
+    [event] = await events_of(js, t, listed_later)
+    assert event["type"] == "call.canceled" and event["data"]["end_reason"] == "do_not_call"

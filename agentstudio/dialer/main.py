@@ -20,6 +20,7 @@ from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
 from agentstudio.resources import AgentSpec
@@ -54,7 +55,8 @@ async def build(
         live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
                               settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
-    return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
+    dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
+    return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce)
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
