@@ -145,11 +145,12 @@ class ToolAction(Model):
     )
 
     type: Annotated[
-        Literal["api_call", "capture", "end_call", "handoff", "transfer"],
+        Literal["api_call", "capture", "end_call", "handoff", "transfer", "opt_out"],
         Field(
             description="api_call: send an HTTP request; capture: store the arguments in the call "
             "record; end_call: hang up after the last words; handoff: pass the call to another agent "
-            "of the workflow; transfer: connect the callee to a human number."
+            "of the workflow; transfer: connect the callee to a human number; opt_out: put the "
+            "callee's number on the tenant's do-not-call list (the conversation goes on to a polite end)."
         ),
     ]
     method: Annotated[

@@ -1,18 +1,24 @@
 """The do-not-call list on a real nats-server: the API (add, check, remove, CSV import, scopes), ingest
-refusing a listed number, and the dialer not dialing a number listed after its call was queued."""
+refusing a listed number, the dialer not dialing a number listed after its call was queued, and the
+agent's opt_out tool listing the callee during a relay conversation."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from nats.js import JetStreamContext
 
+from agentstudio import bus
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.natsserver import NatsServer
-from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from conftest import SEED_BODY, Tenant, docs, ingest_client, wait_for_bundle
+from scripted_model import Reply
 from test_dialer import dialers, events_of, queue_call, until_status
+from voice_stack import TwilioRelay, example_manifests, voice_stack
 
 MANIFESTS = """
 apiVersion: agentstudio.io/v1alpha1
@@ -185,3 +191,46 @@ async def test_a_number_listed_after_its_call_was_queued_is_never_dialed(
     assert [e["status"] for e in record["events"]] == ["pending", "canceled"]
     [event] = await events_of(js, t, listed_later)
     assert event["type"] == "call.canceled" and event["data"]["end_reason"] == "do_not_call"
+
+
+class _Placeholders:
+    """Stands in for the HTTP target: voice_stack puts its real URL where TARGET_URL is."""
+
+    def url(self, path: str) -> str:
+        return "TARGET_URL" + path
+
+
+OPT_OUT_TOOL: dict[str, Any] = {
+    "name": "opt_out",
+    "description": "The callee asks never to be called again.",
+    "parameters": {"type": "object", "properties": {"reason": {"type": "string"}}},
+    "action": {"type": "opt_out"},
+}
+
+
+async def test_the_opt_out_tool_lists_the_callee_and_the_call_ends_politely(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    manifests = example_manifests("MODEL_URL", _Placeholders())  # type: ignore[arg-type]
+    for doc in manifests:
+        if doc["kind"] == "Agent":
+            doc["spec"]["tools"].append(OPT_OUT_TOOL)
+    async with voice_stack(nats_server.url, js, manifests) as stack:
+        stack.model.script([
+            Reply(tool_calls=[("opt_out", {"reason": "asked not to be called again"})]),
+            Reply("Understood, we won't call you again. Goodbye!", tool_calls=[("end_call", {})]),
+        ])
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            await twilio.utterance()
+            await twilio.prompt("Please don't call me again.")
+            assert await twilio.utterance() == "Understood, we won't call you again. Goodbye!"
+            assert await twilio.end() == {"reason": "end_call"}
+        record = await stack.closed_record(call.call_id)
+        listing = await DoNotCall(await bus.dnc_bucket(stack.js)).get(stack.tenant.name, SEED_BODY["phone_number"])
+    assert listing is not None
+    assert listing.source == "opt_out" and listing.reason == "asked not to be called again"
+    [tool] = [t for t in record.transcript if t["kind"] == "tool" and t["tool"] == "opt_out"]
+    assert "error" not in tool and "do-not-call" in tool["result"]
+    assert "do-not-call list" in stack.model.requests[1]["messages"][-1]["content"]  # the model was told
+    assert record.end_reason == "end_call"

@@ -98,7 +98,8 @@ async def voice(
     observer: Callable[[str, Turn], None] | None = None,
 ) -> VoiceRuntime:
     """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
-    tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets)
+    tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets,
+                  DoNotCall(await bus.dnc_bucket(nc.jetstream())))
     limits = Limits(speech_chars_per_second=settings.speech_chars_per_second, max_call_seconds=settings.max_call_seconds)
     return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer,
                         twilio_auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url)
