@@ -53,20 +53,27 @@ class DoNotCall:
         """List `number` (E.164): (its listing, whether it is new). A number already listed keeps
         its first listing, so when and why it was first added is never overwritten."""
         listing = Listing(phone_number=number, added_at=now(), source=source, reason=reason)
-        try:
-            await self._kv.create(self.key(tenant, number), listing.model_dump_json().encode())
-        except KeyWrongLastSequenceError:
-            return await self.get(tenant, number) or listing, False
-        return listing, True
+        if await self._create(tenant, listing):
+            return listing, True
+        return await self.get(tenant, number) or listing, False
 
     async def add_many(self, tenant: str, numbers: Iterable[str], source: Source) -> int:
         """List every number; how many were not listed before."""
         added = 0
         pending = list(numbers)
         for start in range(0, len(pending), _BATCH):
-            results = await asyncio.gather(*(self.add(tenant, n, source) for n in pending[start:start + _BATCH]))
-            added += sum(new for _, new in results)
+            created = await asyncio.gather(*(self._create(tenant, Listing(phone_number=n, added_at=now(), source=source))
+                                             for n in pending[start:start + _BATCH]))
+            added += sum(created)
         return added
+
+    async def _create(self, tenant: str, listing: Listing) -> bool:
+        """Write the listing unless the number is listed; whether it was written."""
+        try:
+            await self._kv.create(self.key(tenant, listing.phone_number), listing.model_dump_json().encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def remove(self, tenant: str, number: str) -> bool:
         """Take `number` off the list; False when it was not on it."""
