@@ -143,7 +143,8 @@ async def _lines(request: Request, limit: int) -> AsyncIterator[tuple[int, str]]
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "payload_too_large",
-                           f"body is larger than {limit} bytes; the numbers before that were listed")
+                           f"body is larger than {limit} bytes; some of its numbers may be listed already "
+                           "(importing them again is harmless)")
         *complete, pending = (pending + chunk).split(b"\n")
         for raw in complete:
             count += 1
