@@ -15,6 +15,7 @@ KV buckets:
   as-concurrency key <tenant> → calls holding one of the tenant's concurrent-call slots
   as-webhook-dead      key <tenant>.<subscription>.<event_id> → a delivery that exhausted its retries
   as-webhook-disabled  key <tenant>.<subscription> → the receiver answered 410 Gone
+  as-dnc         key <tenant>.<E.164 digits> → a number never to call: when, from where, why
 Object stores:
   as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
                     the 1 MiB a message may carry
@@ -48,6 +49,7 @@ BUNDLES_BUCKET = "as-bundles"
 BUNDLE_BODIES_BUCKET = "as-bundle-bodies"
 RATELIMIT_BUCKET = "as-ratelimit"
 USAGE_BUCKET = "as-usage"
+DNC_BUCKET = "as-dnc"
 
 DAY = 24 * 3600
 # Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
@@ -235,6 +237,10 @@ async def ratelimit_bucket(js: JetStreamContext) -> KeyValue:
 
 async def usage_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, USAGE_BUCKET, history=1, ttl=None)
+
+
+async def dnc_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, DNC_BUCKET, history=1, ttl=None)
 
 
 async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:

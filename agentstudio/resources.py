@@ -52,8 +52,8 @@ FreeObject = Annotated[
     Field(json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
 ]
 
-SCOPES = ("calls:create", "calls:read", "webhooks:manage")
-Scope = Literal["calls:create", "calls:read", "webhooks:manage"]
+SCOPES = ("calls:create", "calls:read", "webhooks:manage", "dnc:manage")
+Scope = Literal["calls:create", "calls:read", "webhooks:manage", "dnc:manage"]
 EVENT_TYPES = (
     "call.answered",
     "call.completed",
@@ -145,11 +145,12 @@ class ToolAction(Model):
     )
 
     type: Annotated[
-        Literal["api_call", "capture", "end_call", "handoff", "transfer"],
+        Literal["api_call", "capture", "end_call", "handoff", "transfer", "opt_out"],
         Field(
             description="api_call: send an HTTP request; capture: store the arguments in the call "
             "record; end_call: hang up after the last words; handoff: pass the call to another agent "
-            "of the workflow; transfer: connect the callee to a human number."
+            "of the workflow; transfer: connect the callee to a human number; opt_out: put the "
+            "callee's number on the tenant's do-not-call list (the conversation goes on to a polite end)."
         ),
     ]
     method: Annotated[
@@ -307,9 +308,10 @@ class ApiKeySpec(Model):
         list[Scope],
         Field(
             min_length=1,
-            max_length=3,
+            max_length=len(SCOPES),
             description="calls:create to trigger calls, calls:read to read them and export them, "
-            "webhooks:manage to list and replay dead-lettered webhook deliveries.",
+            "webhooks:manage to list and replay dead-lettered webhook deliveries, dnc:manage to change "
+            "the do-not-call list (checking a number needs dnc:manage or calls:read).",
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
     ]

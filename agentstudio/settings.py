@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8080
     max_body_bytes: int = Field(64 * 1024, description="Larger ingest bodies get 413.")
+    dnc_import_max_bytes: int = Field(
+        64 * 1024 * 1024, description="Larger do-not-call CSV imports get 413 (64 MiB: about 4 million numbers)."
+    )
     publish_timeout_seconds: float = Field(2.0, description="How long ingest waits for the JetStream ack.")
     retry_after_seconds: int = Field(5, description="Retry-After sent with 503.")
     rate_limit_lease_divisor: int = Field(

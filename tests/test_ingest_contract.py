@@ -362,7 +362,8 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient, tenant: Tenan
 async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     ingest = spec["paths"]["/api/v1/webhooks/ingest"]["post"]
-    assert set(ingest["responses"]) == {"200", "201", "400", "401", "403", "404", "413", "415", "422", "429", "503"}
+    assert set(ingest["responses"]) == {"200", "201", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
+    assert "do_not_call" in ingest["responses"]["409"]["description"]
     # a key whose successStatus is 200 (WebEngage's) gets the same body
     assert ingest["responses"]["200"]["content"] == ingest["responses"]["201"]["content"]
     assert "successStatus" in ingest["responses"]["200"]["description"]
@@ -370,3 +371,6 @@ async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient
     assert {"/api/v1/calls/{call_id}", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     assert "404" in spec["paths"]["/api/v1/calls/{call_id}"]["get"]["responses"]
     assert any(p["name"] == "Idempotency-Key" for p in ingest["parameters"])
+    dnc = spec["paths"]["/api/v1/do-not-call/{phone_number}"]
+    assert set(dnc["get"]["responses"]) >= {"200", "400", "403", "404"} and "204" in dnc["delete"]["responses"]
+    assert "text/csv" in spec["paths"]["/api/v1/do-not-call/import"]["post"]["requestBody"]["content"]

@@ -86,9 +86,9 @@ def test_crd_schemas_carry_patterns_enums_and_cross_field_rules() -> None:
     [rule] = spec("workflows")["properties"]["agents"]["items"]["x-kubernetes-validations"]
     assert rule["message"] == "must be lowercase letters, digits and dashes, starting and ending with a letter or digit"
     action = spec("agents")["properties"]["tools"]["items"]["properties"]["action"]
-    assert action["properties"]["type"]["enum"] == ["api_call", "capture", "end_call", "handoff", "transfer"]
+    assert action["properties"]["type"]["enum"] == ["api_call", "capture", "end_call", "handoff", "transfer", "opt_out"]
     assert any("has(self.url)" in rule["rule"] for rule in action["x-kubernetes-validations"])
-    assert spec("apikeys")["properties"]["scopes"]["items"]["enum"] == ["calls:create", "calls:read", "webhooks:manage"]
+    assert spec("apikeys")["properties"]["scopes"]["items"]["enum"] == ["calls:create", "calls:read", "webhooks:manage", "dnc:manage"]
     assert "call.*" in spec("webhooksubscriptions")["properties"]["events"]["items"]["enum"]
     assert spec("workflows")["required"] == ["entryAgent"]
 

@@ -33,6 +33,7 @@ from agentstudio.conversation.runtime import VoiceRuntime
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.phone_line import Line
 from agentstudio.dialer.providers import SimulatedProvider
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.manifests import Located
 from agentstudio.natsserver import free_port
 from agentstudio.secrets import StaticSecrets
@@ -207,7 +208,7 @@ async def voice_stack(
                 await asyncio.sleep(0.01)
         known = {(tenant.name, name, key): value for (name, key), value in secrets.items()}
         reader = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY, **known})
-        tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), reader)
+        tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), reader, DoNotCall(await bus.dnc_bucket(nc.jetstream())))
         port = free_port()
         runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits,
                                twilio_auth_token=twilio_auth_token, public_base_url=f"http://127.0.0.1:{port}")

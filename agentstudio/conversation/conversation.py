@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from nats.errors import Error as NatsError
 
 from agentstudio import templating
 from agentstudio.bundle import Bundle, CompiledAgent, CompiledWorkflow
@@ -27,6 +28,7 @@ from agentstudio.conversation.outbound import ApiCaller
 from agentstudio.conversation.tools import AgentTool, agent_tools, capture_problem, openai_tools, run_api_call
 from agentstudio.conversation.transcript import Turn, turn
 from agentstudio.conversation.variables import call_variables
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.secrets import SecretInvalid, SecretReader, read_header
 
 log = logging.getLogger("agentstudio.conversation")
@@ -66,11 +68,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Tools:
-    """What a conversation may reach: the model, outbound HTTP for api_call, Secrets."""
+    """What a conversation may reach: the model, outbound HTTP for api_call, Secrets, and the
+    do-not-call list for opt_out."""
 
     model: ChatModel
     api: ApiCaller
     secrets: SecretReader
+    dnc: DoNotCall
 
 
 class _Ended(Exception):
@@ -343,6 +347,18 @@ class Conversation:
             ]
         return calls
 
+    async def _opt_out(self, arguments: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The callee asked not to be called again: their number goes on the tenant's list at once,
+        and the model, told so, brings the call to a polite end. (result, error)"""
+        reason = arguments.get("reason")
+        try:
+            await self.deps.dnc.add(self.call.tenant, self.call.phone_number, "opt_out",
+                                    reason[:500] if isinstance(reason, str) and reason else None)
+        except (NatsError, TimeoutError) as exc:
+            log.warning("opt-out not recorded", extra={"call_id": self.call.call_id, "error": type(exc).__name__})
+            return None, "the opt-out could not be recorded right now; tell the callee it will be handled"
+        return "the callee's number is on the do-not-call list and will not be called again", None
+
     async def _run_tools(self, calls: list[ToolCall]) -> None:
         """Run every tool call of one model reply; each gets its answer in the history."""
         ending: tuple[str, dict[str, Any]] | None = None
@@ -366,6 +382,8 @@ class Conversation:
                                              self.agent.spec.allowed_hosts, self.deps.api, self.deps.secrets)
                 result, error, elapsed = outcome.result, outcome.error, outcome.elapsed_ms
                 answer = outcome.for_model
+            elif tool.action.type == "opt_out":
+                result, error = await self._opt_out(arguments)
             elif tool.action.type == "end_call":
                 ending = ("end_call", {})
                 result = "the call ends after your last words"

@@ -20,6 +20,7 @@ from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.worker import Dialer
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
 from agentstudio.resources import AgentSpec
@@ -54,7 +55,8 @@ async def build(
         live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
                               settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
-    return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
+    dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
+    return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce)
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -96,7 +98,8 @@ async def voice(
     observer: Callable[[str, Turn], None] | None = None,
 ) -> VoiceRuntime:
     """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
-    tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets)
+    tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets,
+                  DoNotCall(await bus.dnc_bucket(nc.jetstream())))
     limits = Limits(speech_chars_per_second=settings.speech_chars_per_second, max_call_seconds=settings.max_call_seconds)
     return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer,
                         twilio_auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url)

@@ -24,6 +24,7 @@ from agentstudio.calls import CallRequest
 from agentstudio.callstate import CallError, CallState, CallStore, now
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, ProviderError
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
 
@@ -40,6 +41,7 @@ class Dialer:
         tracker: CallTracker,
         live: Provider,
         simulated: Provider,
+        dnc: DoNotCall,
         name: str | None = None,
         announce: Callable[[str], None] | None = None,
     ) -> None:
@@ -50,6 +52,7 @@ class Dialer:
         self.concurrency: Concurrency = tracker.concurrency
         self.live = live
         self.simulated = simulated
+        self.dnc = dnc
         self.name = name or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,6 +181,17 @@ class Dialer:
         return True
 
     async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
+        # Asked at the last moment (after any wait for a slot): a number listed since the call was
+        # queued is not dialed.
+        if await self.dnc.listed(call.tenant, call.phone_number):
+            await self.tracker.advance(
+                call.tenant, call.call_id, "canceled", end_reason="do_not_call",
+                error=CallError(code="do_not_call", message="the number is on the do-not-call list"),
+            )
+            await msg.ack()
+            log.info("call canceled: number on the do-not-call list",
+                     extra={"call_id": call.call_id, "tenant": call.tenant, "phone": phone.mask(call.phone_number)})
+            return
         await self._claim(call)
         try:
             sid = await provider.place(call)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentstudio.ingest.errors import ApiError, handle_api_error, handle_http_error, handle_validation_error
 from agentstudio.ingest.metrics import IngestMetrics, MetricsMiddleware
-from agentstudio.ingest.routes import calls, deliveries, health, providers, webhooks
+from agentstudio.ingest.routes import calls, deliveries, do_not_call, health, providers, webhooks
 from agentstudio.ingest.service import IngestService
 from agentstudio.settings import Settings
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
     app.include_router(webhooks.router)
     app.include_router(calls.router)
     app.include_router(deliveries.router)
+    app.include_router(do_not_call.router)
     app.include_router(providers.router)
     app.include_router(health.router)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

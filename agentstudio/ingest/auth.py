@@ -78,13 +78,17 @@ def authenticate(request: Request, svc: IngestService) -> Principal:
     return Principal(tenant, entry, snapshot.bundles[tenant])
 
 
-def require_scope(scope: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
+def require_scope(scope: Scope, *alternatives: Scope) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """The caller, whose key must hold `scope` or one of the `alternatives`."""
+    accepted = (scope, *alternatives)
+    needed = " or ".join(accepted)
+
     async def dependency(request: Request) -> Principal:
         svc = service_of(request)
         principal = authenticate(request, svc)
         svc.usage.request(principal.tenant, principal.key.name, time.time())
-        if scope not in principal.key.scopes:
-            raise ApiError(403, "forbidden", f"API key lacks the {scope} scope", "Authorization")
+        if not any(s in principal.key.scopes for s in accepted):
+            raise ApiError(403, "forbidden", f"API key lacks the {needed} scope", "Authorization")
         try:
             retry_after = await svc.limiter.take(principal.key_id, principal.key.rate_limit_per_minute)
         except (NatsError, TimeoutError) as exc:

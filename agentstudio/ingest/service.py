@@ -14,6 +14,7 @@ from agentstudio.settings import Settings
 from agentstudio.usage import UsageCounter
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
+from agentstudio.do_not_call import DoNotCall
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.ingest")
@@ -28,6 +29,7 @@ class IngestService:
         self._limiter: RateLimiter | None = None
         self._usage: UsageCounter | None = None
         self._tracker: CallTracker | None = None
+        self._dnc: DoNotCall | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -45,6 +47,7 @@ class IngestService:
         self._tracker = CallTracker(
             self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
         )
+        self._dnc = DoNotCall(await bus.dnc_bucket(self._js))
         log.info("ingest connected to nats")
 
     async def _resubscribe(self) -> None:
@@ -77,6 +80,11 @@ class IngestService:
     def tracker(self) -> CallTracker:
         assert self._tracker is not None, "IngestService not started"
         return self._tracker
+
+    @property
+    def dnc(self) -> DoNotCall:
+        assert self._dnc is not None, "IngestService not started"
+        return self._dnc
 
     @property
     def usage(self) -> UsageCounter:

@@ -17,6 +17,7 @@ from agentstudio import calls, json_schema, phone
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.ingest.schemas import CallAccepted, IngestRequest
+from agentstudio.ingest.service import IngestService
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(prefix="/api/v1", tags=["calls"])
@@ -40,7 +41,7 @@ IDEMPOTENCY_HEADER = {
             "description": "Queued, for a key whose successStatus is 200 (the default of platform webengage, "
                            "which counts only 200 as success): the same body as 201.",
         },
-        **responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+        **responses(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
     },
     openapi_extra={
         # Declared here rather than as a Header() parameter: FastAPI's parameter machinery is a
@@ -72,6 +73,7 @@ async def ingest(
             _check_user_context(workflow.user_context_schema, req.user_context)
     elif req.agent_slug not in bundle.agents:
         raise ApiError(404, "not_found", f"agent {req.agent_slug!r} not found", "agent_slug")
+    await _refuse_do_not_call(svc, principal.tenant, req.phone_number)
 
     call = calls.CallRequest(
         call_id=calls.new_call_id(principal.tenant, principal.key.name, idempotency_key or None),
@@ -113,6 +115,18 @@ async def ingest(
         media_type="application/json",
         headers=headers,
     )
+
+
+async def _refuse_do_not_call(svc: IngestService, tenant: str, number: str) -> None:
+    """A listed number is a final 409: platforms retry 5xx and 429 but log any other 4xx, and a
+    number that asked not to be called must not be queued by a retry either."""
+    try:
+        listed = await svc.dnc.listed(tenant, number)
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    if listed:
+        log.info("call refused: number on the do-not-call list", extra={"tenant": tenant, "phone": phone.mask(number)})
+        raise ApiError(409, "do_not_call", "phone_number is on the do-not-call list; no call was queued", "phone_number")
 
 
 async def _read_json_body(request: Request, limit: int) -> bytes:
