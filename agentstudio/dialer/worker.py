@@ -178,7 +178,11 @@ class Dialer:
         return True
 
     async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
-        await self._claim(call)
+        if not await self._claim(call):
+            # Canceled (or finished) since it was read: never dialed, and its slot is free again.
+            await self.concurrency.release(call.tenant, call.call_id)
+            await msg.ack()
+            return
         try:
             sid = await provider.place(call)
         except ProviderError as exc:
@@ -197,7 +201,9 @@ class Dialer:
                    "phone": phone.mask(call.phone_number), "dialer": self.name},
         )
 
-    async def _claim(self, call: CallRequest) -> None:
+    async def _claim(self, call: CallRequest) -> bool:
+        """Whether this dialer may place the call: the compare-and-set against a cancel decides."""
+
         def claim(s: CallState | None) -> CallState | None:
             assert s is not None
             if s.status not in ("pending", "dialing") or s.provider_call_id:
@@ -205,7 +211,8 @@ class Dialer:
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
             return moved.model_copy(update={"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1})
 
-        await self.store.change(call.tenant, call.call_id, claim)
+        _, claimed = await self.store.change(call.tenant, call.call_id, claim)
+        return claimed
 
     async def _record(self, call: CallRequest, provider: Provider, sid: str) -> None:
         await self.store.change(

@@ -78,6 +78,7 @@ _DESCRIPTIONS = {
     401: "Missing, malformed, unknown, expired, disabled or deleted API key.",
     403: "The API key lacks the scope this route needs.",
     404: "Not found in the key's namespace.",
+    409: "The call is past the state this needs (e.g. already dialed); error.message says which.",
     413: "Body larger than the limit (64 KiB).",
     415: "Content-Type is not application/json.",
     422: "Both workflow_slug and agent_slug given.",
