@@ -1,5 +1,5 @@
-"""Cancel on a real nats-server: canceling one call or every match of a filter while dialers take
-calls from the same queue."""
+"""Cancel and pause on a real nats-server: canceling one call or every match of a filter while
+dialers take calls from the same queue, and a paused workflow's calls waiting until it resumes."""
 
 from __future__ import annotations
 
@@ -9,15 +9,37 @@ from typing import Any
 
 import httpx
 import pytest
+from nats.js import JetStreamContext
 
 from agentstudio import signing
 from agentstudio.callstate import TERMINAL
-from conftest import Tenant
-from test_dialer import api, dialers, queue_call, tenant_for_calls, until_status  # noqa: F401 - fixtures
+from conftest import Tenant, docs
+from test_dialer import MANIFESTS, api, dialers, queue_call, tenant_for_calls, until_status  # noqa: F401 - fixtures
 from test_webhooks import Receiver, serving, stack, until
+
+WORKFLOWS = """
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Workflow
+metadata: {name: winback}
+spec: {entryAgent: a, paused: %s}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: Workflow
+metadata: {name: onboarding}
+spec: {entryAgent: a}
+"""
+
 
 async def cancel(api: httpx.AsyncClient, t: Tenant, call_id: str) -> httpx.Response:
     return await api.post(f"/api/v1/calls/{call_id}/cancel", headers=t.auth("test"))
+
+
+async def queue_for(api: httpx.AsyncClient, t: Tenant, workflow: str, **metadata: Any) -> str:
+    resp = await api.post("/api/v1/webhooks/ingest", headers=t.auth("test"), json={
+        "workflow_slug": workflow, "phone_number": "+14155552671", "user_id": "u-1", "metadata": metadata})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["call_id"])
 
 
 async def test_a_canceled_call_is_reported_with_its_reason_and_canceling_again_answers_the_same(nats_server, js) -> None:  # type: ignore[no-untyped-def]
@@ -92,3 +114,30 @@ async def test_cancel_by_filter_races_a_running_dialer_and_each_call_is_placed_o
 async def test_cancel_by_filter_wants_a_filter(api, tenant_for_calls, body: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     resp = await api.post("/api/v1/calls/cancel", headers=tenant_for_calls.auth("test"), json=body)
     assert resp.status_code == 400, resp.text
+
+
+async def test_a_paused_workflow_waits_while_others_dial_and_is_dialed_after_resume(
+    nats_server, js: JetStreamContext, api, tenant_for_calls  # type: ignore[no-untyped-def]
+) -> None:
+    t = tenant_for_calls
+    await t.publish(docs(MANIFESTS + WORKFLOWS % "true"))
+    async with dialers(nats_server.url, pause_recheck_seconds=0.5) as (dialer,):
+        await asyncio.sleep(0.3)  # the dialer's bundle watcher has the paused bundle
+        waiting = [await queue_for(api, t, "winback", simulate_duration_seconds=0) for _ in range(3)]
+        flowing = [await queue_for(api, t, "onboarding", simulate_duration_seconds=0) for _ in range(3)]
+        for call_id in flowing:
+            await until_status(api, t, call_id, "completed")
+        await asyncio.sleep(1.5)  # several rechecks of the paused calls
+        held = await dialer.concurrency.holders(t.name)
+        statuses = [(await api.get(f"/api/v1/calls/{c}", headers=t.auth("test"))).json()["status"] for c in waiting]
+        assert statuses == ["pending"] * 3
+        assert not set(waiting) & set(dialer.simulated.placed)  # type: ignore[attr-defined]
+        assert not set(waiting) & held  # waiting holds none of the tenant's concurrent-call slots
+
+        await t.publish(docs(MANIFESTS + WORKFLOWS % "false"))
+        resumed = asyncio.get_running_loop().time()
+        for call_id in waiting:
+            await until_status(api, t, call_id, "completed", timeout=10)
+        took = asyncio.get_running_loop().time() - resumed
+    assert sorted(c for c in dialer.simulated.placed if c in waiting) == sorted(waiting)  # type: ignore[attr-defined]
+    assert took < 5, took

@@ -54,7 +54,8 @@ async def build(
         live = TwilioProvider(client, settings.twilio_from_number, settings.public_base_url,
                               settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
-    return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce)
+    return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce,
+                  paused=paused_calls(bundles) if bundles else lambda call: False)
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -63,6 +64,17 @@ def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
     return sweeper.Reconcile(provider, ring=timedelta(seconds=settings.ring_timeout_seconds),
                              longest=timedelta(seconds=settings.max_call_seconds + TIME_LIMIT_BACKSTOP_SECONDS),
                              late=timedelta(seconds=settings.reconcile_after_seconds))
+
+
+def paused_calls(bundles: BundleWatcher) -> Callable[[CallRequest], bool]:
+    """Whether a call's workflow is paused in the tenant's current bundle (`spec.paused`)."""
+
+    def paused(call: CallRequest) -> bool:
+        bundle = bundles.snapshot.bundles.get(call.tenant)
+        workflow = bundle.workflows.get(call.workflow_slug) if bundle and call.workflow_slug else None
+        return workflow is not None and workflow.paused
+
+    return paused
 
 
 def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:

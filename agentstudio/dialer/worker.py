@@ -42,6 +42,7 @@ class Dialer:
         simulated: Provider,
         name: str | None = None,
         announce: Callable[[str], None] | None = None,
+        paused: Callable[[CallRequest], bool] = lambda call: False,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -54,6 +55,7 @@ class Dialer:
         self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
+        self._paused = paused
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -113,6 +115,11 @@ class Dialer:
         assert state is not None
         if state.terminal or state.provider_call_id:
             await msg.ack()  # finished, or placed and now driven by the provider's callbacks
+            return
+        if state.status == "pending" and self._paused(call):
+            # Back to the queue before taking a tenant slot or an in-flight slot: it is looked at
+            # again shortly, so a resume is dialed within seconds and nothing is lost.
+            await msg.nak(delay=self.settings.pause_recheck_seconds)
             return
         provider = self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
         if state.status == "dialing" and state.claimed_at is not None:
