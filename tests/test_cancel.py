@@ -141,3 +141,20 @@ async def test_a_paused_workflow_waits_while_others_dial_and_is_dialed_after_res
         took = asyncio.get_running_loop().time() - resumed
     assert sorted(c for c in dialer.simulated.placed if c in waiting) == sorted(waiting)  # type: ignore[attr-defined]
     assert took < 5, took
+
+
+async def test_a_tenant_paused_by_its_dialers_setting_waits_and_is_dialed_once_it_is_lifted(
+    nats_server, api, tenant_for_calls  # type: ignore[no-untyped-def]
+) -> None:
+    t = tenant_for_calls
+    async with dialers(nats_server.url, dialing_paused=True, pause_recheck_seconds=0.5) as (paused,):
+        waiting = [await queue_call(api, t, simulate_duration_seconds=0) for _ in range(3)]
+        await asyncio.sleep(1.5)  # several rechecks
+        statuses = [(await api.get(f"/api/v1/calls/{c}", headers=t.auth("test"))).json()["status"] for c in waiting]
+        assert statuses == ["pending"] * 3
+        assert not set(waiting) & await paused.concurrency.holders(t.name)
+    assert not set(waiting) & set(paused.simulated.placed)  # type: ignore[attr-defined]
+    async with dialers(nats_server.url) as (resumed,):  # the rollout with the setting lifted
+        for call_id in waiting:
+            await until_status(api, t, call_id, "completed", timeout=10)
+    assert sorted(c for c in resumed.simulated.placed if c in waiting) == sorted(waiting)  # type: ignore[attr-defined]

@@ -55,7 +55,7 @@ async def build(
                               settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, announce=announce,
-                  paused=paused_calls(bundles) if bundles else lambda call: False)
+                  paused=paused_calls(bundles, settings.dialing_paused))
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -66,11 +66,14 @@ def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
                              late=timedelta(seconds=settings.reconcile_after_seconds))
 
 
-def paused_calls(bundles: BundleWatcher) -> Callable[[CallRequest], bool]:
-    """Whether a call's workflow is paused in the tenant's current bundle (`spec.paused`)."""
+def paused_calls(bundles: BundleWatcher | None, everything: bool = False) -> Callable[[CallRequest], bool]:
+    """Whether a call waits: every call when this dialer's dialing is paused (the tenant's release),
+    else when its workflow is paused in the tenant's current bundle (`spec.paused`)."""
 
     def paused(call: CallRequest) -> bool:
-        bundle = bundles.snapshot.bundles.get(call.tenant)
+        if everything:
+            return True
+        bundle = bundles.snapshot.bundles.get(call.tenant) if bundles else None
         workflow = bundle.workflows.get(call.workflow_slug) if bundle and call.workflow_slug else None
         return workflow is not None and workflow.paused
 
