@@ -57,6 +57,7 @@ class CompiledWorkflow(Frozen):
     handoffs: list[HandoffRule]
     shared_context: dict[str, str]
     user_context_schema: dict[str, Any] | None
+    paused: bool = False
 
 
 class KeyEntry(Frozen):
@@ -182,6 +183,7 @@ def compile_bundle(
                 handoffs=wf.spec.handoffs,
                 shared_context=wf.spec.shared_context,
                 user_context_schema=wf.spec.user_context_schema,
+                paused=wf.spec.paused,
             )
 
     for located_or_rejected, spec in agent_specs:

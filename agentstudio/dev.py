@@ -219,7 +219,8 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
             return SimulatedProvider(tracker, relay_url=relay.relay_url(settings.public_base_url),
                                      callees=terminal.callee_for, on_token=terminal.on_token_for)
 
-        dialer = await dialer_main.build(nc, settings, announce=None if chat else _print, simulated_factory=simulated)
+        dialer = await dialer_main.build(nc, settings, announce=None if chat else _print, simulated_factory=simulated,
+                                         bundles=bundles)
         background = [
             asyncio.create_task(dialer.run(stop), name="dialer"),
             asyncio.create_task(dispatcher.run(stop), name="webhooks"),

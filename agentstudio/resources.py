@@ -279,6 +279,11 @@ class WorkflowSpec(Model):
         FreeObject | None,
         Field(description="JSON Schema that ingest checks user_context against (400 naming the field)."),
     ] = None
+    paused: Annotated[
+        bool,
+        Field(description="true: the workflow's queued calls wait in the queue undialed (nothing is lost); "
+                          "false again: they are dialed within seconds."),
+    ] = False
 
     @model_validator(mode="after")
     def _no_reserved_context(self) -> WorkflowSpec:

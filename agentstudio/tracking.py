@@ -71,6 +71,26 @@ class CallTracker:
             log.info("call %s", state.status, extra={"call_id": call_id, "tenant": tenant, "status": state.status})
         return state
 
+    async def cancel(self, call: calls.CallRequest, reason: str) -> tuple[CallState, bool]:
+        """Cancel a call no dialer has claimed yet: (its record now, whether this canceled it).
+        The record's compare-and-set decides against a dialer claiming it at the same moment; a
+        call past pending comes back unchanged. Canceling again re-sends the same event id, which
+        JetStream de-duplicates."""
+
+        def cancel(s: CallState | None) -> CallState | None:
+            current = s or CallState.new(call)  # no dialer has read it yet
+            return current.advanced("canceled", detail=reason, end_reason=reason) if current.status == "pending" else None
+
+        state, changed = await self.store.change(call.tenant, call.call_id, cancel)
+        assert state is not None  # a missing record is always created canceled
+        if state.status == "canceled":
+            await self.publish_event(state, EVENT_TYPES["canceled"])
+            # A dialer may hold a slot for it while it waits under the tenant's cap.
+            await self.concurrency.release(call.tenant, call.call_id)
+        if changed:
+            log.info("call canceled", extra={"call_id": call.call_id, "tenant": call.tenant, "reason": reason})
+        return state, changed
+
     async def conversation_closed(self, state: CallState) -> None:
         """The agent's part is over and recorded: send the end event it held back, if the call ended."""
         if state.terminal:

@@ -306,6 +306,15 @@ def test_pod_annotations_reach_the_pods_of_each_component() -> None:
             assert pod["metadata"]["annotations"]["rollout"] == f"r-{component}", where
 
 
+def test_dialer_paused_pauses_the_tenants_dialing() -> None:
+    def paused(values: list[str]) -> list[str]:
+        env = container(render(TENANT_CHART, values), "dialer")["env"]
+        return [e["value"] for e in env if e["name"] == "AGENTSTUDIO_DIALING_PAUSED"]
+
+    assert paused([]) == ["false"]
+    assert paused(["--set", "dialer.paused=true"]) == ["true"]
+
+
 def cpu_millis(quantity: str) -> int:
     return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
 

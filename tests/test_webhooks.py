@@ -101,7 +101,8 @@ spec: {{url: "{url}", events: {events}}}
 
 @asynccontextmanager
 async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[str, Receiver],
-                schedule: str = "0,0.2,0.2", extra: str = "") -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
+                schedule: str = "0,0.2,0.2", extra: str = "",
+                dialing: bool = True) -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
                docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items()) + extra))
     bundle = await t.publish()
@@ -112,7 +113,7 @@ async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[s
     stop = asyncio.Event()
     running = asyncio.create_task(dispatcher.run(stop))
     try:
-        async with ingest_client(nats_server.url) as (client, svc), dialers(nats_server.url):
+        async with ingest_client(nats_server.url) as (client, svc), dialers(nats_server.url, count=int(dialing)):
             await wait_for_bundle(svc, t.name, bundle.version)
             yield client, t
     finally:

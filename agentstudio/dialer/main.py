@@ -56,7 +56,8 @@ async def build(
                               settings.ring_timeout_seconds, agents_of=call_agents(bundles) if bundles else None,
                               max_call_seconds=settings.max_call_seconds)
     dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
-    return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce)
+    return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
+                  paused=paused_calls(bundles, settings.dialing_paused))
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -65,6 +66,20 @@ def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
     return sweeper.Reconcile(provider, ring=timedelta(seconds=settings.ring_timeout_seconds),
                              longest=timedelta(seconds=settings.max_call_seconds + TIME_LIMIT_BACKSTOP_SECONDS),
                              late=timedelta(seconds=settings.reconcile_after_seconds))
+
+
+def paused_calls(bundles: BundleWatcher | None, everything: bool = False) -> Callable[[CallRequest], bool]:
+    """Whether a call waits: every call when this dialer's dialing is paused (the tenant's release),
+    else when its workflow is paused in the tenant's current bundle (`spec.paused`)."""
+
+    def paused(call: CallRequest) -> bool:
+        if everything:
+            return True
+        bundle = bundles.snapshot.bundles.get(call.tenant) if bundles else None
+        workflow = bundle.workflows.get(call.workflow_slug) if bundle and call.workflow_slug else None
+        return workflow is not None and workflow.paused
+
+    return paused
 
 
 def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:

@@ -44,6 +44,7 @@ class Dialer:
         dnc: DoNotCall,
         name: str | None = None,
         announce: Callable[[str], None] | None = None,
+        paused: Callable[[CallRequest], bool] = lambda call: False,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -57,6 +58,7 @@ class Dialer:
         self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
+        self._paused = paused
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -116,6 +118,11 @@ class Dialer:
         assert state is not None
         if state.terminal or state.provider_call_id:
             await msg.ack()  # finished, or placed and now driven by the provider's callbacks
+            return
+        if state.status == "pending" and self._paused(call):
+            # Back to the queue before taking a tenant slot or an in-flight slot: it is looked at
+            # again shortly, so a resume is dialed within seconds and nothing is lost.
+            await msg.nak(delay=self.settings.pause_recheck_seconds)
             return
         provider = self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
         if state.status == "dialing" and state.claimed_at is not None:
@@ -192,7 +199,11 @@ class Dialer:
             log.info("call canceled: number on the do-not-call list",
                      extra={"call_id": call.call_id, "tenant": call.tenant, "phone": phone.mask(call.phone_number)})
             return
-        await self._claim(call)
+        if not await self._claim(call):
+            # Canceled (or finished) since it was read: never dialed, and its slot is free again.
+            await self.concurrency.release(call.tenant, call.call_id)
+            await msg.ack()
+            return
         try:
             sid = await provider.place(call)
         except ProviderError as exc:
@@ -211,7 +222,9 @@ class Dialer:
                    "phone": phone.mask(call.phone_number), "dialer": self.name},
         )
 
-    async def _claim(self, call: CallRequest) -> None:
+    async def _claim(self, call: CallRequest) -> bool:
+        """Whether this dialer may place the call: the compare-and-set against a cancel decides."""
+
         def claim(s: CallState | None) -> CallState | None:
             assert s is not None
             if s.status not in ("pending", "dialing") or s.provider_call_id:
@@ -219,7 +232,8 @@ class Dialer:
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
             return moved.model_copy(update={"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1})
 
-        await self.store.change(call.tenant, call.call_id, claim)
+        _, claimed = await self.store.change(call.tenant, call.call_id, claim)
+        return claimed
 
     async def _record(self, call: CallRequest, provider: Provider, sid: str) -> None:
         await self.store.change(

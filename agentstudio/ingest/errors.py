@@ -78,7 +78,8 @@ _DESCRIPTIONS = {
     401: "Missing, malformed, unknown, expired, disabled or deleted API key.",
     403: "The API key lacks the scope this route needs.",
     404: "Not found in the key's namespace.",
-    409: "The number is on the do-not-call list (error.code do_not_call): final, nothing was queued; do not retry.",
+    409: "The number is on the do-not-call list (error.code do_not_call: final, nothing was queued; do not"
+         " retry), or the call is past the state this needs (error.code not_cancelable).",
     413: "Body larger than the limit (64 KiB).",
     415: "Content-Type is not application/json.",
     422: "Both workflow_slug and agent_slug given.",

@@ -128,3 +128,33 @@ class CallPage(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` to get the next (older) page; null on the last page. Opaque."
     )
+
+
+class CancelFilter(BaseModel):
+    """Which not-yet-dialed calls to cancel: the listing's filters, every one given must hold."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"metadata": {"campaign_id": "trial_recovery_jan"}}]},
+    )
+
+    workflow_slug: str | None = Field(None, min_length=1, description="Only calls of this workflow.")
+    agent_slug: str | None = Field(None, min_length=1, description="Only single-agent calls of this agent.")
+    metadata: dict[str, str | int | float | bool | list[str | int | float | bool]] = Field(
+        default_factory=dict,
+        description="Metadata equality, as the listing's metadata.<key>=<value> (a list: any of its values).",
+    )
+    created_after: datetime | None = Field(None, description="Calls created at or after it.")
+    created_before: datetime | None = Field(None, description="Calls created before it.")
+    test: bool | None = Field(None, description="true: only test-key calls; false: only live ones.")
+
+    @model_validator(mode="after")
+    def _says_which(self) -> CancelFilter:
+        # An empty filter would cancel the whole queue: a mistake far more often than the intent.
+        if all(getattr(self, name) in (None, {}) for name in type(self).model_fields):
+            raise PydanticCustomError("empty_filter", "give at least one filter; {} would cancel every call")
+        return self
+
+
+class CancelResult(BaseModel):
+    canceled: int = Field(description="Calls this request canceled (already canceled ones are not counted).")

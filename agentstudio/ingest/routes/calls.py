@@ -1,8 +1,9 @@
 """The calls of the key's tenant: GET /api/v1/calls (filtered, paged), /api/v1/calls/export (CSV or
-JSON Lines, streamed) and /api/v1/calls/{call_id}."""
+JSON Lines, streamed) and /api/v1/calls/{call_id}; canceling calls not yet dialed, one or by filter."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import uuid
@@ -20,7 +21,8 @@ from agentstudio.calls_index import CallFilter, Found
 from agentstudio.callstate import CallState
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
-from agentstudio.ingest.schemas import CallPage, CallRecord, TimelineEntry
+from agentstudio.ingest.schemas import CallPage, CallRecord, CancelFilter, CancelResult, TimelineEntry
+from agentstudio.tracking import CallTracker
 
 router = APIRouter(prefix="/api/v1", tags=["calls"])
 
@@ -227,6 +229,91 @@ def csv_row(call: CallRecord, keys: list[str]) -> list[str]:
     return [*map(text, fixed), *metadata]
 
 
+CANCELED_BY_API = "canceled_by_api"
+_CANCEL_BATCH = 64
+
+
+@router.post(
+    "/calls/cancel",
+    response_model=CancelResult,
+    responses=responses(400, 401, 403, 429, 503),
+    summary="Cancel every not-yet-dialed call matching a filter",
+    description="Cancels the key's tenant's pending calls that match the filter and were queued before this"
+                " request (the listing's filter semantics). Each gets status canceled and a call.canceled"
+                " event with end_reason canceled_by_api; a call a dialer claims at the same moment is"
+                " either dialed or canceled, never both. Needs calls:create.",
+)
+async def cancel_calls(
+    request: Request,
+    principal: Annotated[Principal, Depends(require_scope("calls:create"))],
+    body: CancelFilter,
+) -> CancelResult:
+    svc = service_of(request)
+    metadata = {k: frozenset(calls_index.metadata_text(v) for v in (vs if isinstance(vs, list) else [vs]))
+                for k, vs in body.metadata.items()}
+    which = CallFilter(statuses=frozenset({"pending"}), workflow_slug=body.workflow_slug, agent_slug=body.agent_slug,
+                       metadata=metadata, created_after=_utc(body.created_after),
+                       created_before=_utc(body.created_before), test=body.test)
+    canceled = 0
+    try:
+        below = await calls_index.top(svc.js)  # calls queued after this request are not its to cancel
+        batch: list[calls.CallRequest] = []
+        async for found in calls_index.find(svc.js, svc.tracker.store, principal.tenant, which, below):
+            batch.append(found.call)
+            if len(batch) == _CANCEL_BATCH:
+                canceled += await _cancel_all(svc.tracker, batch)
+                batch = []
+        canceled += await _cancel_all(svc.tracker, batch)
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    return CancelResult(canceled=canceled)
+
+
+async def _cancel_all(tracker: CallTracker, batch: list[calls.CallRequest]) -> int:
+    done = await asyncio.gather(*(tracker.cancel(call, CANCELED_BY_API) for call in batch))
+    return sum(changed for _, changed in done)
+
+
+@router.post(
+    "/calls/{call_id}/cancel",
+    response_model=CallRecord,
+    responses=responses(401, 403, 404, 409, 429, 503),
+    summary="Cancel one call not yet dialed",
+    description="A pending call becomes canceled (end_reason canceled_by_api) and a call.canceled event is"
+                " sent; canceling it again answers the same. A call a dialer has taken (dialing or later)"
+                " is 409. Needs calls:create.",
+)
+async def cancel_call(
+    request: Request,
+    call_id: str,
+    principal: Annotated[Principal, Depends(require_scope("calls:create"))],
+) -> CallRecord:
+    svc = service_of(request)
+    canonical = _canonical(call_id)
+    try:
+        call = await calls.fetch(svc.js, principal.tenant, canonical)
+        if call is None:
+            raise _not_found(call_id)
+        state, _ = await svc.tracker.cancel(call, CANCELED_BY_API)
+    except (NatsError, TimeoutError) as exc:
+        raise unavailable(svc) from exc
+    if state.status != "canceled":
+        raise ApiError(409, "not_cancelable", f"call {canonical} is {state.status}: only a call not yet dialed"
+                       " can be canceled", "call_id")
+    return record(call, state)
+
+
+def _not_found(call_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"call {call_id!r} not found", "call_id")
+
+
+def _canonical(call_id: str) -> str:
+    try:
+        return str(uuid.UUID(call_id))  # also keeps subject wildcards out of the lookup
+    except ValueError:
+        raise _not_found(call_id) from None
+
+
 @router.get(
     "/calls/{call_id}",
     response_model=CallRecord,
@@ -239,18 +326,14 @@ async def get_call(
     principal: Annotated[Principal, Depends(require_scope("calls:read"))],
 ) -> CallRecord:
     svc = service_of(request)
-    not_found = ApiError(404, "not_found", f"call {call_id!r} not found", "call_id")
-    try:
-        canonical = str(uuid.UUID(call_id))  # also keeps subject wildcards out of the lookup
-    except ValueError:
-        raise not_found from None
+    canonical = _canonical(call_id)
     try:
         call = await calls.fetch(svc.js, principal.tenant, canonical)
         state = await svc.tracker.store.get(principal.tenant, canonical) if call is not None else None
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     if call is None:
-        raise not_found
+        raise _not_found(call_id)
     return record(call, state)
 
 
