@@ -84,14 +84,18 @@ async def test_cancel_by_filter_races_a_running_dialer_and_each_call_is_placed_o
     t = tenant_for_calls
     # Two dialers and a cap of 2: most calls wait parked under the cap when the cancel arrives.
     async with dialers(nats_server.url, count=2, max_concurrent_calls_per_tenant=2) as running:
-        campaign = [await queue_call(api, t, campaign_id="mistake", simulate_duration_seconds=0.1) for _ in range(40)]
+        # Calls of 0.5 s at a cap of 2 take ~10 s to drain: however slow the machine is at queueing
+        # them, the cancel arrives with some placed and most still waiting.
+        campaign = [await queue_call(api, t, campaign_id="mistake", simulate_duration_seconds=0.5) for _ in range(40)]
         other = [await queue_call(api, t, campaign_id="keep", simulate_duration_seconds=0.1) for _ in range(3)]
-        await asyncio.sleep(0.3)  # dialers at work on the campaign
+        async with asyncio.timeout(10):  # dialers at work on the campaign
+            while not any(c in d.simulated.placed for d in running for c in campaign):  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
         resp = await api.post("/api/v1/calls/cancel", headers=t.auth("test"),
                               json={"metadata": {"campaign_id": "mistake"}})
         assert resp.status_code == 200, resp.text
         store = running[0].store
-        deadline = asyncio.get_running_loop().time() + 30
+        deadline = asyncio.get_running_loop().time() + 60
         while True:
             states = {c: await store.get(t.name, c) for c in campaign + other}
             if all(s is not None and s.status in TERMINAL for s in states.values()) \
