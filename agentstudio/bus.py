@@ -65,6 +65,11 @@ def dispatch_subject(tenant: str, call_id: str) -> str:
 DISPATCH_ALL = "calls.*.dispatch.*"
 
 
+def schedule_subject(tenant: str, call_id: str) -> str:
+    """Where a scheduled call waits; the server moves it to its dispatch subject when it is due."""
+    return f"calls.{tenant}.schedule.{call_id}"
+
+
 def dead_subject(tenant: str, call_id: str) -> str:
     return f"calls.{tenant}.dead.{call_id}"
 
@@ -155,8 +160,8 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: flo
 
 
 async def ensure_calls_stream(js: JetStreamContext) -> None:
-    await _ensure_kept_stream(js, CALLS_STREAM, ["calls.*.dispatch.*", "calls.*.dead.*"],
-                              discard=DiscardPolicy.OLD, allow_direct=True)
+    await _ensure_kept_stream(js, CALLS_STREAM, ["calls.*.dispatch.*", "calls.*.dead.*", "calls.*.schedule.*"],
+                              discard=DiscardPolicy.OLD, allow_direct=True, allow_msg_schedules=True)
 
 
 async def ensure_events_stream(js: JetStreamContext) -> None:

@@ -8,7 +8,7 @@ by subject.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import orjson
@@ -20,6 +20,8 @@ from agentstudio import bus
 
 # Idempotency keys map to call ids deterministically, so racing retries publish the same
 # Nats-Msg-Id and JetStream's de-duplication keeps exactly one.
+# How far ahead a call may be scheduled: it must fire well inside the stream's retention.
+MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("9d6c1f0e-3b8a-4a57-9d52-8f7f0c1b2a61")
 
 
@@ -39,6 +41,7 @@ class CallRequest(BaseModel):
     created_at: datetime
     bundle_version: int
     status: Literal["pending"] = "pending"
+    scheduled_for: datetime | None = None  # dialed no earlier than this (a JetStream message schedule)
 
 
 def new_call_id(tenant: str, api_key: str, idempotency_key: str | None) -> str:
@@ -51,20 +54,34 @@ def encode(call: CallRequest) -> bytes:
     return orjson.dumps(call.model_dump(mode="json"))
 
 
+def waiting_status(call: CallRequest) -> str:
+    """What a call no dialer has taken yet is: scheduled until it is due, then pending."""
+    due = call.scheduled_for
+    return "scheduled" if due is not None and due > datetime.now(timezone.utc) else "pending"
+
+
 async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bool:
-    """Queue durably; returns False when JetStream already had this call id (a retry)."""
-    ack = await js.publish(
-        bus.dispatch_subject(call.tenant, call.call_id),
-        encode(call),
-        timeout=timeout,
-        headers={"Nats-Msg-Id": call.call_id},
-    )
+    """Queue durably; returns False when JetStream already had this call id (a retry).
+
+    A scheduled call is stored on its schedule subject and the server itself publishes it to the
+    dispatch subject at `scheduled_for` (JetStream message schedules): until then it is in no
+    consumer's view, holds no ack-pending slot and no dialer memory, whatever the backlog."""
+    headers = {"Nats-Msg-Id": call.call_id}
+    subject = bus.dispatch_subject(call.tenant, call.call_id)
+    if call.scheduled_for is not None:
+        headers |= {"Nats-Schedule": "@at " + call.scheduled_for.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "Nats-Schedule-Target": subject}
+        subject = bus.schedule_subject(call.tenant, call.call_id)
+    ack = await js.publish(subject, encode(call), timeout=timeout, headers=headers)
     return not ack.duplicate
 
 
 async def fetch(js: JetStreamContext, tenant: str, call_id: str) -> CallRequest | None:
-    try:
-        msg = await js.get_last_msg(bus.CALLS_STREAM, bus.dispatch_subject(tenant, call_id), direct=True)
-    except NotFoundError:
-        return None
-    return CallRequest.model_validate_json(msg.data) if msg.data else None
+    """The call as queued: on its dispatch subject, or, while it waits, on its schedule subject."""
+    for subject in (bus.dispatch_subject(tenant, call_id), bus.schedule_subject(tenant, call_id)):
+        try:
+            msg = await js.get_last_msg(bus.CALLS_STREAM, subject, direct=True)
+        except NotFoundError:
+            continue
+        return CallRequest.model_validate_json(msg.data) if msg.data else None
+    return None

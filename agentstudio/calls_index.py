@@ -33,10 +33,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from agentstudio import bus
-from agentstudio.calls import CallRequest
+from agentstudio.calls import CallRequest, waiting_status
 from agentstudio.callstate import CallState, CallStatus, CallStore
 
-STATUSES: tuple[str, ...] = get_args(CallStatus)
+# "scheduled" is a listing status only: a call waiting for its time has no state record yet.
+STATUSES: tuple[str, ...] = ("scheduled", *get_args(CallStatus))
 
 # The first window spans this many stream sequences (all tenants' messages count); it grows 4× while
 # windows come back sparse, so a small tenant in a busy stream costs few windows.
@@ -100,7 +101,7 @@ class Found:
 
     @property
     def status(self) -> str:
-        return self.state.status if self.state is not None else "pending"
+        return self.state.status if self.state is not None else waiting_status(self.call)
 
 
 def encode_cursor(below: int) -> str:
@@ -134,9 +135,11 @@ async def find(
 ) -> AsyncIterator[Found]:
     """The tenant's calls that pass `which`, newest first, from stream sequence `below` down (from
     the newest when None). States are read `batch` calls at a time."""
+    listed: set[str] = set()
     async with aclosing(_windows(js, tenant, below)) as windows:
         async for window in windows:
-            admitted = [(seq, call) for seq, call in window if which.admits(call)]
+            admitted = [(seq, call) for seq, call in window if which.admits(call) and call.call_id not in listed]
+            listed.update(call.call_id for _, call in admitted)
             for start in range(0, len(admitted), batch):
                 part = admitted[start:start + batch]
                 states = await asyncio.gather(*(store.get(tenant, call.call_id) for _, call in part))
@@ -189,20 +192,27 @@ async def _windows(
     JetStream reads forward only, so the stream is walked backwards in windows [lo, hi) read
     forwards and handed out reversed. A yield never happens while a consumer is open, so a reader
     that stops early leaves nothing behind."""
-    subject = bus.dispatch_subject(tenant, "*")
+    # Queued calls, and scheduled ones still waiting (the server moves each to its dispatch subject
+    # when due, so a call is on one of the two; one seen on both mid-move is listed once, see find).
+    subjects = [bus.dispatch_subject(tenant, "*"), bus.schedule_subject(tenant, "*")]
     # The tenant's newest and oldest messages bound the walk, so a tenant with calls only in the
     # last hour does not walk the whole week of everyone's calls to find its last page.
-    try:
-        newest = await js.get_last_msg(bus.CALLS_STREAM, subject)
-        oldest = await js.get_msg(bus.CALLS_STREAM, seq=1, subject=subject, next=True, direct=True)
-    except NotFoundError:
+    newest, oldest = 0, None
+    for subject in subjects:
+        try:
+            newest = max(newest, int((await js.get_last_msg(bus.CALLS_STREAM, subject)).seq))
+            seq = int((await js.get_msg(bus.CALLS_STREAM, seq=1, subject=subject, next=True, direct=True)).seq)
+        except NotFoundError:
+            continue
+        oldest = seq if oldest is None else min(oldest, seq)
+    if oldest is None:
         return  # no calls (or none left in the retention)
-    first = int(oldest.seq)
-    hi = int(newest.seq) + 1 if below is None else min(below, int(newest.seq) + 1)
+    first = oldest
+    hi = newest + 1 if below is None else min(below, newest + 1)
     span = FIRST_SPAN
     while hi > first:
         lo = max(first, hi - span)
-        window, cut = await _read(js, subject, lo, hi, WINDOW_MAX)
+        window, cut = await _read(js, subjects, lo, hi, WINDOW_MAX)
         if window:
             yield window[::-1]
         if cut:  # older messages of [lo, hi) were dropped: they are the next window
@@ -215,12 +225,12 @@ async def _windows(
 
 
 async def _read(
-    js: JetStreamContext, subject: str, lo: int, hi: int, keep: int
+    js: JetStreamContext, subjects: list[str], lo: int, hi: int, keep: int
 ) -> tuple[list[tuple[int, CallRequest]], bool]:
-    """Messages on `subject` with lo <= sequence < hi, oldest first: the newest `keep` of them, and
+    """Messages on `subjects` with lo <= sequence < hi, oldest first: the newest `keep` of them, and
     whether older ones were dropped to stay within it."""
     info = await js.add_consumer(bus.CALLS_STREAM, ConsumerConfig(
-        filter_subject=subject,
+        filter_subjects=subjects,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=lo,
         ack_policy=AckPolicy.NONE,

@@ -6,12 +6,12 @@ import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from agentstudio import phone, platforms
 
-_OPTIONAL = ("workflow_slug", "agent_slug", "user_id", "user_context", "metadata")
+_OPTIONAL = ("workflow_slug", "agent_slug", "user_id", "user_context", "metadata", "scheduled_at")
 
 
 class IngestRequest(BaseModel):
@@ -41,6 +41,10 @@ class IngestRequest(BaseModel):
     user_id: str | None = Field(None, max_length=256, description="External user id; numbers are accepted as text.")
     user_context: dict[str, Any] = Field(default_factory=dict, description="Data for the agent: {{user.*}}.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Tracking data: {{metadata.*}}, webhooks, exports.")
+    scheduled_at: AwareDatetime | None = Field(
+        None, description="Dial no earlier than this instant (RFC 3339 with an offset, e.g. 2026-12-01T09:30:00+05:30),"
+                          " at most 6 days ahead; past or absent: as soon as a slot is free. The call is `scheduled`"
+                          " until then and holds no queue capacity.")
 
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
@@ -83,7 +87,7 @@ def _unfilled(info: ValidationInfo) -> re.Pattern[str] | None:
 
 class CallAccepted(BaseModel):
     call_id: str = Field(description="UUID of the queued call.")
-    status: str = Field("pending", description="Always pending: the call is durably queued.")
+    status: str = Field("pending", description="pending (durably queued), or scheduled when scheduled_at is ahead.")
 
 
 class TimelineEntry(BaseModel):
@@ -99,7 +103,9 @@ class CallErrorBody(BaseModel):
 
 class CallRecord(BaseModel):
     call_id: str
-    status: str = Field(description="pending, dialing, ringing, in_progress, completed, failed, no_answer, busy, canceled")
+    status: str = Field(description="scheduled, pending, dialing, ringing, in_progress, completed, failed, no_answer,"
+                                    " busy, canceled")
+    scheduled_for: datetime | None = Field(None, description="When a scheduled call may be dialed (UTC).")
     workflow_slug: str | None
     agent_slug: str | None
     phone_number: str

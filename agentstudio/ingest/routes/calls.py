@@ -341,7 +341,8 @@ def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
     """The request as queued plus what has happened to it since (pending until a dialer takes it)."""
     base = call.model_dump(include=set(CallRecord.model_fields))
     if state is None:
-        return CallRecord(**base, events=[TimelineEntry(status="pending", at=call.created_at)])
+        status = calls.waiting_status(call)
+        return CallRecord(**{**base, "status": status}, events=[TimelineEntry(status=status, at=call.created_at)])
     progress = state.model_dump(include={"status", "provider", "answered_at", "ended_at", "duration_seconds",
                                          "error", "events", "transcript", "captured", "end_reason"})
     return CallRecord(**{**base, **progress})

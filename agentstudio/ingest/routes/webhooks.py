@@ -75,6 +75,8 @@ async def ingest(
         raise ApiError(404, "not_found", f"agent {req.agent_slug!r} not found", "agent_slug")
     await _refuse_do_not_call(svc, principal.tenant, req.phone_number)
 
+    now = datetime.now(timezone.utc)
+    scheduled_for = _scheduled_for(req.scheduled_at, now)
     call = calls.CallRequest(
         call_id=calls.new_call_id(principal.tenant, principal.key.name, idempotency_key or None),
         tenant=principal.tenant,
@@ -86,8 +88,9 @@ async def ingest(
         user_context=req.user_context,
         metadata=req.metadata,
         test=principal.key.mode == "test",
-        created_at=datetime.now(timezone.utc),
+        created_at=now,
         bundle_version=bundle.version,
+        scheduled_for=scheduled_for,
     )
     if not svc.connected:
         raise unavailable(svc)
@@ -110,11 +113,22 @@ async def ingest(
         svc.usage.accepted(call.tenant, call.api_key)
     headers = {} if new else {"Idempotent-Replayed": "true"}
     return Response(
-        orjson.dumps({"call_id": call.call_id, "status": "pending"}),
+        orjson.dumps({"call_id": call.call_id, "status": "scheduled" if scheduled_for else "pending"}),
         status_code=principal.key.success_status,
         media_type="application/json",
         headers=headers,
     )
+
+
+def _scheduled_for(at: datetime | None, now: datetime) -> datetime | None:
+    """When a call asked to wait may be dialed: None for now (absent or past); at most
+    calls.MAX_SCHEDULE_AHEAD ahead, so it fires inside the queue's retention."""
+    if at is None or at <= now:
+        return None
+    if at - now > calls.MAX_SCHEDULE_AHEAD:
+        raise ApiError(400, "invalid_request", f"scheduled_at: at most {calls.MAX_SCHEDULE_AHEAD.days} days ahead",
+                       "scheduled_at")
+    return at.astimezone(timezone.utc)
 
 
 async def _refuse_do_not_call(svc: IngestService, tenant: str, number: str) -> None:

@@ -1,0 +1,83 @@
+"""Scheduled calls on a real nats-server: `scheduled_at` in the ingest body holds a call back until
+its time without holding the queue (a JetStream message schedule moves it to the dispatch subject
+when due), the calls API shows it `scheduled` with `scheduled_for`, and a dialer places it once due."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+from nats.js import JetStreamContext
+
+from agentstudio import bus
+from agentstudio.dialer.worker import CONSUMER
+from conftest import Tenant
+from test_dialer import MANIFESTS, api, dialers, tenant_for_calls, until_status  # noqa: F401 - fixtures
+
+
+def _at(seconds: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+
+
+async def schedule(api: httpx.AsyncClient, t: Tenant, scheduled_at: Any, **headers: str) -> httpx.Response:
+    return await api.post("/api/v1/webhooks/ingest", headers={**t.auth("test"), **headers}, json={
+        "agent_slug": "a", "phone_number": "+14155552671", "scheduled_at": scheduled_at,
+        "metadata": {"simulate_duration_seconds": 0.2}})
+
+
+async def test_a_scheduled_call_waits_outside_the_queue_then_is_dialed_when_due(  # type: ignore[no-untyped-def]
+    nats_server, js: JetStreamContext, api: httpx.AsyncClient, tenant_for_calls: Tenant
+) -> None:
+    t = tenant_for_calls
+    async with dialers(nats_server.url):
+        resp = await schedule(api, t, _at(3), **{"Idempotency-Key": "spring-1"})
+        assert resp.status_code == 201 and resp.json()["status"] == "scheduled", resp.text
+        call_id = resp.json()["call_id"]
+        again = await schedule(api, t, _at(3), **{"Idempotency-Key": "spring-1"})
+        assert again.json()["call_id"] == call_id and again.headers.get("Idempotent-Replayed") == "true"
+
+        record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
+        assert record["status"] == "scheduled" and record["scheduled_for"], record
+        listed = (await api.get("/api/v1/calls", params={"status": "scheduled"}, headers=t.auth("test"))).json()
+        assert [c["call_id"] for c in listed["data"]] == [call_id]
+        # Waiting, it is in no consumer's view: nothing pending or taken for the dialers.
+        await asyncio.sleep(1)
+        consumer = await js.consumer_info(bus.CALLS_STREAM, CONSUMER)
+        assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0), consumer
+        assert (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()["status"] == "scheduled"
+
+        done = await until_status(api, t, call_id, "completed", timeout=15)
+    due = datetime.fromisoformat(record["scheduled_for"])
+    started = datetime.fromisoformat(done["events"][1]["at"])  # dialing
+    assert started >= due.replace(microsecond=0), (started, due)  # schedules have one-second resolution
+    listed = (await api.get("/api/v1/calls", headers=t.auth("test"))).json()
+    assert [c["call_id"] for c in listed["data"]].count(call_id) == 1
+
+
+async def test_scheduled_at_is_checked_and_a_past_one_dials_now(api: httpx.AsyncClient, tenant_for_calls: Tenant) -> None:
+    t = tenant_for_calls
+    for bad, why in ((_at(7 * 24 * 3600), "days ahead"), ("2026-12-01T09:00:00", "timezone"), ("soon", "datetime")):
+        resp = await schedule(api, t, bad)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["field"] == "scheduled_at" and why in error["message"], error
+    past = await schedule(api, t, _at(-60))
+    assert past.status_code == 201 and past.json()["status"] == "pending"
+    empty = await schedule(api, t, "")  # a platform's unfilled attribute: absent
+    assert empty.status_code == 201 and empty.json()["status"] == "pending"
+
+
+async def test_a_canceled_scheduled_call_is_never_dialed(  # type: ignore[no-untyped-def]
+    nats_server, api: httpx.AsyncClient, tenant_for_calls: Tenant
+) -> None:
+    t = tenant_for_calls
+    async with dialers(nats_server.url):
+        call_id = (await schedule(api, t, _at(2))).json()["call_id"]
+        canceled = await api.post(f"/api/v1/calls/{call_id}/cancel", headers=t.auth("test"))
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled", canceled.text
+        await asyncio.sleep(4)  # past its time: the schedule fired and a dialer read it
+        record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
+    assert record["status"] == "canceled"
+    assert [e["status"] for e in record["events"]] == ["pending", "canceled"]
