@@ -126,7 +126,6 @@ async def test_a_paused_workflow_waits_while_others_dial_and_is_dialed_after_res
     t = tenant_for_calls
     await t.publish(docs(MANIFESTS + WORKFLOWS % "true"))
     async with dialers(nats_server.url, pause_recheck_seconds=0.5) as (dialer,):
-        await asyncio.sleep(0.3)  # the dialer's bundle watcher has the paused bundle
         waiting = [await queue_for(api, t, "winback", simulate_duration_seconds=0) for _ in range(3)]
         flowing = [await queue_for(api, t, "onboarding", simulate_duration_seconds=0) for _ in range(3)]
         for call_id in flowing:
@@ -139,12 +138,9 @@ async def test_a_paused_workflow_waits_while_others_dial_and_is_dialed_after_res
         assert not set(waiting) & held  # waiting holds none of the tenant's concurrent-call slots
 
         await t.publish(docs(MANIFESTS + WORKFLOWS % "false"))
-        resumed = asyncio.get_running_loop().time()
         for call_id in waiting:
             await until_status(api, t, call_id, "completed", timeout=10)
-        took = asyncio.get_running_loop().time() - resumed
     assert sorted(c for c in dialer.simulated.placed if c in waiting) == sorted(waiting)  # type: ignore[attr-defined]
-    assert took < 5, took
 
 
 async def test_a_tenant_paused_by_its_dialers_setting_waits_and_is_dialed_once_it_is_lifted(

@@ -65,6 +65,8 @@ async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterat
         conns.append(nc)
         watchers.append(BundleWatcher(await buckets(nc.jetstream())))
         await watchers[-1].start()
+        async with asyncio.timeout(10):  # the bundles published so far are loaded when it starts
+            await watchers[-1].loaded.wait()
         running.append(await dialer_main.build(
             nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05),
             bundles=watchers[-1]))

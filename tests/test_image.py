@@ -13,7 +13,6 @@ import shlex
 import shutil
 import subprocess
 import tarfile
-import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,11 +95,10 @@ def test_the_dockerfile_installs_what_build_image_installs() -> None:
 
 
 def test_setup_node_packages_does_nothing_when_all_are_there() -> None:
-    """scripts/test runs it on every run: with the packages present it must be silent and quick."""
-    start = time.monotonic()
+    """scripts/test runs it on every run: with the packages present it must do nothing (apt-get
+    would say what it did)."""
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "setup-node-packages")], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
-    assert time.monotonic() - start < 5
 
 
 # --- what is inside the archives ------------------------------------------------------------------
@@ -155,13 +153,14 @@ def app(images: Images) -> ImageFiles:
 
 @pytest.mark.slow
 def test_a_build_with_nothing_changed_builds_nothing(images: Images) -> None:
-    start = time.monotonic()
+    # (A run touches the archives it uses, for pruning; a rebuild would rename a new file in place.)
+    built = {p: p.stat().st_ino for p in (images.archive, images.nats_archive)}
     again = subprocess.run(["bash", str(BUILD_IMAGE)], capture_output=True, text=True)
-    took = time.monotonic() - start
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines() == [f"IMAGE={images.image}", f"IMAGE_ARCHIVE={images.archive}",
                                          f"NATS_IMAGE={images.nats_image}", f"NATS_IMAGE_ARCHIVE={images.nats_archive}"]
-    assert again.stderr == "" and took < 5, (took, again.stderr)
+    assert again.stderr == "", again.stderr  # no build step said anything
+    assert {p: p.stat().st_ino for p in built} == built  # and no archive was written again
 
     # Other repository names: the same archives (they carry only the tag), other printed names.
     env = {**os.environ, "AGENTSTUDIO_IMAGE_REPOSITORY": "registry.example/tenant/app",

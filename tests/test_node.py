@@ -222,15 +222,14 @@ def test_services_and_cluster_dns_answer_inside_the_namespace(node: Node) -> Non
 def test_nothing_leaves_the_namespace(node: Node) -> None:
     """No default route: a connection to a public address fails at once, before sending anything."""
     done = node.python(
-        "import socket, time\n"
-        "began = time.monotonic()\n"
+        "import socket\n"
         "try:\n"
         "    socket.create_connection(('1.1.1.1', 443), timeout=5)\n"
         "except OSError as exc:\n"
-        "    print(exc.errno, time.monotonic() - began)\n", timeout=30)
+        "    print(exc.errno)\n", timeout=30)
     assert done.returncode == 0, done.stderr
-    code, seconds = done.stdout.split()
-    assert int(code) == errno.ENETUNREACH and float(seconds) < 0.5
+    # No route: refused by the kernel before any packet is sent (a timeout would mean one was).
+    assert int(done.stdout) == errno.ENETUNREACH, done.stdout
     routes = node.exec(["ip", "route", "show", "table", "all"], capture_output=True, text=True, check=True).stdout
     assert "default" not in routes, routes
 
