@@ -230,8 +230,14 @@ class BundleWatcher:
         self.loaded = asyncio.Event()  # the initial values have been read
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._empty_at_start = True
 
     async def start(self) -> None:
+        # nats-py marks the end of the initial values (None) when the new consumer's info says
+        # nothing is pending; under load that can come before any value of a full bucket (all of
+        # them already pushed, none yet handed over). Only an empty bucket may be loaded by it.
+        status = await self._store.heads.status()
+        self._empty_at_start = not status.values
         self._watcher = await self._store.heads.watchall()
         self._task = asyncio.create_task(self._run(self._watcher), name="bundle-watcher")
 
@@ -253,8 +259,9 @@ class BundleWatcher:
 
     async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
-            if entry is None:  # end of the initial values
-                self.loaded.set()
+            if entry is None:  # end of the initial values, if there were none (see start)
+                if self._empty_at_start:
+                    self.loaded.set()
                 continue
             await self._apply(entry)
             if entry.delta == 0:

@@ -9,7 +9,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
+import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from agentstudio import bus
 from agentstudio.dialer.worker import CONSUMER
@@ -43,10 +45,14 @@ async def test_a_scheduled_call_waits_outside_the_queue_then_is_dialed_when_due(
         assert record["status"] == "scheduled" and record["scheduled_for"], record
         listed = (await api.get("/api/v1/calls", params={"status": "scheduled"}, headers=t.auth("test"))).json()
         assert [c["call_id"] for c in listed["data"]] == [call_id]
-        # Waiting, it is in no consumer's view: nothing pending or taken for the dialers.
+        # Waiting, it is in no consumer's view: the dialers' consumer reads dispatch subjects only,
+        # and the call is not on its dispatch subject yet (the server puts it there when due).
         await asyncio.sleep(1)
-        consumer = await js.consumer_info(bus.CALLS_STREAM, CONSUMER)
-        assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0), consumer
+        dispatch = bus.dispatch_subject(t.name, call_id)
+        assert (await js.consumer_info(bus.CALLS_STREAM, CONSUMER)).config.filter_subject == bus.DISPATCH_ALL
+        with pytest.raises(NotFoundError):
+            await js.get_last_msg(bus.CALLS_STREAM, dispatch)
+        assert (await js.get_last_msg(bus.CALLS_STREAM, bus.schedule_subject(t.name, call_id))).data
         assert (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()["status"] == "scheduled"
 
         done = await until_status(api, t, call_id, "completed", timeout=30)
