@@ -366,6 +366,11 @@ def test_a_rolling_upgrade_drops_no_call_and_cuts_no_live_one(cluster: Installed
     sigterm = deleted["at"] + PRESTOP_SECONDS
     crossing = [r for r in records.values() if _time(r["answered_at"]) < sigterm < _time(r["ended_at"])]
     assert crossing, "no call was live across the old dialer's stop"
+    # Deliveries follow the calls' ends: wait for every one, then none may have come twice.
+    deadline = time.monotonic() + 120
+    while missing := set(ids) - {e["payload"]["data"]["call_id"] for e in receiver_events(cluster, ns, None, "call.completed")}:
+        assert time.monotonic() < deadline, f"no call.completed for {sorted(missing)}"
+        time.sleep(1)
     completed = receiver_events(cluster, ns, None, "call.completed")
     for call_id in ids:
         assert sum(e["payload"]["data"]["call_id"] == call_id for e in completed) == 1, call_id

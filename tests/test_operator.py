@@ -230,7 +230,8 @@ async def test_prompt_change_reaches_ingest_as_a_new_version(cluster: Cluster, i
     ns = cluster.namespaces[0]
     cluster.apply(ns, manifests(EXAMPLES))
     cluster.wait_ready(ns, "Agent", "trial-followup-agent")
-    first = await eventually(lambda: _bundle(svc, ns))
+    # (The tenant's empty bundle comes first: wait for the one with the examples.)
+    first = await eventually(lambda: _bundle_with(svc, ns, "trial-followup-agent"))
     agent = cluster.get(ns, "Agent", "trial-followup-agent")
     # user.coupon is not in the workflow's userContextSchema: a warning, which never blocks publishing.
     prompt = "You are calling {{user.name}} about {{user.coupon}}. Be brief."
@@ -301,7 +302,7 @@ async def test_workflow_naming_a_missing_agent_is_not_ready_and_changes_nothing(
     ns = cluster.namespaces[0]
     cluster.apply(ns, manifests(EXAMPLES))
     cluster.wait_ready(ns, "Workflow", "free-trial-followup")
-    good = await eventually(lambda: _bundle(svc, ns))
+    good = await eventually(lambda: _bundle_with(svc, ns, "trial-followup-agent"))
     broken = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow", "metadata": {"name": "winback"},
               "spec": {"entryAgent": "winback-agent"}}
     cluster.apply(ns, [broken])
@@ -576,7 +577,7 @@ async def test_a_change_writes_the_status_of_the_changed_object_only(cluster: Cl
     cluster.apply(ns, docs)
     for doc in docs:
         cluster.wait_ready(ns, doc["kind"], doc["metadata"]["name"])
-    first = await eventually(lambda: _bundle(svc, ns))
+    first = await eventually(lambda: _bundle_with(svc, ns, "extra-19"))
     before = {(d["kind"], d["metadata"]["name"]): cluster.get(ns, d["kind"], d["metadata"]["name"]) for d in docs}
 
     agent = before[("Agent", "trial-followup-agent")]
@@ -671,3 +672,8 @@ async def test_an_empty_tenant_has_an_empty_bundle_and_keeps_one_when_emptied(cl
 async def _bundle_with_agents(svc: IngestService, ns: str):  # type: ignore[no-untyped-def]
     b = await _bundle(svc, ns)
     return b if b is not None and b.agents else None
+
+
+async def _bundle_with(svc: IngestService, ns: str, agent: str):  # type: ignore[no-untyped-def]
+    b = await _bundle(svc, ns)
+    return b if b is not None and agent in b.agents else None
