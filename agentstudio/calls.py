@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict
 
 from agentstudio import bus
 
-# Idempotency keys map to call ids deterministically, so racing retries publish the same
-# Nats-Msg-Id and JetStream's de-duplication keeps exactly one.
 # How far ahead a call may be scheduled: it must fire well inside the stream's retention.
 MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
+# Idempotency keys map to call ids deterministically, so racing retries publish the same
+# Nats-Msg-Id and JetStream's de-duplication keeps exactly one.
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("9d6c1f0e-3b8a-4a57-9d52-8f7f0c1b2a61")
 
 
