@@ -23,9 +23,12 @@ from agentstudio.json_schema import schema_problem
 from agentstudio.manifests import Located, Problem, Rejected, did_you_mean
 from agentstudio.platforms import DEFAULT_SUCCESS_STATUS, SuccessStatus
 from agentstudio.resources import (
+    DEFAULT_POLICY_NAME,
     Agent,
     AgentSpec,
     ApiKey,
+    CallPolicy,
+    CallPolicySpec,
     Mode,
     Scope,
     SubscriptionFilters,
@@ -58,6 +61,7 @@ class CompiledWorkflow(Frozen):
     shared_context: dict[str, str]
     user_context_schema: dict[str, Any] | None
     paused: bool = False
+    call_policy: str | None = None
 
 
 class KeyEntry(Frozen):
@@ -96,6 +100,15 @@ class Bundle(Frozen):
     workflows: dict[str, CompiledWorkflow] = Field(default_factory=dict)
     keys: dict[str, KeyEntry] = Field(default_factory=dict)  # sha256 hex → entry
     subscriptions: list[CompiledSubscription] = Field(default_factory=list)
+    policies: dict[str, CallPolicySpec] = Field(default_factory=dict)  # CallPolicy name → spec
+
+    def policy_for(self, workflow_slug: str | None, agent_slug: str | None) -> CallPolicySpec | None:
+        """The CallPolicy of a call: its workflow's, else its entry agent's, else the namespace's
+        `default`; None when there is none (the call is placed at any hour, once)."""
+        workflow = self.workflows.get(workflow_slug) if workflow_slug else None
+        entry = self.agents.get(self.entry_slug(workflow_slug, agent_slug) or "")
+        name = (workflow.call_policy if workflow else None) or (entry.spec.call_policy if entry else None)
+        return self.policies.get(name or DEFAULT_POLICY_NAME)
 
     def entry_slug(self, workflow_slug: str | None, agent_slug: str | None) -> str | None:
         """The agent a call starts with: its workflow's entry agent, else the agent it names."""
@@ -184,6 +197,7 @@ def compile_bundle(
                 shared_context=wf.spec.shared_context,
                 user_context_schema=wf.spec.user_context_schema,
                 paused=wf.spec.paused,
+                call_policy=wf.spec.call_policy,
             )
 
     for located_or_rejected, spec in agent_specs:
@@ -228,6 +242,21 @@ def compile_bundle(
         if isinstance(sub, WebhookSubscription)
     ]
 
+    policies: dict[str, CallPolicySpec] = {}
+    for item in by_kind.get("CallPolicy", []):
+        policy: CallPolicy = item.resource  # type: ignore[assignment]
+        policies[policy.name] = policy.spec
+        if policy.spec.voicemail is not None and policy.spec.voicemail.message is not None:
+            errors += [
+                _at(item, "spec.voicemail.message", p.message + (f" (line {p.line})" if p.line else ""), "InvalidTemplate")
+                for p in templating.check(policy.spec.voicemail.message, templating.PROMPT_ROOTS)
+            ]
+    for located_or_rejected, spec in specs:
+        name = spec.get("callPolicy")
+        if isinstance(name, str) and name not in policies:
+            message = f"CallPolicy {name!r} does not exist{did_you_mean(name, policies)}"
+            errors.append(_at(located_or_rejected, "spec.callPolicy", message, "CallPolicyNotFound"))
+
     if errors:
         return CompileResult(None, errors, warnings)
     bundle = Bundle(
@@ -237,6 +266,7 @@ def compile_bundle(
         workflows=workflows,
         keys=keys,
         subscriptions=subscriptions,
+        policies=policies,
     )
     return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
 

@@ -66,7 +66,20 @@ async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bo
     A scheduled call is stored on its schedule subject and the server itself publishes it to the
     dispatch subject at `scheduled_for` (JetStream message schedules): until then it is in no
     consumer's view, holds no ack-pending slot and no dialer memory, whatever the backlog."""
-    headers = {"Nats-Msg-Id": call.call_id}
+    return await _publish(js, call, call.call_id, timeout)
+
+
+async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0) -> CallRequest:
+    """Queue the call again to be dispatched at `until` (outside its calling window, under its
+    frequency cap, or waiting to retry), the same way as a scheduled call. `msg_id` names this
+    deferral, so the dialer that defers and then dies before acking re-publishes nothing new."""
+    later = call.model_copy(update={"scheduled_for": until})
+    await _publish(js, later, msg_id, timeout)
+    return later
+
+
+async def _publish(js: JetStreamContext, call: CallRequest, msg_id: str, timeout: float) -> bool:
+    headers = {"Nats-Msg-Id": msg_id}
     subject = bus.dispatch_subject(call.tenant, call.call_id)
     if call.scheduled_for is not None:
         headers |= {"Nats-Schedule": "@at " + call.scheduled_for.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -77,11 +90,14 @@ async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bo
 
 
 async def fetch(js: JetStreamContext, tenant: str, call_id: str) -> CallRequest | None:
-    """The call as queued: on its dispatch subject, or, while it waits, on its schedule subject."""
+    """The call as last queued: on its dispatch subject, or on its schedule subject while it waits
+    (the newer of the two when it was deferred after a dispatch)."""
+    found: list[tuple[int, bytes]] = []
     for subject in (bus.dispatch_subject(tenant, call_id), bus.schedule_subject(tenant, call_id)):
         try:
             msg = await js.get_last_msg(bus.CALLS_STREAM, subject, direct=True)
         except NotFoundError:
             continue
-        return CallRequest.model_validate_json(msg.data) if msg.data else None
-    return None
+        if msg.data:
+            found.append((msg.seq or 0, msg.data))
+    return CallRequest.model_validate_json(max(found)[1]) if found else None

@@ -52,6 +52,11 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
                 out[key] = structural(value, defs)
         elif key == "default" and value is None:
             continue
+        elif key == "default" and isinstance(value, dict):
+            # An API server refuses a null inside a default for a field that is not nullable.
+            out[key] = {k: v for k, v in value.items() if v is not None}
+        elif key == "description":
+            out[key] = " ".join(value.split())  # docstrings wrap; the API shows one paragraph
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             # JSON Schema's numeric form; Kubernetes' OpenAPI v3 wants the bound plus a flag.
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value

@@ -1,4 +1,4 @@
-"""The four custom resources (Agent, Workflow, ApiKey, WebhookSubscription) as pydantic models.
+"""The five custom resources (Agent, Workflow, ApiKey, WebhookSubscription, CallPolicy) as pydantic models.
 
 These models are the single source of truth: `agent-studio crds` generates `crds/*.yaml` from them,
 `agent-studio validate` and the operator parse manifests with them, and the bundle compiler reads them.
@@ -14,6 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from agentstudio.calling_hours import CallingRules
 
 GROUP = "agentstudio.io"
 VERSION = "v1alpha1"
@@ -230,6 +232,11 @@ class AgentSpec(Model):
     silence_timeout_seconds: Annotated[
         int, Field(ge=3, le=120, description="Seconds of callee silence before the agent checks in or ends.")
     ] = 15
+    call_policy: Annotated[
+        Slug | None,
+        Field(description="Name of the CallPolicy for calls that start with this agent (a workflow's own "
+                          "callPolicy comes first); unset: the namespace's CallPolicy named default, if any."),
+    ] = None
     allowed_hosts: Annotated[
         list[Annotated[str, Field(max_length=253)]],
         Field(
@@ -278,6 +285,11 @@ class WorkflowSpec(Model):
     user_context_schema: Annotated[
         FreeObject | None,
         Field(description="JSON Schema that ingest checks user_context against (400 naming the field)."),
+    ] = None
+    call_policy: Annotated[
+        Slug | None,
+        Field(description="Name of the CallPolicy for the workflow's calls; unset: its entry agent's, "
+                          "else the namespace's CallPolicy named default, if any."),
     ] = None
     paused: Annotated[
         bool,
@@ -397,6 +409,73 @@ def webhook_secret_ref(name: str, spec: WebhookSubscriptionSpec) -> SecretKeyRef
     """Where a subscription's whsec_ signing secret lives: the referenced Secret, or the one the
     operator generates (`<subscription>-webhook-secret`, data `secret`)."""
     return spec.secret_ref or SecretKeyRef(name=f"{name}-webhook-secret", key=WEBHOOK_SECRET_KEY)
+
+
+# --- CallPolicy ----------------------------------------------------------------------------
+
+RetryOutcome = Literal["no_answer", "busy", "failed", "voicemail"]
+DEFAULT_POLICY_NAME = "default"  # the namespace's policy for calls whose Workflow/Agent names none
+
+
+class Retries(Model):
+    """Attempts after an unanswered call; every attempt waits for the calling window."""
+
+    max_attempts: Annotated[
+        int, Field(ge=1, le=10, description="Attempts in all, the first included; 1 = never retry.")
+    ] = 1
+    # Not `on`: YAML 1.1 (PyYAML, many GitOps tools) reads an unquoted `on` key as the boolean true.
+    outcomes: Annotated[
+        list[RetryOutcome],
+        Field(max_length=4, description="Outcomes that are retried: no_answer, busy, failed (the provider "
+              "could not connect it), voicemail (a machine answered).",
+              json_schema_extra={"x-kubernetes-list-type": "set"}),
+    ] = Field(default_factory=lambda: ["no_answer", "busy"])
+    delays_seconds: Annotated[
+        list[Annotated[int, Field(ge=1, le=3 * 86400)]],
+        Field(min_length=1, max_length=9, description="Wait before attempt 2, 3, ...; the last repeats. "
+              "A retry due outside the calling window waits for its next opening."),
+    ] = Field(default_factory=lambda: [1800])
+
+
+class Voicemail(Model):
+    """What to do when a machine answers (Twilio answering-machine detection)."""
+
+    action: Annotated[
+        Literal["hang_up", "leave_message"],
+        Field(description="hang_up: end the call at once; leave_message: wait for the beep, speak "
+              "`message`, hang up. Either way the outcome is `voicemail` (retried if retries.outcomes says so)."),
+    ]
+    message: Annotated[
+        Template | None,
+        Field(description="leave_message: what is said after the beep; a template like an agent's prompt."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _message_for_leave(self) -> Voicemail:
+        if self.action == "leave_message" and not self.message:
+            raise ValueError("leave_message needs message")
+        return self
+
+
+class CallPolicySpec(CallingRules):
+    """When and how often a number may be called, and what happens when nobody (or a machine) answers.
+
+    `preset`: the jurisdiction rules by name, `auto` (by the callee's number) or `none`; `hours`
+    replaces the preset's hours and `cap` its frequency cap."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "!has(self.voicemail) || self.voicemail.action != 'leave_message' || has(self.voicemail.message)",
+             "message": "voicemail: leave_message needs message"},
+        ]},
+    )
+
+    description: Annotated[str, Field(max_length=4096)] = ""
+    retries: Retries = Field(default_factory=Retries)
+    voicemail: Annotated[
+        Voicemail | None, Field(description="Unset: no answering-machine detection; whoever answers hears the agent.")
+    ] = None
 
 
 # --- Status and the resource envelope ------------------------------------------------------
@@ -544,5 +623,24 @@ class WebhookSubscription(Resource):
     spec: WebhookSubscriptionSpec
 
 
-KINDS: dict[str, type[Resource]] = {k.KIND: k for k in (Agent, Workflow, ApiKey, WebhookSubscription)}
-AnyResource = Agent | Workflow | ApiKey | WebhookSubscription
+class CallPolicy(Resource):
+    KIND = "CallPolicy"
+    PLURAL = "callpolicies"
+    SHORT_NAMES = ("cpol",)
+    DESCRIPTION = ("Calling hours (in the callee's time zones), frequency cap, retries and voicemail; "
+                   "the one named default applies to the namespace's calls that name none.")
+    PRINTER_COLUMNS = (
+        READY,
+        {"name": "Preset", "type": "string", "jsonPath": ".spec.preset"},
+        {"name": "Attempts", "type": "integer", "jsonPath": ".spec.retries.maxAttempts"},
+        REASON,
+        AGE,
+    )
+    kind: Literal["CallPolicy"]
+    spec: CallPolicySpec
+
+
+KINDS: dict[str, type[Resource]] = {
+    k.KIND: k for k in (Agent, Workflow, ApiKey, WebhookSubscription, CallPolicy)
+}
+AnyResource = Agent | Workflow | ApiKey | WebhookSubscription | CallPolicy

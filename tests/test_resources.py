@@ -75,7 +75,11 @@ def test_crds_are_structural_and_discoverable(name: str) -> None:
     assert version["subresources"] == {"status": {}}
     columns = {c["name"] for c in version["additionalPrinterColumns"]}
     assert {"Ready", "Age"} <= columns
-    assert schema["properties"]["spec"]["required"]
+    assert schema["required"] == ["spec"]
+    if name.startswith("callpolicies."):
+        assert "required" not in schema["properties"]["spec"]  # `spec: {}` is the preset for each number
+    else:
+        assert schema["properties"]["spec"]["required"]
 
 
 def test_crd_schemas_carry_patterns_enums_and_cross_field_rules() -> None:

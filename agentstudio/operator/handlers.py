@@ -21,7 +21,8 @@ AGENTS = (GROUP, VERSION, "agents")
 WORKFLOWS = (GROUP, VERSION, "workflows")
 APIKEYS = (GROUP, VERSION, "apikeys")
 SUBSCRIPTIONS = (GROUP, VERSION, "webhooksubscriptions")
-ALL = (AGENTS, WORKFLOWS, APIKEYS, SUBSCRIPTIONS)
+POLICIES = (GROUP, VERSION, "callpolicies")
+ALL = (AGENTS, WORKFLOWS, APIKEYS, SUBSCRIPTIONS, POLICIES)
 
 
 @kopf.on.startup()
@@ -69,6 +70,11 @@ def subscriptions_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dic
     return {namespace: _keep(body)}
 
 
+@kopf.index(*POLICIES)
+def policies_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    return {namespace: _keep(body)}
+
+
 def resources_of(indexes: dict[str, kopf.Index[str, dict[str, Any]]], namespace: str) -> list[dict[str, Any]]:
     if not indexes:  # no handler has run yet: kopf is still listing; an empty answer would be a lie
         raise IndexesNotReady(namespace)
@@ -79,7 +85,8 @@ def resources_of(indexes: dict[str, kopf.Index[str, dict[str, Any]]], namespace:
 # namespace. Status-only changes (our own writes) are ignored.
 
 
-INDEXES = ("agents_by_namespace", "workflows_by_namespace", "apikeys_by_namespace", "subscriptions_by_namespace")
+INDEXES = ("agents_by_namespace", "workflows_by_namespace", "apikeys_by_namespace", "subscriptions_by_namespace",
+           "policies_by_namespace")
 
 
 def _reconciler(memo: kopf.Memo, kwargs: dict[str, Any]) -> Reconciler:
@@ -105,7 +112,7 @@ async def _on_change(type: str | None, body: kopf.Body, namespace: str, memo: ko
         _reconciler(memo, kwargs).schedule(namespace)
 
 
-for _resource in (AGENTS, WORKFLOWS):
+for _resource in (AGENTS, WORKFLOWS, POLICIES):
     kopf.on.event(*_resource)(_on_change)
 
 
