@@ -465,7 +465,7 @@ def test_uninstalling_one_tenant_leaves_the_other_and_the_crds(cluster: Installe
         assert time.monotonic() < deadline, [p["metadata"]["name"] for p in pods]
         time.sleep(1)
     crds = node.kubectl("get", "crd", "-o", "name")
-    for kind in ("agents", "workflows", "apikeys", "webhooksubscriptions"):
+    for kind in ("agents", "workflows", "apikeys", "webhooksubscriptions", "callpolicies"):
         assert f"customresourcedefinition.apiextensions.k8s.io/{kind}.agentstudio.io" in crds
     posted = cluster.client("post", cluster.ingest(a), campaign.key, json.dumps(SEED_BODY), "--prefix", uuid.uuid4().hex)
     [call_id] = posted["accepted"].values()

@@ -321,6 +321,36 @@ async def test_workflow_naming_a_missing_agent_is_not_ready_and_changes_nothing(
     assert await eventually(lambda: _newer(svc, ns, good.version))
 
 
+async def test_a_call_policy_reaches_the_bundle_and_a_missing_or_broken_one_is_reported(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    ns = cluster.namespaces[0]
+    cluster.apply(ns, manifests(EXAMPLES))
+    cluster.wait_ready(ns, "Workflow", "free-trial-followup")
+    good = await eventually(lambda: _bundle_with(svc, ns, "trial-followup-agent"))
+    workflow = cluster.get(ns, "Workflow", "free-trial-followup")
+    workflow["spec"]["callPolicy"] = "evenings"
+    cluster.apply(ns, [{k: workflow[k] for k in ("apiVersion", "kind", "metadata", "spec")}])
+    condition = cluster.wait_ready(ns, "Workflow", "free-trial-followup", status="False")
+    assert condition["reason"] == "CallPolicyNotFound" and "'evenings'" in condition["message"]
+    await asyncio.sleep(1)
+    assert svc.snapshot.bundles[ns].version == good.version  # the last good bundle stays in force
+
+    # A preset our models do not know passes the CRD schema (it is data, not an enum) but not the compile.
+    policy = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CallPolicy", "metadata": {"name": "evenings"},
+              "spec": {"preset": "narnia", "retries": {"maxAttempts": 2}}}
+    cluster.apply(ns, [policy])
+    condition = cluster.wait_ready(ns, "CallPolicy", "evenings", status="False")
+    assert "'narnia' is not a preset" in condition["message"], condition
+    policy["spec"]["preset"] = "none"
+    policy["spec"]["hours"] = {"mon": ["18:00-21:00"], "defaultZone": "Asia/Kolkata"}
+    cluster.apply(ns, [policy])
+    cluster.wait_ready(ns, "CallPolicy", "evenings")
+    cluster.wait_ready(ns, "Workflow", "free-trial-followup")
+    await eventually(lambda: _newer(svc, ns, good.version))
+    applied = svc.snapshot.bundles[ns].policy_for("free-trial-followup", None)
+    assert applied is not None and applied.retries.max_attempts == 2 and str(applied.hours.mon[0]) == "18:00-21:00"
+
+
 def test_a_workflow_naming_an_agent_our_models_refuse_says_it_is_invalid(cluster: Cluster) -> None:
     """Duplicate tool names pass the CRD schema but not the Agent model: the Workflow that names the
     agent must say the agent is invalid, not that it does not exist."""
@@ -447,13 +477,13 @@ async def test_two_replicas_do_not_fight(cluster: Cluster, tmp_path: Path) -> No
         second.stop_operator()
 
 
-def test_kubectl_get_agentstudio_lists_all_four_kinds(control_plane: controlplane.ControlPlane) -> None:
+def test_kubectl_get_agentstudio_lists_all_five_kinds(control_plane: controlplane.ControlPlane) -> None:
     """`kubectl get agentstudio` expands the category through discovery; check what it reads."""
     ca = ssl.create_default_context(cafile=str(control_plane.directory / "certs" / "ca.crt"))
     discovery = httpx.get(f"{control_plane.url}/apis/{GROUP}/{VERSION}", verify=ca,
                           headers={"Authorization": f"Bearer {control_plane.tokens['admin']}"}).json()
     in_category = {r["kind"] for r in discovery["resources"] if "agentstudio" in r.get("categories", [])}
-    assert in_category == {"Agent", "Workflow", "ApiKey", "WebhookSubscription"}
+    assert in_category == {"Agent", "Workflow", "ApiKey", "WebhookSubscription", "CallPolicy"}
 
 
 async def test_a_key_from_a_gitops_managed_secret(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]

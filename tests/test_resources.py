@@ -224,7 +224,7 @@ spce: {prompt: "Hi"}
         "(document 2) Workflow/support spec.entryAgent: agent 'helpr' does not exist; did you mean 'helper'?",
         "(document 2) Workflow/support spec.handoffs[0].to: agent 'helper' is not one of the workflow's agents; "
         "did you mean 'helpr'?",
-        "(document 3) kind: must be one of Agent, Workflow, ApiKey, WebhookSubscription; did you mean 'Agent'?",
+        "(document 3) kind: must be one of Agent, Workflow, ApiKey, WebhookSubscription, CallPolicy; did you mean 'Agent'?",
         "(document 4) Agent/y spec.tools[0].action.mehtod: unknown field; did you mean 'method'?",
         "(document 5) Agent/z spce: unknown field; did you mean 'spec'?",
     ):
