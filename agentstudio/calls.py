@@ -42,6 +42,7 @@ class CallRequest(BaseModel):
     bundle_version: int
     status: Literal["pending"] = "pending"
     scheduled_for: datetime | None = None  # dialed no earlier than this (a JetStream message schedule)
+    requeued: int = 0  # 0: as accepted; n: the n-th time it was queued again (defer)
 
 
 def new_call_id(tenant: str, api_key: str, idempotency_key: str | None) -> str:
@@ -73,7 +74,7 @@ async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id
     """Queue the call again to be dispatched at `until` (outside its calling window, under its
     frequency cap, or waiting to retry), the same way as a scheduled call. `msg_id` names this
     deferral, so the dialer that defers and then dies before acking re-publishes nothing new."""
-    later = call.model_copy(update={"scheduled_for": until})
+    later = call.model_copy(update={"scheduled_for": until, "requeued": call.requeued + 1})
     await _publish(js, later, msg_id, timeout)
     return later
 

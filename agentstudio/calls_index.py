@@ -138,7 +138,10 @@ async def find(
     listed: set[str] = set()
     async with aclosing(_windows(js, tenant, below)) as windows:
         async for window in windows:
-            admitted = [(seq, call) for seq, call in window if which.admits(call) and call.call_id not in listed]
+            # A call is listed where it was accepted: its re-queued copies (deferred, retried) would
+            # list it again, on another page, out of its place in "newest first".
+            admitted = [(seq, call) for seq, call in window
+                        if not call.requeued and which.admits(call) and call.call_id not in listed]
             listed.update(call.call_id for _, call in admitted)
             for start in range(0, len(admitted), batch):
                 part = admitted[start:start + batch]

@@ -13,7 +13,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from agentstudio import bus
+from agentstudio import bus, calls
 from agentstudio.dialer.worker import CONSUMER
 from conftest import Tenant
 from test_dialer import MANIFESTS, api, dialers, tenant_for_calls, until_status  # noqa: F401 - fixtures
@@ -88,3 +88,28 @@ async def test_a_canceled_scheduled_call_is_never_dialed(  # type: ignore[no-unt
         record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
     assert record["status"] == "canceled"
     assert [e["status"] for e in record["events"]] == ["pending", "canceled"]
+
+
+async def test_a_deferred_call_is_listed_once_where_it_was_accepted(  # type: ignore[no-untyped-def]
+    js: JetStreamContext, api: httpx.AsyncClient, tenant_for_calls: Tenant
+) -> None:
+    """Deferring (calling windows, caps, retries) queues a call again; page by page, the listing
+    still shows each call once, in the order they were accepted."""
+    t = tenant_for_calls
+    # Queued for now with no dialer running: each stays on its dispatch subject, where a dialer defers from.
+    accepted = [(await schedule(api, t, None)).json()["call_id"] for _ in range(3)]
+    first = await calls.fetch(js, t.name, accepted[0])
+    assert first is not None
+    later = await calls.defer(js, first, datetime.now(timezone.utc) + timedelta(hours=2), f"test-defer-{first.call_id}-1")
+    await calls.defer(js, later, datetime.now(timezone.utc) + timedelta(hours=3), f"test-defer-{first.call_id}-2")
+    assert (await calls.fetch(js, t.name, accepted[0])).requeued == 2  # type: ignore[union-attr]
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "1", **({"cursor": cursor} if cursor else {})}
+        page = (await api.get("/api/v1/calls", params=params, headers=t.auth("test"))).json()
+        seen += [c["call_id"] for c in page["data"]]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    assert seen == accepted[::-1]
