@@ -101,7 +101,9 @@ class Found:
 
     @property
     def status(self) -> str:
-        return self.state.status if self.state is not None else waiting_status(self.call)
+        if self.state is None or self.state.status == "pending":
+            return waiting_status(self.call)  # a retry waits for its time as a scheduled call does
+        return self.state.status
 
 
 def encode_cursor(below: int) -> str:

@@ -3,6 +3,9 @@ only by compare-and-set, so concurrent writers (dialers, provider callbacks) nev
 and a call moves only forward.
 
 pending → dialing → ringing → in_progress → completed | failed | no_answer | busy | canceled
+
+The one way back is `retried`: an attempt that ended with an outcome its CallPolicy retries, with
+attempts left, goes into the call's history and the call waits (pending) for its next attempt.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentstudio.calls import CallRequest
+from agentstudio.resources import Retries, Voicemail
 
 CallStatus = Literal[
     "pending", "dialing", "ringing", "in_progress", "completed", "failed", "no_answer", "busy", "canceled"
 ]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "no_answer", "busy", "canceled"})
+# Twilio's AnsweredBy values that mean a machine (or a fax) took the call, not a person.
+MACHINE_ANSWERS: frozenset[str] = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"})
 _RANK = {"pending": 0, "dialing": 1, "ringing": 2, "in_progress": 3}
 
 
@@ -40,6 +47,22 @@ class CallEvent(BaseModel):
     status: CallStatus
     at: datetime
     detail: str | None = None
+    attempt: int = 1
+
+
+class Attempt(BaseModel):
+    """One ended attempt of a call: what a receiver reads in `attempts` of every status event."""
+
+    attempt: int
+    outcome: str  # the attempt's status, or voicemail when a machine answered
+    started_at: datetime | None = None  # when a dialer claimed it
+    answered_at: datetime | None = None
+    ended_at: datetime
+    duration_seconds: int = 0
+    error: CallError | None = None
+    provider_call_id: str | None = None
+    answered_by: str | None = None
+    next_attempt_at: datetime | None = None  # set when the call was retried after it
 
 
 class CallState(BaseModel):
@@ -64,6 +87,15 @@ class CallState(BaseModel):
     # "open" while an agent talks on the call: its end event waits until the transcript is final.
     conversation: Literal["open", "closed"] | None = None
     end_reason: str | None = None  # why the conversation ended: end_call, callee_hangup, silence, ...
+    # Attempts, numbered from 1 (`attempts` above counts tries to place the current one). The
+    # policy's retries and voicemail are copied here when a dialer claims the call (the voicemail
+    # message rendered), so whoever hears the provider's outcome decides without the bundle.
+    attempt: int = 1
+    history: list[Attempt] = Field(default_factory=list)  # the attempts before this one
+    next_attempt_at: datetime | None = None
+    answered_by: str | None = None  # Twilio's AnsweredBy (answering-machine detection)
+    retries: Retries | None = None
+    voicemail: Voicemail | None = None
 
     @classmethod
     def new(cls, call: CallRequest) -> CallState:
@@ -77,6 +109,92 @@ class CallState(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def machine(self) -> bool:
+        return self.answered_by in MACHINE_ANSWERS
+
+    def machine_answered(self, answered_by: str) -> CallState | None:
+        """Answering-machine detection's verdict on the attempt under way (None once it has ended)."""
+        if self.terminal or self.status == "pending":
+            return None
+        return self.model_copy(update={"answered_by": answered_by})
+
+    @property
+    def voicemail_message(self) -> str | None:
+        """What was left on the machine, when the policy leaves a message and a machine answered."""
+        if self.machine and self.voicemail is not None and self.voicemail.action == "leave_message":
+            return self.voicemail.message
+        return None
+
+    def outcome(self, status: str) -> str:
+        """What an attempt ending in `status` counts as: voicemail when a machine took it."""
+        return "voicemail" if status == "completed" and self.machine else status
+
+    def retry_delay(self, outcome: str) -> int | None:
+        """Seconds until the next attempt when an attempt ending with `outcome` is retried, else None.
+        A failure after an answer is not retried: someone already spoke with the agent."""
+        retries = self.retries
+        if retries is None or self.attempt >= retries.max_attempts or outcome not in retries.outcomes:
+            return None
+        if outcome == "failed" and self.answered_at is not None:
+            return None
+        return retries.delays_seconds[min(self.attempt, len(retries.delays_seconds)) - 1]
+
+    def attempt_of(self, provider_call_id: str) -> Attempt | None:
+        """The earlier attempt the provider placed as `provider_call_id`, if it was one."""
+        return next((a for a in self.history if a.provider_call_id == provider_call_id), None)
+
+    def ended_attempt(self, outcome: str, at: datetime, *, error: CallError | None = None,
+                      duration_seconds: int | None = None, next_attempt_at: datetime | None = None) -> Attempt:
+        if duration_seconds is None:
+            duration_seconds = max(0, int((at - self.answered_at).total_seconds())) if self.answered_at else 0
+        return Attempt(attempt=self.attempt, outcome=outcome, started_at=self.claimed_at, answered_at=self.answered_at,
+                       ended_at=at, duration_seconds=duration_seconds, error=error,
+                       provider_call_id=self.provider_call_id, answered_by=self.answered_by,
+                       next_attempt_at=next_attempt_at)
+
+    @property
+    def all_attempts(self) -> list[Attempt]:
+        """Every ended attempt, this one included once the call has ended."""
+        if not self.terminal or self.ended_at is None:
+            return list(self.history)
+        last = self.ended_attempt(self.outcome(self.status), self.ended_at, error=self.error,
+                                  duration_seconds=self.duration_seconds)
+        return [*self.history, last]
+
+    def retried(
+        self,
+        status: CallStatus,
+        retry_at: datetime,
+        *,
+        at: datetime | None = None,
+        detail: str | None = None,
+        error: CallError | None = None,
+        duration_seconds: int | None = None,
+    ) -> CallState | None:
+        """This attempt ended with `status` and the call waits for its next one at `retry_at`: the
+        attempt goes into the history, the call is pending again with attempt + 1 and nothing of the
+        ended attempt's progress (provider id, claim, answer). None when no attempt is under way."""
+        if self.terminal or self.status == "pending":
+            return None
+        at = at or now()
+        ended = self.ended_attempt(self.outcome(status), at, error=error, duration_seconds=duration_seconds,
+                                   next_attempt_at=retry_at)
+        return self.model_copy(update={
+            "status": "pending",
+            "events": [*self.events,
+                       CallEvent(status=status, at=at, detail=detail, attempt=self.attempt),
+                       CallEvent(status="pending", at=at, attempt=self.attempt + 1,
+                                 detail=f"attempt {self.attempt + 1} at {retry_at.isoformat()}")],
+            "attempt": self.attempt + 1,
+            "history": [*self.history, ended],
+            "next_attempt_at": retry_at,
+            "attempts": 0,  # tries to place the new attempt start again
+            "provider": None, "provider_call_id": None, "dialer": None, "claimed_at": None,
+            "answered_at": None, "answered_by": None, "error": None, "end_reason": None, "conversation": None,
+            "transcript": [], "captured": {},  # a machine's, if anything: the next attempt's own come after
+        })
 
     def advanced(
         self,
@@ -95,7 +213,7 @@ class CallState(BaseModel):
         at = at or now()
         update: dict[str, Any] = {
             "status": status,
-            "events": [*self.events, CallEvent(status=status, at=at, detail=detail)],
+            "events": [*self.events, CallEvent(status=status, at=at, detail=detail, attempt=self.attempt)],
         }
         if status == "in_progress":
             update["answered_at"] = at
@@ -104,6 +222,8 @@ class CallState(BaseModel):
             update["error"] = error
             if end_reason is not None:
                 update["end_reason"] = end_reason
+            elif status == "completed" and self.machine:
+                update["end_reason"] = "voicemail"
             if duration_seconds is not None:
                 update["duration_seconds"] = duration_seconds
             elif self.answered_at is not None:

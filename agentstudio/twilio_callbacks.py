@@ -7,6 +7,7 @@ from agentstudio.callstate import CallStatus
 
 STATUS_CALLBACK_PATH = "/api/v1/providers/twilio/status"  # call status changes
 RELAY_ENDED_PATH = "/api/v1/providers/twilio/relay-ended"  # <Connect action>: the relay session ended
+AMD_CALLBACK_PATH = "/api/v1/providers/twilio/amd"  # AsyncAmdStatusCallback: a human or a machine answered
 
 # A call's status as Twilio names it (CallStatus in a callback, `status` of the Call resource) -> ours.
 TWILIO_STATUS: dict[str, CallStatus] = {

@@ -51,9 +51,9 @@ class CountingSimulator(SimulatedProvider):
         super().__init__(*args, **kwargs)
         self.placed: list[str] = []
 
-    async def place(self, call):  # type: ignore[no-untyped-def]
+    async def place(self, call, voicemail=None):  # type: ignore[no-untyped-def]
         self.placed.append(call.call_id)
-        return await super().place(call)
+        return await super().place(call, voicemail)
 
 
 @asynccontextmanager

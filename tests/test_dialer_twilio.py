@@ -284,7 +284,8 @@ async def test_a_call_still_queued_at_twilio_is_found_after_a_dialer_died(twilio
     (Call resource, `start_time`), so only when it was created can find it."""
     from datetime import datetime, timedelta, timezone
 
-    from agentstudio.dialer.providers import TwilioProvider, twilio_client
+    from agentstudio.dialer.providers import TwilioProvider
+    from agentstudio.twilio_api import twilio_client
 
     provider = TwilioProvider(twilio_client(twilio_mock.account_sid, twilio_mock.auth_token, twilio_mock.base_url),
                               FROM, PUBLIC, ring_timeout_seconds=30)

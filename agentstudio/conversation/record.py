@@ -26,6 +26,7 @@ class CallRecorder:
         self._dirty = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._attempt = 1  # the attempt this conversation is on: a retried call's next one is not its
 
     async def open(self) -> CallState | None:
         """Take the call for this conversation: None when it has ended or already has one (a replayed
@@ -34,8 +35,9 @@ class CallRecorder:
             self.tenant, self.call_id,
             lambda s: s.model_copy(update={"conversation": "open"}) if s and s.conversation is None and not s.terminal else None,
         )
-        if not changed:
+        if not changed or state is None:
             return None
+        self._attempt = state.attempt
         self._writer = asyncio.create_task(self._write_loop(), name=f"record-{self.call_id}")
         return state
 
@@ -66,12 +68,14 @@ class CallRecorder:
         return None
 
     def _apply(self, state: CallState | None, close: bool = False) -> CallState | None:
-        if state is None:
+        if state is None or state.attempt != self._attempt:
             return None
         update: dict[str, Any] = {"conversation": "closed"} if close else {}
         if self._latest is not None:
             transcript, captured, end_reason = self._latest
-            update.update(transcript=[t.record() for t in transcript], captured=dict(captured), end_reason=end_reason)
+            # A machine's greeting cut off by the voicemail policy is not the callee hanging up.
+            update.update(transcript=[t.record() for t in transcript], captured=dict(captured),
+                          end_reason="voicemail" if state.machine else end_reason)
         return state.model_copy(update=update) if update else None
 
     async def _write_loop(self) -> None:

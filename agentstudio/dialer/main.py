@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from datetime import timedelta
 from collections.abc import Callable
@@ -12,19 +13,20 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 
-from agentstudio import bus
+from agentstudio import bus, templating
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
-from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider, twilio_client
+from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider
 from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
-from agentstudio.dialer.worker import Dialer
+from agentstudio.dialer.worker import AttemptRules, Dialer
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
 from agentstudio.resources import AgentSpec
 from agentstudio.conversation import relay
+from agentstudio.conversation.variables import call_variables
 from agentstudio.conversation.conversation import Limits, Tools
 from agentstudio.conversation.llm import ChatModel
 from agentstudio.conversation.outbound import ApiCaller
@@ -32,6 +34,9 @@ from agentstudio.conversation.runtime import VoiceRuntime
 from agentstudio.conversation.transcript import Turn
 from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS, Settings
 from agentstudio.tracking import CallTracker
+from agentstudio.twilio_api import twilio_client
+
+log = logging.getLogger("agentstudio.dialer")
 
 
 async def tracker_for(nc: NATS) -> CallTracker:
@@ -57,7 +62,8 @@ async def build(
                               max_call_seconds=settings.max_call_seconds)
     dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
-                  paused=paused_calls(bundles, settings.dialing_paused))
+                  paused=paused_calls(bundles, settings.dialing_paused),
+                  rules=attempt_rules(bundles) if bundles else lambda call: None)
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -80,6 +86,30 @@ def paused_calls(bundles: BundleWatcher | None, everything: bool = False) -> Cal
         return workflow is not None and workflow.paused
 
     return paused
+
+
+def attempt_rules(bundles: BundleWatcher) -> Callable[[CallRequest], AttemptRules | None]:
+    """A call's retries and voicemail from its CallPolicy in the tenant's current bundle, the
+    voicemail message rendered over the call's variables as an agent's first message is."""
+
+    def rules(call: CallRequest) -> AttemptRules | None:
+        bundle = bundles.snapshot.bundles.get(call.tenant)
+        policy = bundle.policy_for(call.workflow_slug, call.agent_slug) if bundle else None
+        if bundle is None or policy is None:
+            return None
+        voicemail = policy.voicemail
+        if voicemail is not None and voicemail.message is not None:
+            workflow = bundle.workflows.get(call.workflow_slug) if call.workflow_slug else None
+            variables = call_variables(call, workflow, bundle.entry_slug(call.workflow_slug, call.agent_slug) or "")
+            try:
+                voicemail = voicemail.model_copy(update={"message": templating.render(voicemail.message, variables)})
+            except Exception:  # noqa: BLE001 - the sandbox refusing what the template does with this call's data
+                log.warning("voicemail message could not be rendered; hanging up on machines instead",
+                            extra={"call_id": call.call_id, "tenant": call.tenant})
+                voicemail = voicemail.model_copy(update={"action": "hang_up", "message": None})
+        return AttemptRules(policy.retries, voicemail)
+
+    return rules
 
 
 def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:

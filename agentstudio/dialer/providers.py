@@ -18,13 +18,13 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from agentstudio.calls import CallRequest
-from agentstudio.resources import AgentSpec
+from agentstudio.resources import AgentSpec, Voicemail
 from agentstudio.conversation.relay import relay_url
 from agentstudio.dialer import phone_line
 from agentstudio.dialer.phone_line import Callee
-from agentstudio.callstate import CallError, CallStatus
+from agentstudio.callstate import CallError, CallState, CallStatus
 from agentstudio.tracking import CallTracker
-from agentstudio.twilio_callbacks import RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
+from agentstudio.twilio_callbacks import AMD_CALLBACK_PATH, RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
 from agentstudio.settings import TIME_LIMIT_BACKSTOP_SECONDS
 
 log = logging.getLogger("agentstudio.dialer")
@@ -52,8 +52,10 @@ class Report:
 class Provider(Protocol):
     name: str
 
-    async def place(self, call: CallRequest) -> str:
-        """Start the call; return the provider's call id. Raises ProviderError when refused."""
+    async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
+        """Start the call; return the provider's call id. Raises ProviderError when refused.
+        `voicemail`: the call's policy for a machine answering (its message rendered); None: no
+        answering-machine detection, whoever answers hears the agent."""
 
     async def find(self, call: CallRequest, since: datetime) -> str | None:
         """The provider's id of this call if it was placed at or after `since` (a dialer died
@@ -67,10 +69,13 @@ class Provider(Protocol):
 
 
 class SimulatedProvider:
-    """Rings, then plays out `metadata.simulate_outcome` (completed, no_answer, busy, failed; default
-    completed) after `metadata.simulate_duration_seconds` (default 2) of conversation — or, when
+    """Rings, then plays out `metadata.simulate_outcome` (completed, no_answer, busy, failed, voicemail;
+    default completed) after `metadata.simulate_duration_seconds` (default 2) of conversation — or, when
     `callees` puts someone on the line, connects the answered call to the agent over the relay
-    WebSocket exactly as Twilio would, and hangs up when the conversation is over."""
+    WebSocket exactly as Twilio would, and hangs up when the conversation is over. A comma list plays
+    one outcome per attempt (`no_answer,busy,completed`; the last repeats). `voicemail` is a machine
+    answering: with a voicemail policy it is detected as Twilio's async AMD would report it, and the
+    message left or the call hung up; without one, the machine just hears the agent, as a person would."""
 
     name = "simulated"
 
@@ -92,10 +97,10 @@ class SimulatedProvider:
         self._placed: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def place(self, call: CallRequest) -> str:
+    async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
         sid = "SIM" + uuid.uuid4().hex
         self._placed[call.call_id] = sid
-        task = asyncio.create_task(self._play(call, sid), name=f"simulated-{call.call_id}")
+        task = asyncio.create_task(self._play(call, sid, voicemail), name=f"simulated-{call.call_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return sid
@@ -109,16 +114,20 @@ class SimulatedProvider:
     async def drain(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _play(self, call: CallRequest, sid: str) -> None:
-        outcome = str(call.metadata.get("simulate_outcome") or "completed")
+    async def _play(self, call: CallRequest, sid: str, voicemail: Voicemail | None) -> None:
         given = call.metadata.get("simulate_duration_seconds")
         duration = 2.0 if given in (None, "") else float(given)
-        t, tenant, cid = _Persistent(self._tracker), call.tenant, call.call_id
+        t, tenant, cid = _Persistent(self._tracker, sid), call.tenant, call.call_id
         callee = self._callees(call) if self._callees is not None else None
         try:
-            await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
+            ringing = await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
+            outcome = _scripted(call, ringing.attempt if ringing is not None else 1)
             await asyncio.sleep(self._ring_seconds)
-            if callee is not None:
+            if outcome == "voicemail" and voicemail is not None:
+                await t.advance(tenant, cid, "in_progress")
+                await self._machine(tenant, cid, voicemail)
+                await t.advance(tenant, cid, "completed")
+            elif callee is not None:
                 await t.advance(tenant, cid, "in_progress")
                 on_token = self._on_token(call) if self._on_token is not None else None
                 async with phone_line.connect(self._relay_url, call, sid, on_token, self._auth_token) as line:
@@ -136,22 +145,36 @@ class SimulatedProvider:
         except Exception:  # noqa: BLE001 - a simulated call must not take the dialer down
             log.exception("simulated call failed", extra={"call_id": cid, "tenant": tenant})
 
+    async def _machine(self, tenant: str, call_id: str, voicemail: Voicemail) -> None:
+        """What Twilio's async AMD verdict brings about (ingest's route for it): the machine is
+        recorded, so the call's end counts as voicemail (and says the message the policy left)."""
+        answered_by = "machine_end_beep" if voicemail.action == "leave_message" else "machine_start"
+        await self._tracker.store.change(tenant, call_id, lambda s: s.machine_answered(answered_by) if s else None)
+
+
+def _scripted(call: CallRequest, attempt: int) -> str:
+    """The outcome `metadata.simulate_outcome` scripts for this attempt: one per attempt in a comma
+    list, the last repeating."""
+    given = str(call.metadata.get("simulate_outcome") or "completed")
+    outcomes = [o.strip() for o in given.split(",") if o.strip()] or ["completed"]
+    return outcomes[min(attempt, len(outcomes)) - 1]
+
 
 class _Persistent:
     """A tracker whose transitions wait out a NATS restart (a NATS pod rescheduled, a leader moved):
     the simulated provider is the only one that knows its calls' progress, and a transition lost
     would leave the call unfinished for hours. Retried for RECORD_RETRY_SECONDS, then given up."""
 
-    def __init__(self, tracker: CallTracker) -> None:
+    def __init__(self, tracker: CallTracker, sid: str) -> None:
         self._tracker = tracker
+        self._sid = sid  # every report names the attempt it is about, as Twilio's CallSid does
 
-    async def advance(self, tenant: str, call_id: str, status: CallStatus, **kw: Any) -> None:
+    async def advance(self, tenant: str, call_id: str, status: CallStatus, **kw: Any) -> CallState | None:
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + RECORD_RETRY_SECONDS, 0.2
         while True:
             try:
-                await self._tracker.advance(tenant, call_id, status, **kw)
-                return
+                return await self._tracker.advance(tenant, call_id, status, provider_call_id=self._sid, **kw)
             except (nats.errors.Error, asyncio.TimeoutError):
                 if loop.time() > deadline:
                     raise
@@ -170,7 +193,6 @@ class TwilioProvider:
         from_number: str,
         public_base_url: str,
         ring_timeout_seconds: int,
-        machine_detection: bool = False,
         agents_of: Callable[[CallRequest], list[AgentSpec]] | None = None,
         max_call_seconds: float | None = None,
     ) -> None:
@@ -178,7 +200,6 @@ class TwilioProvider:
         self._from = from_number
         self._base = public_base_url.rstrip("/")
         self._timeout = ring_timeout_seconds
-        self._amd = machine_detection
         self._agents_of = agents_of
         self._max_call_seconds = max_call_seconds
 
@@ -213,7 +234,10 @@ class TwilioProvider:
     def status_callback(self, call: CallRequest) -> str:
         return f"{self._base}{STATUS_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
 
-    async def place(self, call: CallRequest) -> str:
+    def amd_callback(self, call: CallRequest) -> str:
+        return f"{self._base}{AMD_CALLBACK_PATH}?" + urlencode({"call_id": call.call_id, "tenant": call.tenant})
+
+    async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
         agents = self._agents_of(call) if self._agents_of is not None else []
         agent = agents[0] if agents else None
         kwargs: dict[str, object] = {
@@ -229,8 +253,16 @@ class TwilioProvider:
             # Twilio's own hard stop, a minute after the agent's polite one, in case nothing else ends it.
             limit = min(agent.max_duration_seconds, self._max_call_seconds or agent.max_duration_seconds)
             kwargs["time_limit"] = int(limit) + TIME_LIMIT_BACKSTOP_SECONDS
-        if self._amd:
-            kwargs["machine_detection"] = "Enable"
+        if voicemail is not None:
+            # Async AMD: the agent answers at once while Twilio listens; its verdict arrives at
+            # AsyncAmdStatusCallback (with inline Twiml the only way to learn AnsweredBy). To leave a
+            # message, DetectMessageEnd waits for the greeting's end (the beep) before it reports.
+            kwargs |= {
+                "machine_detection": "DetectMessageEnd" if voicemail.action == "leave_message" else "Enable",
+                "async_amd": "true",
+                "async_amd_status_callback": self.amd_callback(call),
+                "async_amd_status_callback_method": "POST",
+            }
         try:
             created = await asyncio.to_thread(self._client.calls.create, **kwargs)
         except TwilioRestException as exc:
@@ -275,9 +307,3 @@ class TwilioProvider:
     async def drain(self) -> None:
         return None
 
-
-def twilio_client(account_sid: str, auth_token: str, api_base_url: str = "") -> Client:
-    client = Client(account_sid, auth_token)
-    if api_base_url:
-        client.api.base_url = api_base_url.rstrip("/")
-    return client

@@ -56,7 +56,7 @@ class Reconcile:
         if report is None:
             return None
         return await tracker.advance(state.tenant, state.call_id, report.status, error=report.error,
-                                     duration_seconds=report.duration_seconds,
+                                     duration_seconds=report.duration_seconds, provider_call_id=state.provider_call_id,
                                      detail=f"{self.provider.name} asked: its report was overdue")
 
 

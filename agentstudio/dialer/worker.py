@@ -14,6 +14,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -25,12 +26,21 @@ from agentstudio.callstate import CallError, CallState, CallStore, now
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.do_not_call import DoNotCall
+from agentstudio.resources import Retries, Voicemail
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.dialer")
 
 CONSUMER = "dialer"
+
+
+@dataclass(frozen=True)
+class AttemptRules:
+    """What a call's CallPolicy says about its attempts, copied onto the call when it is claimed."""
+
+    retries: Retries
+    voicemail: Voicemail | None  # its message rendered for this call
 
 
 class Dialer:
@@ -45,6 +55,7 @@ class Dialer:
         name: str | None = None,
         announce: Callable[[str], None] | None = None,
         paused: Callable[[CallRequest], bool] = lambda call: False,
+        rules: Callable[[CallRequest], AttemptRules | None] = lambda call: None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -59,6 +70,7 @@ class Dialer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
         self._paused = paused
+        self._rules = rules
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -118,6 +130,9 @@ class Dialer:
         assert state is not None
         if state.terminal or state.provider_call_id:
             await msg.ack()  # finished, or placed and now driven by the provider's callbacks
+            return
+        if state.next_attempt_at is not None and (call.scheduled_for is None or call.scheduled_for < state.next_attempt_at):
+            await msg.ack()  # a message of an earlier attempt (redelivered): the retry's own comes at its time
             return
         if state.status == "pending" and self._paused(call):
             # Back to the queue before taking a tenant slot or an in-flight slot: it is looked at
@@ -199,13 +214,14 @@ class Dialer:
             log.info("call canceled: number on the do-not-call list",
                      extra={"call_id": call.call_id, "tenant": call.tenant, "phone": phone.mask(call.phone_number)})
             return
-        if not await self._claim(call):
+        claimed = await self._claim(call)
+        if claimed is None:
             # Canceled (or finished) since it was read: never dialed, and its slot is free again.
             await self.concurrency.release(call.tenant, call.call_id)
             await msg.ack()
             return
         try:
-            sid = await provider.place(call)
+            sid = await provider.place(call, voicemail=claimed.voicemail)
         except ProviderError as exc:
             await self.tracker.advance(call.tenant, call.call_id, "failed", error=exc.error, detail=provider.name)
             await msg.ack()
@@ -222,24 +238,31 @@ class Dialer:
                    "phone": phone.mask(call.phone_number), "dialer": self.name},
         )
 
-    async def _claim(self, call: CallRequest) -> bool:
-        """Whether this dialer may place the call: the compare-and-set against a cancel decides."""
+    async def _claim(self, call: CallRequest) -> CallState | None:
+        """The call as this dialer claimed it, or None when it may not place it: the compare-and-set
+        against a cancel decides. The first attempt's claim copies the policy's retries and voicemail
+        onto the call; later attempts keep what the call began with."""
+        rules = self._rules(call)
 
         def claim(s: CallState | None) -> CallState | None:
             assert s is not None
             if s.status not in ("pending", "dialing") or s.provider_call_id:
                 return None
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
-            return moved.model_copy(update={"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1})
+            update = {"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1}
+            if s.attempt == 1:
+                update |= {"retries": rules.retries if rules else None, "voicemail": rules.voicemail if rules else None}
+            return moved.model_copy(update=update)
 
-        _, claimed = await self.store.change(call.tenant, call.call_id, claim)
-        return claimed
+        state, claimed = await self.store.change(call.tenant, call.call_id, claim)
+        return state if claimed else None
 
     async def _record(self, call: CallRequest, provider: Provider, sid: str) -> None:
         await self.store.change(
             call.tenant,
             call.call_id,
-            lambda s: None if s is None or s.provider_call_id else s.model_copy(
+            # Not once the attempt has ended and the call waits for its next one.
+            lambda s: None if s is None or s.provider_call_id or s.status == "pending" else s.model_copy(
                 update={"provider": provider.name, "provider_call_id": sid}),
         )
 

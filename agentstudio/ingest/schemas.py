@@ -101,10 +101,23 @@ class CallErrorBody(BaseModel):
     message: str
 
 
+class AttemptBody(BaseModel):
+    attempt: int
+    outcome: str = Field(description="completed, failed, no_answer, busy, canceled or voicemail.")
+    started_at: datetime | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime
+    duration_seconds: int = 0
+    error: CallErrorBody | None = None
+    provider_call_id: str | None = None
+    answered_by: str | None = None
+    next_attempt_at: datetime | None = Field(None, description="When the call was tried again after it.")
+
+
 class CallRecord(BaseModel):
     call_id: str
     status: str = Field(description="scheduled, pending, dialing, ringing, in_progress, completed, failed, no_answer,"
-                                    " busy, canceled")
+                                    " busy, canceled; a retry waiting for its time is scheduled")
     scheduled_for: datetime | None = Field(None, description="When a scheduled call may be dialed (UTC).")
     workflow_slug: str | None
     agent_slug: str | None
@@ -123,8 +136,15 @@ class CallRecord(BaseModel):
     transcript: list[dict[str, Any]] = Field(default_factory=list)
     captured: dict[str, Any] = Field(default_factory=dict, description="What capture tools recorded, by tool.")
     end_reason: str | None = Field(
-        None, description="Why the agent's conversation ended: end_call, callee_hangup, silence, max_duration, ..."
+        None, description="Why the agent's conversation ended: end_call, callee_hangup, silence, max_duration, "
+                          "voicemail, ..."
     )
+    attempt: int = Field(1, description="The attempt under way or last made (CallPolicy retries), from 1.")
+    attempts: list[AttemptBody] = Field(default_factory=list, description="Every ended attempt, oldest first.")
+    next_attempt_at: datetime | None = Field(None, description="When the next attempt is due, while it waits.")
+    answered_by: str | None = Field(
+        None, description="Answering-machine detection's verdict (Twilio's AnsweredBy): human, machine_start, ...")
+    voicemail_message: str | None = Field(None, description="The message left on the machine, if one was.")
 
 
 class CallPage(BaseModel):

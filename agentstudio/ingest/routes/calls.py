@@ -344,5 +344,10 @@ def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
         status = calls.waiting_status(call)
         return CallRecord(**{**base, "status": status}, events=[TimelineEntry(status=status, at=call.created_at)])
     progress = state.model_dump(include={"status", "provider", "answered_at", "ended_at", "duration_seconds",
-                                         "error", "events", "transcript", "captured", "end_reason"})
-    return CallRecord(**{**base, **progress})
+                                         "error", "events", "transcript", "captured", "end_reason", "attempt",
+                                         "answered_by"})
+    if state.status == "pending":
+        progress["status"] = calls.waiting_status(call)  # a retry waits for its time as a scheduled call does
+    return CallRecord(**{**base, **progress}, attempts=[a.model_dump() for a in state.all_attempts],
+                      next_attempt_at=state.next_attempt_at if state.status == "pending" else None,
+                      voicemail_message=state.voicemail_message)

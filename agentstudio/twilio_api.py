@@ -1,0 +1,13 @@
+"""The official Twilio REST client, built one way for both roles that call Twilio: the dialer places
+calls, ingest redirects a call a machine answered (answering-machine detection)."""
+
+from __future__ import annotations
+
+from twilio.rest import Client
+
+
+def twilio_client(account_sid: str, auth_token: str, api_base_url: str = "") -> Client:
+    client = Client(account_sid, auth_token)
+    if api_base_url:
+        client.api.base_url = api_base_url.rstrip("/")
+    return client

@@ -1,0 +1,193 @@
+"""Voicemail per the call's CallPolicy: Twilio's answering-machine detection through the official SDK
+against Twilio's own spec (Prism), its async AMD callback signed like the status callback, a late
+report of an earlier attempt ignored; and the simulated provider answering as a machine."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+from xml.etree import ElementTree
+
+import httpx
+from twilio.request_validator import RequestValidator
+
+from agentstudio import bus
+from agentstudio.callstate import CallStore
+from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from test_dialer import MANIFESTS, dialers, events_of, queue_call, until_status
+from test_dialer_twilio import FROM, PUBLIC, placed_requests, twilio_settings
+from test_retries import policy
+from twilio_mock import TwilioMock
+
+TO = "+14155552671"
+LEAVE = policy("{maxAttempts: 2, outcomes: [voicemail], delaysSeconds: [1]}",
+               voicemail='{action: leave_message, message: "Hi {{ user.name }}, Acme here about '
+                         '{{ metadata.campaign_id }}. We will call again."}')
+
+
+async def post_signed(client: httpx.AsyncClient, mock: TwilioMock, url: str, params: dict[str, str],
+                      signature: str | None = None) -> httpx.Response:
+    """A form POST as Twilio makes it to `url` (our public URL), signed with the account's token."""
+    signature = signature or RequestValidator(mock.auth_token).compute_signature(url, params)
+    return await client.post(url.removeprefix(PUBLIC), data=params, headers={"X-Twilio-Signature": signature})
+
+
+async def status(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: str, call_status: str,
+                 **extra: str) -> None:
+    params = {"CallSid": sid, "AccountSid": mock.account_sid, "CallStatus": call_status, "From": FROM, "To": TO,
+              "Direction": "outbound-api", **extra}
+    resp = await post_signed(client, mock, placed.param("StatusCallback") or "", params)
+    assert resp.status_code == 204, resp.text
+
+
+async def amd(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: str, answered_by: str,
+              signature: str | None = None) -> httpx.Response:
+    params = {"CallSid": sid, "AccountSid": mock.account_sid, "AnsweredBy": answered_by,
+              "MachineDetectionDuration": "2140"}
+    return await post_signed(client, mock, placed.param("AsyncAmdStatusCallback") or "", params, signature)
+
+
+async def placements(mock: TwilioMock, call_id: str, count: int) -> list[Any]:
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(found := await placed_requests(mock, call_id)) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(found)} calls.create, not {count}"
+        await asyncio.sleep(0.05)
+    return found
+
+
+async def sids(js: Any, t: Tenant, call_id: str, attempt: int) -> str:
+    store = CallStore(await bus.calls_bucket(js))
+    for _ in range(200):
+        state = await store.get(t.name, call_id)
+        if state and state.attempt == attempt and state.provider_call_id:
+            return state.provider_call_id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"attempt {attempt}'s provider call id was never recorded")
+
+
+async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried(nats_server, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    twilio_mock.clear()
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + LEAVE))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
+                             twilio_account_sid=twilio_mock.account_sid,
+                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+            dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
+            "agent_slug": "a", "phone_number": TO, "user_id": "u-1", "user_context": {"name": "Ada"},
+            "metadata": {"campaign_id": "renewals"}})
+        assert resp.status_code == 201, resp.text
+        call_id = resp.json()["call_id"]
+        [first] = await placements(twilio_mock, call_id, 1)
+        sid = await sids(js, t, call_id, 1)
+
+        # Answered; Twilio's detection listens in the background and posts its verdict, signed.
+        await status(client, twilio_mock, first, sid, "in-progress")
+        forged = await amd(client, twilio_mock, first, sid, "machine_end_beep", signature="bm90IFR3aWxpbw==")
+        assert forged.status_code == 403
+        assert (await until_status(client, t, call_id, "in_progress"))["answered_by"] is None
+        assert (await amd(client, twilio_mock, first, sid, "machine_end_beep")).status_code == 204
+        [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
+        await status(client, twilio_mock, first, sid, "completed", CallDuration="31")
+
+        # A machine answered: the call is tried again; Twilio's late reports on the first call change nothing.
+        [_, second] = await placements(twilio_mock, call_id, 2)
+        sid2 = await sids(js, t, call_id, 2)
+        for late in ("in-progress", "completed", "no-answer"):
+            await status(client, twilio_mock, first, sid, late, CallDuration="31")
+        assert (await amd(client, twilio_mock, first, sid, "machine_start")).status_code == 204
+        mid = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("live"))).json()
+
+        # This time a person answers: no redirect, the agent goes on; the call ends completed.
+        assert (await amd(client, twilio_mock, second, sid2, "human")).status_code == 204
+        await status(client, twilio_mock, second, sid2, "in-progress")
+        await status(client, twilio_mock, second, sid2, "completed", CallDuration="20")
+        record = await until_status(client, t, call_id, "completed")
+    # AMD as Twilio's spec names it; DetectMessageEnd waits for the beep before the message.
+    for placed in (first, second):
+        assert placed.status == 201  # the spec accepted every parameter
+        assert placed.param("MachineDetection") == "DetectMessageEnd" and placed.param("AsyncAmd") == "true"
+        assert placed.param("AsyncAmdStatusCallbackMethod") == "POST"
+        assert placed.param("AsyncAmdStatusCallback") == \
+            f"{PUBLIC}/api/v1/providers/twilio/amd?call_id={call_id}&tenant={t.name}"
+    # The live call was updated with TwiML that says the rendered message, then hangs up.
+    assert redirect.status == 200 and redirect.auth == (twilio_mock.account_sid, twilio_mock.auth_token)
+    said = ElementTree.fromstring(redirect.param("Twiml") or "")
+    assert [e.tag for e in said] == ["Say", "Hangup"]
+    assert said[0].text == "Hi Ada, Acme here about renewals. We will call again."
+    assert len([r for r in twilio_mock.requests if r.method == "POST" and "/Calls/CA" in r.path]) == 1
+    # The late reports left the second attempt alone.
+    assert mid["status"] == "dialing" and mid["attempt"] == 2 and mid["answered_by"] is None
+    assert [a["outcome"] for a in mid["attempts"]] == ["voicemail"]
+
+    events = await events_of(js, t, call_id)
+    done = [e["data"] for e in events if e["type"] == "call.completed"]
+    assert [(d["attempt"], d["will_retry"], d["end_reason"]) for d in done] == [(1, True, "voicemail"), (2, False, None)]
+    assert done[0]["answered_by"] == "machine_end_beep" and done[0]["duration_seconds"] == 31
+    assert done[0]["voicemail_message"] == "Hi Ada, Acme here about renewals. We will call again."
+    assert [(a["outcome"], a["provider_call_id"]) for a in done[1]["attempts"]] == [("voicemail", sid), ("completed", sid2)]
+    assert done[1]["answered_by"] == "human" and "voicemail_message" not in done[1]
+    assert len({e["id"] for e in events}) == len(events)
+    assert [e["type"] for e in events].count("call.no_answer") == 0  # the late no-answer was no one's
+    assert record["attempt"] == 2 and record["duration_seconds"] == 20 and record["end_reason"] is None
+
+
+async def test_the_simulated_provider_answers_as_a_machine(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    hang_up = policy("{maxAttempts: 1}", voicemail="{action: hang_up}")
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + hang_up))
+    bare = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))  # no policy
+    bundles = [await t.publish(), await bare.publish()]
+    async with ingest_client(nats_server.url) as (client, svc), dialers(nats_server.url):
+        for tenant, bundle in zip((t, bare), bundles):
+            await wait_for_bundle(svc, tenant.name, bundle.version)
+        call_id = await queue_call(client, t, simulate_outcome="voicemail")
+        # Without a voicemail policy a machine is just someone who hears the agent.
+        plain_id = await queue_call(client, bare, simulate_outcome="voicemail", simulate_duration_seconds=0.1)
+        record = await until_status(client, t, call_id, "completed")
+        plain = await until_status(client, bare, plain_id, "completed")
+    assert record["end_reason"] == "voicemail" and record["answered_by"] == "machine_start"
+    assert [a["outcome"] for a in record["attempts"]] == ["voicemail"] and record["voicemail_message"] is None
+    [done] = [e["data"] for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
+    assert done["end_reason"] == "voicemail" and done["will_retry"] is False and done["answered_by"] == "machine_start"
+    assert plain["end_reason"] is None and plain["answered_by"] is None
+    assert [a["outcome"] for a in plain["attempts"]] == ["completed"]
+
+
+async def test_the_agents_conversation_with_a_machine_stays_with_its_attempt(js, nc) -> None:  # type: ignore[no-untyped-def]
+    """With async AMD the agent talks to the machine until the verdict redirects the call; its session
+    closes after the attempt ended. It must not close the next attempt's conversation before it opens
+    (that one would then be refused), nor call a voicemail the callee hanging up."""
+    from datetime import datetime, timezone
+
+    from agentstudio import calls
+    from agentstudio.callstate import CallState
+    from agentstudio.conversation.record import CallRecorder
+    from agentstudio.conversation.transcript import turn
+    from agentstudio.dialer.main import tracker_for
+    from agentstudio.resources import Retries
+
+    tracker = await tracker_for(nc)
+    for max_attempts in (2, 1):
+        call = calls.CallRequest(call_id=str(uuid.uuid4()), tenant=f"t-{uuid.uuid4().hex[:10]}", api_key="live",
+                                 phone_number=TO, user_context={}, metadata={}, test=False,
+                                 created_at=datetime.now(timezone.utc), bundle_version=1)
+        assert await calls.enqueue(js, call, timeout=5)
+        answered = CallState.new(call).model_copy(update={
+            "status": "in_progress", "provider_call_id": "SIM1", "answered_at": datetime.now(timezone.utc),
+            "retries": Retries(max_attempts=max_attempts, outcomes=["voicemail"], delays_seconds=[60])})
+        await tracker.store.change(call.tenant, call.call_id, lambda s: answered)
+        recorder = CallRecorder(tracker, call.tenant, call.call_id)
+        assert await recorder.open() is not None
+        recorder.update([turn("message", "a", speaker="agent", text="Hello?")], {}, "callee_hangup")
+        await tracker.store.change(call.tenant, call.call_id, lambda s: s.machine_answered("machine_start") if s else None)
+        await tracker.advance(call.tenant, call.call_id, "completed", provider_call_id="SIM1")
+        await recorder.close()
+        state = await tracker.store.get(call.tenant, call.call_id)
+        assert state is not None
+        if max_attempts == 2:  # retried: the next attempt is untouched, free for its own conversation
+            assert (state.status, state.attempt, state.conversation, state.transcript) == ("pending", 2, None, [])
+        else:  # the end: a voicemail, whatever the agent's session saw
+            assert (state.status, state.end_reason, state.conversation) == ("completed", "voicemail", "closed")
+            assert [t["text"] for t in state.transcript] == ["Hello?"]
