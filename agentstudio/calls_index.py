@@ -102,8 +102,17 @@ class Found:
     @property
     def status(self) -> str:
         if self.state is None or self.state.status == "pending":
-            return waiting_status(self.call)  # a retry waits for its time as a scheduled call does
+            return waiting_status(waiting_call(self.call, self.state))
         return self.state.status
+
+
+def waiting_call(call: CallRequest, state: CallState | None) -> CallRequest:
+    """The call as it waits: a retry waits, as a scheduled call does, for its record's next_attempt_at
+    (the message a listing reads is the one the call was accepted with, which does not say so)."""
+    due = state.next_attempt_at if state is not None and state.status == "pending" else None
+    if due is not None and (call.scheduled_for is None or call.scheduled_for < due):
+        return call.model_copy(update={"scheduled_for": due})
+    return call
 
 
 def encode_cursor(below: int) -> str:

@@ -75,12 +75,16 @@ async def test_a_call_waiting_for_its_retry_is_scheduled_and_max_attempts_ends_i
         call_id = await queue_call(client, t, simulate_outcome="failed")
         await until(lambda: data_of(receiver, "call.failed"), timeout=20)
         waiting = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
+        listed = (await client.get("/api/v1/calls?status=scheduled", headers=t.auth("test"))).json()
         await until(lambda: len(data_of(receiver, "call.failed")) == 2, timeout=30)
         record = await until_status(client, t, call_id, "failed")
     # Between attempts the call waits as a scheduled call does, for the time its retry is due.
     assert waiting["status"] == "scheduled" and waiting["attempt"] == 2
     assert at(waiting["scheduled_for"]) == at(waiting["next_attempt_at"])
     assert [a["outcome"] for a in waiting["attempts"]] == ["failed"]
+    # The listing says so too (it reads the message the call was accepted with).
+    assert [(c["call_id"], c["status"], c["scheduled_for"]) for c in listed["data"]] == \
+        [(call_id, "scheduled", waiting["next_attempt_at"])]
     first, last = sorted(data_of(receiver, "call.failed"), key=lambda d: d["attempt"])
     assert first["will_retry"] is True and first["error"]["code"] == "simulated_failure"
     assert last["will_retry"] is False and last["attempt"] == 2  # maxAttempts: the end, though failed is retried

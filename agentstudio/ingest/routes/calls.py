@@ -339,6 +339,7 @@ async def get_call(
 
 def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
     """The request as queued plus what has happened to it since (pending until a dialer takes it)."""
+    call = calls_index.waiting_call(call, state)
     base = call.model_dump(include=set(CallRecord.model_fields))
     if state is None:
         status = calls.waiting_status(call)
@@ -347,7 +348,7 @@ def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
                                          "error", "events", "transcript", "captured", "end_reason", "attempt",
                                          "answered_by"})
     if state.status == "pending":
-        progress["status"] = calls.waiting_status(call)  # a retry waits for its time as a scheduled call does
+        progress["status"] = calls.waiting_status(call)
     return CallRecord(**{**base, **progress}, attempts=[a.model_dump() for a in state.all_attempts],
                       next_attempt_at=state.next_attempt_at if state.status == "pending" else None,
                       voicemail_message=state.voicemail_message)
