@@ -8,7 +8,8 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
-from agentstudio import signing
+from agentstudio import bus, signing
+from agentstudio.concurrency import Concurrency
 from test_dialer import queue_call, until_status
 from test_webhooks import Receiver, serving, stack, until
 
@@ -76,12 +77,14 @@ async def test_a_call_waiting_for_its_retry_is_scheduled_and_max_attempts_ends_i
         await until(lambda: data_of(receiver, "call.failed"), timeout=20)
         waiting = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
         listed = (await client.get("/api/v1/calls?status=scheduled", headers=t.auth("test"))).json()
+        holders = await Concurrency(await bus.concurrency_bucket(js)).holders(t.name)
         await until(lambda: len(data_of(receiver, "call.failed")) == 2, timeout=30)
         record = await until_status(client, t, call_id, "failed")
     # Between attempts the call waits as a scheduled call does, for the time its retry is due.
     assert waiting["status"] == "scheduled" and waiting["attempt"] == 2
     assert at(waiting["scheduled_for"]) == at(waiting["next_attempt_at"])
     assert [a["outcome"] for a in waiting["attempts"]] == ["failed"]
+    assert call_id not in holders  # its tenant slot is free for other calls while it waits
     # The listing says so too (it reads the message the call was accepted with).
     assert [(c["call_id"], c["status"], c["scheduled_for"]) for c in listed["data"]] == \
         [(call_id, "scheduled", waiting["next_attempt_at"])]
@@ -132,7 +135,7 @@ async def test_a_call_waiting_for_its_retry_can_be_canceled_and_is_never_dialed_
 async def test_a_redelivered_message_of_an_earlier_attempt_does_not_dial_the_retry_early(nats_server, js) -> None:  # type: ignore[no-untyped-def]
     """A dialer that placed attempt 1 and died before its ack leaves that message to be redelivered,
     maybe after the attempt ended and was retried: the retry must still wait for its own time."""
-    from agentstudio import bus, calls
+    from agentstudio import calls
 
     receiver = Receiver(signing.new_secret())
     rules = policy("{maxAttempts: 2, outcomes: [no_answer], delaysSeconds: [3]}")
