@@ -118,6 +118,7 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
     assert [e.tag for e in said] == ["Say", "Hangup"]
     assert said[0].text == "Hi Ada, Acme here about renewals. We will call again."
     assert len([r for r in twilio_mock.requests if r.method == "POST" and "/Calls/CA" in r.path]) == 1
+    assert len(await placed_requests(twilio_mock, call_id)) == 2  # one Twilio call per attempt, no more
     # The late reports left the second attempt alone.
     assert mid["status"] == "dialing" and mid["attempt"] == 2 and mid["answered_by"] is None
     assert [a["outcome"] for a in mid["attempts"]] == ["voicemail"]
