@@ -192,3 +192,30 @@ async def test_the_agents_conversation_with_a_machine_stays_with_its_attempt(js,
         else:  # the end: a voicemail, whatever the agent's session saw
             assert (state.status, state.end_reason, state.conversation) == ("completed", "voicemail", "closed")
             assert [t["text"] for t in state.transcript] == ["Hello?"]
+
+
+async def test_hang_up_on_a_machine_through_twilio(nats_server, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    twilio_mock.clear()
+    hang_up = policy("{maxAttempts: 1}", voicemail="{action: hang_up}")
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + hang_up))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
+                             twilio_account_sid=twilio_mock.account_sid,
+                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+            dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        call_id = await queue_call(client, t, key="live")
+        [placed] = await placements(twilio_mock, call_id, 1)
+        sid = await sids(js, t, call_id, 1)
+        await status(client, twilio_mock, placed, sid, "in-progress")
+        assert (await amd(client, twilio_mock, placed, sid, "machine_start")).status_code == 204
+        await status(client, twilio_mock, placed, sid, "completed", CallDuration="4")
+        record = await until_status(client, t, call_id, "completed")
+    # Enable: Twilio says machine_start as soon as it knows; nothing is waited for.
+    assert placed.status == 201 and placed.param("MachineDetection") == "Enable" and placed.param("AsyncAmd") == "true"
+    [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
+    assert redirect.status == 200
+    assert [e.tag for e in ElementTree.fromstring(redirect.param("Twiml") or "")] == ["Hangup"]
+    assert (record["end_reason"], record["answered_by"], record["voicemail_message"]) == ("voicemail", "machine_start", None)
+    [done] = [e["data"] for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
+    assert done["will_retry"] is False and [a["outcome"] for a in done["attempts"]] == ["voicemail"]
