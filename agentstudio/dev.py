@@ -67,7 +67,8 @@ class KeyFile:
         return made
 
     def material(self) -> dict[str, list[KeyMaterial]]:
-        return {name: [KeyMaterial(keys.digest(key))] for name, key in self.keys.items() if not name.startswith("whsec:")}
+        return {name: [KeyMaterial(keys.digest(key), hint=keys.hint(key))] for name, key in self.keys.items()
+                if not name.startswith("whsec:")}
 
     def webhook_secrets(self, resources: list[Located]) -> list[tuple[str, str]]:
         """A whsec_ signing secret per WebhookSubscription (the operator's job in a cluster); new ones."""
