@@ -274,6 +274,10 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
     signed = await _signed_in(request)
     svc = service_of(request)
     query = _Query.of(request)
+    if any(not v.strip() for _, v in request.query_params.multi_items()):
+        # The form sends its empty fields too: the URL people share and bookmark names only the filters.
+        kept = query.with_cursor(cursor) if cursor else urlencode(query.params)
+        return RedirectResponse(f"{PREFIX}/calls?{kept}" if kept else f"{PREFIX}/calls", status_code=303)
     context: dict[str, Any] = {"signed": signed, "query": query, "statuses": calls_index.STATUSES,
                                "bundle": signed.principal.bundle, "error": None, "page": None, "counts": {},
                                "cursor": cursor, "which": None}
