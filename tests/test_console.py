@@ -238,6 +238,14 @@ def test_filters_by_status_and_metadata_stay_in_the_url(console: Console, page: 
     lines = Path(download.value.path()).read_text().splitlines()
     assert len(lines) == 2 and lines[1].startswith(console.calls["spring"])
 
+    # Test-key calls only (the seed call came from dev --chat's sandbox key), on the page and exported.
+    page.goto(f"{console.url}/calls?mode=test")
+    assert rows(page) == [console.seed_call]
+    with page.expect_download() as download:
+        page.get_by_role("link", name="JSON Lines").click()
+    exported = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+    assert [c["call_id"] for c in exported] == [console.seed_call]
+
 
 def test_a_failed_call_shows_its_error(console: Console, page: Page) -> None:
     sign_in(page, console)

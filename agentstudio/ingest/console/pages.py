@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError
 
-from agentstudio import bus, calls_index, phone
+from agentstudio import bus, calls_index, keys, phone
 from agentstudio.addresses import reserved_host
 from agentstudio.calls_index import CallFilter
 from agentstudio.ingest.auth import Principal, digest_holder, key_holder, service_of
@@ -61,6 +62,7 @@ _HEADERS = {
     "Cache-Control": "no-store",
 }
 PAGE_SIZE = 25
+COUNT_LIMIT = 10_000  # the newest calls counted by status; more would make every page view a full scan
 LIVE_SECONDS = 25.0  # an event stream ends after this (the browser reconnects), so a shutdown never waits long
 _FORM_MAX_BYTES = 4096
 ENDED = {
@@ -177,8 +179,7 @@ async def sign_in(request: Request) -> Response:
     if "calls:read" not in principal.key.scopes:
         return _render("sign_in.html", 403, notice=None,
                        error=f"The key {principal.key.name} lacks the calls:read scope the console needs.")
-    digest = next(d for d, e in principal.bundle.keys.items() if e is principal.key)
-    token, _ = await svc.sessions.create(principal.tenant, digest)
+    token, _ = await svc.sessions.create(principal.tenant, keys.digest(key))
     response = RedirectResponse(f"{PREFIX}/calls", status_code=303)
     response.set_cookie(COOKIE, token, max_age=int(svc.sessions.lifetime), path=PREFIX, httponly=True,
                         samesite="strict", secure=_secure(request))
@@ -198,6 +199,10 @@ async def sign_out(request: Request) -> Response:
 # --- calls -----------------------------------------------------------------------------------------
 
 
+_FILTER_FIELDS = frozenset({"status", "workflow_slug", "agent_slug", "metadata", "created_after", "created_before",
+                            "mode"})
+
+
 @dataclass(frozen=True)
 class _Query:
     """The calls page's filters as the URL keeps them (empty form fields dropped)."""
@@ -207,7 +212,7 @@ class _Query:
     @classmethod
     def of(cls, request: Request) -> _Query:
         kept = [(k, v.strip()) for k, v in request.query_params.multi_items()
-                if v.strip() and k not in ("cursor", "partial")]
+                if v.strip() and k not in ("cursor", "partial", "format")]
         return cls(kept)
 
     def get(self, name: str) -> str | None:
@@ -219,6 +224,9 @@ class _Query:
     def to_filter(self) -> CallFilter:
         metadata: dict[str, set[str]] = {}
         for name, value in self.params:
+            if name not in _FILTER_FIELDS and not name.startswith("metadata."):
+                # As in the API: a misspelt filter must not list or export every call.
+                raise ApiError(400, "invalid_request", f"unknown filter {name!r}", name)
             if name.startswith("metadata."):
                 metadata.setdefault(name[len("metadata."):], set()).add(value)
             elif name == "metadata":  # the form's one "key=value" field
@@ -234,21 +242,9 @@ class _Query:
             {"live": False, "test": True}.get(mode or ""),
         )
 
-    def api_query(self, which: CallFilter, **extra: str) -> str:
-        """The same filter as the calls API spells it (for the export links)."""
-        params: list[tuple[str, str]] = [("status", s) for s in sorted(which.statuses)]
-        for name in ("workflow_slug", "agent_slug"):
-            if (value := getattr(which, name)) is not None:
-                params.append((name, value))
-        for key, values in sorted(which.metadata.items()):
-            params += [(f"metadata.{key}", v) for v in sorted(values)]
-        if which.created_after is not None:
-            params.append(("created_after", which.created_after.isoformat()))
-        if which.created_before is not None:
-            params.append(("created_before", which.created_before.isoformat()))
-        if which.test is not None:
-            params.append(("test", "true" if which.test else "false"))
-        return urlencode([*params, *extra.items()])
+    def export(self, format_: str) -> str:
+        """The export link's query: this page's own filters, so the download holds what the page lists."""
+        return urlencode([*self.params, ("format", format_)])
 
     def with_cursor(self, cursor: str) -> str:
         return urlencode([*self.params, ("cursor", cursor)])
@@ -280,7 +276,7 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
         return RedirectResponse(f"{PREFIX}/calls?{kept}" if kept else f"{PREFIX}/calls", status_code=303)
     context: dict[str, Any] = {"signed": signed, "query": query, "statuses": calls_index.STATUSES,
                                "bundle": signed.principal.bundle, "error": None, "page": None, "counts": {},
-                               "cursor": cursor, "which": None}
+                               "cursor": cursor, "which": None, "count_limit": COUNT_LIMIT}
     try:
         which = query.to_filter()
         tenant = signed.principal.tenant
@@ -295,13 +291,19 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
 
 
 async def _counts(svc: IngestService, tenant: str, which: CallFilter) -> dict[str, int]:
-    """Calls that pass the filter apart from its statuses, by status: what each status tab holds."""
+    """Calls that pass the filter apart from its statuses, by status: what each status tab holds.
+    Without an index this reads every such call, so it stops at COUNT_LIMIT (the page says so)."""
     counts: dict[str, int] = {}
+    everything = CallFilter(workflow_slug=which.workflow_slug, agent_slug=which.agent_slug, metadata=which.metadata,
+                            created_after=which.created_after, created_before=which.created_before, test=which.test)
     try:
-        async for found in calls_index.find(svc.js, svc.tracker.store, tenant, CallFilter(
-                workflow_slug=which.workflow_slug, agent_slug=which.agent_slug, metadata=which.metadata,
-                created_after=which.created_after, created_before=which.created_before, test=which.test)):
-            counts[found.status] = counts.get(found.status, 0) + 1
+        async with aclosing(calls_index.find(svc.js, svc.tracker.store, tenant, everything)) as found:
+            seen = 0
+            async for call in found:
+                counts[call.status] = counts.get(call.status, 0) + 1
+                seen += 1
+                if seen >= COUNT_LIMIT:
+                    break
     except (NatsError, TimeoutError) as exc:
         raise ApiError(503, "unavailable", "the call store is unreachable; try again shortly") from exc
     return counts
