@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -28,3 +33,21 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+@cache
+def _axe_source() -> str:
+    """axe-core, installed by scripts/install-axe on first use (cached by version)."""
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "install-axe")], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.fail(f"scripts/install-axe exited with {run.returncode}:\n{run.stderr}", pytrace=False)
+    return Path(run.stdout.strip().removeprefix("AXE=")).read_text()
+
+
+def serious_accessibility_violations(page: Page) -> list[dict[str, Any]]:
+    """What axe-core finds on the page with a serious or critical impact: rule, help and elements.
+    Evaluated through the browser's debugging protocol, so the page's CSP (rightly) does not stop it."""
+    page.evaluate(_axe_source() + "\n;undefined")
+    return page.evaluate("""async () => (await axe.run(document)).violations
+        .filter(v => v.impact === "serious" || v.impact === "critical")
+        .map(v => ({rule: v.id, help: v.help, elements: v.nodes.map(n => n.target.join(" "))}))""")

@@ -18,7 +18,7 @@ import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from agentstudio.natsserver import free_port
-from browser import chromium
+from browser import chromium, serious_accessibility_violations
 from scripted_model import Reply, ScriptedModel
 from test_chat import CAPTURED, GOODBYE, LLM_KEY, Chat, environment, examples_for
 from test_dev import DevProcess
@@ -353,3 +353,20 @@ def test_replay_needs_the_csrf_token(console: Console, page: Page, context: Brow
                                 form={"subscription": "results", "event_id": "evt_x"})
     assert resp.status == 403
     assert "nothing was replayed" in resp.text()
+
+
+@pytest.mark.parametrize("width", [1280, 390])  # a laptop and a phone
+def test_no_page_has_serious_accessibility_violations(console: Console, browser: Browser, width: int) -> None:
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    try:
+        page.goto(f"{console.url}/sign-in")
+        found = {"sign-in": serious_accessibility_violations(page)}
+        sign_in(page, console)
+        for name, path in [("calls", "/calls"), ("call", f"/calls/{console.seed_call}"),
+                           ("failed call", f"/calls/{console.calls['failed']}"), ("keys", "/keys"),
+                           ("webhooks", "/webhooks")]:
+            page.goto(console.url + path)
+            found[name] = serious_accessibility_violations(page)
+        assert {name: v for name, v in found.items() if v} == {}
+    finally:
+        page.context.close()
