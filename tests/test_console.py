@@ -4,6 +4,7 @@ dev` with its real NATS: what a marketing user does, from pasting a key to readi
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ SCRIPT = "<script>window.pwned = 1</script>"
 IMG = '<img src=x onerror="window.pwned = 2">'
 PHONE = "+15005550006"
 OTHER_TENANT = "acme"
+SCREENSHOTS = os.environ.get("AGENTSTUDIO_CONSOLE_SCREENSHOTS")  # a folder: the pages' pictures go there
 # A key of its own for each test that changes it, and one that reads calls and manages webhooks.
 EXTRA = f"""
 apiVersion: agentstudio.io/v1alpha1
@@ -367,6 +369,8 @@ def test_no_page_has_serious_accessibility_violations(console: Console, browser:
                            ("webhooks", "/webhooks")]:
             page.goto(console.url + path)
             found[name] = serious_accessibility_violations(page)
+            if SCREENSHOTS:  # the README's pictures, taken on request from these same pages
+                page.screenshot(path=Path(SCREENSHOTS) / f"{name.replace(' ', '-')}-{width}.png", full_page=True)
         assert {name: v for name, v in found.items() if v} == {}
     finally:
         page.context.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -290,9 +292,31 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
     return _render("calls_region.html" if partial else "calls.html", 400 if context["error"] else 200, **context)
 
 
+# Counts recently made, by tenant and filter: a live page refreshes its list on every change of a
+# call, and recounting each time would scan up to COUNT_LIMIT calls per refresh per open page.
+_COUNTED: OrderedDict[tuple[Any, ...], tuple[float, dict[str, int]]] = OrderedDict()
+COUNTS_FRESH_SECONDS = 10.0
+_COUNTED_MAX = 512
+
+
 async def _counts(svc: IngestService, tenant: str, which: CallFilter) -> dict[str, int]:
     """Calls that pass the filter apart from its statuses, by status: what each status tab holds.
-    Without an index this reads every such call, so it stops at COUNT_LIMIT (the page says so)."""
+    Without an index this reads every such call, so it stops at COUNT_LIMIT (the page says so) and
+    is reused for COUNTS_FRESH_SECONDS."""
+    key = (tenant, which.workflow_slug, which.agent_slug, tuple(sorted((k, tuple(sorted(v)))
+           for k, v in which.metadata.items())), which.created_after, which.created_before, which.test)
+    now = time.monotonic()
+    if (hit := _COUNTED.get(key)) is not None and hit[0] > now:
+        return hit[1]
+    counts = await _count(svc, tenant, which)
+    _COUNTED[key] = (now + COUNTS_FRESH_SECONDS, counts)
+    _COUNTED.move_to_end(key)
+    while len(_COUNTED) > _COUNTED_MAX:
+        _COUNTED.popitem(last=False)
+    return counts
+
+
+async def _count(svc: IngestService, tenant: str, which: CallFilter) -> dict[str, int]:
     counts: dict[str, int] = {}
     everything = CallFilter(workflow_slug=which.workflow_slug, agent_slug=which.agent_slug, metadata=which.metadata,
                             created_after=which.created_after, created_before=which.created_before, test=which.test)
