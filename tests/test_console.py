@@ -355,6 +355,9 @@ def test_replay_needs_the_csrf_token(console: Console, page: Page, context: Brow
                                 form={"subscription": "results", "event_id": "evt_x"})
     assert resp.status == 403
     assert "nothing was replayed" in resp.text()
+    forged = context.request.post(f"{console.url}/webhooks/replay",
+                                  form={"csrf": "é" * 32, "subscription": "results", "event_id": "evt_x"})
+    assert forged.status == 403  # refused, not an error of ours
 
 
 @pytest.mark.parametrize("width", [1280, 390])  # a laptop and a phone

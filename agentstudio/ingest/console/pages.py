@@ -143,14 +143,18 @@ def _same_origin(request: Request) -> bool:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    body = await request.body()
-    if len(body) > _FORM_MAX_BYTES:
-        return {}
+    """A small urlencoded form; nothing for a larger body (read no further than the limit)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _FORM_MAX_BYTES:
+            return {}
     return dict(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
 
 
 def _csrf_ok(signed: Signed, form: dict[str, str]) -> bool:
-    return hmac.compare_digest(form.get("csrf", ""), signed.session.csrf)
+    # As bytes: compare_digest refuses str with non-ASCII characters, which a forged form may send.
+    return hmac.compare_digest(form.get("csrf", "").encode(), signed.session.csrf.encode())
 
 
 # --- signing in and out ----------------------------------------------------------------------------
