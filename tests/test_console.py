@@ -54,16 +54,21 @@ spec: {{scopes: ["calls:read", "calls:create"], mode: live}}
 
 
 class Receiver(ThreadingHTTPServer):
-    """A webhook endpoint that takes every delivery (the console shows what became of each)."""
+    """Webhook endpoints: /results takes every delivery; /flaky answers 503 until `flaky_up`."""
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.flaky_up = False
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                receiver.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/flaky" and not receiver.flaky_up:
+                    self.send_response(503)
+                else:
+                    receiver.received.append({**body, "path": self.path})
+                    self.send_response(204)
                 self.end_headers()
 
             def log_message(self, *_: Any) -> None:
@@ -72,9 +77,8 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/results"
+    def url(self, path: str = "/results") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
 
 @dataclass
@@ -119,8 +123,10 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         ])
         folder = examples_for(tmp, model.url)
         webhooks = yaml.safe_load((folder / "webhooks.yaml").read_text())
-        webhooks["spec"].update(url=receiver.url, events=["call.*"])
-        (folder / "webhooks.yaml").write_text(yaml.safe_dump(webhooks))
+        webhooks["spec"].update(url=receiver.url(), events=["call.*"])
+        flaky = {**webhooks, "metadata": {"name": "flaky"},
+                 "spec": {"url": receiver.url("/flaky"), "events": ["call.failed"]}}
+        (folder / "webhooks.yaml").write_text(yaml.safe_dump_all([webhooks, flaky]))
         (folder / "console.yaml").write_text(EXTRA)
         # The seed campaign's call, talked through in the terminal by `dev --chat` (which stops after
         # it), with markup where a caller's data can carry it: its name, its metadata, its words.
@@ -140,7 +146,12 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             chat.kill()
         seed_call = next(line.split()[1].rstrip(":") for line in chat.seen if line.startswith("call ") and "completed" in line)
 
-    dev = DevProcess(folder, free_port())
+    # Two quick retries, so the flaky receiver's delivery is dead-lettered while the tests run.
+    os.environ["AGENTSTUDIO_WEBHOOK_RETRY_SCHEDULE"] = "0,0.1"
+    try:
+        dev = DevProcess(folder, free_port())
+    finally:
+        del os.environ["AGENTSTUDIO_WEBHOOK_RETRY_SCHEDULE"]
     try:
         keys = dev.start()
         console = Console(dev, folder, keys, seed_call, receiver)
@@ -281,6 +292,7 @@ def test_the_seed_call_tells_its_story(console: Console, page: Page) -> None:
     deliveries = page.locator("#deliveries")
     expect(deliveries.get_by_role("row").filter(has_text="call.completed")).to_contain_text("delivered")
     expect(deliveries).to_contain_text("results")
+    assert "flaky" not in deliveries.inner_text()  # it takes call.failed only
 
 
 def test_caller_data_is_shown_as_text_never_run(console: Console, page: Page) -> None:
@@ -377,3 +389,27 @@ def test_no_page_has_serious_accessibility_violations(console: Console, browser:
         assert {name: v for name, v in found.items() if v} == {}
     finally:
         page.context.close()
+
+
+def test_a_dead_letter_is_replayed_from_the_webhooks_page(console: Console, page: Page) -> None:
+    sign_in(page, console)
+    page.goto(f"{console.url}/webhooks")
+    failed = console.calls["failed"]
+    letters = page.locator("#dead-letters")
+    row = letters.get_by_role("row").filter(has=page.locator(f'a[href$="{failed}"]'))
+    for _ in range(100):  # dead-lettered after its three attempts
+        if row.count():
+            break
+        time.sleep(0.1)
+        page.reload()
+    expect(row).to_contain_text("flaky")
+    expect(row).to_contain_text("HTTP 503")
+
+    console.receiver.flaky_up = True
+    row.get_by_role("button", name="Replay").click()
+    expect(page.get_by_role("status")).to_contain_text("was queued for delivery again")
+    console.dev.process.wait_until(lambda: any(r["path"] == "/flaky" and r["data"]["call_id"] == failed
+                                               for r in console.receiver.received), "the replayed delivery")
+    expect(page.locator(f'#dead-letters a[href$="{failed}"]')).to_have_count(0)
+    page.goto(f"{console.url}/calls/{failed}")
+    expect(page.locator("#deliveries").get_by_role("row").filter(has_text="flaky")).to_contain_text("delivered")
