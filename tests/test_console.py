@@ -196,6 +196,11 @@ def sign_in(page: Page, console: Console, key: str = "console") -> None:
 
 
 def rows(page: Page) -> list[str]:
+    """The listed calls' ids, top to bottom; a failure says what the page said instead of listing."""
+    # After a form's redirect the URL changes before the new page has loaded.
+    page.wait_for_load_state()
+    problem = page.locator("#calls-region .problem")
+    assert problem.count() == 0, problem.inner_text()
     return [r.get_attribute("data-call-id") or "" for r in page.locator("tr[data-call-id]").all()]
 
 
@@ -411,5 +416,15 @@ def test_a_dead_letter_is_replayed_from_the_webhooks_page(console: Console, page
     console.dev.process.wait_until(lambda: any(r["path"] == "/flaky" and r["data"]["call_id"] == failed
                                                for r in console.receiver.received), "the replayed delivery")
     expect(page.locator(f'#dead-letters a[href$="{failed}"]')).to_have_count(0)
+    # The recent deliveries say so too, beside the seed call's.
+    recent = page.locator("#recent-deliveries")
+    for _ in range(100):
+        page.reload()
+        if "delivered" in recent.get_by_role("row").filter(has_text="flaky").inner_text():
+            break
+        time.sleep(0.1)
+    expect(recent.get_by_role("row").filter(has_text="flaky")).to_contain_text("call.failed")
+    expect(recent.get_by_role("row").filter(has_text="flaky")).to_contain_text("delivered")
+    expect(recent.locator(f'a[href$="{console.seed_call}"]').first).to_be_visible()
     page.goto(f"{console.url}/calls/{failed}")
     expect(page.locator("#deliveries").get_by_role("row").filter(has_text="flaky")).to_contain_text("delivered")

@@ -22,6 +22,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError
 
 from agentstudio import bus, calls_index, keys, phone
@@ -482,10 +483,51 @@ async def _webhooks(request: Request, signed: Signed, notice: str | None = None,
                 pass
     except (ApiError, NatsError, TimeoutError):
         error = error or "Webhook state is unreachable right now; try again shortly."
+    try:
+        recent = await _recent_deliveries(svc, tenant)
+    except (NatsError, TimeoutError):
+        recent = []
+        error = error or "Recent deliveries are unreachable right now; try again shortly."
     subscriptions = signed.principal.bundle.subscriptions
     return _render("webhooks.html", status, signed=signed, subscriptions=subscriptions, disabled=disabled,
                    placeholders={s.name for s in subscriptions if reserved_host(s.url)}, letters=letters,
-                   notice=notice, error=error)
+                   recent=recent, notice=notice, error=error)
+
+
+RECENT_DELIVERIES = 25
+# The newest writes of the deliveries bucket looked through for the tenant's (all tenants share it):
+# the page's cost stays bounded however many deliveries the week holds.
+RECENT_WINDOW = 2000
+
+
+async def _recent_deliveries(svc: IngestService, tenant: str) -> list[dict[str, Any]]:
+    """The tenant's latest delivery records among the bucket's newest writes, newest first."""
+    await bus.deliveries_bucket(svc.js)
+    stream = f"KV_{bus.DELIVERIES_BUCKET}"
+    prefix = f"$KV.{bus.DELIVERIES_BUCKET}.{tenant}."
+    last = int((await svc.js.stream_info(stream)).state.last_seq)
+    if last == 0:
+        return []
+    info = await svc.js.add_consumer(stream, ConsumerConfig(
+        filter_subject=prefix + ">", deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(1, last - RECENT_WINDOW + 1), ack_policy=AckPolicy.NONE, mem_storage=True,
+        num_replicas=1, inactive_threshold=calls_index.CONSUMER_IDLE_SECONDS))
+    latest: dict[str, dict[str, Any]] = {}
+    try:
+        pending = int(info.num_pending or 0)
+        if pending:
+            sub = await svc.js.pull_subscribe_bind(stream=stream, consumer=info.name)
+            try:
+                # No more than is pending: a fetch for more would wait out its timeout.
+                for msg in await sub.fetch(pending, timeout=calls_index.FETCH_TIMEOUT):
+                    if msg.data:
+                        call_id = msg.subject[len(prefix):].split(".", 1)[0]
+                        latest[msg.subject] = {**orjson.loads(msg.data), "call_id": call_id}
+            finally:
+                await sub.unsubscribe()
+    finally:
+        await svc.js.delete_consumer(stream, info.name)
+    return sorted(latest.values(), key=lambda r: r["at"], reverse=True)[:RECENT_DELIVERIES]
 
 
 @router.post("/webhooks/replay")
