@@ -428,3 +428,18 @@ def test_a_dead_letter_is_replayed_from_the_webhooks_page(console: Console, page
     expect(recent.locator(f'a[href$="{console.seed_call}"]').first).to_be_visible()
     page.goto(f"{console.url}/calls/{failed}")
     expect(page.locator("#deliveries").get_by_role("row").filter(has_text="flaky")).to_contain_text("delivered")
+
+
+def test_paging_through_a_campaign_newest_first(console: Console, page: Page) -> None:
+    queued = [console.queue("clevertap", workflow_slug="free-trial-followup",
+                            metadata={"campaign_id": "paging", "simulate_outcome": "busy"}) for _ in range(27)]
+    sign_in(page, console)
+    page.goto(f"{console.url}/calls?metadata=campaign_id%3Dpaging")
+    first = rows(page)
+    assert first == queued[::-1][:25]
+    page.get_by_role("link", name="Older calls →").click()
+    expect(page.get_by_role("link", name="← Newest")).to_be_visible()
+    assert rows(page) == queued[::-1][25:]
+    expect(page.get_by_role("link", name="Older calls →")).to_have_count(0)
+    page.get_by_role("link", name="← Newest").click()
+    assert rows(page) == first
