@@ -215,6 +215,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
+        print(f"console: http://{host}:{port}/console/ (sign in with a key that has calls:read)", flush=True)
 
         def simulated(tracker: CallTracker) -> SimulatedProvider:
             return SimulatedProvider(tracker, relay_url=relay.relay_url(settings.public_base_url),

@@ -154,6 +154,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         del os.environ["AGENTSTUDIO_WEBHOOK_RETRY_SCHEDULE"]
     try:
         keys = dev.start()
+        dev.expect(rf"^console: {dev.url}/console/ \(sign in with a key that has calls:read\)$")  # where to go
         console = Console(dev, folder, keys, seed_call, receiver)
         console.calls["failed"] = console.queue("clevertap", workflow_slug="free-trial-followup",
                                                 metadata={"simulate_outcome": "failed", "campaign_id": "autumn"})
