@@ -77,6 +77,8 @@ class KeyEntry(Frozen):
     success_status: SuccessStatus = DEFAULT_SUCCESS_STATUS  # of an accepted call
     disabled: bool = False
     not_after: datetime | None = None  # expiresAt, or the end of a rotation's grace period
+    hint: str | None = None  # what people may see of the key (keys.hint), for the console
+    created_at: datetime | None = None
 
 
 class CompiledSubscription(Frozen):
@@ -134,6 +136,8 @@ class KeyMaterial:
 
     digest: str
     not_after: datetime | None = None
+    hint: str | None = None
+    created_at: datetime | None = None
 
 
 @dataclass
@@ -227,6 +231,8 @@ def compile_bundle(
                 success_status=platforms.success_status(ak.spec.platform, ak.spec.success_status),
                 disabled=ak.spec.disabled,
                 not_after=not_after,
+                hint=material.hint,
+                created_at=material.created_at,
             )
 
     subscriptions = [

@@ -15,6 +15,9 @@ KV buckets:
   as-concurrency key <tenant> → calls holding one of the tenant's concurrent-call slots
   as-webhook-dead      key <tenant>.<subscription>.<event_id> → a delivery that exhausted its retries
   as-webhook-disabled  key <tenant>.<subscription> → the receiver answered 410 Gone
+  as-webhook-deliveries key <tenant>.<call_id>.<subscription>.<event_id> → that delivery's state and
+                 attempts so far (the console's per-call view; kept for the call retention)
+  as-console-sessions  key <sha256 of the session token> → a console session: tenant, key digest
   as-dnc         key <tenant>.<E.164 digits> → a number never to call: when, from where, why
 Object stores:
   as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
@@ -50,6 +53,8 @@ BUNDLE_BODIES_BUCKET = "as-bundle-bodies"
 RATELIMIT_BUCKET = "as-ratelimit"
 USAGE_BUCKET = "as-usage"
 DNC_BUCKET = "as-dnc"
+DELIVERIES_BUCKET = "as-webhook-deliveries"
+CONSOLE_SESSIONS_BUCKET = "as-console-sessions"
 
 DAY = 24 * 3600
 # Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
@@ -182,6 +187,19 @@ async def ensure_webhooks(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
     await _ensure_kept_stream(js, WEBHOOKS_STREAM, ["webhooks.*.*"])
     return (await _bucket(js, DEAD_LETTER_BUCKET, history=1, ttl=None),
             await _bucket(js, DISABLED_BUCKET, history=1, ttl=None))
+
+
+def delivery_record_key(tenant: str, call_id: str, subscription: str, event_id: str) -> str:
+    return f"{tenant}.{call_id}.{subscription}.{event_id}"
+
+
+async def deliveries_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, DELIVERIES_BUCKET, history=1, ttl=CALL_RETENTION)
+
+
+async def console_sessions_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    """Sessions expire with the bucket's TTL (set when it is created) and by their own expiry."""
+    return await _bucket(js, CONSOLE_SESSIONS_BUCKET, history=1, ttl=ttl)
 
 
 async def kv_keys(js: JetStreamContext, bucket: str, prefix: str) -> list[str]:

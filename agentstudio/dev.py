@@ -67,7 +67,8 @@ class KeyFile:
         return made
 
     def material(self) -> dict[str, list[KeyMaterial]]:
-        return {name: [KeyMaterial(keys.digest(key))] for name, key in self.keys.items() if not name.startswith("whsec:")}
+        return {name: [KeyMaterial(keys.digest(key), hint=keys.hint(key))] for name, key in self.keys.items()
+                if not name.startswith("whsec:")}
 
     def webhook_secrets(self, resources: list[Located]) -> list[tuple[str, str]]:
         """A whsec_ signing secret per WebhookSubscription (the operator's job in a cluster); new ones."""
@@ -214,6 +215,7 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, _request_exit, server)
         print(f"ingest: http://{host}:{port}/api/v1/webhooks/ingest", flush=True)
+        print(f"console: http://{host}:{port}/console/ (sign in with a key that has calls:read)", flush=True)
 
         def simulated(tracker: CallTracker) -> SimulatedProvider:
             return SimulatedProvider(tracker, relay_url=relay.relay_url(settings.public_base_url),

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
     operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")
     usage_flush_seconds: float = Field(5.0, description="How often ingest adds its key usage counts to NATS.")
+    console_session_seconds: float = Field(
+        8 * 3600, gt=0, description="How long a console sign-in lasts (its key's changes end it sooner)."
+    )
 
     # Dialers and telephony
     telephony_provider: str = Field("simulated", description="twilio or simulated; test keys always simulate.")

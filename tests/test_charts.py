@@ -404,6 +404,7 @@ def test_notes_say_the_ingest_url_and_how_to_read_a_key(control_plane: controlpl
     notes = out[out.index("NOTES:"):]
     assert f"http://agent-studio-ingest.{NAMESPACE}.svc:80/api/v1/webhooks/ingest" in notes
     assert f"kubectl -n {NAMESPACE} get secret <apikey>-api-key -o jsonpath='{{.data.key}}' | base64 -d" in notes
+    assert "the calls console at http://127.0.0.1:8080/console/" in notes
 
 
 # 3. bad values are refused, by name

@@ -250,3 +250,36 @@ async def test_a_reserved_example_domain_is_said_once_at_load_and_sends_nothing(
             if getattr(r, "tenant", None) == t.name and getattr(r, "subscription", None) == "placeholder"]
     assert said == [("WARNING", "webhook subscription sends nothing: its URL is a reserved example domain")]
     assert dead == []
+
+
+async def delivery_records(js: JetStreamContext, tenant: str, call_id: str) -> list[dict[str, Any]]:
+    kv = await bus.deliveries_bucket(js)
+    keys = await bus.kv_keys(js, bus.DELIVERIES_BUCKET, f"{tenant}.{call_id}.")
+    return [orjson.loads((await kv.get(k)).value) for k in keys]
+
+
+async def test_each_delivery_of_a_call_is_recorded_with_its_state_and_attempts(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    receiver = Receiver(signing.new_secret(), mode="down")
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}, schedule="0,0.1") as (client, t):
+        call_id = await queue_call(client, t, simulate_outcome="busy")
+        for _ in range(100):
+            records = await delivery_records(js, t.name, call_id)
+            if records and records[0]["state"] == "dead_lettered":
+                break
+            await asyncio.sleep(0.1)
+        [record] = records
+        assert (record["subscription"], record["event_type"], record["state"], record["attempts"],
+                record["last_error"]) == ("results", "call.busy", "dead_lettered", 3, "HTTP 503")
+
+        # Replayed to a receiver that is back: the same record says delivered.
+        receiver.mode = "up"
+        resp = await client.post(f"/api/v1/webhooks/dead-letters/results/{record['event_id']}/replay",
+                                 headers=t.auth("ops"))
+        assert resp.status_code == 202
+        await until(lambda: len(receiver.received) == 1)
+        for _ in range(100):
+            [record] = await delivery_records(js, t.name, call_id)
+            if record["state"] == "delivered":
+                break
+            await asyncio.sleep(0.1)
+        assert (record["state"], record["last_error"]) == ("delivered", None)

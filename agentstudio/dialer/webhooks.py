@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -78,10 +79,12 @@ class WebhookDispatcher:
         self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
         self.dead: KeyValue | None = None
         self.disabled: KeyValue | None = None
+        self.deliveries: KeyValue | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_events_stream(self.js)
         self.dead, self.disabled = await bus.ensure_webhooks(self.js)
+        self.deliveries = await bus.deliveries_bucket(self.js)
         fanout = asyncio.create_task(self._fanout(stop), name="webhook-fanout")
         try:
             while not stop.is_set():
@@ -182,20 +185,38 @@ class WebhookDispatcher:
                 status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
             await msg.ack()
+            await self._record(tenant, sub, event, "delivered", attempt, None)
             return "delivered"
         if status == 410:
             await self._disable(tenant, sub, "receiver answered 410 Gone")
             await msg.nak(delay=3600)  # kept for when the subscription is re-enabled
+            await self._record(tenant, sub, event, "held", attempt, error)
             return "gone"
         if attempt > len(self.schedule):
             await self._dead_letter(tenant, sub, event, attempt, error)
             await msg.ack()
+            await self._record(tenant, sub, event, "dead_lettered", attempt, error)
             return "dead"
         await msg.nak(delay=self.schedule[attempt - 1])
+        await self._record(tenant, sub, event, "retrying", attempt, error)
         log.info("webhook delivery failed; will retry", extra={
             "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "attempt": attempt,
             "error": error, "retry_in": self.schedule[attempt - 1]})
         return "retry"
+
+    async def _record(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], state: str, attempts: int,
+                      error: str | None) -> None:
+        """What became of this delivery so far, for the console's view of the call. After the ack or
+        nak, and a failure only logged: the record informs people, the delivery itself is settled."""
+        assert self.deliveries is not None
+        record = {"subscription": sub.name, "event_id": event["id"], "event_type": event["type"], "state": state,
+                  "attempts": attempts, "last_error": error, "at": time.time()}
+        try:
+            await self.deliveries.put(bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"]),
+                                      orjson.dumps(record))
+        except (NatsError, asyncio.TimeoutError) as exc:
+            log.warning("webhook delivery not recorded", extra={
+                "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "error": type(exc).__name__})
 
     async def _dead_letter(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], attempts: int,
                            error: str) -> None:

@@ -17,7 +17,7 @@ from nats.errors import Error as NatsError
 
 from agentstudio import keys
 from agentstudio.bundle import Bundle, KeyEntry
-from agentstudio.bundle_store import KEY_INDEX_PREFIX
+from agentstudio.bundle_store import KEY_INDEX_PREFIX, Snapshot
 from agentstudio.ingest.errors import ApiError
 from agentstudio.ingest.service import IngestService
 from agentstudio.resources import Scope
@@ -59,9 +59,13 @@ def authenticate(request: Request, svc: IngestService) -> Principal:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("malformed Authorization header: expected Bearer <key>")
+    return key_holder(token, svc.snapshot)
+
+
+def key_holder(token: str, snapshot: Snapshot) -> Principal:
+    """Whoever holds API key `token`, or a 401 saying why not."""
     if not keys.is_well_formed(token):
         raise _unauthorized("malformed API key")
-    snapshot = svc.snapshot
     digest = keys.digest(token)
     # The index is keyed by a short digest prefix; the full digest is compared in constant time.
     found = next(
@@ -71,6 +75,20 @@ def authenticate(request: Request, svc: IngestService) -> Principal:
     if found is None:
         raise _unauthorized("unknown API key")
     _, tenant, entry = found
+    return _usable(tenant, entry, snapshot)
+
+
+def digest_holder(tenant: str, digest: str, snapshot: Snapshot) -> Principal:
+    """The holder of the key with `digest` in `tenant`'s current bundle (a console session holds the
+    digest, never the key), or a 401: a key disabled, expired, rotated away or deleted is refused."""
+    bundle = snapshot.bundles.get(tenant)
+    entry = bundle.keys.get(digest) if bundle is not None else None
+    if entry is None:
+        raise _unauthorized("unknown API key")
+    return _usable(tenant, entry, snapshot)
+
+
+def _usable(tenant: str, entry: KeyEntry, snapshot: Snapshot) -> Principal:
     if entry.disabled:
         raise _unauthorized("API key is disabled")
     if entry.not_after is not None and entry.not_after <= datetime.now(timezone.utc):

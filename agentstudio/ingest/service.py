@@ -15,6 +15,7 @@ from agentstudio.usage import UsageCounter
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.do_not_call import DoNotCall
+from agentstudio.ingest.console.sessions import Sessions
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.ingest")
@@ -30,6 +31,7 @@ class IngestService:
         self._usage: UsageCounter | None = None
         self._tracker: CallTracker | None = None
         self._dnc: DoNotCall | None = None
+        self._sessions: Sessions | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -48,6 +50,8 @@ class IngestService:
             self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
         )
         self._dnc = DoNotCall(await bus.dnc_bucket(self._js))
+        lifetime = self.settings.console_session_seconds
+        self._sessions = Sessions(await bus.console_sessions_bucket(self._js, lifetime), lifetime)
         log.info("ingest connected to nats")
 
     async def _resubscribe(self) -> None:
@@ -85,6 +89,11 @@ class IngestService:
     def dnc(self) -> DoNotCall:
         assert self._dnc is not None, "IngestService not started"
         return self._dnc
+
+    @property
+    def sessions(self) -> Sessions:
+        assert self._sessions is not None, "IngestService not started"
+        return self._sessions
 
     @property
     def usage(self) -> UsageCounter:

@@ -84,18 +84,19 @@ async def key_state(kube: Kube, body: dict[str, Any], spec: ApiKeySpec) -> KeySt
             problem=("InvalidKey", f"Secret {secret_name} has no well-formed key under {data_key!r}"),
         )
     current = current.strip()
+    created = secret.metadata.creation_timestamp
     state = KeyState(
-        material=[KeyMaterial(keys.digest(current))],
+        material=[KeyMaterial(keys.digest(current), hint=keys.hint(current), created_at=created)],
         hint=keys.hint(current),
         secret_name=secret_name,
-        created_at=secret.metadata.creation_timestamp.isoformat() if secret.metadata.creation_timestamp else None,
+        created_at=created.isoformat() if created else None,
     )
     previous = secret_value(secret, PREVIOUS) if spec.secret_ref is None else None
     until = (secret.metadata.annotations or {}).get(PREVIOUS_NOT_AFTER)
     if previous and until:
         not_after = datetime.fromisoformat(until)
         if not_after > datetime.now(timezone.utc):
-            state.material.append(KeyMaterial(keys.digest(previous), not_after))
+            state.material.append(KeyMaterial(keys.digest(previous), not_after, hint=keys.hint(previous)))
             state.previous_valid_until = not_after
     return state
 

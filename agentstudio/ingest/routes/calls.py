@@ -21,6 +21,7 @@ from agentstudio.calls_index import CallFilter, Found
 from agentstudio.callstate import CallState
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
+from agentstudio.ingest.service import IngestService
 from agentstudio.ingest.schemas import CallPage, CallRecord, CancelFilter, CancelResult, TimelineEntry
 from agentstudio.tracking import CallTracker
 
@@ -61,30 +62,44 @@ def filters(*route_params: str) -> Callable[..., Coroutine[Any, Any, CallFilter]
         metadata: dict[str, set[str]] = {}
         for name, value in request.query_params.multi_items():
             if name.startswith(_METADATA):
-                if name == _METADATA:
-                    raise _invalid(name, "metadata filters are metadata.<key>=<value>; the key is missing")
                 metadata.setdefault(name[len(_METADATA):], set()).add(value)
             elif name not in allowed:
                 raise _invalid(name, f"unknown query parameter {name!r}")
-        statuses = {s.strip() for value in status or () for s in value.split(",") if s.strip()}
-        if status is not None and not statuses:
-            raise _invalid("status", "status names no status")
-        if unknown := sorted(statuses - set(calls_index.STATUSES)):
-            raise _invalid("status", f"unknown status {unknown[0]!r}; one of {', '.join(calls_index.STATUSES)}")
-        after, before = _utc(created_after), _utc(created_before)
-        if after is not None and before is not None and before <= after:
-            raise _invalid("created_before", "created_before must be later than created_after")
-        return CallFilter(
-            statuses=frozenset(statuses),
-            workflow_slug=workflow_slug,
-            agent_slug=agent_slug,
-            metadata={k: frozenset(v) for k, v in metadata.items()},
-            created_after=after,
-            created_before=before,
-            test=test,
-        )
+        return call_filter(status, workflow_slug, agent_slug, metadata, created_after, created_before, test)
 
     return dependency
+
+
+def call_filter(
+    status: list[str] | None,
+    workflow_slug: str | None,
+    agent_slug: str | None,
+    metadata: dict[str, set[str]],
+    created_after: datetime | None,
+    created_before: datetime | None,
+    test: bool | None,
+) -> CallFilter:
+    """The listing's filter from its parameters (the API's query and the console's form), or a 400
+    naming what is wrong."""
+    if "" in metadata:
+        raise _invalid(_METADATA, "metadata filters are metadata.<key>=<value>; the key is missing")
+    statuses = {s.strip() for value in status or () for s in value.split(",") if s.strip()}
+    if status is not None and not statuses:
+        raise _invalid("status", "status names no status")
+    if unknown := sorted(statuses - set(calls_index.STATUSES)):
+        raise _invalid("status", f"unknown status {unknown[0]!r}; one of {', '.join(calls_index.STATUSES)}")
+    after, before = _utc(created_after), _utc(created_before)
+    if after is not None and before is not None and before <= after:
+        raise _invalid("created_before", "created_before must be later than created_after")
+    return CallFilter(
+        statuses=frozenset(statuses),
+        workflow_slug=workflow_slug,
+        agent_slug=agent_slug,
+        metadata={k: frozenset(v) for k, v in metadata.items()},
+        created_after=after,
+        created_before=before,
+        test=test,
+    )
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -117,13 +132,17 @@ async def list_calls(
     limit: Annotated[int, Query(ge=1, le=500, description="Calls per page.")] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> CallPage:
-    svc = service_of(request)
+    return await list_page(service_of(request), principal.tenant, which, limit, cursor)
+
+
+async def list_page(svc: IngestService, tenant: str, which: CallFilter, limit: int, cursor: str | None) -> CallPage:
+    """One page of the tenant's calls below `cursor` (the API's listing and the console's)."""
     try:
         below = calls_index.decode_cursor(cursor) if cursor is not None else None
     except ValueError as exc:
         raise _invalid("cursor", str(exc)) from None
     try:
-        found = await calls_index.page(svc.js, svc.tracker.store, principal.tenant, which, limit, below)
+        found = await calls_index.page(svc.js, svc.tracker.store, tenant, which, limit, below)
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     return CallPage(
@@ -158,8 +177,11 @@ async def export_calls(
     which: Annotated[CallFilter, Depends(filters("format"))],
     format_: Annotated[Literal["csv", "jsonl"], Query(alias="format", description="csv or jsonl.")] = "csv",
 ) -> StreamingResponse:
-    svc = service_of(request)
-    tenant = principal.tenant
+    return await export(service_of(request), principal.tenant, which, format_)
+
+
+async def export(svc: IngestService, tenant: str, which: CallFilter, format_: Literal["csv", "jsonl"]) -> StreamingResponse:
+    """Every call of the tenant that passes `which`, as a download (the API's export and the console's)."""
     try:
         # One snapshot for the whole export: calls queued while it streams are not in it.
         below = await calls_index.top(svc.js)
@@ -325,11 +347,15 @@ async def get_call(
     call_id: str,
     principal: Annotated[Principal, Depends(require_scope("calls:read"))],
 ) -> CallRecord:
-    svc = service_of(request)
+    return await read_call(service_of(request), principal.tenant, call_id)
+
+
+async def read_call(svc: IngestService, tenant: str, call_id: str) -> CallRecord:
+    """One call of the tenant, or a 404 (the API's and the console's)."""
     canonical = _canonical(call_id)
     try:
-        call = await calls.fetch(svc.js, principal.tenant, canonical)
-        state = await svc.tracker.store.get(principal.tenant, canonical) if call is not None else None
+        call = await calls.fetch(svc.js, tenant, canonical)
+        state = await svc.tracker.store.get(tenant, canonical) if call is not None else None
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     if call is None:

@@ -1,0 +1,139 @@
+"""bench/console: the console's calls page (its first page and its counts by status) with N calls in
+one tenant's retention window, server time (the app in process, no network), against the calls API's
+first page of the same size in the same run: cold (counted afresh) and as a live page's refresh
+(counts reused for COUNTS_FRESH_SECONDS).
+
+Calls are written as a week of real traffic leaves them: the request on its dispatch subject and,
+for 9 in 10, a finished state (completed or failed) in the calls bucket; the rest wait (pending).
+
+    .venv/bin/python bench/console.py [--calls 10000 100000] [--requests 20]
+
+Prints JSON and writes bench/results/console.json. Not a test: nothing asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
+from latency import summary  # noqa: E402
+
+from agentstudio import bus  # noqa: E402
+from agentstudio.calls import CallRequest  # noqa: E402
+from agentstudio.callstate import CallEvent, CallState  # noqa: E402
+from agentstudio.ingest.console import pages  # noqa: E402
+from agentstudio.natsserver import NatsServer  # noqa: E402
+
+MANIFESTS = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: a}
+spec: {prompt: "Hello"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: reader}
+spec: {scopes: ["calls:read"], mode: live, rateLimitPerMinute: 1000000}
+"""
+BATCH = 1000
+
+
+async def populate(js: Any, tenant: str, count: int) -> float:
+    """`count` calls over the last six days, oldest first; seconds taken."""
+    kv = await bus.calls_bucket(js)
+    start = time.perf_counter()
+    first = datetime.now(timezone.utc) - timedelta(days=6)
+    step = timedelta(days=6) / count
+
+    async def one(i: int) -> None:
+        created = first + step * i
+        call = CallRequest(call_id=str(uuid.uuid4()), tenant=tenant, api_key="reader", agent_slug="a",
+                           phone_number="+14155552671", user_context={}, metadata={"campaign_id": f"c{i % 10}"},
+                           test=False, created_at=created,
+                           bundle_version=1)
+        await js.publish(bus.dispatch_subject(tenant, call.call_id), call.model_dump_json().encode(),
+                         stream=bus.CALLS_STREAM)
+        if i % 10:
+            status = "completed" if i % 10 < 8 else "failed"
+            state = CallState(call_id=call.call_id, tenant=tenant, status=status, ended_at=created, duration_seconds=30,
+                              events=[CallEvent(status="pending", at=created), CallEvent(status=status, at=created)])
+            await kv.put(f"{tenant}.{call.call_id}", orjson.dumps(state.model_dump(mode="json")))
+
+    for lo in range(0, count, BATCH):
+        await asyncio.gather(*(one(i) for i in range(lo, min(count, lo + BATCH))))
+    return time.perf_counter() - start
+
+
+async def timed(client: httpx.AsyncClient, url: str, requests: int, cold: bool = False,
+                **kw: Any) -> dict[str, float]:
+    """Server time of `requests` GETs; `cold`: with no counts kept from an earlier view."""
+    took = []
+    for _ in range(requests):
+        if cold:
+            pages._COUNTED.clear()
+        start = time.perf_counter()
+        resp = await client.get(url, **kw)
+        took.append(time.perf_counter() - start)
+        assert resp.status_code == 200, resp.text[:300]
+    return summary(took, (95,))
+
+
+async def run(sizes: list[int], requests: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            server = NatsServer(Path(tmp))
+            server.start()
+            try:
+                async with ingest_client(server.url) as (client, svc):
+                    tenant = Tenant(f"t-{uuid.uuid4().hex[:8]}", svc.js, docs(MANIFESTS))
+                    bundle = await tenant.publish()
+                    await wait_for_bundle(svc, tenant.name, bundle.version)
+                    populated = await populate(svc.js, tenant.name, size)
+                    signed_in = await client.post("/console/sign-in", data={"key": tenant.keys["reader"]})
+                    assert signed_in.status_code == 303, signed_in.text
+                    results[str(size)] = {
+                        "populate_seconds": round(populated, 1),
+                        "console_calls_page_cold": await timed(client, "/console/calls", requests, cold=True),
+                        "console_calls_page_metadata_filter_cold": await timed(
+                            client, "/console/calls?metadata=campaign_id%3Dc3", requests, cold=True),
+                        # A live page's refresh within COUNTS_FRESH_SECONDS of the last count.
+                        "console_calls_page_refresh": await timed(client, "/console/calls", requests),
+                        "api_first_page_25": await timed(client, "/api/v1/calls?limit=25", requests,
+                                                         headers=tenant.auth("reader")),
+                    }
+                    print(json.dumps({size: results[str(size)]}), flush=True)
+            finally:
+                server.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--requests", type=int, default=20)
+    args = parser.parse_args()
+    results = asyncio.run(run(args.calls, args.requests))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "console.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
