@@ -36,7 +36,7 @@ from agentstudio import bus
 from agentstudio.calls import CallRequest, waiting_status
 from agentstudio.callstate import CallState, CallStatus, CallStore
 
-# "scheduled" is a listing status only: a call waiting for its time has no state record yet.
+# "scheduled" is a listing status only: a pending call waiting for its time (see status_of).
 STATUSES: tuple[str, ...] = ("scheduled", *get_args(CallStatus))
 
 # The first window spans this many stream sequences (all tenants' messages count); it grows 4× while
@@ -101,7 +101,13 @@ class Found:
 
     @property
     def status(self) -> str:
-        return self.state.status if self.state is not None else waiting_status(self.call)
+        return status_of(self.call, self.state)
+
+
+def status_of(call: CallRequest, state: CallState | None) -> str:
+    """What the calls API says a call is: a call no dialer has claimed (no state yet, or put back to
+    wait by one) is scheduled until it is due, then pending."""
+    return state.status if state is not None and state.status != "pending" else waiting_status(call)
 
 
 def encode_cursor(below: int) -> str:

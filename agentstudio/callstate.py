@@ -42,6 +42,14 @@ class CallEvent(BaseModel):
     detail: str | None = None
 
 
+class Deferral(BaseModel):
+    """A dialer put the call back to wait instead of dialing it: when, why, until when."""
+
+    at: datetime
+    reason: Literal["calling_hours", "frequency_cap"]
+    until: datetime
+
+
 class CallState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,6 +72,7 @@ class CallState(BaseModel):
     # "open" while an agent talks on the call: its end event waits until the transcript is final.
     conversation: Literal["open", "closed"] | None = None
     end_reason: str | None = None  # why the conversation ended: end_call, callee_hangup, silence, ...
+    deferrals: list[Deferral] = Field(default_factory=list)
 
     @classmethod
     def new(cls, call: CallRequest) -> CallState:

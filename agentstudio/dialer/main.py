@@ -23,7 +23,8 @@ from agentstudio.dialer.worker import Dialer
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
-from agentstudio.resources import AgentSpec
+from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.resources import AgentSpec, CallPolicySpec
 from agentstudio.conversation import relay
 from agentstudio.conversation.conversation import Limits, Tools
 from agentstudio.conversation.llm import ChatModel
@@ -57,7 +58,8 @@ async def build(
                               max_call_seconds=settings.max_call_seconds)
     dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
-                  paused=paused_calls(bundles, settings.dialing_paused))
+                  paused=paused_calls(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())))
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -80,6 +82,17 @@ def paused_calls(bundles: BundleWatcher | None, everything: bool = False) -> Cal
         return workflow is not None and workflow.paused
 
     return paused
+
+
+def call_policies(bundles: BundleWatcher | None) -> Callable[[CallRequest], CallPolicySpec | None]:
+    """A call's CallPolicy in its tenant's current bundle (a policy changed since the call was queued
+    applies to it from its next dispatch)."""
+
+    def policy_of(call: CallRequest) -> CallPolicySpec | None:
+        bundle = bundles.snapshot.bundles.get(call.tenant) if bundles else None
+        return bundle.policy_for(call.workflow_slug, call.agent_slug) if bundle else None
+
+    return policy_of
 
 
 def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:
