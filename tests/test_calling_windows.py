@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,9 @@ from nats.js.errors import NotFoundError
 from agentstudio import bus, clock
 from agentstudio.calling_hours import FrequencyCap
 from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.natsserver import free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
+from test_dev import DevProcess
 from test_dialer import MANIFESTS, dialers, until_status
 
 UTC = timezone.utc
@@ -228,3 +231,38 @@ async def test_a_number_its_policy_never_lets_be_called_is_refused_naming_the_po
     assert error["code"] == "no_calling_window" and error["field"] == "phone_number", error
     assert "CallPolicy 'default'" in error["message"] and "400 days" in error["message"], error
 
+
+DEV_FOLDER = """
+apiVersion: agentstudio.io/v1alpha1
+kind: Agent
+metadata: {name: a}
+spec: {prompt: "Hello"}
+---
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: sandbox}
+spec: {scopes: ["calls:create", "calls:read"], mode: test}
+""" + policy('{preset: none, hours: {mon: ["09:00-17:00"], tue: ["09:00-17:00"], defaultZone: UTC}}')
+
+
+def test_dev_now_runs_the_stack_as_if_the_clock_read_that_time(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    (folder / "all.yaml").write_text(DEV_FOLDER)
+    # 20 s before Los Angeles opens: time for dev to start and take the call while it is closed.
+    dev = DevProcess(folder, free_port(), "--now", "2026-12-01T08:59:40-08:00")
+    try:
+        keys = dev.start()
+        assert any(line.startswith("clock: 2026-12-01T08:59:40-08:00 and advancing") for line in dev.seen), dev.seen
+        auth = {"Authorization": f"Bearer {keys['sandbox']}"}
+        resp = httpx.post(f"{dev.url}/api/v1/webhooks/ingest", headers=auth,
+                          json={"agent_slug": "a", "phone_number": LOS_ANGELES})
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["status"] == "scheduled", resp.text
+        assert at(resp.json()["scheduled_for"]) == at("2026-12-01T09:00:00-08:00")
+        call_id = resp.json()["call_id"]
+        assert httpx.get(f"{dev.url}/api/v1/calls/{call_id}", headers=auth).json()["status"] == "scheduled"
+        dev.expect(rf"dialer \(simulated\): call {call_id} to \*+2671 agent=a \[test\]", timeout=60)
+        dev.expect(rf"^call {call_id} to \*+2671: completed in \d+ s$")
+    finally:
+        assert dev.interrupt() == 0
