@@ -3,13 +3,15 @@ against the same backlog with no window, each phase on its own nats-server with 
 (`agent-studio ingest` and `agent-studio dialer` processes, simulated zero-length calls).
 
 1. inside: N_IN calls accepted while the window is open (they queue as pending): the ingest rate.
-2. window: the dialer idle, N calls accepted while the window is closed (each `scheduled` for the
-   opening): the ingest rate against (1), and the dialer's RSS before and after. Then the window
-   opens (a real minute boundary, HH:MM in the callees' zone): time from the opening to the first
-   dial, and the drain rate at the tenant's concurrency cap over the first SLICE calls.
-3. no window: the same N calls from a tenant without a CallPolicy, queued straight to JetStream as
-   ingest queues a `scheduled_at` call, all due at one instant (the same JetStream schedule, no window
-   or cap to check): the same two figures.
+2. outside: N calls accepted while the window is closed (each `scheduled` for its opening, 12 hours
+   ahead), an idle dialer beside: the ingest rate against (1), the dialer's RSS before and after, and
+   what the dialers' consumer holds while they wait.
+3. opening: the same N calls waiting as ingest queues them (calls.enqueue, straight to JetStream so
+   the instant can be chosen before they are in) for a window opening at a real minute boundary
+   (HH:MM in the callees' zone): time from the opening to the first call answered, and the drain
+   rate at the tenant's concurrency cap over the first SLICE calls, every one checked at dial time.
+4. no window: the same N calls of a tenant without a CallPolicy, released by the same kind of
+   schedule at one instant: the same two figures, with nothing checked at dial time.
 
 The window's policy also caps each number (3 per 24 h), so every placement takes a reservation;
 every call goes to a different New York number. The real clock throughout (no `--now`).
@@ -155,7 +157,14 @@ async def accept(url: str, key: str, n: int, body: Callable[[int], dict[str, Any
 
         async def worker() -> None:
             for i in queue:
-                resp = await client.post(url, headers=headers, json=body(i))
+                for attempt in range(3):
+                    try:  # a kept-alive connection the server closed at that moment: send again
+                        resp = await client.post(url, headers={**headers, "Idempotency-Key": f"bench-{i}"},
+                                                 json=body(i))
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
                 said = resp.json().get("status") if resp.status_code == 201 else str(resp.status_code)
                 statuses[said] = statuses.get(said, 0) + 1
 
@@ -192,23 +201,27 @@ async def drain(nats_url: str, opening: datetime, slice_: int) -> dict[str, Any]
             "drain_calls_per_second": round(slice_ / (last - first), 1)}
 
 
-async def backlog(nats_url: str, n: int) -> datetime:
-    """The same campaign with no CallPolicy, queued straight to JetStream as ingest queues a call with
-    `scheduled_at` (calls.enqueue), all due at one instant a few seconds after the last is in."""
+async def backlog(nats_url: str, n: int, due: datetime, reason: str) -> None:
+    """n calls queued straight to JetStream as ingest queues a waiting call (calls.enqueue with
+    scheduled_for), all due at `due`: much faster than through HTTP, so the instant can be chosen first."""
     nc = await bus.connect(nats_url, "bench-backlog")
     js = nc.jetstream()
-    start = time.perf_counter()
-    release = datetime.now(UTC) + timedelta(seconds=n / 2000 + 20)  # queued at several thousand per second
-    release = release.replace(microsecond=0)
     for first in range(0, n, 500):
         await asyncio.gather(*(calls.enqueue(js, calls.CallRequest(
             call_id=str(uuid.uuid4()), tenant=TENANT, api_key="k", agent_slug="a", phone_number=number(i),
             user_context={}, metadata={"simulate_duration_seconds": 0}, test=True, created_at=datetime.now(UTC),
-            bundle_version=1, scheduled_for=release, scheduled_reason="scheduled_at"), timeout=10)
+            bundle_version=1, scheduled_for=due, scheduled_reason=reason), timeout=10)
             for i in range(first, min(n, first + 500))))
     await nc.close()
-    assert datetime.now(UTC) < release, f"queued too slowly ({time.perf_counter() - start:.0f} s): release is past"
-    return release
+    assert datetime.now(UTC) < due, "queued too slowly: the calls were due before the last was in"
+
+
+async def held_by_dialers(nats_url: str) -> dict[str, int]:
+    """What the dialers' consumer holds: waiting calls must be in neither count."""
+    nc = await bus.connect(nats_url, "bench-consumer")
+    info = await nc.jetstream().consumer_info(bus.CALLS_STREAM, "dialer")
+    await nc.close()
+    return {"consumer_num_pending": int(info.num_pending or 0), "consumer_ack_pending": int(info.num_ack_pending or 0)}
 
 
 def next_minute(after: datetime) -> datetime:
@@ -229,37 +242,45 @@ def main() -> None:
     out: dict[str, Any] = {"calls": args.calls, "connections": CONNECTIONS, "cap": args.cap}
 
     with tempfile.TemporaryDirectory() as tmp:
+        # 1. The campaign accepted while its window is open: the ingest baseline.
         with Stack(Path(tmp) / "inside", policy('"00:00-24:00"'), args.cap) as stack:
             url = f"http://127.0.0.1:{stack.ingest_port}/api/v1/webhooks/ingest"
             out["inside_window"] = asyncio.run(accept(url, stack.key, args.inside, call_body))
-        rate = out["inside_window"]["calls_per_second"]
-        print(f"inside the window: {rate} calls/s", file=sys.stderr)
+        print(f"inside the window: {out['inside_window']['calls_per_second']} calls/s", file=sys.stderr)
 
-        # The window opens at the first minute boundary after the campaign is expected to be in.
-        opening = next_minute(datetime.now(UTC) + timedelta(seconds=args.calls / rate * 1.15 + 10))
-        with Stack(Path(tmp) / "window", policy(window_from(opening)), args.cap) as stack:
+        # 2. Accepted while it is closed (it opens in 12 hours), an idle dialer running beside.
+        later = next_minute(datetime.now(UTC) + timedelta(hours=12))
+        with Stack(Path(tmp) / "outside", policy(window_from(later)), args.cap) as stack:
             stack.start_dialer()
             time.sleep(2)  # settled: connected, consumer created, bundle loaded
             rss_before = stack.dialer_rss_mib()
             url = f"http://127.0.0.1:{stack.ingest_port}/api/v1/webhooks/ingest"
             out["outside_window"] = asyncio.run(accept(url, stack.key, args.calls, call_body))
-            rss_after = stack.dialer_rss_mib()
-            accepted_at = datetime.now(UTC)
-            print(f"outside the window: {out['outside_window']['calls_per_second']} calls/s; opens {opening}",
-                  file=sys.stderr)
-            out["window_opening"] = {"opening": opening.isoformat(),
-                                     "seconds_waited_after_accepting": round((opening - accepted_at).total_seconds(), 1),
-                                     "dialer_rss_mib_before": round(rss_before, 1),
-                                     "dialer_rss_mib_after_accepting": round(rss_after, 1),
-                                     **asyncio.run(drain(stack.nats.url, opening, args.slice))}
-            out["window_opening"]["dialer_rss_mib_draining"] = round(stack.dialer_rss_mib(), 1)
+            time.sleep(2)
+            out["outside_window"] |= {"dialer_rss_mib_before": round(rss_before, 1),
+                                      "dialer_rss_mib_after_accepting": round(stack.dialer_rss_mib(), 1),
+                                      **asyncio.run(held_by_dialers(stack.nats.url))}
+        print(f"outside the window: {out['outside_window']['calls_per_second']} calls/s", file=sys.stderr)
 
+        # 3. The window opens on the same backlog, waiting as ingest queued it (2.), at a minute boundary.
+        opening = next_minute(datetime.now(UTC) + timedelta(seconds=args.calls / 5000 + 10))
+        with Stack(Path(tmp) / "opening", policy(window_from(opening)), args.cap) as stack:
+            stack.start_dialer()
+            asyncio.run(backlog(stack.nats.url, args.calls, opening, "calling_hours"))
+            out["window_opening"] = {"opening": opening.isoformat(),
+                                     **asyncio.run(drain(stack.nats.url, opening, args.slice)),
+                                     "dialer_rss_mib_draining": round(stack.dialer_rss_mib(), 1)}
+        print(f"window opening: {out['window_opening']}", file=sys.stderr)
+
+        # 4. The same backlog with no CallPolicy, released by one schedule.
+        release = (datetime.now(UTC) + timedelta(seconds=args.calls / 5000 + 10)).replace(microsecond=0)
         with Stack(Path(tmp) / "plain", MANIFESTS, args.cap) as stack:
             stack.start_dialer()
-            release = asyncio.run(backlog(stack.nats.url, args.calls))
-            print(f"no window: {args.calls} calls queued; released {release}", file=sys.stderr)
+            asyncio.run(backlog(stack.nats.url, args.calls, release, "scheduled_at"))
             out["no_window_release"] = {"release": release.isoformat(),
-                                        **asyncio.run(drain(stack.nats.url, release, args.slice))}
+                                        **asyncio.run(drain(stack.nats.url, release, args.slice)),
+                                        "dialer_rss_mib_draining": round(stack.dialer_rss_mib(), 1)}
+        print(f"no window: {out['no_window_release']}", file=sys.stderr)
 
     out["ratio_ingest_outside_vs_inside"] = round(
         out["outside_window"]["calls_per_second"] / out["inside_window"]["calls_per_second"], 2)
@@ -284,7 +305,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     a.bar(names, rates, color=["#999", "#2a6"])
     a.set_title(f"ingest calls/s ({out['connections']} conns, 1 worker)\n"
                 f"outside/inside = {out['ratio_ingest_outside_vs_inside']:.2f}")
-    w, n = out["window_opening"], out["no_window_release"]
+    o, w, n = out["outside_window"], out["window_opening"], out["no_window_release"]
     b.bar(["window opens", "no window"], [w["first_dial_after_opening_seconds"], n["first_dial_after_opening_seconds"]],
           color=["#2a6", "#69c"])
     b.set_ylabel("s")
@@ -292,7 +313,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     c.bar(["window opens", "no window"], [w["drain_calls_per_second"], n["drain_calls_per_second"]],
           color=["#2a6", "#69c"])
     c.set_title(f"drain, first {w['slice']:,} calls at cap {out['cap']} (calls/s)\n"
-                f"dialer RSS {w['dialer_rss_mib_before']:.0f} → {w['dialer_rss_mib_after_accepting']:.0f} MiB"
+                f"dialer RSS {o['dialer_rss_mib_before']:.0f} → {o['dialer_rss_mib_after_accepting']:.0f} MiB"
                 " while they wait")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
