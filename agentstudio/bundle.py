@@ -107,10 +107,16 @@ class Bundle(Frozen):
     def policy_for(self, workflow_slug: str | None, agent_slug: str | None) -> CallPolicySpec | None:
         """The CallPolicy of a call: its workflow's, else its entry agent's, else the namespace's
         `default`; None when there is none (the call is placed at any hour, once)."""
+        name = self.policy_name_for(workflow_slug, agent_slug)
+        return self.policies[name] if name is not None else None
+
+    def policy_name_for(self, workflow_slug: str | None, agent_slug: str | None) -> str | None:
+        """The name of the CallPolicy `policy_for` gives (for messages that must name it)."""
         workflow = self.workflows.get(workflow_slug) if workflow_slug else None
         entry = self.agents.get(self.entry_slug(workflow_slug, agent_slug) or "")
         name = (workflow.call_policy if workflow else None) or (entry.spec.call_policy if entry else None)
-        return self.policies.get(name or DEFAULT_POLICY_NAME)
+        name = name or DEFAULT_POLICY_NAME
+        return name if name in self.policies else None
 
     def entry_slug(self, workflow_slug: str | None, agent_slug: str | None) -> str | None:
         """The agent a call starts with: its workflow's entry agent, else the agent it names."""

@@ -19,6 +19,7 @@ KV buckets:
                  attempts so far (the console's per-call view; kept for the call retention)
   as-console-sessions  key <sha256 of the session token> → a console session: tenant, key digest
   as-dnc         key <tenant>.<E.164 digits> → a number never to call: when, from where, why
+  as-frequency   key <tenant>.<E.164 digits> → the number's recent placements, for frequency caps
 Object stores:
   as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
                     the 1 MiB a message may carry
@@ -29,13 +30,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -55,6 +59,7 @@ USAGE_BUCKET = "as-usage"
 DNC_BUCKET = "as-dnc"
 DELIVERIES_BUCKET = "as-webhook-deliveries"
 CONSOLE_SESSIONS_BUCKET = "as-console-sessions"
+FREQUENCY_BUCKET = "as-frequency"
 
 DAY = 24 * 3600
 # Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
@@ -264,6 +269,33 @@ async def usage_bucket(js: JetStreamContext) -> KeyValue:
 
 async def dnc_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, DNC_BUCKET, history=1, ttl=None)
+
+
+async def frequency_bucket(js: JetStreamContext) -> KeyValue:
+    return await _bucket(js, FREQUENCY_BUCKET, history=1, ttl=None)
+
+
+async def update_json(kv: KeyValue, key: str, fn: Callable[[Any], Any]) -> None:
+    """Change the JSON value at `key` by compare-and-set: `fn` gets the value ({} when absent) and
+    returns the new one, or None to leave it; it is applied again to whatever a concurrent writer
+    left until the write wins. An exception from `fn` ends the attempt and is raised."""
+    while True:
+        try:
+            entry = await kv.get(key)
+            value, revision = orjson.loads(entry.value or b"{}"), entry.revision
+        except KeyNotFoundError:
+            value, revision = {}, None
+        changed = fn(value)
+        if changed is None:
+            return
+        try:
+            if revision is None:
+                await kv.create(key, orjson.dumps(changed))
+            else:
+                await kv.update(key, orjson.dumps(changed), last=revision)
+            return
+        except KeyWrongLastSequenceError:
+            continue
 
 
 async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:

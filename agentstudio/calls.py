@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict
 
-from agentstudio import bus
+from agentstudio import bus, clock
 
 # How far ahead a call may be scheduled: it must fire well inside the stream's retention.
 MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
@@ -43,6 +43,8 @@ class CallRequest(BaseModel):
     status: Literal["pending"] = "pending"
     scheduled_for: datetime | None = None  # dialed no earlier than this (a JetStream message schedule)
     requeued: int = 0  # 0: as accepted; n: the n-th time it was queued again (defer)
+    # Why it waits: scheduled_at (the body asked), calling_hours, frequency_cap or retry.
+    scheduled_reason: str | None = None
 
 
 def new_call_id(tenant: str, api_key: str, idempotency_key: str | None) -> str:
@@ -58,7 +60,7 @@ def encode(call: CallRequest) -> bytes:
 def waiting_status(call: CallRequest) -> str:
     """What a call no dialer has taken yet is: scheduled until it is due, then pending."""
     due = call.scheduled_for
-    return "scheduled" if due is not None and due > datetime.now(timezone.utc) else "pending"
+    return "scheduled" if due is not None and due > clock.now() else "pending"
 
 
 async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bool:
@@ -70,11 +72,12 @@ async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bo
     return await _publish(js, call, call.call_id, timeout)
 
 
-async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0) -> CallRequest:
+async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0,
+                reason: str | None = None) -> CallRequest:
     """Queue the call again to be dispatched at `until` (outside its calling window, under its
     frequency cap, or waiting to retry), the same way as a scheduled call. `msg_id` names this
     deferral, so the dialer that defers and then dies before acking re-publishes nothing new."""
-    later = call.model_copy(update={"scheduled_for": until, "requeued": call.requeued + 1})
+    later = call.model_copy(update={"scheduled_for": until, "scheduled_reason": reason, "requeued": call.requeued + 1})
     await _publish(js, later, msg_id, timeout)
     return later
 
@@ -83,7 +86,10 @@ async def _publish(js: JetStreamContext, call: CallRequest, msg_id: str, timeout
     headers = {"Nats-Msg-Id": msg_id}
     subject = bus.dispatch_subject(call.tenant, call.call_id)
     if call.scheduled_for is not None:
-        headers |= {"Nats-Schedule": "@at " + call.scheduled_for.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # Schedules have one-second resolution: rounded up, so the call is never dialed early.
+        due = clock.real(call.scheduled_for).astimezone(timezone.utc)
+        due = due.replace(microsecond=0) + (timedelta(seconds=1) if due.microsecond else timedelta(0))
+        headers |= {"Nats-Schedule": "@at " + due.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "Nats-Schedule-Target": subject}
         subject = bus.schedule_subject(call.tenant, call.call_id)
     ack = await js.publish(subject, encode(call), timeout=timeout, headers=headers)

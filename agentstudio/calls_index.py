@@ -36,7 +36,7 @@ from agentstudio import bus
 from agentstudio.calls import CallRequest, waiting_status
 from agentstudio.callstate import CallState, CallStatus, CallStore
 
-# "scheduled" is a listing status only: a call waiting for its time has no state record yet.
+# "scheduled" is a listing status only: a pending call waiting for its time (see status_of).
 STATUSES: tuple[str, ...] = ("scheduled", *get_args(CallStatus))
 
 # The first window spans this many stream sequences (all tenants' messages count); it grows 4× while
@@ -101,18 +101,30 @@ class Found:
 
     @property
     def status(self) -> str:
-        if self.state is None or self.state.status == "pending":
-            return waiting_status(waiting_call(self.call, self.state))
-        return self.state.status
+        return status_of(self.call, self.state)
+
+
+def status_of(call: CallRequest, state: CallState | None) -> str:
+    """What the calls API says a call is: a call no dialer has claimed (no state yet, or put back to
+    wait by one) is scheduled until it is due, then pending."""
+    return state.status if state is not None and state.status != "pending" else waiting_status(waiting_call(call, state))
 
 
 def waiting_call(call: CallRequest, state: CallState | None) -> CallRequest:
-    """The call as it waits: a retry waits, as a scheduled call does, for its record's next_attempt_at
-    (the message a listing reads is the one the call was accepted with, which does not say so)."""
-    due = state.next_attempt_at if state is not None and state.status == "pending" else None
-    if due is not None and (call.scheduled_for is None or call.scheduled_for < due):
-        return call.model_copy(update={"scheduled_for": due})
-    return call
+    """The call as it waits. The message a listing reads is the one the call was accepted with; a
+    dialer that put it back to wait (its calling window, its frequency cap) or a retry due later says
+    so in the record, and the latest of those is when it may go."""
+    if state is None or state.status != "pending":
+        return call
+    waits = [(d.until, d.reason) for d in state.deferrals]
+    if state.next_attempt_at is not None:
+        waits.append((state.next_attempt_at, "retry"))
+    if not waits:
+        return call
+    due, reason = max(waits)
+    if call.scheduled_for is not None and call.scheduled_for >= due:
+        return call
+    return call.model_copy(update={"scheduled_for": due, "scheduled_reason": reason})
 
 
 def encode_cursor(below: int) -> str:

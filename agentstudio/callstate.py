@@ -65,6 +65,14 @@ class Attempt(BaseModel):
     next_attempt_at: datetime | None = None  # set when the call was retried after it
 
 
+class Deferral(BaseModel):
+    """A dialer put the call back to wait instead of dialing it: when, why, until when."""
+
+    at: datetime
+    reason: Literal["calling_hours", "frequency_cap"]
+    until: datetime
+
+
 class CallState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +104,7 @@ class CallState(BaseModel):
     answered_by: str | None = None  # Twilio's AnsweredBy (answering-machine detection)
     retries: Retries | None = None
     voicemail: Voicemail | None = None
+    deferrals: list[Deferral] = Field(default_factory=list)  # of any attempt, oldest first
 
     @classmethod
     def new(cls, call: CallRequest) -> CallState:

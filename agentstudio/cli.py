@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from agentstudio import logs, ports
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-id", default="dev-user", help="--chat: user_id")
     p.add_argument("--user-context", type=_json_object, default={}, metavar="JSON", help="--chat: user_context")
     p.add_argument("--metadata", type=_json_object, default={}, metavar="JSON", help="--chat: metadata")
+    p.add_argument("--now", type=_instant, metavar="TIME",
+                   help="run as if the clock read TIME (ISO 8601 with an offset, e.g. 2026-12-01T08:59:30-05:00) "
+                        "and advancing from there: for trying calling windows and frequency caps")
     p.set_defaults(run=_dev)
 
     p = sub.add_parser("validate", help="check a folder of manifests offline")
@@ -134,6 +138,16 @@ def _json_object(text: str) -> dict[str, object]:
     return value
 
 
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an ISO 8601 time, e.g. 2026-12-01T08:59:30-05:00") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("needs an offset (e.g. -05:00 or Z): calling windows are in each callee's zone")
+    return value
+
+
 def _dev(args: argparse.Namespace) -> int:
     from agentstudio import dev
     from agentstudio.chat import ChatRequest
@@ -143,7 +157,7 @@ def _dev(args: argparse.Namespace) -> int:
     chat = None if args.chat is None else ChatRequest(
         args.chat, args.phone, args.user_id, args.user_context, args.metadata)
     try:
-        if not asyncio.run(dev.run(args.directory, args.port, args.host, chat)):
+        if not asyncio.run(dev.run(args.directory, args.port, args.host, chat, now=args.now)):
             return 1  # --chat could not place its call
     except (ports.CannotListen, StoreInUse) as exc:
         return _refuse(args, exc)

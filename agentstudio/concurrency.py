@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import time
 
+from collections.abc import Callable
+
 import orjson
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+
+from agentstudio import bus
 
 # A slot whose call never reported an end (a lost provider callback) is reclaimed after this long.
 STALE_AFTER_SECONDS = 6 * 3600
@@ -43,24 +47,8 @@ class Concurrency:
         except KeyNotFoundError:
             return set()
 
-    async def _change(self, tenant: str, fn) -> None:  # type: ignore[no-untyped-def]
-        while True:
-            try:
-                entry = await self._kv.get(tenant)
-                slots, revision = orjson.loads(entry.value or b"{}"), entry.revision
-            except KeyNotFoundError:
-                slots, revision = {}, None
-            changed = fn(slots)
-            if changed is None:
-                return
-            try:
-                if revision is None:
-                    await self._kv.create(tenant, orjson.dumps(changed))
-                else:
-                    await self._kv.update(tenant, orjson.dumps(changed), last=revision)
-                return
-            except KeyWrongLastSequenceError:
-                continue
+    async def _change(self, tenant: str, fn: Callable[[dict[str, float]], dict[str, float] | None]) -> None:
+        await bus.update_json(self._kv, tenant, fn)
 
 
 class _Full(Exception):

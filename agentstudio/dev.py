@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import watchfiles
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from agentstudio import bundle_store, bus, keys, phone, ports, signing
+from agentstudio import bundle_store, bus, clock, keys, phone, ports, signing
 from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
@@ -173,8 +174,10 @@ async def _until_served(service: IngestService, bundle: Bundle, timeout: float =
     print(f"warning: ingest has not loaded bundle {bundle.tenant} version {bundle.version} yet", flush=True)
 
 
-async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None) -> bool:
-    """Run until stopped; with `chat`, until its call is over. False when the chat could not call."""
+async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None,
+              now: datetime | None = None) -> bool:
+    """Run until stopped; with `chat`, until its call is over. False when the chat could not call.
+    With `now`, calling windows and frequency caps read a clock that reads `now` at the start."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
     # Both checks come before anything starts or is printed: a second `dev` must not get as far as
@@ -191,6 +194,10 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
         listening.close()
         raise
     print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
+    if now is not None:
+        clock.start_at(now)
+        print(f"clock: {now.isoformat()} and advancing (--now): calling windows and frequency caps read it; "
+              "timestamps of calls stay real", flush=True)
     stop = asyncio.Event()
     # Locally nothing is spoken aloud, so the agent need not wait for its words to play out.
     settings = Settings(nats_url=nats.url, host=host, port=port, public_base_url=f"http://{host}:{port}",

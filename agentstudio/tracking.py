@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 
-from agentstudio import bus, calls
+from agentstudio import bus, calls, clock
 from agentstudio.callstate import TERMINAL, Attempt, CallError, CallState, CallStatus, CallStore, now
 from agentstudio.concurrency import Concurrency
 
@@ -70,7 +70,8 @@ class CallTracker:
             if provider_call_id is not None and status in TERMINAL:
                 delay = s.retry_delay(s.outcome(status))
                 if delay is not None:
-                    return s.retried(status, retry_time(at, delay), at=at, detail=detail, error=error,
+                    # Due on the clock windows read (`dev --now`), as every other wait is.
+                    return s.retried(status, retry_time(clock.reading_at(at), delay), at=at, detail=detail, error=error,
                                      duration_seconds=duration_seconds)
             return s.advanced(status, at=at, detail=detail, error=error, duration_seconds=duration_seconds,
                               end_reason=end_reason)
@@ -106,7 +107,7 @@ class CallTracker:
             log.error("call has no request record; not retried", extra={"call_id": state.call_id})
             return
         await calls.defer(self.js, request, ended.next_attempt_at,
-                          msg_id=f"{state.call_id}-attempt-{ended.attempt + 1}")
+                          msg_id=f"{state.call_id}-attempt-{ended.attempt + 1}", reason="retry")
         await self.concurrency.release(state.tenant, state.call_id)
         await self._publish(request, state, ATTEMPT_EVENT_TYPES[ended.outcome], ended)
         log.info("call attempt %d %s; retried at %s", ended.attempt, ended.outcome, ended.next_attempt_at.isoformat(),

@@ -24,9 +24,10 @@ class DevProcess:
     """`agent-studio dev` as a user runs it; its stdout read line by line, its stderr in a log beside
     the folder (both in the report of a failing test)."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, *args: str) -> None:
         log = directory.parent / f"dev-{uuid.uuid4().hex[:8]}.log"  # its own, when two share a port
-        self.process = Process.agent_studio("dev", str(directory), "--port", str(port), log=log, read_stdout=True)
+        self.process = Process.agent_studio("dev", str(directory), "--port", str(port), *args, log=log,
+                                            read_stdout=True)
         self.proc = self.process.proc
         self.url = f"http://127.0.0.1:{port}"
         self.seen: list[str] = []

@@ -24,7 +24,8 @@ from agentstudio.dialer.worker import AttemptRules, Dialer
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
-from agentstudio.resources import AgentSpec
+from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.resources import AgentSpec, CallPolicySpec
 from agentstudio.conversation import relay
 from agentstudio.conversation.variables import call_variables
 from agentstudio.conversation.conversation import Limits, Tools
@@ -62,8 +63,9 @@ async def build(
                               max_call_seconds=settings.max_call_seconds)
     dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
-                  paused=paused_calls(bundles, settings.dialing_paused),
-                  rules=attempt_rules(bundles) if bundles else lambda call: None)
+                  paused=paused_calls(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
+                  rules=attempt_rules(bundles) if bundles else lambda call: None,
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())))
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -92,9 +94,11 @@ def attempt_rules(bundles: BundleWatcher) -> Callable[[CallRequest], AttemptRule
     """A call's retries and voicemail from its CallPolicy in the tenant's current bundle, the
     voicemail message rendered over the call's variables as an agent's first message is."""
 
+    policy_of = call_policies(bundles)
+
     def rules(call: CallRequest) -> AttemptRules | None:
         bundle = bundles.snapshot.bundles.get(call.tenant)
-        policy = bundle.policy_for(call.workflow_slug, call.agent_slug) if bundle else None
+        policy = policy_of(call)
         if bundle is None or policy is None:
             return None
         voicemail = policy.voicemail
@@ -110,6 +114,17 @@ def attempt_rules(bundles: BundleWatcher) -> Callable[[CallRequest], AttemptRule
         return AttemptRules(policy.retries, voicemail)
 
     return rules
+
+
+def call_policies(bundles: BundleWatcher | None) -> Callable[[CallRequest], CallPolicySpec | None]:
+    """A call's CallPolicy in its tenant's current bundle (a policy changed since the call was queued
+    applies to it from its next dispatch)."""
+
+    def policy_of(call: CallRequest) -> CallPolicySpec | None:
+        bundle = bundles.snapshot.bundles.get(call.tenant) if bundles else None
+        return bundle.policy_for(call.workflow_slug, call.agent_slug) if bundle else None
+
+    return policy_of
 
 
 def call_agents(bundles: BundleWatcher) -> Callable[[CallRequest], list[AgentSpec]]:

@@ -20,13 +20,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from agentstudio import bus, phone
+from agentstudio import bus, call_windows, calls, clock, phone
 from agentstudio.calls import CallRequest
-from agentstudio.callstate import CallError, CallState, CallStore, now
+from agentstudio.callstate import CallError, CallState, CallStore, Deferral, now
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.do_not_call import DoNotCall
-from agentstudio.resources import Retries, Voicemail
+from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.resources import CallPolicySpec, Retries, Voicemail
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
 
@@ -56,6 +57,8 @@ class Dialer:
         announce: Callable[[str], None] | None = None,
         paused: Callable[[CallRequest], bool] = lambda call: False,
         rules: Callable[[CallRequest], AttemptRules | None] = lambda call: None,
+        policy_of: Callable[[CallRequest], CallPolicySpec | None] = lambda call: None,
+        caps: FrequencyCaps | None = None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -70,7 +73,9 @@ class Dialer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
         self._paused = paused
-        self._rules = rules
+        self._rules = rules  # the call's retries and voicemail, copied onto it at its first claim
+        self._policy_of = policy_of  # the call's CallPolicy in its tenant's current bundle
+        self.caps = caps
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -214,10 +219,17 @@ class Dialer:
             log.info("call canceled: number on the do-not-call list",
                      extra={"call_id": call.call_id, "tenant": call.tenant, "phone": phone.mask(call.phone_number)})
             return
+        # Also asked at the last moment: the window may have closed while the call waited for a slot.
+        # A retry is a new dispatch, so it takes a placement of the frequency cap as the law counts it.
+        attempt = str(msg.metadata.sequence.stream)  # this dispatch: a redelivery is the same attempt
+        if await self._held(msg, call, attempt):
+            return
         claimed = await self._claim(call)
         if claimed is None:
-            # Canceled (or finished) since it was read: never dialed, and its slot is free again.
+            # Canceled (or finished) since it was read: never dialed, and its slots are free again.
             await self.concurrency.release(call.tenant, call.call_id)
+            if self.caps is not None:
+                await self.caps.release(call.tenant, call.phone_number, attempt)
             await msg.ack()
             return
         try:
@@ -237,6 +249,50 @@ class Dialer:
             extra={"call_id": call.call_id, "tenant": call.tenant, "provider": provider.name,
                    "phone": phone.mask(call.phone_number), "dialer": self.name},
         )
+
+    async def _held(self, msg: Msg, call: CallRequest, attempt: str) -> bool:
+        """Whether the call's policy holds it back now: its window is closed, or its number has had
+        its placements for the cap's window (otherwise one is reserved for this attempt). A held call
+        is deferred to when it may be dialed, never dropped: queued again on its schedule subject."""
+        rules = call_windows.rules_for(self._policy_of(call), call.phone_number)
+        if rules is None:
+            return False
+        at = clock.now()
+        try:
+            opening = call_windows.opening(rules, call.phone_number, at)
+        except call_windows.NeverOpen as exc:  # the policy changed since ingest accepted the call
+            await self.tracker.advance(call.tenant, call.call_id, "canceled", end_reason="no_calling_window",
+                                       error=CallError(code="no_calling_window", message=str(exc)))
+            await msg.ack()
+            return True
+        until = opening if opening > at else None
+        reason = "calling_hours"
+        if until is None and rules.cap is not None and self.caps is not None:
+            until = await self.caps.reserve(call.tenant, call.phone_number, attempt, rules.cap, at)
+            reason = "frequency_cap"
+        if until is None:
+            return False
+        if reason == "calling_hours" and rules.cap is not None and self.caps is not None:
+            # Reserved by a dialer that died before claiming it, while the window was still open.
+            await self.caps.release(call.tenant, call.phone_number, attempt)
+        # Published before it is recorded and acked, with an id naming this dispatch: a dialer that dies
+        # in between leaves the message to be redelivered, and deferring it again publishes nothing new.
+        await calls.defer(self.js, call, call_windows.reachable(until, at), f"{call.call_id}.deferred.{attempt}",
+                          reason=reason)
+        deferral = Deferral(at=now(), reason=reason, until=until)  # type: ignore[arg-type]
+
+        def note(s: CallState | None) -> CallState | None:
+            if s is None or s.status != "pending" or any(
+                    (d.reason, d.until) == (reason, until) for d in s.deferrals[-1:]):
+                return None
+            return s.model_copy(update={"deferrals": [*s.deferrals, deferral]})
+
+        await self.store.change(call.tenant, call.call_id, note)
+        await self.concurrency.release(call.tenant, call.call_id)
+        await msg.ack()
+        log.info("call deferred", extra={"call_id": call.call_id, "tenant": call.tenant, "reason": reason,
+                                         "until": until.isoformat(), "phone": phone.mask(call.phone_number)})
+        return True
 
     async def _claim(self, call: CallRequest) -> CallState | None:
         """The call as this dialer claimed it, or None when it may not place it: the compare-and-set

@@ -87,7 +87,10 @@ def _unfilled(info: ValidationInfo) -> re.Pattern[str] | None:
 
 class CallAccepted(BaseModel):
     call_id: str = Field(description="UUID of the queued call.")
-    status: str = Field("pending", description="pending (durably queued), or scheduled when scheduled_at is ahead.")
+    status: str = Field("pending", description="pending (durably queued), or scheduled when scheduled_at is ahead"
+                                                " or the callee's calling window is closed.")
+    scheduled_for: datetime | None = Field(None, description="When a scheduled call may be dialed (UTC); absent"
+                                                             " for a pending call.")
 
 
 class TimelineEntry(BaseModel):
@@ -114,11 +117,20 @@ class AttemptBody(BaseModel):
     next_attempt_at: datetime | None = Field(None, description="When the call was tried again after it.")
 
 
+class Deferral(BaseModel):
+    at: datetime
+    reason: str
+    until: datetime
+
+
 class CallRecord(BaseModel):
     call_id: str
     status: str = Field(description="scheduled, pending, dialing, ringing, in_progress, completed, failed, no_answer,"
-                                    " busy, canceled; a retry waiting for its time is scheduled")
+                                    " busy, canceled; a call waiting for its time (scheduled_at, its calling window, its frequency cap, a retry) is scheduled")
     scheduled_for: datetime | None = Field(None, description="When a scheduled call may be dialed (UTC).")
+    scheduled_reason: str | None = Field(
+        None, description="Why it waits: scheduled_at (the request asked), calling_hours (the callee's window is"
+                          " closed), frequency_cap (the number had its placements for the window) or retry.")
     workflow_slug: str | None
     agent_slug: str | None
     phone_number: str
@@ -145,6 +157,9 @@ class CallRecord(BaseModel):
     answered_by: str | None = Field(
         None, description="Answering-machine detection's verdict (Twilio's AnsweredBy): human, machine_start, ...")
     voicemail_message: str | None = Field(None, description="The message left on the machine, if one was.")
+    deferrals: list[Deferral] = Field(
+        default_factory=list, description="Each time a dialer put the call back to wait (its calling window had"
+                                          " closed, or its number was at its frequency cap): when, why, until.")
 
 
 class CallPage(BaseModel):

@@ -260,8 +260,8 @@ _CANCEL_BATCH = 64
     response_model=CancelResult,
     responses=responses(400, 401, 403, 429, 503),
     summary="Cancel every not-yet-dialed call matching a filter",
-    description="Cancels the key's tenant's pending calls that match the filter and were queued before this"
-                " request (the listing's filter semantics). Each gets status canceled and a call.canceled"
+    description="Cancels the key's tenant's pending and scheduled calls that match the filter and were queued"
+                " before this request (the listing's filter semantics). Each gets status canceled and a call.canceled"
                 " event with end_reason canceled_by_api; a call a dialer claims at the same moment is"
                 " either dialed or canceled, never both. Needs calls:create.",
 )
@@ -273,7 +273,7 @@ async def cancel_calls(
     svc = service_of(request)
     metadata = {k: frozenset(calls_index.metadata_text(v) for v in (vs if isinstance(vs, list) else [vs]))
                 for k, vs in body.metadata.items()}
-    which = CallFilter(statuses=frozenset({"pending"}), workflow_slug=body.workflow_slug, agent_slug=body.agent_slug,
+    which = CallFilter(statuses=frozenset({"pending", "scheduled"}), workflow_slug=body.workflow_slug, agent_slug=body.agent_slug,
                        metadata=metadata, created_after=_utc(body.created_after),
                        created_before=_utc(body.created_before), test=body.test)
     canceled = 0
@@ -301,7 +301,7 @@ async def _cancel_all(tracker: CallTracker, batch: list[calls.CallRequest]) -> i
     response_model=CallRecord,
     responses=responses(401, 403, 404, 409, 429, 503),
     summary="Cancel one call not yet dialed",
-    description="A pending call becomes canceled (end_reason canceled_by_api) and a call.canceled event is"
+    description="A pending or scheduled call becomes canceled (end_reason canceled_by_api) and a call.canceled event is"
                 " sent; canceling it again answers the same. A call a dialer has taken (dialing or later)"
                 " is 409. Needs calls:create.",
 )
@@ -367,14 +367,11 @@ def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
     """The request as queued plus what has happened to it since (pending until a dialer takes it)."""
     call = calls_index.waiting_call(call, state)
     base = call.model_dump(include=set(CallRecord.model_fields))
+    status = calls_index.status_of(call, state)
     if state is None:
-        status = calls.waiting_status(call)
         return CallRecord(**{**base, "status": status}, events=[TimelineEntry(status=status, at=call.created_at)])
-    progress = state.model_dump(include={"status", "provider", "answered_at", "ended_at", "duration_seconds",
-                                         "error", "events", "transcript", "captured", "end_reason", "attempt",
-                                         "answered_by"})
-    if state.status == "pending":
-        progress["status"] = calls.waiting_status(call)
-    return CallRecord(**{**base, **progress}, attempts=[a.model_dump() for a in state.all_attempts],
+    progress = state.model_dump(include={"provider", "answered_at", "ended_at", "duration_seconds", "error", "events",
+                                         "transcript", "captured", "end_reason", "attempt", "answered_by", "deferrals"})
+    return CallRecord(**{**base, **progress, "status": status}, attempts=[a.model_dump() for a in state.all_attempts],
                       next_attempt_at=state.next_attempt_at if state.status == "pending" else None,
                       voicemail_message=state.voicemail_message)

@@ -13,7 +13,8 @@ from nats.errors import Error as NatsError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from agentstudio import calls, json_schema, phone
+from agentstudio import call_windows, calls, clock, json_schema, phone
+from agentstudio.bundle import Bundle
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.ingest.schemas import CallAccepted, IngestRequest
@@ -75,8 +76,11 @@ async def ingest(
         raise ApiError(404, "not_found", f"agent {req.agent_slug!r} not found", "agent_slug")
     await _refuse_do_not_call(svc, principal.tenant, req.phone_number)
 
-    now = datetime.now(timezone.utc)
+    now = clock.now()
     scheduled_for = _scheduled_for(req.scheduled_at, now)
+    reason = "scheduled_at" if scheduled_for else None
+    if (opening := _window_opening(bundle, req, scheduled_for or now)) is not None:
+        scheduled_for, reason = call_windows.reachable(opening, now), "calling_hours"
     call = calls.CallRequest(
         call_id=calls.new_call_id(principal.tenant, principal.key.name, idempotency_key or None),
         tenant=principal.tenant,
@@ -88,9 +92,10 @@ async def ingest(
         user_context=req.user_context,
         metadata=req.metadata,
         test=principal.key.mode == "test",
-        created_at=now,
+        created_at=datetime.now(timezone.utc),
         bundle_version=bundle.version,
         scheduled_for=scheduled_for,
+        scheduled_reason=reason,
     )
     if not svc.connected:
         raise unavailable(svc)
@@ -112,8 +117,11 @@ async def ingest(
     if new:
         svc.usage.accepted(call.tenant, call.api_key)
     headers = {} if new else {"Idempotent-Replayed": "true"}
+    answer: dict[str, Any] = {"call_id": call.call_id, "status": "pending"}
+    if scheduled_for is not None:
+        answer |= {"status": "scheduled", "scheduled_for": scheduled_for.isoformat().replace("+00:00", "Z")}
     return Response(
-        orjson.dumps({"call_id": call.call_id, "status": "scheduled" if scheduled_for else "pending"}),
+        orjson.dumps(answer),
         status_code=principal.key.success_status,
         media_type="application/json",
         headers=headers,
@@ -129,6 +137,20 @@ def _scheduled_for(at: datetime | None, now: datetime) -> datetime | None:
         raise ApiError(400, "invalid_request", f"scheduled_at: at most {calls.MAX_SCHEDULE_AHEAD.days} days ahead",
                        "scheduled_at")
     return at.astimezone(timezone.utc)
+
+
+def _window_opening(bundle: Bundle, req: IngestRequest, at: datetime) -> datetime | None:
+    """The opening of the call's calling window after `at`, None when open at `at` (or no policy).
+    A window that never opens is a 422: the request is well formed but the tenant's own policy
+    forbids it, and a platform must not retry it (it retries 5xx and 429 only)."""
+    policy = bundle.policy_for(req.workflow_slug, req.agent_slug)
+    try:
+        found = call_windows.opening(call_windows.rules_for(policy, req.phone_number), req.phone_number, at)
+    except call_windows.NeverOpen as exc:
+        name = bundle.policy_name_for(req.workflow_slug, req.agent_slug)
+        raise ApiError(422, "no_calling_window", f"phone_number cannot be called under CallPolicy {name!r}: {exc};"
+                       " no call was queued", "phone_number") from None
+    return found if found > at else None
 
 
 async def _refuse_do_not_call(svc: IngestService, tenant: str, number: str) -> None:
