@@ -159,7 +159,8 @@ async def test_a_number_under_its_cap_is_placed_exactly_that_often_across_two_di
                 return statuses.count("scheduled") == 3 and statuses.count("completed") == 2
 
             await until(first_round_settled, "two placed and three deferred")
-            placed = [c for d in running for c in d.simulated.placed]  # type: ignore[attr-defined]
+            # Only this test's calls: the dialers' consumer is shared, so others' leftovers pass too.
+            placed = [c for d in running for c in d.simulated.placed if c in ids]  # type: ignore[attr-defined]
             assert len(placed) == 2, placed
             for i in set(ids) - set(placed):
                 record = await get(api, t, i)
@@ -167,7 +168,7 @@ async def test_a_number_under_its_cap_is_placed_exactly_that_often_across_two_di
                 assert record["deferrals"][0]["reason"] == "frequency_cap"
             # Deferred, not dropped: each is placed once its turn comes.
             done = [await until_status(api, t, i, "completed", timeout=60) for i in ids]
-        placed = [c for d in running for c in d.simulated.placed]  # type: ignore[attr-defined]
+        placed = [c for d in running for c in d.simulated.placed if c in ids]  # type: ignore[attr-defined]
         assert sorted(placed) == sorted(ids)
     # No window of the cap's length held more than two placements (each is reserved a moment before
     # its dialing is recorded, hence the second of slack).
