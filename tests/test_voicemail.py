@@ -56,6 +56,20 @@ async def placements(mock: TwilioMock, call_id: str, count: int) -> list[Any]:
     return found
 
 
+def redirects(mock: TwilioMock) -> list[Any]:
+    """Updates of live calls (`calls(sid).update`) that reached Twilio."""
+    return [r for r in mock.requests if r.method == "POST" and "/Calls/CA" in r.path]
+
+
+async def redirected(mock: TwilioMock, sid: str) -> list[Any]:
+    """The updates of Twilio's call `sid`, once a dialer has made one (it acts on ingest's queue)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while not (found := [r for r in redirects(mock) if r.path.endswith(f"/Calls/{sid}.json")]):
+        assert asyncio.get_running_loop().time() < deadline, "no dialer redirected the call"
+        await asyncio.sleep(0.05)
+    return found
+
+
 async def sids(js: Any, t: Tenant, call_id: str, attempt: int) -> str:
     store = CallStore(await bus.calls_bucket(js))
     for _ in range(200):
@@ -70,9 +84,9 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
     twilio_mock.clear()
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + LEAVE))
     bundle = await t.publish()
-    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
-                             twilio_account_sid=twilio_mock.account_sid,
-                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+    # Ingest holds the auth token its signature check needs, nothing else: a dialer redirects the call.
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc), \
             dialers(nats_server.url, **twilio_settings(twilio_mock)):
         await wait_for_bundle(svc, t.name, bundle.version)
         resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
@@ -89,7 +103,7 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
         assert forged.status_code == 403
         assert (await until_status(client, t, call_id, "in_progress"))["answered_by"] is None
         assert (await amd(client, twilio_mock, first, sid, "machine_end_beep")).status_code == 204
-        [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
+        [redirect] = await redirected(twilio_mock, sid)
         await status(client, twilio_mock, first, sid, "completed", CallDuration="31")
 
         # A machine answered: the call is tried again; Twilio's late reports on the first call change nothing.
@@ -117,7 +131,7 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
     said = ElementTree.fromstring(redirect.param("Twiml") or "")
     assert [e.tag for e in said] == ["Say", "Hangup"]
     assert said[0].text == "Hi Ada, Acme here about renewals. We will call again."
-    assert len([r for r in twilio_mock.requests if r.method == "POST" and "/Calls/CA" in r.path]) == 1
+    assert len(redirects(twilio_mock)) == 1
     assert len(await placed_requests(twilio_mock, call_id)) == 2  # one Twilio call per attempt, no more
     # The late reports left the second attempt alone.
     assert mid["status"] == "dialing" and mid["attempt"] == 2 and mid["answered_by"] is None
@@ -199,9 +213,9 @@ async def test_hang_up_on_a_machine_through_twilio(nats_server, js, twilio_mock)
     hang_up = policy("{maxAttempts: 1}", voicemail="{action: hang_up}")
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + hang_up))
     bundle = await t.publish()
-    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
-                             twilio_account_sid=twilio_mock.account_sid,
-                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+    # Ingest holds the auth token its signature check needs, nothing else: a dialer redirects the call.
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc), \
             dialers(nats_server.url, **twilio_settings(twilio_mock)):
         await wait_for_bundle(svc, t.name, bundle.version)
         call_id = await queue_call(client, t, key="live")
@@ -209,13 +223,68 @@ async def test_hang_up_on_a_machine_through_twilio(nats_server, js, twilio_mock)
         sid = await sids(js, t, call_id, 1)
         await status(client, twilio_mock, placed, sid, "in-progress")
         assert (await amd(client, twilio_mock, placed, sid, "machine_start")).status_code == 204
+        [redirect] = await redirected(twilio_mock, sid)
         await status(client, twilio_mock, placed, sid, "completed", CallDuration="4")
         record = await until_status(client, t, call_id, "completed")
     # Enable: Twilio says machine_start as soon as it knows; nothing is waited for.
     assert placed.status == 201 and placed.param("MachineDetection") == "Enable" and placed.param("AsyncAmd") == "true"
-    [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
     assert redirect.status == 200
     assert [e.tag for e in ElementTree.fromstring(redirect.param("Twiml") or "")] == ["Hangup"]
     assert (record["end_reason"], record["answered_by"], record["voicemail_message"]) == ("voicemail", "machine_start", None)
     [done] = [e["data"] for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
     assert done["will_retry"] is False and [a["outcome"] for a in done["attempts"]] == ["voicemail"]
+
+
+async def queued_verdicts(js: Any, t: Tenant) -> dict[str, int]:
+    """The machine verdicts waiting for a dialer, per call: messages of this tenant's subjects."""
+    info = await js.stream_info(bus.VOICEMAIL_STREAM, subjects_filter=bus.voicemail_subject(t.name, "*"))
+    return {subject.rsplit(".", 1)[1]: count for subject, count in (info.state.subjects or {}).items()}
+
+
+async def test_a_verdict_ingest_acknowledged_is_acted_on_by_a_dialer_started_after_it(nats_server, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """Ingest, facing the internet, holds no Twilio credential but the auth token its signature check
+    needs: it queues a machine's verdict durably and answers Twilio; a dialer redirects the call, though
+    none ran when Twilio called back. A verdict whose attempt ended meanwhile is dropped, not acted on."""
+    twilio_mock.clear()
+    leave = policy("{maxAttempts: 1}", voicemail='{action: leave_message, message: "Hi {{ user.name }}, Acme here."}')
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + leave))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            call_ids = []
+            for name in ("Ada", "Bob"):
+                resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
+                    "agent_slug": "a", "phone_number": TO, "user_id": name, "user_context": {"name": name}})
+                assert resp.status_code == 201, resp.text
+                call_ids.append(resp.json()["call_id"])
+            placed = [(await placements(twilio_mock, call_id, 1))[0] for call_id in call_ids]
+            sid = [await sids(js, t, call_id, 1) for call_id in call_ids]
+
+        # No dialer runs now. Machines answer both calls; Twilio's verdicts are acknowledged, one of
+        # them sent twice (Twilio retries a callback it saw fail).
+        for call, call_sid in zip(placed, sid):
+            await status(client, twilio_mock, call, call_sid, "in-progress")
+            assert (await amd(client, twilio_mock, call, call_sid, "machine_end_beep")).status_code == 204
+        assert (await amd(client, twilio_mock, placed[0], sid[0], "machine_end_beep")).status_code == 204
+        # Bob's machine hangs up before any dialer is back: his verdict's attempt is over.
+        await status(client, twilio_mock, placed[1], sid[1], "completed", CallDuration="12")
+        bob = await until_status(client, t, call_ids[1], "completed")
+        assert not redirects(twilio_mock)  # ingest itself never calls Twilio
+        assert await queued_verdicts(js, t) == {call_ids[0]: 1, call_ids[1]: 1}  # kept, each once
+
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            deadline = asyncio.get_running_loop().time() + 20
+            while await queued_verdicts(js, t):  # a verdict leaves the queue when a dialer acks it
+                assert asyncio.get_running_loop().time() < deadline, await queued_verdicts(js, t)
+                await asyncio.sleep(0.05)
+        await status(client, twilio_mock, placed[0], sid[0], "completed", CallDuration="25")
+        ada = await until_status(client, t, call_ids[0], "completed")
+    [redirect] = redirects(twilio_mock)  # Ada's, once; Bob's ended attempt was left alone
+    assert redirect.path.endswith(f"/Calls/{sid[0]}.json") and redirect.status == 200
+    assert redirect.auth == (twilio_mock.account_sid, twilio_mock.auth_token)  # the dialers' credentials
+    said = ElementTree.fromstring(redirect.param("Twiml") or "")
+    assert [e.tag for e in said] == ["Say", "Hangup"] and said[0].text == "Hi Ada, Acme here."
+    assert (ada["end_reason"], ada["voicemail_message"]) == ("voicemail", "Hi Ada, Acme here.")
+    assert (bob["end_reason"], bob["answered_by"]) == ("voicemail", "machine_end_beep")
