@@ -10,6 +10,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import httpx
+import orjson
 from twilio.request_validator import RequestValidator
 
 from agentstudio import bus
@@ -26,10 +27,10 @@ LEAVE = policy("{maxAttempts: 2, outcomes: [voicemail], delaysSeconds: [1]}",
                          '{{ metadata.campaign_id }}. We will call again."}')
 
 
-async def post_signed(client: httpx.AsyncClient, mock: TwilioMock, url: str, params: dict[str, str],
+async def post_signed(client: httpx.AsyncClient, auth_token: str, url: str, params: dict[str, str],
                       signature: str | None = None) -> httpx.Response:
     """A form POST as Twilio makes it to `url` (our public URL), signed with the account's token."""
-    signature = signature or RequestValidator(mock.auth_token).compute_signature(url, params)
+    signature = signature or RequestValidator(auth_token).compute_signature(url, params)
     return await client.post(url.removeprefix(PUBLIC), data=params, headers={"X-Twilio-Signature": signature})
 
 
@@ -37,7 +38,7 @@ async def status(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: 
                  **extra: str) -> None:
     params = {"CallSid": sid, "AccountSid": mock.account_sid, "CallStatus": call_status, "From": FROM, "To": TO,
               "Direction": "outbound-api", **extra}
-    resp = await post_signed(client, mock, placed.param("StatusCallback") or "", params)
+    resp = await post_signed(client, mock.auth_token, placed.param("StatusCallback") or "", params)
     assert resp.status_code == 204, resp.text
 
 
@@ -45,7 +46,7 @@ async def amd(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: str
               signature: str | None = None) -> httpx.Response:
     params = {"CallSid": sid, "AccountSid": mock.account_sid, "AnsweredBy": answered_by,
               "MachineDetectionDuration": "2140"}
-    return await post_signed(client, mock, placed.param("AsyncAmdStatusCallback") or "", params, signature)
+    return await post_signed(client, mock.auth_token, placed.param("AsyncAmdStatusCallback") or "", params, signature)
 
 
 async def placements(mock: TwilioMock, call_id: str, count: int) -> list[Any]:
@@ -288,3 +289,44 @@ async def test_a_verdict_ingest_acknowledged_is_acted_on_by_a_dialer_started_aft
     assert [e.tag for e in said] == ["Say", "Hangup"] and said[0].text == "Hi Ada, Acme here."
     assert (ada["end_reason"], ada["voicemail_message"]) == ("voicemail", "Hi Ada, Acme here.")
     assert (bob["end_reason"], bob["answered_by"]) == ("voicemail", "machine_end_beep")
+
+
+async def test_ingest_answers_twilio_only_once_the_verdict_is_queued(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A verdict NATS would not queue is answered 503, which Twilio retries; the retry queues it, once
+    however often it comes. Its own NATS server: the test removes the queue's stream."""
+    from datetime import datetime, timezone
+
+    from agentstudio import calls
+    from agentstudio.callstate import CallState
+    from agentstudio.natsserver import NatsServer
+    from agentstudio.resources import Voicemail
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    account_sid, auth_token = "AC" + uuid.uuid4().hex, uuid.uuid4().hex  # nothing here reaches Twilio
+    try:
+        async with ingest_client(server.url, twilio_auth_token=auth_token, public_base_url=PUBLIC) as (client, svc):
+            call = calls.CallRequest(call_id=str(uuid.uuid4()), tenant="t-amd", api_key="live", phone_number=TO,
+                                     user_context={}, metadata={}, test=False,
+                                     created_at=datetime.now(timezone.utc), bundle_version=1)
+            sid = "CA" + uuid.uuid4().hex
+            answered = CallState.new(call).model_copy(update={
+                "status": "in_progress", "provider": "twilio", "provider_call_id": sid,
+                "answered_at": datetime.now(timezone.utc), "voicemail": Voicemail(action="hang_up")})
+            await svc.tracker.store.change(call.tenant, call.call_id, lambda s: answered)
+            url = f"{PUBLIC}/api/v1/providers/twilio/amd?call_id={call.call_id}&tenant={call.tenant}"
+            verdict = {"CallSid": sid, "AccountSid": account_sid, "AnsweredBy": "machine_start"}
+
+            await svc.js.delete_stream(bus.VOICEMAIL_STREAM)
+            refused = await post_signed(client, auth_token, url, verdict)
+            assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+            await bus.ensure_voicemail_stream(svc.js)
+            for _ in range(2):
+                assert (await post_signed(client, auth_token, url, verdict)).status_code == 204
+            info = await svc.js.stream_info(bus.VOICEMAIL_STREAM, subjects_filter="voicemail.>")
+            assert info.state.subjects == {bus.voicemail_subject(call.tenant, call.call_id): 1}
+            queued = await svc.js.get_last_msg(bus.VOICEMAIL_STREAM, bus.voicemail_subject(call.tenant, call.call_id))
+            assert orjson.loads(queued.data) == {"tenant": call.tenant, "call_id": call.call_id,
+                                                 "provider_call_id": sid, "answered_by": "machine_start"}
+    finally:
+        server.stop()
