@@ -6,6 +6,8 @@ Subjects:
   calls.<tenant>.dead.<call_id>       calls that exhausted their deliveries (stream CALLS)
   calls.<tenant>.events.<call_id>     call status events for webhooks (stream CALL_EVENTS)
   webhooks.<tenant>.<subscription>    deliveries owed to one subscription (stream WEBHOOKS)
+  voicemail.<tenant>.<call_id>        a machine answered the call: Twilio's verdict, checked by ingest,
+                                      for a dialer to redirect the call (work-queue stream VOICEMAIL)
 KV buckets:
   as-bundles     key <tenant> → head of its config bundle: which body is current (ingest and
                  dialers watch it; its revision is the bundle's version)
@@ -49,6 +51,7 @@ CALLS_STREAM = "CALLS"
 EVENTS_STREAM = "CALL_EVENTS"
 CALLS_BUCKET = "as-calls"
 WEBHOOKS_STREAM = "WEBHOOKS"
+VOICEMAIL_STREAM = "VOICEMAIL"
 DEAD_LETTER_BUCKET = "as-webhook-dead"
 DISABLED_BUCKET = "as-webhook-disabled"
 CONCURRENCY_BUCKET = "as-concurrency"
@@ -177,6 +180,26 @@ async def ensure_calls_stream(js: JetStreamContext) -> None:
 async def ensure_events_stream(js: JetStreamContext) -> None:
     # An event id is published once however often its transition is re-driven.
     await _ensure_kept_stream(js, EVENTS_STREAM, [EVENTS_ALL])
+
+
+def voicemail_subject(tenant: str, call_id: str) -> str:
+    return f"voicemail.{tenant}.{call_id}"
+
+
+VOICEMAIL_ALL = "voicemail.*.*"
+
+
+async def ensure_voicemail_stream(js: JetStreamContext) -> None:
+    """A work queue: a verdict is gone once a dialer acked it. One a dialer never got to within a day
+    is past use (the longest call Twilio allows is 4 h) and expires."""
+    await _add_or_update(js, StreamConfig(
+        name=VOICEMAIL_STREAM,
+        subjects=[VOICEMAIL_ALL],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=DAY,
+        duplicate_window=DAY,  # a verdict Twilio sends again is queued once
+    ))
 
 
 def delivery_subject(tenant: str, subscription: str) -> str:

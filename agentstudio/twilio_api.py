@@ -1,5 +1,5 @@
-"""The official Twilio REST client, built one way for both roles that call Twilio: the dialer places
-calls, ingest redirects a call a machine answered (answering-machine detection)."""
+"""The official Twilio REST client, built one way: the dialers are the only role that calls Twilio
+(they place calls, ask about overdue ones and redirect those a machine answered)."""
 
 from __future__ import annotations
 

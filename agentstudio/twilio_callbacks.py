@@ -1,9 +1,12 @@
 """The paths on our public base URL where Twilio calls back: the dialer names them in the calls it
-places, ingest serves them (the two roles share the contract, not each other's code)."""
+places, ingest serves them (the two roles share the contract, not each other's code); and the
+verdict ingest passes on to the dialers when a machine answered."""
 
 from __future__ import annotations
 
-from agentstudio.callstate import CallStatus
+from pydantic import BaseModel
+
+from agentstudio.callstate import CallState, CallStatus
 
 STATUS_CALLBACK_PATH = "/api/v1/providers/twilio/status"  # call status changes
 RELAY_ENDED_PATH = "/api/v1/providers/twilio/relay-ended"  # <Connect action>: the relay session ended
@@ -22,3 +25,20 @@ TWILIO_STATUS: dict[str, CallStatus] = {
     "failed": "failed",
     "canceled": "canceled",
 }
+
+
+class MachineVerdict(BaseModel):
+    """Twilio's async AMD verdict that a machine answered one attempt, signature-checked by ingest
+    and queued for a dialer, which holds the Twilio credentials to redirect the call."""
+
+    tenant: str
+    call_id: str
+    provider_call_id: str  # CallSid: the attempt the verdict is about
+    answered_by: str
+
+    def due(self, state: CallState | None) -> bool:
+        """Whether the call is to be redirected: a machine is on the attempt this verdict is about, it
+        is still under way, and the call's policy says what to do with machines."""
+        return (state is not None and not state.terminal and state.machine and state.voicemail is not None
+                and state.provider_call_id in (None, self.provider_call_id)
+                and state.attempt_of(self.provider_call_id) is None)

@@ -71,6 +71,8 @@ async def dialers(nats_url: str, count: int = 1, **settings: Any) -> AsyncIterat
             nc, conf, simulated_factory=lambda tracker: CountingSimulator(tracker, ring_seconds=0.05),
             bundles=watchers[-1]))
     tasks = [asyncio.create_task(d.run(stop)) for d in running]
+    tasks += [asyncio.create_task(r.run(stop)) for nc, d in zip(conns, running)
+              if (r := dialer_main.machine_redirects(nc, d)) is not None]
     try:
         yield running
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import httpx
+import orjson
 from twilio.request_validator import RequestValidator
 
 from agentstudio import bus
@@ -26,10 +27,10 @@ LEAVE = policy("{maxAttempts: 2, outcomes: [voicemail], delaysSeconds: [1]}",
                          '{{ metadata.campaign_id }}. We will call again."}')
 
 
-async def post_signed(client: httpx.AsyncClient, mock: TwilioMock, url: str, params: dict[str, str],
+async def post_signed(client: httpx.AsyncClient, auth_token: str, url: str, params: dict[str, str],
                       signature: str | None = None) -> httpx.Response:
     """A form POST as Twilio makes it to `url` (our public URL), signed with the account's token."""
-    signature = signature or RequestValidator(mock.auth_token).compute_signature(url, params)
+    signature = signature or RequestValidator(auth_token).compute_signature(url, params)
     return await client.post(url.removeprefix(PUBLIC), data=params, headers={"X-Twilio-Signature": signature})
 
 
@@ -37,7 +38,7 @@ async def status(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: 
                  **extra: str) -> None:
     params = {"CallSid": sid, "AccountSid": mock.account_sid, "CallStatus": call_status, "From": FROM, "To": TO,
               "Direction": "outbound-api", **extra}
-    resp = await post_signed(client, mock, placed.param("StatusCallback") or "", params)
+    resp = await post_signed(client, mock.auth_token, placed.param("StatusCallback") or "", params)
     assert resp.status_code == 204, resp.text
 
 
@@ -45,13 +46,27 @@ async def amd(client: httpx.AsyncClient, mock: TwilioMock, placed: Any, sid: str
               signature: str | None = None) -> httpx.Response:
     params = {"CallSid": sid, "AccountSid": mock.account_sid, "AnsweredBy": answered_by,
               "MachineDetectionDuration": "2140"}
-    return await post_signed(client, mock, placed.param("AsyncAmdStatusCallback") or "", params, signature)
+    return await post_signed(client, mock.auth_token, placed.param("AsyncAmdStatusCallback") or "", params, signature)
 
 
 async def placements(mock: TwilioMock, call_id: str, count: int) -> list[Any]:
     deadline = asyncio.get_running_loop().time() + 20
     while len(found := await placed_requests(mock, call_id)) < count:
         assert asyncio.get_running_loop().time() < deadline, f"{len(found)} calls.create, not {count}"
+        await asyncio.sleep(0.05)
+    return found
+
+
+def redirects(mock: TwilioMock) -> list[Any]:
+    """Updates of live calls (`calls(sid).update`) that reached Twilio."""
+    return [r for r in mock.requests if r.method == "POST" and "/Calls/CA" in r.path]
+
+
+async def redirected(mock: TwilioMock, sid: str) -> list[Any]:
+    """The updates of Twilio's call `sid`, once a dialer has made one (it acts on ingest's queue)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while not (found := [r for r in redirects(mock) if r.path.endswith(f"/Calls/{sid}.json")]):
+        assert asyncio.get_running_loop().time() < deadline, "no dialer redirected the call"
         await asyncio.sleep(0.05)
     return found
 
@@ -70,9 +85,9 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
     twilio_mock.clear()
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + LEAVE))
     bundle = await t.publish()
-    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
-                             twilio_account_sid=twilio_mock.account_sid,
-                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+    # Ingest holds the auth token its signature check needs, nothing else: a dialer redirects the call.
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc), \
             dialers(nats_server.url, **twilio_settings(twilio_mock)):
         await wait_for_bundle(svc, t.name, bundle.version)
         resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
@@ -89,7 +104,7 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
         assert forged.status_code == 403
         assert (await until_status(client, t, call_id, "in_progress"))["answered_by"] is None
         assert (await amd(client, twilio_mock, first, sid, "machine_end_beep")).status_code == 204
-        [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
+        [redirect] = await redirected(twilio_mock, sid)
         await status(client, twilio_mock, first, sid, "completed", CallDuration="31")
 
         # A machine answered: the call is tried again; Twilio's late reports on the first call change nothing.
@@ -117,7 +132,7 @@ async def test_a_machine_gets_the_message_through_twilio_and_the_call_is_retried
     said = ElementTree.fromstring(redirect.param("Twiml") or "")
     assert [e.tag for e in said] == ["Say", "Hangup"]
     assert said[0].text == "Hi Ada, Acme here about renewals. We will call again."
-    assert len([r for r in twilio_mock.requests if r.method == "POST" and "/Calls/CA" in r.path]) == 1
+    assert len(redirects(twilio_mock)) == 1
     assert len(await placed_requests(twilio_mock, call_id)) == 2  # one Twilio call per attempt, no more
     # The late reports left the second attempt alone.
     assert mid["status"] == "dialing" and mid["attempt"] == 2 and mid["answered_by"] is None
@@ -199,9 +214,9 @@ async def test_hang_up_on_a_machine_through_twilio(nats_server, js, twilio_mock)
     hang_up = policy("{maxAttempts: 1}", voicemail="{action: hang_up}")
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + hang_up))
     bundle = await t.publish()
-    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token, public_base_url=PUBLIC,
-                             twilio_account_sid=twilio_mock.account_sid,
-                             twilio_api_base_url=twilio_mock.base_url) as (client, svc), \
+    # Ingest holds the auth token its signature check needs, nothing else: a dialer redirects the call.
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc), \
             dialers(nats_server.url, **twilio_settings(twilio_mock)):
         await wait_for_bundle(svc, t.name, bundle.version)
         call_id = await queue_call(client, t, key="live")
@@ -209,13 +224,109 @@ async def test_hang_up_on_a_machine_through_twilio(nats_server, js, twilio_mock)
         sid = await sids(js, t, call_id, 1)
         await status(client, twilio_mock, placed, sid, "in-progress")
         assert (await amd(client, twilio_mock, placed, sid, "machine_start")).status_code == 204
+        [redirect] = await redirected(twilio_mock, sid)
         await status(client, twilio_mock, placed, sid, "completed", CallDuration="4")
         record = await until_status(client, t, call_id, "completed")
     # Enable: Twilio says machine_start as soon as it knows; nothing is waited for.
     assert placed.status == 201 and placed.param("MachineDetection") == "Enable" and placed.param("AsyncAmd") == "true"
-    [redirect] = [r for r in twilio_mock.requests if r.method == "POST" and r.path.endswith(f"/Calls/{sid}.json")]
     assert redirect.status == 200
     assert [e.tag for e in ElementTree.fromstring(redirect.param("Twiml") or "")] == ["Hangup"]
     assert (record["end_reason"], record["answered_by"], record["voicemail_message"]) == ("voicemail", "machine_start", None)
     [done] = [e["data"] for e in await events_of(js, t, call_id) if e["type"] == "call.completed"]
     assert done["will_retry"] is False and [a["outcome"] for a in done["attempts"]] == ["voicemail"]
+
+
+async def queued_verdicts(js: Any, t: Tenant) -> dict[str, int]:
+    """The machine verdicts waiting for a dialer, per call: messages of this tenant's subjects."""
+    info = await js.stream_info(bus.VOICEMAIL_STREAM, subjects_filter=bus.voicemail_subject(t.name, "*"))
+    return {subject.rsplit(".", 1)[1]: count for subject, count in (info.state.subjects or {}).items()}
+
+
+async def test_a_verdict_ingest_acknowledged_is_acted_on_by_a_dialer_started_after_it(nats_server, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """Ingest, facing the internet, holds no Twilio credential but the auth token its signature check
+    needs: it queues a machine's verdict durably and answers Twilio; a dialer redirects the call, though
+    none ran when Twilio called back. A verdict whose attempt ended meanwhile is dropped, not acted on."""
+    twilio_mock.clear()
+    leave = policy("{maxAttempts: 1}", voicemail='{action: leave_message, message: "Hi {{ user.name }}, Acme here."}')
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + leave))
+    bundle = await t.publish()
+    async with ingest_client(nats_server.url, twilio_auth_token=twilio_mock.auth_token,
+                             public_base_url=PUBLIC) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            call_ids = []
+            for name in ("Ada", "Bob"):
+                resp = await client.post("/api/v1/webhooks/ingest", headers=t.auth("live"), json={
+                    "agent_slug": "a", "phone_number": TO, "user_id": name, "user_context": {"name": name}})
+                assert resp.status_code == 201, resp.text
+                call_ids.append(resp.json()["call_id"])
+            placed = [(await placements(twilio_mock, call_id, 1))[0] for call_id in call_ids]
+            sid = [await sids(js, t, call_id, 1) for call_id in call_ids]
+
+        # No dialer runs now. Machines answer both calls; Twilio's verdicts are acknowledged, one of
+        # them sent twice (Twilio retries a callback it saw fail).
+        for call, call_sid in zip(placed, sid):
+            await status(client, twilio_mock, call, call_sid, "in-progress")
+            assert (await amd(client, twilio_mock, call, call_sid, "machine_end_beep")).status_code == 204
+        assert (await amd(client, twilio_mock, placed[0], sid[0], "machine_end_beep")).status_code == 204
+        # Bob's machine hangs up before any dialer is back: his verdict's attempt is over.
+        await status(client, twilio_mock, placed[1], sid[1], "completed", CallDuration="12")
+        bob = await until_status(client, t, call_ids[1], "completed")
+        assert not redirects(twilio_mock)  # ingest itself never calls Twilio
+        assert await queued_verdicts(js, t) == {call_ids[0]: 1, call_ids[1]: 1}  # kept, each once
+
+        async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+            deadline = asyncio.get_running_loop().time() + 20
+            while await queued_verdicts(js, t):  # a verdict leaves the queue when a dialer acks it
+                assert asyncio.get_running_loop().time() < deadline, await queued_verdicts(js, t)
+                await asyncio.sleep(0.05)
+        await status(client, twilio_mock, placed[0], sid[0], "completed", CallDuration="25")
+        ada = await until_status(client, t, call_ids[0], "completed")
+    [redirect] = redirects(twilio_mock)  # Ada's, once; Bob's ended attempt was left alone
+    assert redirect.path.endswith(f"/Calls/{sid[0]}.json") and redirect.status == 200
+    assert redirect.auth == (twilio_mock.account_sid, twilio_mock.auth_token)  # the dialers' credentials
+    said = ElementTree.fromstring(redirect.param("Twiml") or "")
+    assert [e.tag for e in said] == ["Say", "Hangup"] and said[0].text == "Hi Ada, Acme here."
+    assert (ada["end_reason"], ada["voicemail_message"]) == ("voicemail", "Hi Ada, Acme here.")
+    assert (bob["end_reason"], bob["answered_by"]) == ("voicemail", "machine_end_beep")
+
+
+async def test_ingest_answers_twilio_only_once_the_verdict_is_queued(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A verdict NATS would not queue is answered 503, which Twilio retries; the retry queues it, once
+    however often it comes. Its own NATS server: the test removes the queue's stream."""
+    from datetime import datetime, timezone
+
+    from agentstudio import calls
+    from agentstudio.callstate import CallState
+    from agentstudio.natsserver import NatsServer
+    from agentstudio.resources import Voicemail
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    account_sid, auth_token = "AC" + uuid.uuid4().hex, uuid.uuid4().hex  # nothing here reaches Twilio
+    try:
+        async with ingest_client(server.url, twilio_auth_token=auth_token, public_base_url=PUBLIC) as (client, svc):
+            call = calls.CallRequest(call_id=str(uuid.uuid4()), tenant="t-amd", api_key="live", phone_number=TO,
+                                     user_context={}, metadata={}, test=False,
+                                     created_at=datetime.now(timezone.utc), bundle_version=1)
+            sid = "CA" + uuid.uuid4().hex
+            answered = CallState.new(call).model_copy(update={
+                "status": "in_progress", "provider": "twilio", "provider_call_id": sid,
+                "answered_at": datetime.now(timezone.utc), "voicemail": Voicemail(action="hang_up")})
+            await svc.tracker.store.change(call.tenant, call.call_id, lambda s: answered)
+            url = f"{PUBLIC}/api/v1/providers/twilio/amd?call_id={call.call_id}&tenant={call.tenant}"
+            verdict = {"CallSid": sid, "AccountSid": account_sid, "AnsweredBy": "machine_start"}
+
+            await svc.js.delete_stream(bus.VOICEMAIL_STREAM)
+            refused = await post_signed(client, auth_token, url, verdict)
+            assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+            await bus.ensure_voicemail_stream(svc.js)
+            for _ in range(2):
+                assert (await post_signed(client, auth_token, url, verdict)).status_code == 204
+            info = await svc.js.stream_info(bus.VOICEMAIL_STREAM, subjects_filter="voicemail.>")
+            assert info.state.subjects == {bus.voicemail_subject(call.tenant, call.call_id): 1}
+            queued = await svc.js.get_last_msg(bus.VOICEMAIL_STREAM, bus.voicemail_subject(call.tenant, call.call_id))
+            assert orjson.loads(queued.data) == {"tenant": call.tenant, "call_id": call.call_id,
+                                                 "provider_call_id": sid, "answered_by": "machine_start"}
+    finally:
+        server.stop()

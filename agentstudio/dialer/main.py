@@ -20,6 +20,7 @@ from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProv
 from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
+from agentstudio.dialer.voicemail import MachineRedirects
 from agentstudio.dialer.worker import AttemptRules, Dialer
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
@@ -66,6 +67,13 @@ async def build(
                   paused=paused_calls(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
                   caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())))
+
+
+def machine_redirects(nc: NATS, dialer: Dialer) -> MachineRedirects | None:
+    """The consumer of machines' verdicts, with Twilio; the simulated provider plays its own."""
+    if not isinstance(dialer.live, TwilioProvider):
+        return None
+    return MachineRedirects(nc.jetstream(), dialer.store, dialer.live)
 
 
 def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
@@ -224,10 +232,12 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
         server = uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(),
                                                log_config=None, access_log=False))
         stale = timedelta(seconds=settings.stale_call_seconds)
+        redirects = machine_redirects(nc, dialer)
 
         try:
             await asyncio.gather(
                 dialer.run(stop),
+                *([redirects.run(stop)] if redirects else []),
                 dispatcher.run(stop),
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
                             settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),

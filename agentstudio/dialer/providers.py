@@ -304,6 +304,18 @@ class TwilioProvider:
         duration = int(fetched.duration) if (fetched.duration or "").isdigit() else None
         return Report(status, duration, error)
 
+    async def answer_machine(self, provider_call_id: str, message: str | None) -> None:
+        """Redirect a live call a machine answered: say `message` (DetectMessageEnd reported after the
+        beep), then hang up; without a message, hang up at once. Raises ProviderError when refused."""
+        response = VoiceResponse()
+        if message:
+            response.say(message)
+        response.hangup()
+        try:
+            await asyncio.to_thread(self._client.calls(provider_call_id).update, twiml=str(response))
+        except TwilioRestException as exc:
+            raise ProviderError(f"twilio_{exc.code or exc.status}", str(exc.msg)[:500]) from None
+
     async def drain(self) -> None:
         return None
 

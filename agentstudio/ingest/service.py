@@ -46,6 +46,7 @@ class IngestService:
         self._usage = UsageCounter(await bus.usage_bucket(self._js), self.settings.usage_flush_seconds)
         self._usage.start()
         await bus.ensure_events_stream(self._js)
+        await bus.ensure_voicemail_stream(self._js)  # machines' verdicts, for the dialers
         self._tracker = CallTracker(
             self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
         )

@@ -1,11 +1,11 @@
 """Twilio's requests to us, each signature-checked: call status callbacks (mapped onto the call state
 machine; duplicates and out-of-order callbacks change nothing wrongly), the async answering-machine
-detection verdict (a machine: hang up or leave the policy's message), and the `<Connect action>`
-request when a ConversationRelay session ends (hang up, or dial the human of a transfer)."""
+detection verdict (a machine: queued for the dialers to hang up or leave the policy's message), and
+the `<Connect action>` request when a ConversationRelay session ends (hang up, or dial the human of a
+transfer)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from urllib.parse import parse_qsl
@@ -14,17 +14,17 @@ import orjson
 from fastapi import APIRouter, Request
 from nats.errors import Error as NatsError
 from starlette.responses import Response
-from twilio.base.exceptions import TwilioException
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
+from agentstudio import bus
 from agentstudio.callstate import CallError
 from agentstudio.ingest.auth import service_of, unavailable
 from agentstudio.resources import E164_PATTERN
 from agentstudio.ingest.errors import ApiError, responses
 from agentstudio.settings import Settings
-from agentstudio.twilio_api import twilio_client
-from agentstudio.twilio_callbacks import AMD_CALLBACK_PATH, RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS
+from agentstudio.twilio_callbacks import (AMD_CALLBACK_PATH, RELAY_ENDED_PATH, STATUS_CALLBACK_PATH, TWILIO_STATUS,
+                                          MachineVerdict)
 
 log = logging.getLogger("agentstudio.ingest")
 router = APIRouter(tags=["providers"])
@@ -80,37 +80,31 @@ async def twilio_status(request: Request) -> Response:
 )
 async def twilio_amd(request: Request) -> Response:
     """AnsweredBy for the attempt Twilio placed as CallSid. A machine, under a voicemail policy (the
-    call was placed with AMD only then), gets the call redirected: hung up, or the policy's message
-    said and then hung up. The call's outcome is then voicemail, decided when it completes."""
+    call was placed with AMD only then), is recorded on the call and queued for the dialers, which
+    redirect the call: hung up, or the policy's message said and then hung up. Ingest holds no Twilio
+    credential for that and reaches nothing but NATS. The call's outcome is then voicemail, decided
+    when it completes."""
     svc = service_of(request)
     params = await _verified_form(request, svc.settings)
     call_id, tenant = request.query_params.get("call_id"), request.query_params.get("tenant")
     sid, answered_by = params.get("CallSid", ""), params.get("AnsweredBy", "")
     if not call_id or not tenant or not sid or not answered_by:
         raise ApiError(400, "invalid_callback", "callback without call_id, tenant, CallSid or AnsweredBy")
+    verdict = MachineVerdict(tenant=tenant, call_id=call_id, provider_call_id=sid, answered_by=answered_by)
     try:
-        state, changed = await svc.tracker.store.change(
+        state, _ = await svc.tracker.store.change(
             tenant, call_id,
             lambda s: s.machine_answered(answered_by) if s is not None and s.provider_call_id in (None, sid)
             and s.attempt_of(sid) is None else None)
+        # Decided on the record, not on whether this request changed it: a verdict recorded by a try
+        # answered 503 is queued when Twilio sends it again; the message id queues it once.
+        if verdict.due(state):
+            await svc.js.publish(bus.voicemail_subject(tenant, call_id), verdict.model_dump_json().encode(),
+                                 stream=bus.VOICEMAIL_STREAM, headers={"Nats-Msg-Id": f"{call_id}.{sid}"})
+            log.info("machine answered", extra={"call_id": call_id, "tenant": tenant, "answered_by": answered_by})
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc  # Twilio retries on 5xx
-    if not changed or state is None or not state.machine or state.voicemail is None:
-        return Response(status_code=204)  # a person (the agent goes on), or an earlier attempt's verdict
-    response = VoiceResponse()
-    if state.voicemail_message:
-        response.say(state.voicemail_message)
-    response.hangup()
-    settings = svc.settings
-    client = twilio_client(settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url)
-    try:
-        await asyncio.to_thread(client.calls(sid).update, twiml=str(response))
-    except TwilioException as exc:
-        # The call goes on with the agent; its outcome is still voicemail when it ends.
-        log.warning("could not redirect a call a machine answered: %s", str(exc)[:200],
-                    extra={"call_id": call_id, "tenant": tenant})
-    log.info("machine answered", extra={"call_id": call_id, "tenant": tenant, "answered_by": answered_by})
-    return Response(status_code=204)
+    return Response(status_code=204)  # a person (the agent goes on), or an earlier attempt's verdict
 
 
 @router.post(
