@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
 from agentstudio import bus, clock
@@ -73,17 +73,34 @@ async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bo
 
 
 async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0,
-                reason: str | None = None) -> CallRequest:
+                reason: str | None = None, replacing: int | None = None) -> CallRequest:
     """Queue the call again to be dispatched at `until` (outside its calling window, under its
-    frequency cap, or waiting to retry), the same way as a scheduled call. `msg_id` names this
-    deferral, so the dialer that defers and then dies before acking re-publishes nothing new."""
+    frequency cap, paused, or waiting to retry), the same way as a scheduled call. `msg_id` names
+    this deferral, so the dialer that defers and then dies before acking re-publishes nothing new.
+    With `replacing` (the stream sequence of the schedule read), it replaces that schedule only if it
+    still waits: one that has fired, or been replaced since, raises Moved and nothing is queued."""
     later = call.model_copy(update={"scheduled_for": until, "scheduled_reason": reason, "requeued": call.requeued + 1})
-    await _publish(js, later, msg_id, timeout)
+    try:
+        await _publish(js, later, msg_id, timeout, replacing)
+    except APIError as exc:
+        if exc.err_code == _WRONG_LAST_SEQUENCE:
+            raise Moved(call.call_id) from exc
+        raise
     return later
 
 
-async def _publish(js: JetStreamContext, call: CallRequest, msg_id: str, timeout: float) -> bool:
+class Moved(Exception):
+    """The schedule a deferral was to replace is no longer the call's last (see `defer`)."""
+
+
+_WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence
+
+
+async def _publish(js: JetStreamContext, call: CallRequest, msg_id: str, timeout: float,
+                   replacing: int | None = None) -> bool:
     headers = {"Nats-Msg-Id": msg_id}
+    if replacing is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(replacing)
     subject = bus.dispatch_subject(call.tenant, call.call_id)
     if call.scheduled_for is not None:
         # Schedules have one-second resolution: rounded up, so the call is never dialed early.

@@ -69,8 +69,8 @@ class Deferral(BaseModel):
     """A dialer put the call back to wait instead of dialing it: when, why, until when."""
 
     at: datetime
-    reason: Literal["calling_hours", "frequency_cap"]
-    until: datetime
+    reason: Literal["calling_hours", "frequency_cap", "paused"]
+    until: datetime  # for paused: when it is looked at again, unless a resume re-queues it sooner
 
 
 class CallState(BaseModel):

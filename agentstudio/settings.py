@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     dialer_max_parked: int = Field(2000, description="Calls one dialer holds while their tenant is at its cap.")
     cap_poll_seconds: float = Field(0.1, description="How often a parked call looks for a free slot.")
     dialing_paused: bool = Field(False, description="Dial nothing: every queued call waits (the tenant-wide pause).")
-    pause_recheck_seconds: float = Field(2.0, description="How soon a paused call is looked at again.")
+    pause_recheck_seconds: float = Field(2.0, description="A paused call's first park; it doubles while the pause lasts.")
     stale_call_seconds: float = Field(
         6 * 3600, description="A placed call with no report for this long is failed as stale."
     )

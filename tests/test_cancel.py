@@ -42,6 +42,11 @@ async def queue_for(api: httpx.AsyncClient, t: Tenant, workflow: str, **metadata
     return str(resp.json()["call_id"])
 
 
+async def waiting_as(api: httpx.AsyncClient, t: Tenant, call_id: str) -> tuple[str, str | None]:
+    record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()
+    return record["status"], record.get("scheduled_reason")
+
+
 async def test_a_canceled_call_is_reported_with_its_reason_and_canceling_again_answers_the_same(nats_server, js) -> None:  # type: ignore[no-untyped-def]
     receiver = Receiver(signing.new_secret())
     async with serving(receiver), stack(nats_server, js, {"results": receiver}, dialing=False) as (client, t):
@@ -125,15 +130,15 @@ async def test_a_paused_workflow_waits_while_others_dial_and_is_dialed_after_res
 ) -> None:
     t = tenant_for_calls
     await t.publish(docs(MANIFESTS + WORKFLOWS % "true"))
-    async with dialers(nats_server.url, pause_recheck_seconds=0.5) as (dialer,):
+    async with dialers(nats_server.url, pause_recheck_seconds=5) as (dialer,):
         waiting = [await queue_for(api, t, "winback", simulate_duration_seconds=0) for _ in range(3)]
         flowing = [await queue_for(api, t, "onboarding", simulate_duration_seconds=0) for _ in range(3)]
         for call_id in flowing:
             await until_status(api, t, call_id, "completed")
-        await asyncio.sleep(1.5)  # several rechecks of the paused calls
+        await asyncio.sleep(1.5)  # a placement of a paused call would show here
         held = await dialer.concurrency.holders(t.name)
-        statuses = [(await api.get(f"/api/v1/calls/{c}", headers=t.auth("test"))).json()["status"] for c in waiting]
-        assert statuses == ["pending"] * 3
+        statuses = [await waiting_as(api, t, c) for c in waiting]
+        assert statuses == [("scheduled", "paused")] * 3  # parked on the schedule subject, not dialed
         assert not set(waiting) & set(dialer.simulated.placed)  # type: ignore[attr-defined]
         assert not set(waiting) & held  # waiting holds none of the tenant's concurrent-call slots
 
@@ -147,11 +152,11 @@ async def test_a_tenant_paused_by_its_dialers_setting_waits_and_is_dialed_once_i
     nats_server, api, tenant_for_calls  # type: ignore[no-untyped-def]
 ) -> None:
     t = tenant_for_calls
-    async with dialers(nats_server.url, dialing_paused=True, pause_recheck_seconds=0.5) as (paused,):
+    async with dialers(nats_server.url, dialing_paused=True, pause_recheck_seconds=5) as (paused,):
         waiting = [await queue_call(api, t, simulate_duration_seconds=0) for _ in range(3)]
-        await asyncio.sleep(1.5)  # several rechecks
-        statuses = [(await api.get(f"/api/v1/calls/{c}", headers=t.auth("test"))).json()["status"] for c in waiting]
-        assert statuses == ["pending"] * 3
+        await asyncio.sleep(1.5)  # a placement of a paused call would show here
+        statuses = [await waiting_as(api, t, c) for c in waiting]
+        assert statuses == [("scheduled", "paused")] * 3
         assert not set(waiting) & await paused.concurrency.holders(t.name)
     assert not set(waiting) & set(paused.simulated.placed)  # type: ignore[attr-defined]
     async with dialers(nats_server.url) as (resumed,):  # the rollout with the setting lifted

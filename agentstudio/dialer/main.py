@@ -21,7 +21,7 @@ from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
 from agentstudio.dialer import sweeper
 from agentstudio.dialer.voicemail import MachineRedirects
-from agentstudio.dialer.worker import AttemptRules, Dialer
+from agentstudio.dialer.worker import AttemptRules, Dialer, Pauses
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.calls import CallRequest
@@ -64,7 +64,7 @@ async def build(
                               max_call_seconds=settings.max_call_seconds)
     dnc = DoNotCall(await bus.dnc_bucket(nc.jetstream()))
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
-                  paused=paused_calls(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
+                  pauses=pauses(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
                   caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())))
 
@@ -84,18 +84,27 @@ def reconcile(settings: Settings, provider: Provider) -> sweeper.Reconcile:
                              late=timedelta(seconds=settings.reconcile_after_seconds))
 
 
-def paused_calls(bundles: BundleWatcher | None, everything: bool = False) -> Callable[[CallRequest], bool]:
-    """Whether a call waits: every call when this dialer's dialing is paused (the tenant's release),
-    else when its workflow is paused in the tenant's current bundle (`spec.paused`)."""
+def pauses(bundles: BundleWatcher | None, everything: bool = False) -> Callable[[], Pauses | None]:
+    """What waits: every call when this dialer's dialing is paused (the tenant's release), else the
+    calls of workflows paused in their tenant's current bundle (`spec.paused`); None until the
+    bundles are read."""
+    seen: list[tuple[object, Pauses]] = []  # the last snapshot read and what it pauses
 
-    def paused(call: CallRequest) -> bool:
+    def current() -> Pauses | None:
         if everything:
-            return True
-        bundle = bundles.snapshot.bundles.get(call.tenant) if bundles else None
-        workflow = bundle.workflows.get(call.workflow_slug) if bundle and call.workflow_slug else None
-        return workflow is not None and workflow.paused
+            return Pauses(everything=True)
+        if bundles is None:
+            return Pauses()
+        if not bundles.loaded.is_set():
+            return None
+        snapshot = bundles.snapshot  # swapped whole on every change, so one read per change
+        if not seen or seen[0] is not snapshot:
+            workflows = frozenset((tenant, slug) for tenant, bundle in snapshot.bundles.items()
+                                  for slug, workflow in bundle.workflows.items() if workflow.paused)
+            seen[:] = [(snapshot, Pauses(workflows=workflows))]
+        return seen[0][1]
 
-    return paused
+    return current
 
 
 def attempt_rules(bundles: BundleWatcher) -> Callable[[CallRequest], AttemptRules | None]:

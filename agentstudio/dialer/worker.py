@@ -13,12 +13,13 @@ import asyncio
 import logging
 import socket
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agentstudio import bus, call_windows, calls, clock, phone
 from agentstudio.calls import CallRequest
@@ -34,6 +35,24 @@ from agentstudio.tracking import CallTracker
 log = logging.getLogger("agentstudio.dialer")
 
 CONSUMER = "dialer"
+# A paused call is parked for pause_recheck_seconds, then for as long as it has been paused so far
+# (doubling), up to this. A resume re-queues parked calls at once, so the park only bounds how late
+# a resume nobody saw (a sweep cut short by an error) is noticed; 5 min keeps that short while a
+# backlog of 100,000 paused calls costs ~330 dispatches/s, not one per recheck interval per call.
+PAUSE_PARK_MAX_SECONDS = 300.0
+RESUME_POLL_SECONDS = 0.25  # how often the bundles are looked at for a lifted pause
+RESUME_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Pauses:
+    """What is paused now: every call (this dialer's setting, the tenant's release) or workflows."""
+
+    everything: bool = False
+    workflows: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (tenant, workflow slug)
+
+    def hold(self, call: CallRequest) -> bool:
+        return self.everything or (call.tenant, call.workflow_slug or "") in self.workflows
 
 
 @dataclass(frozen=True)
@@ -55,7 +74,7 @@ class Dialer:
         dnc: DoNotCall,
         name: str | None = None,
         announce: Callable[[str], None] | None = None,
-        paused: Callable[[CallRequest], bool] = lambda call: False,
+        pauses: Callable[[], Pauses | None] = Pauses,  # None until the tenants' bundles are read
         rules: Callable[[CallRequest], AttemptRules | None] = lambda call: None,
         policy_of: Callable[[CallRequest], CallPolicySpec | None] = lambda call: None,
         caps: FrequencyCaps | None = None,
@@ -72,7 +91,7 @@ class Dialer:
         self._slots = asyncio.Semaphore(settings.dialer_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._announce = announce  # `dev` prints a line per placed call
-        self._paused = paused
+        self._pauses = pauses
         self._rules = rules  # the call's retries and voicemail, copied onto it at its first claim
         self._policy_of = policy_of  # the call's CallPolicy in its tenant's current bundle
         self.caps = caps
@@ -98,6 +117,7 @@ class Dialer:
             ),
         )
         log.info("dialer started", extra={"dialer": self.name})
+        resumes = asyncio.create_task(self._resumes(stop))
         while not stop.is_set():
             free = self._free_slots()
             if free == 0:
@@ -112,7 +132,8 @@ class Dialer:
         # Stopping: finish what we took (a placed call is recorded; the rest is handed back by nak).
         self._stopping.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*self._parked, return_exceptions=True)
+        resumes.cancel()  # a resume cut short is idempotent: the next dialer's start does it again
+        await asyncio.gather(*self._parked, resumes, return_exceptions=True)
         await asyncio.gather(self.live.drain(), self.simulated.drain(), return_exceptions=True)
         await sub.unsubscribe()
         log.info("dialer stopped", extra={"dialer": self.name})
@@ -139,10 +160,9 @@ class Dialer:
         if state.next_attempt_at is not None and (call.scheduled_for is None or call.scheduled_for < state.next_attempt_at):
             await msg.ack()  # a message of an earlier attempt (redelivered): the retry's own comes at its time
             return
-        if state.status == "pending" and self._paused(call):
-            # Back to the queue before taking a tenant slot or an in-flight slot: it is looked at
-            # again shortly, so a resume is dialed within seconds and nothing is lost.
-            await msg.nak(delay=self.settings.pause_recheck_seconds)
+        pauses = self._pauses()
+        if state.status == "pending" and pauses is not None and pauses.hold(call):
+            await self._park_paused(msg, call, state)
             return
         provider = self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
         if state.status == "dialing" and state.claimed_at is not None:
@@ -294,6 +314,78 @@ class Dialer:
                                          "until": until.isoformat(), "phone": phone.mask(call.phone_number)})
         return True
 
+    async def _park_paused(self, msg: Msg, call: CallRequest, state: CallState) -> None:
+        """Defer a paused call on its schedule subject, acked: it holds no ack-pending slot of the
+        dialers' consumer and spends no delivery (a call paused for days is never dead-lettered).
+        The park doubles while the pause lasts; a resume re-queues it sooner (see `_resumes`)."""
+        last = state.deferrals[-1] if state.deferrals else None
+        # The same pause goes on when its deferral is the newest thing that happened to the call.
+        going_on = last is not None and last.reason == "paused" and last.at >= state.events[-1].at
+        since = last.at if going_on and last is not None else now()
+        seconds = min(PAUSE_PARK_MAX_SECONDS, max(self.settings.pause_recheck_seconds, (now() - since).total_seconds()))
+        until = clock.now() + timedelta(seconds=seconds)
+        # Up to the whole second the schedule fires on, so the record says when it is looked at again.
+        until = until.replace(microsecond=0) + timedelta(seconds=1) if until.microsecond else until
+        # The id names this dispatch: a dialer dying before the ack leaves it redelivered, and the
+        # deferral published again is a duplicate.
+        await calls.defer(self.js, call, until, f"{call.call_id}.paused.{msg.metadata.sequence.stream}", reason="paused")
+        deferral = Deferral(at=since, reason="paused", until=until)
+
+        def note(s: CallState | None) -> CallState | None:
+            if s is None or s.status != "pending":
+                return None
+            # One entry per pause, however many times it is parked again.
+            kept = s.deferrals[:-1] if s.deferrals and s.deferrals[-1].reason == "paused" \
+                and s.deferrals[-1].at == since else s.deferrals
+            return s.model_copy(update={"deferrals": [*kept, deferral]})
+
+        await self.store.change(call.tenant, call.call_id, note)
+        await msg.ack()
+        log.info("call parked: paused", extra={"call_id": call.call_id, "tenant": call.tenant,
+                                               "until": until.isoformat(), "dialer": self.name})
+
+    async def _resumes(self, stop: asyncio.Event) -> None:
+        """Dial parked calls promptly once their pause is lifted, not at their next park's end: at
+        start, every call parked as paused that nothing pauses now (the tenant-wide setting is lifted
+        by restarting the dialers), then each tenant's calls of a workflow whose pause is lifted."""
+        seen = self._pauses()
+        while seen is None:  # the bundles are not read yet: every workflow would look unpaused
+            if await _stopped(stop, RESUME_POLL_SECONDS):
+                return
+            seen = self._pauses()
+        if not seen.everything:
+            await self._resume(bus.schedule_subject("*", "*"), seen)
+        while not await _stopped(stop, RESUME_POLL_SECONDS):
+            current = self._pauses()
+            if current is None or current == seen:
+                continue
+            for tenant, workflow in sorted(seen.workflows - current.workflows):
+                await self._resume(bus.schedule_subject(tenant, "*"), current, workflow)
+            seen = current
+
+    async def _resume(self, subject: str, pauses: Pauses, workflow: str | None = None) -> None:
+        """Re-queue, due now, the calls parked as paused on `subject` (of `workflow`, if given) that
+        nothing pauses now. Each is replaced only while its parked schedule still waits, with an id
+        naming that schedule: dialers resuming together queue it once, and a call that moved on
+        since it was read is left as it is."""
+        resumed = 0
+        try:
+            async for seq, call in _waiting(self.js, subject):
+                if call.scheduled_reason != "paused" or pauses.hold(call) or (
+                        workflow is not None and call.workflow_slug != workflow):
+                    continue
+                try:
+                    await calls.defer(self.js, call, clock.now(), f"{call.call_id}.resumed.{seq}", replacing=seq)
+                except calls.Moved:
+                    continue
+                resumed += 1
+                await self.store.change(call.tenant, call.call_id, _resumed)
+        except Exception:  # noqa: BLE001 - what is not resumed now is dialed when its park ends
+            log.exception("resume cut short", extra={"subject": subject, "dialer": self.name})
+        if resumed:
+            log.info("parked calls resumed", extra={"subject": subject, "workflow": workflow, "calls": resumed,
+                                                   "dialer": self.name})
+
     async def _claim(self, call: CallRequest) -> CallState | None:
         """The call as this dialer claimed it, or None when it may not place it: the compare-and-set
         against a cancel decides. The first attempt's claim copies the policy's retries and voicemail
@@ -334,3 +426,47 @@ class Dialer:
         await self.concurrency.release(call.tenant, call.call_id)
         await msg.ack()
         log.error("call dead-lettered", extra={"call_id": call.call_id, "tenant": call.tenant})
+
+
+def _resumed(s: CallState | None) -> CallState | None:
+    """The call's pause ends now (the listing shows it pending, not scheduled until its park's end)."""
+    if s is None or s.status != "pending" or not s.deferrals or s.deferrals[-1].reason != "paused":
+        return None
+    last = s.deferrals[-1]
+    return s.model_copy(update={"deferrals": [*s.deferrals[:-1], last.model_copy(update={"until": clock.now()})]})
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _waiting(js: JetStreamContext, subject: str) -> AsyncIterator[tuple[int, CallRequest]]:
+    """The calls waiting on schedule subjects matching `subject` (a fired schedule is removed from
+    the stream) with their stream sequences, oldest first, read as they stood when the read began:
+    one ephemeral consumer filtered on the server, a batch in memory at a time."""
+    top = int((await js.stream_info(bus.CALLS_STREAM)).state.last_seq)
+    info = await js.add_consumer(bus.CALLS_STREAM, ConsumerConfig(
+        filter_subject=subject, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+        mem_storage=True, num_replicas=1, inactive_threshold=30.0))
+    try:
+        pending = int(info.num_pending or 0)
+        if pending == 0:
+            return
+        sub = await js.pull_subscribe_bind(stream=bus.CALLS_STREAM, consumer=info.name)
+        try:
+            while pending > 0:
+                for msg in await sub.fetch(min(pending, RESUME_BATCH), timeout=5.0):
+                    meta = msg.metadata
+                    if meta.sequence.stream > top:  # queued since the read began (our own re-queues)
+                        return
+                    pending = meta.num_pending
+                    if msg.data:
+                        yield meta.sequence.stream, CallRequest.model_validate_json(msg.data)
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await js.delete_consumer(bus.CALLS_STREAM, info.name)
