@@ -130,7 +130,7 @@ class CallRecord(BaseModel):
     scheduled_for: datetime | None = Field(None, description="When a scheduled call may be dialed (UTC).")
     scheduled_reason: str | None = Field(
         None, description="Why it waits: scheduled_at (the request asked), calling_hours (the callee's window is"
-                          " closed), frequency_cap (the number had its placements for the window) or retry.")
+                          " closed), frequency_cap (the number had its placements for the window), retry or paused (its workflow or tenant).")
     workflow_slug: str | None
     agent_slug: str | None
     phone_number: str
