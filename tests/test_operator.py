@@ -212,9 +212,7 @@ async def test_examples_become_a_bundle_and_keys_work_until_deleted(cluster: Clu
     assert await eventually(lambda: _status_is(client_, braze, 401), timeout=10)
 
     cluster.delete(ns, "ApiKey", "clevertap")
-    started = time.monotonic()
     assert await eventually(lambda: _status_is(client_, key, 401), timeout=10)
-    assert time.monotonic() - started < 10
 
 
 async def _status_is(client_: httpx.AsyncClient, key: str, code: int) -> bool:

@@ -160,11 +160,10 @@ async def test_a_slow_receiver_never_delays_another_subscription(nats_server, js
     async with serving(slow, fast), stack(nats_server, js, {"slow": slow, "fast": fast}) as (client, t):
         for _ in range(6):
             await queue_call(client, t, simulate_duration_seconds=0.1)
-        started = asyncio.get_running_loop().time()
         await until(lambda: len(fast.received) == 12, timeout=10)
-        elapsed = asyncio.get_running_loop().time() - started
-        assert len(slow.received) < 12  # the slow one is still working through its own queue
-    assert elapsed < 4
+        # The order says it, not a stopwatch: the fast one has everything while the slow one is
+        # still working through its own queue.
+        assert len(slow.received) < 12
 
 
 async def test_410_gone_disables_the_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
