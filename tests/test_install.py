@@ -417,7 +417,8 @@ def test_a_dialer_killed_mid_batch_places_every_call_once(cluster: Installed, ca
     seen: list[dict[str, str]] = []
     deadline = killed_at + 240
     while True:
-        statuses = {i: r["status"] for i, r in cluster.client("calls", cluster.ingest(ns), reader, *ids).items()}
+        statuses = {i: r.get("status", f"http {r.get('http_status')}")
+                    for i, r in cluster.client("calls", cluster.ingest(ns), reader, *ids).items()}
         seen = [*seen[-2:], statuses]
         if ("pending" not in statuses.values() and time.monotonic() > killed_at + ACK_WAIT_SECONDS + 10
                 and len(seen) == 3 and seen[0] == seen[1] == seen[2]):
