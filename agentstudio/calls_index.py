@@ -255,6 +255,19 @@ async def _read(
 ) -> tuple[list[tuple[int, CallRequest]], bool]:
     """Messages on `subjects` with lo <= sequence < hi, oldest first: the newest `keep` of them, and
     whether older ones were dropped to stay within it."""
+    kept: deque[tuple[int, CallRequest]] = deque(maxlen=keep)
+    seen = 0
+    async with aclosing(scan(js, subjects, lo, hi)) as found:
+        async for item in found:
+            kept.append(item)
+            seen += 1
+    return list(kept), seen > len(kept)
+
+
+async def scan(js: JetStreamContext, subjects: list[str], lo: int, hi: int) -> AsyncIterator[tuple[int, CallRequest]]:
+    """The calls on `subjects` with lo <= stream sequence < hi, oldest first, with their sequences:
+    one ephemeral consumer filtered on the server, a fetch batch in memory at a time. A caller that
+    stops early should close it (aclosing) so the consumer is deleted at once."""
     info = await js.add_consumer(bus.CALLS_STREAM, ConsumerConfig(
         filter_subjects=subjects,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -264,12 +277,10 @@ async def _read(
         num_replicas=1,
         inactive_threshold=CONSUMER_IDLE_SECONDS,
     ))
-    kept: deque[tuple[int, CallRequest]] = deque(maxlen=keep)
-    seen = 0
     try:
         pending = int(info.num_pending or 0)
         if pending == 0:
-            return [], False
+            return
         sub = await js.pull_subscribe_bind(stream=bus.CALLS_STREAM, consumer=info.name)
         try:
             while pending > 0:
@@ -277,13 +288,11 @@ async def _read(
                 for msg in await sub.fetch(min(pending, FETCH_BATCH), timeout=FETCH_TIMEOUT):
                     meta = msg.metadata
                     if meta.sequence.stream >= hi:
-                        pending = 0
-                        break
-                    kept.append((meta.sequence.stream, CallRequest.model_validate_json(msg.data)))
-                    seen += 1
+                        return
                     pending = meta.num_pending
+                    if msg.data:
+                        yield meta.sequence.stream, CallRequest.model_validate_json(msg.data)
         finally:
             await sub.unsubscribe()
     finally:
         await js.delete_consumer(bus.CALLS_STREAM, info.name)
-    return list(kept), seen > len(kept)

@@ -13,15 +13,16 @@ import asyncio
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from agentstudio import bus, call_windows, calls, clock, phone
+from agentstudio import bus, call_windows, calls, calls_index, clock, phone
 from agentstudio.calls import CallRequest
 from agentstudio.callstate import CallError, CallState, CallStore, Deferral, now
 from agentstudio.concurrency import Concurrency
@@ -41,7 +42,6 @@ CONSUMER = "dialer"
 # backlog of 100,000 paused calls costs ~330 dispatches/s, not one per recheck interval per call.
 PAUSE_PARK_MAX_SECONDS = 300.0
 RESUME_POLL_SECONDS = 0.25  # how often the bundles are looked at for a lifted pause
-RESUME_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -370,16 +370,20 @@ class Dialer:
         since it was read is left as it is."""
         resumed = 0
         try:
-            async for seq, call in _waiting(self.js, subject):
-                if call.scheduled_reason != "paused" or pauses.hold(call) or (
-                        workflow is not None and call.workflow_slug != workflow):
-                    continue
-                try:
-                    await calls.defer(self.js, call, clock.now(), f"{call.call_id}.resumed.{seq}", replacing=seq)
-                except calls.Moved:
-                    continue
-                resumed += 1
-                await self.store.change(call.tenant, call.call_id, _resumed)
+            # The calls waiting on those schedule subjects (a fired schedule leaves the stream) as
+            # they stood when the read began: our own re-queues come after it.
+            top = int((await self.js.stream_info(bus.CALLS_STREAM)).state.last_seq)
+            async with aclosing(calls_index.scan(self.js, [subject], 1, top + 1)) as waiting:
+                async for seq, call in waiting:
+                    if call.scheduled_reason != "paused" or pauses.hold(call) or (
+                            workflow is not None and call.workflow_slug != workflow):
+                        continue
+                    try:
+                        await calls.defer(self.js, call, clock.now(), f"{call.call_id}.resumed.{seq}", replacing=seq)
+                    except calls.Moved:
+                        continue
+                    resumed += 1
+                    await self.store.change(call.tenant, call.call_id, _resumed)
         except Exception:  # noqa: BLE001 - what is not resumed now is dialed when its park ends
             log.exception("resume cut short", extra={"subject": subject, "dialer": self.name})
         if resumed:
@@ -442,31 +446,3 @@ async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-async def _waiting(js: JetStreamContext, subject: str) -> AsyncIterator[tuple[int, CallRequest]]:
-    """The calls waiting on schedule subjects matching `subject` (a fired schedule is removed from
-    the stream) with their stream sequences, oldest first, read as they stood when the read began:
-    one ephemeral consumer filtered on the server, a batch in memory at a time."""
-    top = int((await js.stream_info(bus.CALLS_STREAM)).state.last_seq)
-    info = await js.add_consumer(bus.CALLS_STREAM, ConsumerConfig(
-        filter_subject=subject, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
-        mem_storage=True, num_replicas=1, inactive_threshold=30.0))
-    try:
-        pending = int(info.num_pending or 0)
-        if pending == 0:
-            return
-        sub = await js.pull_subscribe_bind(stream=bus.CALLS_STREAM, consumer=info.name)
-        try:
-            while pending > 0:
-                for msg in await sub.fetch(min(pending, RESUME_BATCH), timeout=5.0):
-                    meta = msg.metadata
-                    if meta.sequence.stream > top:  # queued since the read began (our own re-queues)
-                        return
-                    pending = meta.num_pending
-                    if msg.data:
-                        yield meta.sequence.stream, CallRequest.model_validate_json(msg.data)
-        finally:
-            await sub.unsubscribe()
-    finally:
-        await js.delete_consumer(bus.CALLS_STREAM, info.name)
