@@ -394,7 +394,6 @@ class Dialer:
         """The call as this dialer claimed it, or None when it may not place it: the compare-and-set
         against a cancel decides. The first attempt's claim copies the policy's retries and voicemail
         onto the call; later attempts keep what the call began with."""
-        rules = self._rules(call)
 
         def claim(s: CallState | None) -> CallState | None:
             assert s is not None
@@ -402,7 +401,8 @@ class Dialer:
                 return None
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
             update = {"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1}
-            if s.attempt == 1:
+            if s.attempt == 1:  # only then: the rules render the voicemail message
+                rules = self._rules(call)
                 update |= {"retries": rules.retries if rules else None, "voicemail": rules.voicemail if rules else None}
             return moved.model_copy(update=update)
 
