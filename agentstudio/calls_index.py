@@ -1,53 +1,40 @@
-"""Finding a tenant's calls: the filters a listing or export applies, newest-first reads of the
-tenant's dispatch messages in the CALLS stream joined with each call's state, and paging cursors.
+"""Finding a tenant's calls: the filters a listing, export or bulk cancel applies, each call's
+listing status, paging cursors, and newest-first reads through the calls table (calls_table) joined
+with each call's current state; and `scan`, a reader of the CALLS stream by subject and sequence.
 
-What it costs, honestly: there is no index. A read walks the tenant's dispatch messages
-(`calls.<tenant>.dispatch.*`) backwards from its newest to its oldest (two gets find them), one
-window of stream sequences at a time: one ephemeral consumer per window, filtered to the tenant on
-the server, so other tenants' messages are not sent but are still stepped over there. Every call
-that passes the request filters (slugs, metadata, times, test) costs one KV get for its state, a
-batch at a time. The first page of a listing reads a window or a few; a deep page, a sparse filter
-and every export read as far back as they must, at worst all of the tenant's calls in the stream's
-7-day retention; a CSV export reads the stream twice (see the export route). That is fine within
-the retention window; the cost grows with the tenant's week of calls, not with the page size.
-At scale it is replaced by an index written as calls happen: a consumer of the dispatch and status
-subjects projecting (tenant, created_at, call_id, status, slugs, test, metadata) into a database
-(Postgres with an index on (tenant, created_at, call_id) and a GIN index on metadata, or ClickHouse
-for exports), which would also outlive the 7 days.
+A listing reads the table for the sequences and requests of the calls that pass (an indexed query:
+its cost grows with the page, not with the tenant's week of calls), then each call's state from the
+calls bucket, a batch at a time, so what it shows is as current as a single call's read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from agentstudio import bus
 from agentstudio.calls import CallRequest, waiting_status
 from agentstudio.callstate import CallState, CallStatus, CallStore
 
+if TYPE_CHECKING:
+    from agentstudio.calls_table import CallsTable
+
 # "scheduled" is a listing status only: a pending call waiting for its time (see status_of).
 STATUSES: tuple[str, ...] = ("scheduled", *get_args(CallStatus))
 
-# The first window spans this many stream sequences (all tenants' messages count); it grows 4× while
-# windows come back sparse, so a small tenant in a busy stream costs few windows.
-FIRST_SPAN = 256
-# At most this many of the tenant's messages are held from one window (memory stays bounded
-# however dense the window turns out); the older rest is read again as the next window.
-WINDOW_MAX = 1024
+BATCH = 64  # calls read from the table, and states from the bucket, at a time
 FETCH_BATCH = 256
 FETCH_TIMEOUT = 5.0
-# A window's consumer is deleted when the read ends; this reclaims it if the reader is cut off.
+# A scan's consumer is deleted when the read ends; this reclaims it if the reader is cut off.
 CONSUMER_IDLE_SECONDS = 30.0
 
 
@@ -142,37 +129,27 @@ def decode_cursor(cursor: str) -> int:
     return below
 
 
-async def top(js: JetStreamContext) -> int:
-    """The sequence just above the newest message in the stream now. A read bounded by it is a
-    snapshot: calls queued later get higher sequences and stay out of it."""
-    return int((await js.stream_info(bus.CALLS_STREAM)).state.last_seq) + 1
-
-
 async def find(
-    js: JetStreamContext,
-    store: CallStore,
-    tenant: str,
-    which: CallFilter,
-    below: int | None = None,
-    batch: int = 64,
+    table: CallsTable, store: CallStore, tenant: str, which: CallFilter, below: int, batch: int = 0,
 ) -> AsyncIterator[Found]:
-    """The tenant's calls that pass `which`, newest first, from stream sequence `below` down (from
-    the newest when None). States are read `batch` calls at a time."""
-    listed: set[str] = set()
-    async with aclosing(_windows(js, tenant, below)) as windows:
-        async for window in windows:
-            # A call is listed where it was accepted: its re-queued copies (deferred, retried) would
-            # list it again, on another page, out of its place in "newest first".
-            admitted = [(seq, call) for seq, call in window
-                        if not call.requeued and which.admits(call) and call.call_id not in listed]
-            listed.update(call.call_id for _, call in admitted)
-            for start in range(0, len(admitted), batch):
-                part = admitted[start:start + batch]
-                states = await asyncio.gather(*(store.get(tenant, call.call_id) for _, call in part))
-                for (seq, call), state in zip(part, states):
-                    found = Found(seq, call, state)
-                    if which.admits_status(found.status):
-                        yield found
+    """The tenant's calls that pass `which`, newest first, below sequence `below` (from
+    `table.caught_up`, so the read is a snapshot). A status the table has not seen change yet is
+    checked again against the state read."""
+    batch = min(batch or BATCH, BATCH)
+    while True:
+        rows = await table.rows(tenant, which, below, batch)
+        states = await asyncio.gather(*(store.get(tenant, _call_id(row.body)) for row in rows))
+        for row, state in zip(rows, states):
+            found = Found(row.seq, CallRequest.model_validate_json(row.body), state)
+            if which.admits_status(found.status):
+                yield found
+        if len(rows) < batch:
+            return
+        below = rows[-1].seq
+
+
+def _call_id(body: bytes) -> str:
+    return str(orjson.loads(body)["call_id"])
 
 
 @dataclass(frozen=True)
@@ -182,12 +159,15 @@ class Page:
 
 
 async def page(
-    js: JetStreamContext, store: CallStore, tenant: str, which: CallFilter, limit: int, below: int | None
+    table: CallsTable, js: JetStreamContext, store: CallStore, tenant: str, which: CallFilter, limit: int,
+    below: int | None,
 ) -> Page:
-    """Up to `limit` calls below `below`, newest first. One more is looked for, so the last page
-    says it is the last instead of leading to an empty one."""
+    """Up to `limit` calls below `below` (from the newest when None), newest first. One more is
+    looked for, so the last page says it is the last instead of leading to an empty one."""
+    top = await table.caught_up(js)
     found: list[Found] = []
-    async with aclosing(find(js, store, tenant, which, below, batch=min(limit + 1, 64))) as calls:
+    async with aclosing(find(table, store, tenant, which, top if below is None else min(below, top),
+                             batch=limit + 1)) as calls:
         async for item in calls:
             found.append(item)
             if len(found) > limit:
@@ -195,73 +175,6 @@ async def page(
     if len(found) > limit:
         return Page(found[:limit], found[limit - 1].seq)
     return Page(found, None)
-
-
-async def metadata_keys(js: JetStreamContext, tenant: str, which: CallFilter, below: int) -> list[str]:
-    """Every metadata key of the calls below `below` that pass `which` apart from its statuses
-    (those need a KV read per call, and a status can change while an export runs), sorted: the
-    metadata columns of a CSV export. A superset when statuses are filtered: a column may be empty."""
-    keys: set[str] = set()
-    async with aclosing(_windows(js, tenant, below)) as windows:
-        async for window in windows:
-            for _, call in window:
-                if which.admits(call):
-                    keys.update(call.metadata)
-    return sorted(keys)
-
-
-async def _windows(
-    js: JetStreamContext, tenant: str, below: int | None
-) -> AsyncIterator[list[tuple[int, CallRequest]]]:
-    """The tenant's queued calls below sequence `below`, newest first, a window at a time.
-
-    JetStream reads forward only, so the stream is walked backwards in windows [lo, hi) read
-    forwards and handed out reversed. A yield never happens while a consumer is open, so a reader
-    that stops early leaves nothing behind."""
-    # Queued calls, and scheduled ones still waiting (the server moves each to its dispatch subject
-    # when due, so a call is on one of the two; one seen on both mid-move is listed once, see find).
-    subjects = [bus.dispatch_subject(tenant, "*"), bus.schedule_subject(tenant, "*")]
-    # The tenant's newest and oldest messages bound the walk, so a tenant with calls only in the
-    # last hour does not walk the whole week of everyone's calls to find its last page.
-    newest, oldest = 0, None
-    for subject in subjects:
-        try:
-            newest = max(newest, int((await js.get_last_msg(bus.CALLS_STREAM, subject)).seq))
-            seq = int((await js.get_msg(bus.CALLS_STREAM, seq=1, subject=subject, next=True, direct=True)).seq)
-        except NotFoundError:
-            continue
-        oldest = seq if oldest is None else min(oldest, seq)
-    if oldest is None:
-        return  # no calls (or none left in the retention)
-    first = oldest
-    hi = newest + 1 if below is None else min(below, newest + 1)
-    span = FIRST_SPAN
-    while hi > first:
-        lo = max(first, hi - span)
-        window, cut = await _read(js, subjects, lo, hi, WINDOW_MAX)
-        if window:
-            yield window[::-1]
-        if cut:  # older messages of [lo, hi) were dropped: they are the next window
-            span = max(1, hi - window[0][0])
-            hi = window[0][0]
-        else:
-            hi = lo
-            if len(window) < WINDOW_MAX // 4:
-                span *= 4
-
-
-async def _read(
-    js: JetStreamContext, subjects: list[str], lo: int, hi: int, keep: int
-) -> tuple[list[tuple[int, CallRequest]], bool]:
-    """Messages on `subjects` with lo <= sequence < hi, oldest first: the newest `keep` of them, and
-    whether older ones were dropped to stay within it."""
-    kept: deque[tuple[int, CallRequest]] = deque(maxlen=keep)
-    seen = 0
-    async with aclosing(scan(js, subjects, lo, hi)) as found:
-        async for item in found:
-            kept.append(item)
-            seen += 1
-    return list(kept), seen > len(kept)
 
 
 async def scan(js: JetStreamContext, subjects: list[str], lo: int, hi: int) -> AsyncIterator[tuple[int, CallRequest]]:

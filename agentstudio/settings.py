@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
     operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")
     usage_flush_seconds: float = Field(5.0, description="How often ingest adds its key usage counts to NATS.")
+    calls_index_dir: str = Field(
+        "", description="Where each ingest process keeps its calls table (about 1 KiB a call, rebuilt at"
+        " start); the system's temporary folder if empty."
+    )
     console_session_seconds: float = Field(
         8 * 3600, gt=0, description="How long a console sign-in lasts (its key's changes end it sooner)."
     )

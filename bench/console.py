@@ -1,7 +1,7 @@
 """bench/console: the console's calls page (its first page and its counts by status) with N calls in
-one tenant's retention window, server time (the app in process, no network), against the calls API's
-first page of the same size in the same run: cold (counted afresh) and as a live page's refresh
-(counts reused for COUNTS_FRESH_SECONDS).
+one tenant's retention window, server time (the app in process, no network), beside the calls API's
+first page (plain, by status, by a sparse metadata value) in the same run; and what the calls table
+costs a replica started on that week: the time to build it from the stream and its size on disk.
 
 Calls are written as a week of real traffic leaves them: the request on its dispatch subject and,
 for 9 in 10, a finished state (completed or failed) in the calls bucket; the rest wait (pending).
@@ -36,7 +36,6 @@ from latency import summary  # noqa: E402
 from agentstudio import bus  # noqa: E402
 from agentstudio.calls import CallRequest  # noqa: E402
 from agentstudio.callstate import CallEvent, CallState  # noqa: E402
-from agentstudio.ingest.console import pages  # noqa: E402
 from agentstudio.natsserver import NatsServer  # noqa: E402
 
 MANIFESTS = """
@@ -63,7 +62,8 @@ async def populate(js: Any, tenant: str, count: int) -> float:
     async def one(i: int) -> None:
         created = first + step * i
         call = CallRequest(call_id=str(uuid.uuid4()), tenant=tenant, api_key="reader", agent_slug="a",
-                           phone_number="+14155552671", user_context={}, metadata={"campaign_id": f"c{i % 10}"},
+                           phone_number="+14155552671", user_context={}, metadata={"campaign_id": f"c{i % 10}",
+                                                              "batch": "rare" if i % 10_000 == 5 else "common"},
                            test=False, created_at=created,
                            bundle_version=1)
         await js.publish(bus.dispatch_subject(tenant, call.call_id), call.model_dump_json().encode(),
@@ -79,13 +79,10 @@ async def populate(js: Any, tenant: str, count: int) -> float:
     return time.perf_counter() - start
 
 
-async def timed(client: httpx.AsyncClient, url: str, requests: int, cold: bool = False,
-                **kw: Any) -> dict[str, float]:
-    """Server time of `requests` GETs; `cold`: with no counts kept from an earlier view."""
+async def timed(client: httpx.AsyncClient, url: str, requests: int, **kw: Any) -> dict[str, float]:
+    """Server time of `requests` GETs."""
     took = []
     for _ in range(requests):
-        if cold:
-            pages._COUNTED.clear()
         start = time.perf_counter()
         resp = await client.get(url, **kw)
         took.append(time.perf_counter() - start)
@@ -105,18 +102,35 @@ async def run(sizes: list[int], requests: int) -> dict[str, Any]:
                     bundle = await tenant.publish()
                     await wait_for_bundle(svc, tenant.name, bundle.version)
                     populated = await populate(svc.js, tenant.name, size)
+                    lag = time.perf_counter()
+                    await svc.table.caught_up(svc.js, timeout=3600)
+                    lag = time.perf_counter() - lag
                     signed_in = await client.post("/console/sign-in", data={"key": tenant.keys["reader"]})
                     assert signed_in.status_code == 303, signed_in.text
+                    auth = tenant.auth("reader")
                     results[str(size)] = {
                         "populate_seconds": round(populated, 1),
-                        "console_calls_page_cold": await timed(client, "/console/calls", requests, cold=True),
-                        "console_calls_page_metadata_filter_cold": await timed(
-                            client, "/console/calls?metadata=campaign_id%3Dc3", requests, cold=True),
-                        # A live page's refresh within COUNTS_FRESH_SECONDS of the last count.
-                        "console_calls_page_refresh": await timed(client, "/console/calls", requests),
-                        "api_first_page_25": await timed(client, "/api/v1/calls?limit=25", requests,
-                                                         headers=tenant.auth("reader")),
+                        "table_behind_after_populate_seconds": round(lag, 2),
+                        "console_calls_page": await timed(client, "/console/calls", requests),
+                        "console_calls_page_metadata_filter": await timed(
+                            client, "/console/calls?metadata=campaign_id%3Dc3", requests),
+                        "console_calls_page_failed": await timed(client, "/console/calls?status=failed", requests),
+                        "api_first_page_25": await timed(client, "/api/v1/calls?limit=25", requests, headers=auth),
+                        "api_first_page_25_pending": await timed(
+                            client, "/api/v1/calls?limit=25&status=pending", requests, headers=auth),
+                        # one call in 10,000 carries this value: a page that must look far for its 25
+                        "api_first_page_25_rare_metadata": await timed(
+                            client, "/api/v1/calls?limit=25&metadata.batch=rare", requests, headers=auth),
+                        "table_mib": round(sum(p.stat().st_size for p in
+                                               svc.table.path.parent.glob(svc.table.path.name + "*")) / 2**20, 1),
                     }
+                    # A replica started now builds its table from the stream and the bucket.
+                    start = time.perf_counter()
+                    async with ingest_client(server.url) as (_, later):
+                        built = time.perf_counter() - start
+                        await later.table.caught_up(later.js, timeout=3600)
+                        results[str(size)]["replica_start_seconds"] = round(built, 2)
+                        results[str(size)]["replica_table_built_seconds"] = round(time.perf_counter() - start, 2)
                     print(json.dumps({size: results[str(size)]}), flush=True)
             finally:
                 server.stop()

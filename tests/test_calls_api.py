@@ -3,6 +3,7 @@ neither skips nor repeats, CSV and JSON Lines exports, scopes, tenant isolation 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import csv
 import io
@@ -14,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from agentstudio import bus, calls, calls_index
 from agentstudio.callstate import CallError, CallState, CallStore
@@ -173,25 +175,14 @@ async def test_paging_with_a_filter(client: httpx.AsyncClient, tenant: Tenant) -
     assert pages == [jan[:0:-1], jan[:1]]
 
 
-@pytest.mark.parametrize("first_span", [2, 64])
-async def test_small_windows_over_a_stream_shared_with_other_tenants(
+async def test_pages_over_a_stream_shared_with_other_tenants_and_a_replica_started_later(
     client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext, nats_server: NatsServer,
-    monkeypatch: pytest.MonkeyPatch, first_span: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The backwards walk in windows made small enough to see with a few calls: growing over
-    stretches of other tenants' calls (first_span 2), and cutting windows denser than it may hold
-    (first_span 64: the first window holds all of them), within one page and across pages."""
-    monkeypatch.setattr(calls_index, "FIRST_SPAN", first_span)
-    monkeypatch.setattr(calls_index, "WINDOW_MAX", 4)
-    windows: list[tuple[int, bool]] = []
-    read = calls_index._read
-
-    async def spy(*args: Any) -> Any:
-        window, cut = await read(*args)
-        windows.append((args[3] - args[2], cut))
-        return window, cut
-
-    monkeypatch.setattr(calls_index, "_read", spy)
+    """Calls interleaved with another tenant's, read a page at a time through the calls table (its
+    reads made 3 rows at a time, so a page takes several), and the same pages from a replica whose
+    table was built from the stream after the calls were queued."""
+    monkeypatch.setattr(calls_index, "BATCH", 3)
     other = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, example_resources())
     bundle = await other.publish()
     async with ingest_client(nats_server.url) as (other_client, svc):
@@ -202,17 +193,41 @@ async def test_small_windows_over_a_stream_shared_with_other_tenants(
             for _ in range(6):
                 await queue(other_client, other)
     newest_first = mine[::-1]
-    for limit in (1, 4, 7, 16, 500):
-        pages = await every_page(client, tenant, limit=limit)
-        assert [c for p in pages for c in p] == newest_first, limit
-        assert all(len(p) == limit for p in pages[:-1])
-    windows.clear()
-    export = await client.get("/api/v1/calls/export?format=jsonl", headers=tenant.auth(READER))
-    assert [orjson.loads(line)["call_id"] for line in export.text.splitlines()] == newest_first
-    if first_span == 2:
-        assert any(span > 2 for span, _ in windows), "no window grew over other tenants' calls"
+    async with ingest_client(nats_server.url) as (later, svc):
+        assert tenant.bundle is not None
+        await wait_for_bundle(svc, tenant.name, tenant.bundle.version)
+        for reader in (client, later):
+            for limit in (1, 4, 7, 16, 500):
+                pages = await every_page(reader, tenant, limit=limit)
+                assert [c for p in pages for c in p] == newest_first, limit
+                assert all(len(p) == limit for p in pages[:-1])
+            export = await reader.get("/api/v1/calls/export?format=jsonl", headers=tenant.auth(READER))
+            assert [orjson.loads(line)["call_id"] for line in export.text.splitlines()] == newest_first
+
+
+async def test_a_scheduled_call_keeps_its_place_when_it_fires_between_pages(
+    client: httpx.AsyncClient, tenant: Tenant, js: JetStreamContext,
+) -> None:
+    """A call scheduled at ingest waits on its schedule subject; when due, the server moves it to its
+    dispatch subject, a newer place in the stream. A listing paged across that moment still finds
+    it where it was accepted (the calls table keeps that place), neither skipped nor listed twice."""
+    due = datetime.now(timezone.utc) + timedelta(seconds=2)
+    scheduled = await queue(client, tenant, scheduled_at=due.isoformat())
+    newer = [await queue(client, tenant) for _ in range(2)]
+    first = await listing(client, tenant, limit=2)
+    assert [c["call_id"] for c in first["data"]] == newer[::-1]
+    subject = bus.dispatch_subject(tenant.name, scheduled)
+    for _ in range(100):  # the server fires it
+        try:
+            await js.get_last_msg(bus.CALLS_STREAM, subject)
+            break
+        except NotFoundError:
+            await asyncio.sleep(0.1)
     else:
-        assert windows[0][1], "the first window was not cut"
+        raise AssertionError("the scheduled call never moved to its dispatch subject")
+    rest = await listing(client, tenant, limit=2, cursor=first["next_cursor"])
+    assert [c["call_id"] for c in rest["data"]] == [scheduled] and rest["next_cursor"] is None
+    assert [c for p in await every_page(client, tenant, limit=1) for c in p] == [*newer[::-1], scheduled]
 
 
 async def test_a_cursor_from_before_everything_gives_an_empty_last_page(client: httpx.AsyncClient, tenant: Tenant) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -12,6 +14,7 @@ from agentstudio.bundle_store import BundleWatcher, Snapshot, buckets
 from agentstudio.ingest.ratelimit import RateLimiter
 from agentstudio.settings import Settings
 from agentstudio.usage import UsageCounter
+from agentstudio.calls_table import CallsTable
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.do_not_call import DoNotCall
@@ -32,6 +35,7 @@ class IngestService:
         self._tracker: CallTracker | None = None
         self._dnc: DoNotCall | None = None
         self._sessions: Sessions | None = None
+        self._table: CallsTable | None = None
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -51,6 +55,9 @@ class IngestService:
             self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
         )
         self._dnc = DoNotCall(await bus.dnc_bucket(self._js))
+        folder = self.settings.calls_index_dir or Path(tempfile.gettempdir()) / "agentstudio-calls"
+        self._table = CallsTable(Path(folder))
+        await self._table.start(self._js)
         lifetime = self.settings.console_session_seconds
         self._sessions = Sessions(await bus.console_sessions_bucket(self._js, lifetime), lifetime)
         log.info("ingest connected to nats")
@@ -64,6 +71,8 @@ class IngestService:
                 log.exception("could not restart the bundle watch")
 
     async def stop(self) -> None:
+        if self._table is not None:
+            await self._table.stop()
         if self._usage is not None:
             await self._usage.stop()
         if self._watcher is not None:
@@ -85,6 +94,11 @@ class IngestService:
     def tracker(self) -> CallTracker:
         assert self._tracker is not None, "IngestService not started"
         return self._tracker
+
+    @property
+    def table(self) -> CallsTable:
+        assert self._table is not None, "IngestService not started"
+        return self._table
 
     @property
     def dnc(self) -> DoNotCall:

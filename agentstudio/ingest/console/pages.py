@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
-from collections import OrderedDict
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +63,6 @@ _HEADERS = {
     "Cache-Control": "no-store",
 }
 PAGE_SIZE = 25
-COUNT_LIMIT = 10_000  # the newest calls counted by status; more would make every page view a full scan
 LIVE_SECONDS = 25.0  # an event stream ends after this (the browser reconnects), so a shutdown never waits long
 _FORM_MAX_BYTES = 4096
 ENDED = {
@@ -283,59 +280,24 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
         return RedirectResponse(f"{PREFIX}/calls?{kept}" if kept else f"{PREFIX}/calls", status_code=303)
     context: dict[str, Any] = {"signed": signed, "query": query, "statuses": calls_index.STATUSES,
                                "bundle": signed.principal.bundle, "error": None, "page": None, "counts": {},
-                               "cursor": cursor, "which": None, "count_limit": COUNT_LIMIT}
+                               "cursor": cursor, "which": None}
     try:
         which = query.to_filter()
         tenant = signed.principal.tenant
-        page, counts = await asyncio.gather(
-            calls_api.list_page(svc, tenant, which, PAGE_SIZE, cursor),
-            _counts(svc, tenant, which),
-        )
+        page = await calls_api.list_page(svc, tenant, which, PAGE_SIZE, cursor)
+        counts = await _counts(svc, tenant, which)  # the page's read has caught the table up
         context.update(which=which, page=page, counts=counts)
     except ApiError as exc:
         context["error"] = exc.message
     return _render("calls_region.html" if partial else "calls.html", 400 if context["error"] else 200, **context)
 
 
-# Counts recently made, by tenant and filter: a live page refreshes its list on every change of a
-# call, and recounting each time would scan up to COUNT_LIMIT calls per refresh per open page.
-_COUNTED: OrderedDict[tuple[Any, ...], tuple[float, dict[str, int]]] = OrderedDict()
-COUNTS_FRESH_SECONDS = 10.0
-_COUNTED_MAX = 512
-
-
 async def _counts(svc: IngestService, tenant: str, which: CallFilter) -> dict[str, int]:
-    """Calls that pass the filter apart from its statuses, by status: what each status tab holds.
-    Without an index this reads every such call, so it stops at COUNT_LIMIT (the page says so) and
-    is reused for COUNTS_FRESH_SECONDS."""
-    key = (tenant, which.workflow_slug, which.agent_slug, tuple(sorted((k, tuple(sorted(v)))
-           for k, v in which.metadata.items())), which.created_after, which.created_before, which.test)
-    now = time.monotonic()
-    if (hit := _COUNTED.get(key)) is not None and hit[0] > now:
-        return hit[1]
-    counts = await _count(svc, tenant, which)
-    _COUNTED[key] = (now + COUNTS_FRESH_SECONDS, counts)
-    _COUNTED.move_to_end(key)
-    while len(_COUNTED) > _COUNTED_MAX:
-        _COUNTED.popitem(last=False)
-    return counts
-
-
-async def _count(svc: IngestService, tenant: str, which: CallFilter) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    everything = CallFilter(workflow_slug=which.workflow_slug, agent_slug=which.agent_slug, metadata=which.metadata,
-                            created_after=which.created_after, created_before=which.created_before, test=which.test)
+    """Calls that pass the filter apart from its statuses, by status: what each status tab holds."""
     try:
-        async with aclosing(calls_index.find(svc.js, svc.tracker.store, tenant, everything)) as found:
-            seen = 0
-            async for call in found:
-                counts[call.status] = counts.get(call.status, 0) + 1
-                seen += 1
-                if seen >= COUNT_LIMIT:
-                    break
-    except (NatsError, TimeoutError) as exc:
-        raise ApiError(503, "unavailable", "the call store is unreachable; try again shortly") from exc
-    return counts
+        return await svc.table.counts(tenant, which)
+    except sqlite3.Error as exc:
+        raise ApiError(503, "unavailable", "the calls index is unreadable; try again shortly") from exc
 
 
 @router.get("/calls/export")

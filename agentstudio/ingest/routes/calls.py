@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from nats.errors import Error as NatsError
 
-from agentstudio import calls, calls_index
+from agentstudio import calls, calls_index, calls_table
 from agentstudio.calls_index import CallFilter, Found
 from agentstudio.callstate import CallState
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
@@ -142,9 +143,9 @@ async def list_page(svc: IngestService, tenant: str, which: CallFilter, limit: i
     except ValueError as exc:
         raise _invalid("cursor", str(exc)) from None
     try:
-        found = await calls_index.page(svc.js, svc.tracker.store, tenant, which, limit, below)
-    except (NatsError, TimeoutError) as exc:
-        raise unavailable(svc) from exc
+        found = await calls_index.page(svc.table, svc.js, svc.tracker.store, tenant, which, limit, below)
+    except (NatsError, TimeoutError, sqlite3.Error) as exc:
+        raise unreadable(svc, exc) from exc
     return CallPage(
         data=[record(f.call, f.state) for f in found.calls],
         next_cursor=calls_index.encode_cursor(found.next_below) if found.next_below is not None else None,
@@ -184,16 +185,15 @@ async def export(svc: IngestService, tenant: str, which: CallFilter, format_: Li
     """Every call of the tenant that passes `which`, as a download (the API's export and the console's)."""
     try:
         # One snapshot for the whole export: calls queued while it streams are not in it.
-        below = await calls_index.top(svc.js)
-        # CSV takes two passes: its header needs every metadata key, known only after reading. The
-        # first pass reads only the stream (no per-call state), keeping nothing but the key set, so it
-        # costs a fraction of the second; buffering rows instead would hold the whole export in
-        # memory, and one JSON metadata column would not give analysts a column per key. It runs
-        # before the response starts so that NATS being down is still a 503, not a cut-off file.
-        keys = await calls_index.metadata_keys(svc.js, tenant, which, below) if format_ == "csv" else []
-    except (NatsError, TimeoutError) as exc:
-        raise unavailable(svc) from exc
-    found = calls_index.find(svc.js, svc.tracker.store, tenant, which, below)
+        below = await svc.table.caught_up(svc.js)
+        # CSV's header needs every metadata key before the first row: one indexed query finds them
+        # (buffering rows instead would hold the whole export in memory, and one JSON metadata
+        # column would not give analysts a column per key). It runs before the response starts so
+        # that NATS being down is still a 503, not a cut-off file.
+        keys = await svc.table.metadata_keys(tenant, which, below) if format_ == "csv" else []
+    except (NatsError, TimeoutError, sqlite3.Error) as exc:
+        raise unreadable(svc, exc) from exc
+    found = calls_index.find(svc.table, svc.tracker.store, tenant, which, below)
     body = _csv(found, keys) if format_ == "csv" else _jsonl(found)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return StreamingResponse(
@@ -278,16 +278,16 @@ async def cancel_calls(
                        created_before=_utc(body.created_before), test=body.test)
     canceled = 0
     try:
-        below = await calls_index.top(svc.js)  # calls queued after this request are not its to cancel
+        below = await svc.table.caught_up(svc.js)  # calls queued after this request are not its to cancel
         batch: list[calls.CallRequest] = []
-        async for found in calls_index.find(svc.js, svc.tracker.store, principal.tenant, which, below):
+        async for found in calls_index.find(svc.table, svc.tracker.store, principal.tenant, which, below):
             batch.append(found.call)
             if len(batch) == _CANCEL_BATCH:
                 canceled += await _cancel_all(svc.tracker, batch)
                 batch = []
         canceled += await _cancel_all(svc.tracker, batch)
-    except (NatsError, TimeoutError) as exc:
-        raise unavailable(svc) from exc
+    except (NatsError, TimeoutError, sqlite3.Error) as exc:
+        raise unreadable(svc, exc) from exc
     return CancelResult(canceled=canceled)
 
 
@@ -361,6 +361,15 @@ async def read_call(svc: IngestService, tenant: str, call_id: str) -> CallRecord
     if call is None:
         raise _not_found(call_id)
     return record(call, state)
+
+
+def unreadable(svc: IngestService, exc: Exception) -> ApiError:
+    """A read of calls that could not be answered: the index still catching up (a process just
+    started on a big week) or NATS unreachable."""
+    if isinstance(exc, calls_table.Behind):
+        return ApiError(503, "unavailable", f"{exc}; retry shortly",
+                        headers={"Retry-After": str(svc.settings.retry_after_seconds)})
+    return unavailable(svc)
 
 
 def record(call: calls.CallRequest, state: CallState | None) -> CallRecord:
