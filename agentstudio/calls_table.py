@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from agentstudio import bus, clock
@@ -68,8 +69,9 @@ CREATE TABLE early(tenant TEXT, call_id TEXT, state TEXT, waits REAL,
 # A pending call's listing status: scheduled until it is due, then pending (calls_index.status_of).
 _DUE = "MAX(IFNULL(scheduled, 0), IFNULL(waits, 0))"
 _STATES_KEY_PREFIX = f"$KV.{bus.CALLS_BUCKET}."
-_QUEUE = 4096  # messages held between the server and the writer: flow control holds the rest back
-_BATCH = 2000  # messages applied per transaction
+_BATCH = 2000  # messages fetched, and applied in one transaction, at a time
+FETCH_SECONDS = 5.0  # an idle fetch waits this long, then checks its consumer is still there
+CONSUMER_IDLE_SECONDS = 60.0  # the server drops a consumer of a process that died after this
 PURGE_SECONDS = 60.0
 
 
@@ -84,47 +86,64 @@ class Row:
 
 
 class _Projection:
-    """One stream followed in order by an ordered consumer (it re-creates itself after a gap or a
-    lost server), applied in batches by `apply` on the writer thread."""
+    """One stream read in order through a pull consumer of our own (fetching is the backpressure:
+    nothing arrives faster than it is applied), applied in batches by `apply` on the writer thread.
+    A consumer the server lost (a restart) is made again from the last sequence applied."""
 
     def __init__(self, table: CallsTable, stream: str, subject: str, apply: Any) -> None:
         self.table, self.stream, self.subject, self._apply = table, stream, subject, apply
         self.applied = 0  # the stream sequence of the last message applied
         self.changed = asyncio.Condition()
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_QUEUE)
-        self._sub: Any = None
+        self._busy = False  # a fetched batch is being applied
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, js: JetStreamContext) -> None:
-        async def received(msg: Msg) -> None:
-            await self._queue.put(msg)  # blocks the subscription when full: the server waits
-
-        self._sub = await js.subscribe(self.subject, stream=self.stream, cb=received, ordered_consumer=True,
-                                       pending_msgs_limit=_QUEUE * 4)
-        self._task = asyncio.create_task(self._write(), name=f"calls-table-{self.stream}")
+    def start(self, js: JetStreamContext) -> None:
+        self._task = asyncio.create_task(self._follow(js), name=f"calls-table-{self.stream}")
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may be gone already
-                pass
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _write(self) -> None:
+    async def _follow(self, js: JetStreamContext) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < _BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            name = sub = None
             try:
-                await self.table._on_writer(self._apply, batch)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the index
-                log.exception("calls table: a batch from %s could not be applied", self.stream)
-            async with self.changed:
-                self.applied = max(self.applied, batch[-1].metadata.sequence.stream)
-                self.changed.notify_all()
+                info = await js.add_consumer(self.stream, ConsumerConfig(
+                    filter_subject=self.subject, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=self.applied + 1, ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+                    inactive_threshold=CONSUMER_IDLE_SECONDS))
+                name = info.name
+                sub = await js.pull_subscribe_bind(stream=self.stream, consumer=name)
+                while True:
+                    try:
+                        batch = await sub.fetch(_BATCH, timeout=FETCH_SECONDS)
+                    except TimeoutError:
+                        # nats-py's fetch can turn a cancellation into a timeout: honour it here.
+                        if (task := asyncio.current_task()) is not None and task.cancelling():
+                            raise asyncio.CancelledError from None
+                        await js.consumer_info(self.stream, name)  # still there? NotFoundError if not
+                        continue
+                    await self._applied(batch)
+            except asyncio.CancelledError:
+                await asyncio.shield(_forget(js, self.stream, name, sub))
+                raise
+            except Exception:  # noqa: BLE001 - NATS away or the consumer lost: follow again shortly
+                log.warning("calls table: following %s again from %d", self.stream, self.applied + 1, exc_info=True)
+                await _forget(js, self.stream, name, sub)
+                await asyncio.sleep(1.0)
+
+    async def _applied(self, batch: list[Msg]) -> None:
+        self._busy = True
+        try:
+            await self.table._on_writer(self._apply, batch)
+        except sqlite3.Error:  # one bad batch must not stop the index; its calls show as they change
+            log.exception("calls table: a batch from %s could not be applied", self.stream)
+        finally:
+            self._busy = False
+        async with self.changed:
+            self.applied = max(self.applied, batch[-1].metadata.sequence.stream)
+            self.changed.notify_all()
 
     async def reach(self, js: JetStreamContext, target: int, deadline: float) -> None:
         """Wait until every message up to `target` is applied. The last ones may be gone (deleted or
@@ -140,7 +159,7 @@ class _Projection:
                     await asyncio.wait_for(self.changed.wait(), timeout=min(left, 0.05))
                 except TimeoutError:
                     pass
-            if self.applied == before and self._queue.empty() and not await self._more(js, target):
+            if self.applied == before and not self._busy and not await self._more(js, target):
                 return
 
     async def _more(self, js: JetStreamContext, target: int) -> bool:
@@ -149,6 +168,17 @@ class _Projection:
         except NotFoundError:
             return False
         return int(msg.seq or 0) <= target
+
+
+async def _forget(js: JetStreamContext, stream: str, name: str | None, sub: Any) -> None:
+    """Unsubscribe (a draining connection waits for its subscriptions) and delete the consumer."""
+    try:
+        if sub is not None:
+            await sub.unsubscribe()
+        if name is not None:
+            await js.delete_consumer(stream, name)
+    except Exception:  # noqa: BLE001 - the consumer goes by itself after CONSUMER_IDLE_SECONDS
+        pass
 
 
 class CallsTable:
@@ -169,8 +199,8 @@ class CallsTable:
     async def start(self, js: JetStreamContext) -> None:
         self._js = js
         await self._on_writer(_create, [])
-        await self._calls.start(js)
-        await self._states.start(js)
+        self._calls.start(js)
+        self._states.start(js)
         self._purger = asyncio.create_task(self._purge_aged(), name="calls-table-purge")
 
     async def stop(self) -> None:
