@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -62,7 +63,8 @@ CREATE TABLE metadata(tenant TEXT, key TEXT, value TEXT, seq INTEGER,
                       PRIMARY KEY(tenant, key, value, seq)) WITHOUT ROWID;
 CREATE INDEX metadata_by_seq ON metadata(seq);
 -- A state seen before its call (two streams, two projections): applied when the call arrives.
-CREATE TABLE early(tenant TEXT, call_id TEXT, state TEXT, waits REAL,
+-- One whose call never comes (its message aged out, the state stays in the bucket) goes after an hour.
+CREATE TABLE early(tenant TEXT, call_id TEXT, state TEXT, waits REAL, seen REAL,
                    PRIMARY KEY(tenant, call_id)) WITHOUT ROWID;
 """
 
@@ -73,6 +75,7 @@ _BATCH = 2000  # messages fetched, and applied in one transaction, at a time
 FETCH_SECONDS = 5.0  # an idle fetch waits this long, then checks its consumer is still there
 CONSUMER_IDLE_SECONDS = 60.0  # the server drops a consumer of a process that died after this
 PURGE_SECONDS = 60.0
+EARLY_SECONDS = 3600.0
 
 
 class Behind(TimeoutError):
@@ -385,7 +388,8 @@ def _apply_states(db: sqlite3.Connection, batch: list[Msg]) -> None:
         state, waits = ("pending", None) if operation in ("DEL", "PURGE") or not msg.data else _state(msg.data)
         if not db.execute("UPDATE calls SET state = ?, waits = ? WHERE tenant = ? AND call_id = ?",
                           (state, waits, tenant, call_id)).rowcount:
-            db.execute("INSERT OR REPLACE INTO early VALUES (?, ?, ?, ?)", (tenant, call_id, state, waits))
+            db.execute("INSERT OR REPLACE INTO early VALUES (?, ?, ?, ?, ?)",
+                       (tenant, call_id, state, waits, time.time()))
 
 
 def _state(data: bytes) -> tuple[str, float | None]:
@@ -401,7 +405,9 @@ def _state(data: bytes) -> tuple[str, float | None]:
 
 
 def _purge_below(db: sqlite3.Connection, first: list[int]) -> None:
-    gone = [seq for seq, in db.execute("SELECT seq FROM calls WHERE held < ?", first)]
+    # held >= seq, so the primary key bounds the search to the rows older than the stream's first.
+    gone = [seq for seq, in db.execute("SELECT seq FROM calls WHERE seq < ? AND held < ?", first * 2)]
+    db.execute("DELETE FROM early WHERE seen < ?", (time.time() - EARLY_SECONDS,))
     for chunk in _chunks(gone, 500):
         marks = ", ".join("?" * len(chunk))
         db.execute(f"DELETE FROM metadata WHERE seq IN ({marks})", chunk)

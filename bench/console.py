@@ -2,6 +2,7 @@
 one tenant's retention window, server time (the app in process, no network), beside the calls API's
 first page (plain, by status, by a sparse metadata value) in the same run; and what the calls table
 costs a replica started on that week: the time to build it from the stream and its size on disk.
+Each time is also given as a ratio to reading one call by id in the same run (the floor of any read).
 
 Calls are written as a week of real traffic leaves them: the request on its dispatch subject and,
 for 9 in 10, a finished state (completed or failed) in the calls bucket; the rest wait (pending).
@@ -143,6 +144,14 @@ async def run(sizes: list[int], requests: int) -> dict[str, Any]:
                         await later.table.caught_up(later.js, timeout=3600)
                         results[str(size)]["replica_start_seconds"] = round(built, 2)
                         results[str(size)]["replica_table_built_seconds"] = round(time.perf_counter() - start, 2)
+                    # The baseline: reading one call by id (a stream get and a KV get), the floor of any read.
+                    one = await client.get("/api/v1/calls?limit=1", headers=auth)
+                    floor = await timed(client, f"/api/v1/calls/{one.json()['data'][0]['call_id']}", requests,
+                                        headers=auth)
+                    results[str(size)]["baseline_read_one_call"] = floor
+                    results[str(size)]["ratio_p95_to_baseline"] = {
+                        name: round(r["p95_ms"] / floor["p95_ms"], 1) for name, r in results[str(size)].items()
+                        if isinstance(r, dict) and "p95_ms" in r and name != "baseline_read_one_call"}
                     print(json.dumps({size: results[str(size)]}), flush=True)
             finally:
                 server.stop()

@@ -105,9 +105,16 @@ async def test_calls_the_stream_no_longer_holds_leave_the_table(
     own_nats: NatsServer, own_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Retention (here a purge of the stream's oldest messages, as max_age does after 7 days)
-    removes calls from the stream; the table follows within its purge interval."""
+    removes calls from the stream; the table follows within its purge interval. A state whose call
+    never comes (the bucket outlives the stream) is not kept either."""
     monkeypatch.setattr(calls_table, "PURGE_SECONDS", 0.1)
+    monkeypatch.setattr(calls_table, "EARLY_SECONDS", 0.0)
     tenant = await _reader(own_js)
+    orphan = CallRequest(call_id=str(uuid.uuid4()), tenant=tenant.name, api_key="reader", agent_slug="a",
+                         phone_number="+14155552671", user_context={}, metadata={}, test=False,
+                         created_at=datetime.now(timezone.utc), bundle_version=1)
+    store = CallStore(await bus.calls_bucket(own_js))
+    await store.change(tenant.name, orphan.call_id, lambda _: CallState.new(orphan).advanced("dialing"))
     async with ingest_client(own_nats.url) as (client, svc):
         await wait_for_bundle(svc, tenant.name, tenant.bundle.version if tenant.bundle else 0)
         old = [await _queued(own_js, tenant, campaign_id="old") for _ in range(3)]
@@ -123,6 +130,11 @@ async def test_calls_the_stream_no_longer_holds_leave_the_table(
         assert await _listed(client, tenant) == want, [c.call_id for c in old]
         assert await _listed(client, tenant, **{"metadata.campaign_id": "old"}) == []
         assert await svc.table.counts(tenant.name, CallFilter()) == {"pending": 2}
+        for _ in range(100):
+            if await svc.table._query("SELECT COUNT(*) FROM early", []) == [(0,)]:
+                break
+            await asyncio.sleep(0.05)
+        assert await svc.table._query("SELECT call_id FROM early", []) == []
 
 
 async def test_a_replica_still_building_its_table_answers_503_naming_the_index(
