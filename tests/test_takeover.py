@@ -9,7 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
-from agentstudio import bus
+from agentstudio import bus, calls
 from agentstudio.callstate import CallState, CallStore
 from agentstudio.natsserver import free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
@@ -95,3 +95,41 @@ async def test_a_killed_dialers_twilio_calls_take_the_status_twilio_reports(nats
     assert fetches and all(r.status == 200 for r in fetches)  # every fetch is one the spec accepts
     done = [e for e in await events_of(js, t, ids[0]) if e["type"] == "call.completed"]
     assert len(done) == 1 and done[0]["data"]["duration_seconds"] == 17
+
+
+async def test_a_claim_is_taken_over_only_once_its_dialers_heartbeat_stops(nats_server, nc, js) -> None:  # type: ignore[no-untyped-def]
+    """A claim of a dialer that heartbeats is left alone (the walk looks at the heartbeats again, so
+    one started since the observer last looked is seen); once its heartbeat stops it is gone after a
+    lease by the observer's clock, and its call is settled then."""
+    from agentstudio.dialer import main as dialer_main
+    from agentstudio.dialer.providers import SimulatedProvider
+    from agentstudio.dialer.takeover import Liveness, Takeover
+
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    bundle = await t.publish()
+    tracker = await dialer_main.tracker_for(nc)
+    simulated = SimulatedProvider(tracker)
+    lease, dialers = 0.5, await bus.dialers_bucket(js)
+    observer = Liveness(js, dialers, f"observer-{uuid.uuid4().hex[:6]}", lease)
+    takeover = Takeover(observer, await bus.calls_bucket(js), tracker, lambda call: simulated, {"simulated": simulated})
+    await observer.look()
+    newcomer = Liveness(js, dialers, f"newcomer-{uuid.uuid4().hex[:6]}", lease)
+    await newcomer.beat()  # after the observer looked: unknown to it until it looks again
+    async with ingest_client(nats_server.url) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        call_id = await queue_call(client, t)  # no dialer runs here: the newcomer claims it
+    request = await calls.fetch(js, t.name, call_id)
+    assert request is not None
+    await tracker.store.change(t.name, call_id, lambda s: CallState.new(request).model_copy(update={
+        "status": "ringing", "dialer": newcomer.name, "provider": "simulated", "provider_call_id": "SIMx"}))
+    assert await takeover.walk()
+    assert (await tracker.store.get(t.name, call_id)).status == "ringing"  # type: ignore[union-attr]
+    deadline = asyncio.get_running_loop().time() + SETTLED
+    while newcomer.name not in await takeover.gone():  # it beats no more
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(lease / 3)
+    assert await takeover.walk()
+    state = await tracker.store.get(t.name, call_id)
+    assert state is not None and state.status == "failed" and state.dialer == observer.name
+    assert state.error is not None and state.error.code == "provider_lost"
+    await dialers.delete(newcomer.name)

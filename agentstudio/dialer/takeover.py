@@ -95,6 +95,7 @@ class Takeover:
         """Settle every claim whose dialer is gone; False when one could not be settled now."""
         settled = True
         gone = await self._liveness.look()
+        absent: set[str] = set()  # names found not there in this walk, each looked for once
         for key in await bus.kv_keys(self._tracker.js, bus.CALLS_BUCKET, ""):
             try:
                 entry = await self._kv.get(key)
@@ -105,7 +106,7 @@ class Takeover:
             state = CallState.model_validate_json(entry.value)
             if state.terminal or state.status == "pending" or state.dialer in (None, self._liveness.name):
                 continue
-            if state.dialer not in gone:
+            if state.dialer not in gone | absent:
                 if self._liveness.known(state.dialer):
                     continue
                 # Looked at again after its claim was read: a dialer heartbeats before it claims, so a
@@ -113,6 +114,7 @@ class Takeover:
                 gone = await self._liveness.look()
                 if self._liveness.known(state.dialer):
                     continue
+                absent.add(state.dialer)
             settled = await self._settle(state) and settled
         return settled
 
