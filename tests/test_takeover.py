@@ -133,3 +133,36 @@ async def test_a_claim_is_taken_over_only_once_its_dialers_heartbeat_stops(nats_
     assert state is not None and state.status == "failed" and state.dialer == observer.name
     assert state.error is not None and state.error.code == "provider_lost"
     await dialers.delete(newcomer.name)
+
+
+async def test_a_call_placed_but_not_recorded_by_a_gone_dialer_is_found_at_twilio(nats_server, nc, js, twilio_mock) -> None:  # type: ignore[no-untyped-def]
+    """The dialer died between calls.create and recording the sid: the takeover finds the call at
+    Twilio and records it, instead of leaving the claim to the message's redelivery."""
+    from datetime import timedelta
+
+    from agentstudio.callstate import now
+    from agentstudio.dialer import main as dialer_main
+    from agentstudio.dialer.providers import TwilioProvider
+    from agentstudio.dialer.takeover import Liveness, Takeover
+    from agentstudio.twilio_api import twilio_client
+    from test_dialer_twilio import FROM, PUBLIC
+
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    bundle = await t.publish()
+    tracker = await dialer_main.tracker_for(nc)
+    twilio = TwilioProvider(twilio_client(twilio_mock.account_sid, twilio_mock.auth_token, twilio_mock.base_url),
+                            FROM, PUBLIC, ring_timeout_seconds=30)
+    observer = Liveness(js, await bus.dialers_bucket(js), f"observer-{uuid.uuid4().hex[:6]}", 0.5)
+    takeover = Takeover(observer, await bus.calls_bucket(js), tracker, lambda call: twilio, {"twilio": twilio})
+    async with ingest_client(nats_server.url) as (client, svc):
+        await wait_for_bundle(svc, t.name, bundle.version)
+        call_id = await queue_call(client, t, key="live", phone_number="+1415555" + str(uuid.uuid4().int)[:4])
+    request = await calls.fetch(js, t.name, call_id)
+    assert request is not None
+    claimed = CallState.new(request).model_copy(update={  # a dialer that heartbeats no more (its name is gone)
+        "status": "dialing", "dialer": f"gone-{uuid.uuid4().hex[:6]}", "claimed_at": now() - timedelta(seconds=1)})
+    await tracker.store.change(t.name, call_id, lambda s: claimed)
+    sid = await twilio.place(request)  # and then it died
+    assert await takeover.walk()
+    state = await tracker.store.get(t.name, call_id)
+    assert state is not None and (state.provider, state.provider_call_id, state.dialer) == ("twilio", sid, observer.name)

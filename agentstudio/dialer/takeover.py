@@ -3,8 +3,9 @@ in `as-dialers`; one whose heartbeat has not changed for a lease (by the observe
 two clocks are compared) or whose name is gone from the bucket is gone. Another dialer then settles
 every call it left claimed (dialing, ringing, in progress) instead of waiting for reports that will
 never come: Twilio is asked for the call and its status applied; a simulated call lived in the dead
-process and is failed `provider_lost`. A Twilio claim with no provider call id recorded is left to
-its message's redelivery, which asks Twilio whether it went out before dialing it again."""
+process and is failed `provider_lost`. A Twilio claim with no provider call id recorded is looked
+for at Twilio (the dialer may have died between placing and recording it); one never placed is left
+to its message's redelivery, which dials it."""
 
 from __future__ import annotations
 
@@ -137,15 +138,23 @@ class Takeover:
                 log.warning("call of a gone dialer failed: provider_lost",
                             extra={"call_id": state.call_id, "tenant": state.tenant, "dialer": dead})
             return True
-        if not sid:
-            return True  # its message is redelivered after the ack wait and asks Twilio first
+        placed: dict[str, str] = {}
         try:
+            if not sid and state.claimed_at is not None:
+                # It died between placing the call and recording it? Not found: never placed, and its
+                # message's redelivery (after the ack wait) dials it.
+                sid = await provider.find(request, state.claimed_at)
+                if sid is None:
+                    return True
+                placed = {"provider": provider.name, "provider_call_id": sid}
+            if not sid:
+                return True
             report = await provider.report(sid)
         except ProviderError as exc:
             log.warning("could not ask the provider about a gone dialer's call: %s", exc.error.code,
                         extra={"call_id": state.call_id, "tenant": state.tenant})
             return False
-        if not await self._take(state):
+        if not await self._take(state, placed):
             return True
         if report is not None:
             await self._tracker.advance(state.tenant, state.call_id, report.status, error=report.error,
@@ -155,13 +164,15 @@ class Takeover:
                                                             "dialer": dead, "status": report and report.status})
         return True
 
-    async def _take(self, state: CallState) -> bool:
-        """Move the claim to this dialer, unless the call moved on since it was read."""
+    async def _take(self, state: CallState, placed: dict[str, str] | None = None) -> bool:
+        """Move the claim to this dialer (with the provider's call id `placed`, when it was found),
+        unless the call moved on since it was read."""
 
         def take(s: CallState | None) -> CallState | None:
-            if s is None or s.terminal or s.dialer != state.dialer or s.attempt != state.attempt:
+            if s is None or s.terminal or s.dialer != state.dialer or s.attempt != state.attempt \
+                    or s.provider_call_id != state.provider_call_id:
                 return None
-            return s.model_copy(update={"dialer": self._liveness.name})
+            return s.model_copy(update={"dialer": self._liveness.name, **(placed or {})})
 
         _, taken = await self._tracker.store.change(state.tenant, state.call_id, take)
         return taken
