@@ -22,6 +22,7 @@ KV buckets:
   as-console-sessions  key <sha256 of the session token> → a console session: tenant, key digest
   as-dnc         key <tenant>.<E.164 digits> → a number never to call: when, from where, why
   as-frequency   key <tenant>.<E.164 digits> → the number's recent placements, for frequency caps
+  as-dialers     key <dialer name> → its heartbeat (a counter); one left unchanged for a lease is gone
 Object stores:
   as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
                     the 1 MiB a message may carry
@@ -63,6 +64,7 @@ DNC_BUCKET = "as-dnc"
 DELIVERIES_BUCKET = "as-webhook-deliveries"
 CONSOLE_SESSIONS_BUCKET = "as-console-sessions"
 FREQUENCY_BUCKET = "as-frequency"
+DIALERS_BUCKET = "as-dialers"
 
 DAY = 24 * 3600
 # Idempotency-Key retries dedupe on Nats-Msg-Id inside this window; the stream keeps messages at
@@ -296,6 +298,11 @@ async def dnc_bucket(js: JetStreamContext) -> KeyValue:
 
 async def frequency_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, FREQUENCY_BUCKET, history=1, ttl=None)
+
+
+async def dialers_bucket(js: JetStreamContext) -> KeyValue:
+    """Each dialer's heartbeat under its name; a day's TTL only clears the names of dialers long gone."""
+    return await _bucket(js, DIALERS_BUCKET, history=1, ttl=DAY)
 
 
 async def update_json(kv: KeyValue, key: str, fn: Callable[[Any], Any]) -> None:

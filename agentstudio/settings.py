@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     dispatch_max_attempts: int = Field(5, description="Attempts to place a call before it is dead-lettered.")
     dispatch_max_deliver: int = Field(10_000, description="Deliveries (waiting included) before dead-lettering.")
     dispatch_ack_wait_seconds: float = Field(60.0, description="Redelivery after a dialer dies holding a call.")
+    dialer_lease_seconds: float = Field(
+        15.0, gt=0, description="A dialer whose heartbeat has not changed for this long is gone: its claims are taken over."
+    )
     cap_retry_seconds: float = Field(1.0, description="How soon a call held back by the cap is tried again.")
     dialer_max_in_flight: int = Field(64, description="Calls one dialer handles at once.")
     dialer_max_parked: int = Field(2000, description="Calls one dialer holds while their tenant is at its cap.")

@@ -20,14 +20,14 @@ from test_dialer_twilio import FROM, PUBLIC
 CALLS = 40
 
 
-def start_dialer(nats_url: str, mock, log: Path) -> Process:  # type: ignore[no-untyped-def]
+def start_dialer(nats_url: str, mock, log: Path, **extra: str) -> Process:  # type: ignore[no-untyped-def]
     # Its relay on a port of its own: never the default 8080, which `scripts/dev` may be serving.
     env = {**os.environ, "AGENTSTUDIO_HOST": "127.0.0.1", "AGENTSTUDIO_PORT": str(free_port()),
            "AGENTSTUDIO_NATS_URL": nats_url, "AGENTSTUDIO_TELEPHONY_PROVIDER": "twilio",
            "AGENTSTUDIO_TWILIO_ACCOUNT_SID": mock.account_sid, "AGENTSTUDIO_TWILIO_AUTH_TOKEN": mock.auth_token,
            "AGENTSTUDIO_TWILIO_FROM_NUMBER": FROM, "AGENTSTUDIO_TWILIO_API_BASE_URL": mock.base_url,
            "AGENTSTUDIO_PUBLIC_BASE_URL": PUBLIC, "AGENTSTUDIO_WEBHOOK_SECRETS": "none",
-           "AGENTSTUDIO_DISPATCH_ACK_WAIT_SECONDS": "2", "AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT": "100"}
+           "AGENTSTUDIO_DISPATCH_ACK_WAIT_SECONDS": "2", "AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT": "100", **extra}
     return Process.agent_studio("dialer", log=log, env=env)
 
 

@@ -109,7 +109,7 @@ class SimulatedProvider:
         return self._placed.get(call.call_id)
 
     async def report(self, provider_call_id: str) -> Report | None:
-        return None  # nothing outside this process knows; the stale sweep ends what it left
+        return None  # nothing outside this process knows; a dialer taking over fails what it left (takeover.py)
 
     async def drain(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -2,8 +2,8 @@
 Twilio retries a failed callback `rc` times, 1 by default, for the failures its retry policy `rp`
 names; https://www.twilio.com/docs/usage/webhooks/webhooks-connection-overrides) is settled by asking
 the provider where it is, minutes after it must have ended; a call the provider cannot say anything
-about (a dialer gone with a simulated call) is failed with `stale` once it is older than any real
-call could be. Every dialer runs the sweep; the compare-and-set write makes a double sweep harmless."""
+about is failed with `stale` once it is older than any real call could be (a dialer gone with its
+calls is the takeover's, within a lease: takeover.py). Every dialer runs the sweep; the compare-and-set write makes a double sweep harmless."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from agentstudio.calls import CallRequest
 from agentstudio.callstate import CallError, CallState, CallStore, Deferral, now
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, ProviderError
+from agentstudio.dialer.takeover import Liveness, Takeover
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.frequency_caps import FrequencyCaps
 from agentstudio.resources import CallPolicySpec, Retries, Voicemail
@@ -116,27 +117,72 @@ class Dialer:
                 max_ack_pending=10_000,
             ),
         )
-        log.info("dialer started", extra={"dialer": self.name})
-        resumes = asyncio.create_task(self._resumes(stop))
-        while not stop.is_set():
-            free = self._free_slots()
-            if free == 0:
-                await asyncio.sleep(0.01)
-                continue
-            messages = await bus.fetch(sub, min(free, 32), 0.5)
-            for msg in messages:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._handle_guarded(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        # Stopping: finish what we took (a placed call is recorded; the rest is handed back by nak).
-        self._stopping.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        resumes.cancel()  # a resume cut short is idempotent: the next dialer's start does it again
-        await asyncio.gather(*self._parked, resumes, return_exceptions=True)
-        await asyncio.gather(self.live.drain(), self.simulated.drain(), return_exceptions=True)
-        await sub.unsubscribe()
+        liveness = Liveness(self.js, await bus.dialers_bucket(self.js), self.name, self.settings.dialer_lease_seconds)
+        await liveness.beat()  # before the first claim: no claim of ours is seen before our name
+        takeover = Takeover(liveness, await bus.calls_bucket(self.js), self.tracker, self.provider_for,
+                            {p.name: p for p in (self.live, self.simulated)})
+        # Cancelled with run (a dialer killed), and only after the drain when it stops: the heartbeat
+        # lasts as long as anything this dialer claimed may still be moving.
+        keeping = [asyncio.create_task(self._heartbeat(liveness)), asyncio.create_task(self._takeovers(takeover, stop))]
+        try:
+            log.info("dialer started", extra={"dialer": self.name})
+            resumes = asyncio.create_task(self._resumes(stop))
+            while not stop.is_set():
+                free = self._free_slots()
+                if free == 0:
+                    await asyncio.sleep(0.01)
+                    continue
+                messages = await bus.fetch(sub, min(free, 32), 0.5)
+                for msg in messages:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._handle_guarded(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            # Stopping: finish what we took (a placed call is recorded; the rest is handed back by nak).
+            self._stopping.set()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            resumes.cancel()  # a resume cut short is idempotent: the next dialer's start does it again
+            await asyncio.gather(*self._parked, resumes, return_exceptions=True)
+            await asyncio.gather(self.live.drain(), self.simulated.drain(), return_exceptions=True)
+            await sub.unsubscribe()
+        finally:
+            for task in keeping:
+                task.cancel()
+            await asyncio.gather(*keeping, return_exceptions=True)
+        try:
+            await liveness.leave()
+        except Exception:  # noqa: BLE001 - its lease runs out instead
+            log.warning("dialer name not removed; its lease runs out", extra={"dialer": self.name})
         log.info("dialer stopped", extra={"dialer": self.name})
+
+    def provider_for(self, call: CallRequest) -> Provider:
+        return self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
+
+    async def _heartbeat(self, liveness: Liveness) -> None:
+        """Three beats a lease, so a late one or two do not make this dialer look gone."""
+        while True:
+            await asyncio.sleep(liveness.lease / 3)
+            try:
+                await liveness.beat()
+            except Exception:  # noqa: BLE001 - a NATS outage: the next beat tries again
+                log.warning("heartbeat not written", extra={"dialer": self.name})
+
+    async def _takeovers(self, takeover: Takeover, stop: asyncio.Event) -> None:
+        """Look every third of a lease; walk the calls when a dialer was found gone since the last
+        walk (and at start, for those gone before), and again while a walk left a claim unsettled."""
+        walked: set[str] = set()
+        unsettled = True
+        while True:
+            try:
+                gone = await takeover.gone()
+                if unsettled or gone - walked:
+                    unsettled = not await takeover.walk()
+                    walked = gone
+            except Exception:  # noqa: BLE001 - the next look tries again
+                log.exception("takeover walk failed", extra={"dialer": self.name})
+                unsettled = True
+            if await _stopped(stop, takeover.lease / 3):
+                return
 
     def _free_slots(self) -> int:
         return self._slots._value  # noqa: SLF001 - asyncio.Semaphore has no public reading
@@ -164,7 +210,7 @@ class Dialer:
         if state.status == "pending" and pauses is not None and pauses.hold(call):
             await self._park_paused(msg, call, state)
             return
-        provider = self.simulated if call.test or self.settings.telephony_provider == "simulated" else self.live
+        provider = self.provider_for(call)
         if state.status == "dialing" and state.claimed_at is not None:
             # Claimed before but the provider's answer was never recorded: did the call go out?
             placed = await provider.find(call, state.claimed_at)
