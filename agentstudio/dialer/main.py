@@ -44,6 +44,7 @@ log = logging.getLogger("agentstudio.dialer")
 async def tracker_for(nc: NATS) -> CallTracker:
     js = nc.jetstream()
     await bus.ensure_events_stream(js)
+    await bus.ensure_transcripts_stream(js)
     return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
 
 
