@@ -72,11 +72,20 @@ async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float, *, ke
 
     `keyed`: the id comes from an Idempotency-Key, so a retry may come at any time. The stream
     de-duplicates a Nats-Msg-Id for the idempotency window (a day) only, while the call is kept for
-    the retention (a week): the call's own message, found by subject, says it was queued. Retries
+    the retention (a week): any message of the call, found by subject, says it was queued. Retries
     racing each other are minutes apart at most, well inside the window, which keeps one of them."""
-    if keyed and await fetch(js, call.tenant, call.call_id) is not None:
+    if keyed and await _known(js, call.tenant, call.call_id):
         return False
     return await _publish(js, call, call.call_id, timeout)
+
+
+async def _known(js: JetStreamContext, tenant: str, call_id: str) -> bool:
+    """Whether the stream holds any message of the call (dispatch, schedule or dead): one direct get."""
+    try:
+        await js.get_last_msg(bus.CALLS_STREAM, f"calls.{tenant}.*.{call_id}", direct=True)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0,
