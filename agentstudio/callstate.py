@@ -205,7 +205,8 @@ class CallState(BaseModel):
             "attempts": 0,  # tries to place the new attempt start again
             "provider": None, "provider_call_id": None, "dialer": None, "claimed_at": None,
             "answered_at": None, "answered_by": None, "error": None, "end_reason": None, "conversation": None,
-            "transcript": [], "transcript_turns": 0, "captured": {},  # a machine's, if anything: the next attempt's own come after
+            # A machine's, if anything: the next attempt's own come after.
+            "transcript": [], "transcript_turns": 0, "captured": {},
         })
 
     def advanced(

@@ -111,8 +111,9 @@ class CallRecorder:
         count = len(transcript)  # the list grows while we write: this write takes what is there now
         lo = max(0, min(len(self._written), count) - REWRITE_TAIL)
         fresh = [t.record() for t in transcript[lo:count]]
-        first = next((lo + i for i, r in enumerate(fresh) if lo + i >= len(self._written) or self._written[lo + i] != r),
-                     count)
+        written = self._written
+        first = next((lo + i for i, r in enumerate(fresh) if lo + i >= len(written) or written[lo + i] != r), count)
         if first < count:
-            await transcripts.append(self.tracker.js, self.tenant, self.call_id, self._attempt, first, fresh[first - lo:])
+            await transcripts.append(self.tracker.js, self.tenant, self.call_id, self._attempt, first,
+                                     fresh[first - lo:])
         self._written[first:] = fresh[first - lo:]
