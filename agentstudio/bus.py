@@ -8,8 +8,8 @@ Subjects:
   webhooks.<tenant>.<subscription>    deliveries owed to one subscription (stream WEBHOOKS)
   voicemail.<tenant>.<call_id>        a machine answered the call: Twilio's verdict, checked by ingest,
                                       for a dialer to redirect the call (work-queue stream VOICEMAIL)
-  transcripts.<tenant>.<call_id>      the call's transcript, in chunks of turns (stream TRANSCRIPTS);
-                                      the call's record keeps only how many turns there are
+  transcripts.<tenant>.<call_id>.<attempt>  an attempt's transcript, in chunks of turns (stream
+                                      TRANSCRIPTS); the call's record keeps only how many turns there are
 KV buckets:
   as-bundles     key <tenant> → head of its config bundle: which body is current (ingest and
                  dialers watch it; its revision is the bundle's version)
@@ -185,12 +185,12 @@ async def ensure_events_stream(js: JetStreamContext) -> None:
     await _ensure_kept_stream(js, EVENTS_STREAM, [EVENTS_ALL])
 
 
-def transcript_subject(tenant: str, call_id: str) -> str:
-    return f"transcripts.{tenant}.{call_id}"
+def transcript_subject(tenant: str, call_id: str, attempt: int) -> str:
+    return f"transcripts.{tenant}.{call_id}.{attempt}"
 
 
 async def ensure_transcripts_stream(js: JetStreamContext) -> None:
-    await _ensure_kept_stream(js, TRANSCRIPTS_STREAM, ["transcripts.*.*"])
+    await _ensure_kept_stream(js, TRANSCRIPTS_STREAM, ["transcripts.*.*.*"])
 
 
 def voicemail_subject(tenant: str, call_id: str) -> str:

@@ -1,10 +1,12 @@
-"""A call's transcript in its own stream (TRANSCRIPTS, subject `transcripts.<tenant>.<call_id>`), so a
-call of hours never makes its record pass the 1 MiB a NATS message may carry: the record keeps only
-the number of turns (`CallState.transcript_turns`), and every write of it stays small.
+"""A call's transcript in its own stream (TRANSCRIPTS, a subject per attempt of the call), so a call of
+hours never makes its record pass the 1 MiB a NATS message may carry: the record keeps only the
+number of turns (`CallState.transcript_turns`), and every write of it stays small.
 
-A message is a chunk: turns of one attempt from position `start` on. Turns are written as they come;
+A message is a chunk: turns from position `start` on. Turns are written as they come;
 one changed after it was written (an agent message cut short by barge-in) is written again in a later
-chunk from its position, so the reader lays the chunks over each other in stream order.
+chunk from its position, so the reader lays the chunks over each other in stream order. Once the
+conversation has closed, its whole transcript is written again from position 0 and the chunks before
+it are purged: a call of hours is read back from a few messages instead of one per turn.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ _FETCH_TIMEOUT = 5.0
 
 
 async def append(js: JetStreamContext, tenant: str, call_id: str, attempt: int, start: int,
-                 turns: list[dict[str, Any]]) -> None:
+                 turns: list[dict[str, Any]]) -> int:
     """Write `turns` as positions start, start + 1, … of the attempt's transcript, in chunks under
-    CHUNK_BYTES. A chunk's id is its content: written again after a failed ack, it is stored once."""
+    CHUNK_BYTES; returns how many. A chunk's id is its content: written again after a failed ack, it
+    is stored once."""
     pieces: list[tuple[int, list[bytes]]] = [(start, [])]
     size = 0
     for i, turn in enumerate(turns):
@@ -46,14 +49,22 @@ async def append(js: JetStreamContext, tenant: str, call_id: str, attempt: int, 
     for first, encoded_turns in pieces:
         body = b'{"attempt":%d,"start":%d,"turns":[%s]}' % (attempt, first, b",".join(encoded_turns))
         msg_id = f"{call_id}.{attempt}.{first}.{hashlib.sha256(body).hexdigest()[:24]}"
-        await js.publish(bus.transcript_subject(tenant, call_id), body, headers={"Nats-Msg-Id": msg_id})
+        await js.publish(bus.transcript_subject(tenant, call_id, attempt), body, headers={"Nats-Msg-Id": msg_id})
+    return len(pieces)
+
+
+async def compact(js: JetStreamContext, tenant: str, call_id: str, attempt: int, turns: list[dict[str, Any]]) -> None:
+    """The attempt's conversation has closed with `turns`: write them whole, then purge every chunk
+    before (a reader meanwhile still ends on the whole)."""
+    kept = await append(js, tenant, call_id, attempt, 0, turns)
+    await js.purge_stream(bus.TRANSCRIPTS_STREAM, subject=bus.transcript_subject(tenant, call_id, attempt), keep=kept)
 
 
 async def read(js: JetStreamContext, tenant: str, call_id: str, attempt: int) -> list[dict[str, Any]]:
-    """The attempt's transcript as its chunks left it: one ephemeral consumer on the call's subject."""
+    """The attempt's transcript as its chunks left it: one ephemeral consumer on its subject."""
     try:
         info = await js.add_consumer(bus.TRANSCRIPTS_STREAM, ConsumerConfig(
-            filter_subject=bus.transcript_subject(tenant, call_id),
+            filter_subject=bus.transcript_subject(tenant, call_id, attempt),
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE,
             mem_storage=True,
@@ -74,8 +85,6 @@ async def read(js: JetStreamContext, tenant: str, call_id: str, attempt: int) ->
                 for msg in await sub.fetch(min(pending, _FETCH_BATCH), timeout=_FETCH_TIMEOUT):
                     pending = msg.metadata.num_pending
                     chunk = orjson.loads(msg.data)
-                    if chunk["attempt"] != attempt:
-                        continue
                     start = chunk["start"]
                     if start > len(turns):
                         raise ValueError(f"transcript of {call_id}: a chunk at {start} after {len(turns)} turns")

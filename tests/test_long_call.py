@@ -73,6 +73,10 @@ async def test_a_four_hour_call_is_recorded_read_back_whole_and_reported(nats_se
                 last = next(x for x in reversed(said) if x.speaker == "agent")
                 last.text, last.interrupted = last.text[:40], True
                 recorder.update(said, {}, None)
+            if i == 1600:  # read mid-call: the chunks so far, laid over each other, the cut one rewritten
+                midway = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("test"))).json()["transcript"]
+                assert len(midway) > 1500 and midway == [x.record() for x in said[:len(midway)]]
+                assert sum(1 for x in midway if x.get("interrupted")) == 1
         said.append(Turn(kind="end", at=started + timedelta(hours=HOURS), agent="support", reason="callee_hangup"))
         recorder.update(said, {"crm_lookup": {"done": True}}, "callee_hangup")
         # The provider's end comes while the agent still talks: the event waits for the transcript.
@@ -85,7 +89,7 @@ async def test_a_four_hour_call_is_recorded_read_back_whole_and_reported(nats_se
         stored = await (await bus.calls_bucket(js)).get(f"{t.name}.{call_id}")
         assert len(stored.value or b"") < 64 * 1024  # the record counts the turns; they are elsewhere
         assert CallState.model_validate_json(stored.value).transcript_turns == len(whole)
-        chunks = await js.stream_info(bus.TRANSCRIPTS_STREAM, subjects_filter=bus.transcript_subject(t.name, call_id))
+        chunks = await js.stream_info(bus.TRANSCRIPTS_STREAM, subjects_filter=bus.transcript_subject(t.name, call_id, 1))
         print(f"transcript {size} bytes in {len(whole)} turns, {sum(chunks.state.subjects.values())} chunks; "
               f"record {len(stored.value)} bytes")
 

@@ -67,6 +67,8 @@ class CallRecorder:
         for attempt in range(20):
             try:
                 await self._write_turns()
+                if self._written:
+                    await transcripts.compact(self.tracker.js, self.tenant, self.call_id, self._attempt, self._written)
                 state, _ = await self.tracker.store.change(self.tenant, self.call_id, lambda s: self._apply(s, close=True))
                 if state is not None:
                     await self.tracker.conversation_closed(state)
