@@ -103,6 +103,9 @@ class Bundle(Frozen):
     keys: dict[str, KeyEntry] = Field(default_factory=dict)  # sha256 hex → entry
     subscriptions: list[CompiledSubscription] = Field(default_factory=list)
     policies: dict[str, CallPolicySpec] = Field(default_factory=dict)  # CallPolicy name → spec
+    # The tenant's plan: calls of it placed at once across all dialers (the operator's release value
+    # calls.maxConcurrentPerTenant); None: each dialer's own setting.
+    max_concurrent_calls: int | None = None
 
     def policy_for(self, workflow_slug: str | None, agent_slug: str | None) -> CallPolicySpec | None:
         """The CallPolicy of a call: its workflow's, else its entry agent's, else the namespace's
@@ -158,6 +161,7 @@ def compile_bundle(
     resources: list[Located],
     key_material: dict[str, list[KeyMaterial]],
     rejected: Sequence[Rejected] = (),
+    max_concurrent_calls: int | None = None,
 ) -> CompileResult:
     """Compile one tenant's resources. `key_material` maps ApiKey name → digests of its valid keys.
 
@@ -279,6 +283,7 @@ def compile_bundle(
         keys=keys,
         subscriptions=subscriptions,
         policies=policies,
+        max_concurrent_calls=max_concurrent_calls,
     )
     return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
 

@@ -8,6 +8,8 @@ Subjects:
   webhooks.<tenant>.<subscription>    deliveries owed to one subscription (stream WEBHOOKS)
   voicemail.<tenant>.<call_id>        a machine answered the call: Twilio's verdict, checked by ingest,
                                       for a dialer to redirect the call (work-queue stream VOICEMAIL)
+  transcripts.<tenant>.<call_id>.<attempt>  an attempt's transcript, in chunks of turns (stream
+                                      TRANSCRIPTS); the call's record keeps only how many turns there are
 KV buckets:
   as-bundles     key <tenant> → head of its config bundle: which body is current (ingest and
                  dialers watch it; its revision is the bundle's version)
@@ -53,6 +55,7 @@ EVENTS_STREAM = "CALL_EVENTS"
 CALLS_BUCKET = "as-calls"
 WEBHOOKS_STREAM = "WEBHOOKS"
 VOICEMAIL_STREAM = "VOICEMAIL"
+TRANSCRIPTS_STREAM = "TRANSCRIPTS"
 DEAD_LETTER_BUCKET = "as-webhook-dead"
 DISABLED_BUCKET = "as-webhook-disabled"
 CONCURRENCY_BUCKET = "as-concurrency"
@@ -182,6 +185,14 @@ async def ensure_calls_stream(js: JetStreamContext) -> None:
 async def ensure_events_stream(js: JetStreamContext) -> None:
     # An event id is published once however often its transition is re-driven.
     await _ensure_kept_stream(js, EVENTS_STREAM, [EVENTS_ALL])
+
+
+def transcript_subject(tenant: str, call_id: str, attempt: int) -> str:
+    return f"transcripts.{tenant}.{call_id}.{attempt}"
+
+
+async def ensure_transcripts_stream(js: JetStreamContext) -> None:
+    await _ensure_kept_stream(js, TRANSCRIPTS_STREAM, ["transcripts.*.*.*"])
 
 
 def voicemail_subject(tenant: str, call_id: str) -> str:

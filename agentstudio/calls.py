@@ -63,13 +63,29 @@ def waiting_status(call: CallRequest) -> str:
     return "scheduled" if due is not None and due > clock.now() else "pending"
 
 
-async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float) -> bool:
+async def enqueue(js: JetStreamContext, call: CallRequest, timeout: float, *, keyed: bool = False) -> bool:
     """Queue durably; returns False when JetStream already had this call id (a retry).
 
     A scheduled call is stored on its schedule subject and the server itself publishes it to the
     dispatch subject at `scheduled_for` (JetStream message schedules): until then it is in no
-    consumer's view, holds no ack-pending slot and no dialer memory, whatever the backlog."""
+    consumer's view, holds no ack-pending slot and no dialer memory, whatever the backlog.
+
+    `keyed`: the id comes from an Idempotency-Key, so a retry may come at any time. The stream
+    de-duplicates a Nats-Msg-Id for the idempotency window (a day) only, while the call is kept for
+    the retention (a week): any message of the call, found by subject, says it was queued. Retries
+    racing each other are minutes apart at most, well inside the window, which keeps one of them."""
+    if keyed and await _known(js, call.tenant, call.call_id):
+        return False
     return await _publish(js, call, call.call_id, timeout)
+
+
+async def _known(js: JetStreamContext, tenant: str, call_id: str) -> bool:
+    """Whether the stream holds any message of the call (dispatch, schedule or dead): one direct get."""
+    try:
+        await js.get_last_msg(bus.CALLS_STREAM, f"calls.{tenant}.*.{call_id}", direct=True)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def defer(js: JetStreamContext, call: CallRequest, until: datetime, msg_id: str, timeout: float = 5.0,

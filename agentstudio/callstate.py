@@ -90,7 +90,10 @@ class CallState(BaseModel):
     duration_seconds: int | None = None
     error: CallError | None = None
     events: list[CallEvent] = Field(default_factory=list)
+    # The transcript is in its own stream (agentstudio.transcripts); the record counts its turns, and
+    # `transcript` is filled in only when read for a reader (or held by a record written before).
     transcript: list[dict[str, Any]] = Field(default_factory=list)
+    transcript_turns: int = 0
     captured: dict[str, Any] = Field(default_factory=dict)
     # "open" while an agent talks on the call: its end event waits until the transcript is final.
     conversation: Literal["open", "closed"] | None = None
@@ -202,7 +205,8 @@ class CallState(BaseModel):
             "attempts": 0,  # tries to place the new attempt start again
             "provider": None, "provider_call_id": None, "dialer": None, "claimed_at": None,
             "answered_at": None, "answered_by": None, "error": None, "end_reason": None, "conversation": None,
-            "transcript": [], "captured": {},  # a machine's, if anything: the next attempt's own come after
+            # A machine's, if anything: the next attempt's own come after.
+            "transcript": [], "transcript_turns": 0, "captured": {},
         })
 
     def advanced(

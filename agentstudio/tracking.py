@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from nats.js import JetStreamContext
 
-from agentstudio import bus, calls, clock
+from agentstudio import bus, calls, clock, transcripts
 from agentstudio.callstate import TERMINAL, Attempt, CallError, CallState, CallStatus, CallStore, now
 from agentstudio.concurrency import Concurrency
 
@@ -147,6 +147,8 @@ class CallTracker:
 
     async def _publish(self, request: calls.CallRequest, state: CallState, event_type: str,
                        ended: Attempt | None = None) -> None:
+        if ended is None:
+            state = await transcripts.filled(self.js, state) or state
         event = status_event(request, state, event_type, ended)
         await self.js.publish(
             bus.event_subject(state.tenant, state.call_id),
@@ -165,18 +167,23 @@ def retry_time(ended: datetime, delay_seconds: int) -> datetime:
 def status_event(request: calls.CallRequest, state: CallState, event_type: str,
                  ended: Attempt | None = None) -> dict[str, Any]:
     """The call status webhook body (the seed's receivers read data.user_id, data.duration_seconds).
-    `ended`: an earlier attempt that was retried, whose own end this event reports."""
+    `ended`: an earlier attempt that was retried, whose own end this event reports. `state` has its
+    transcript filled in (transcripts.filled)."""
     if ended is not None:
         return _attempt_event(request, state, event_type, ended)
+    transcript, omitted = transcripts.for_event(state.transcript)
     data = _call_data(request, state) | {
         "status": state.status if event_type != "call.answered" else "in_progress",
         "duration_seconds": state.duration_seconds or 0,
-        "transcript": state.transcript,
+        "transcript": transcript,
         "captured": state.captured,
         "end_reason": state.end_reason,
         "attempt": state.attempt,
         "attempts": _attempts(state.all_attempts),
     }
+    if omitted:
+        # Too big for one event: the last turns, and how many came before them; the calls API has all.
+        data |= {"transcript_truncated": True, "transcript_omitted_turns": omitted}
     if state.terminal:
         data["will_retry"] = False
     if state.answered_by is not None:

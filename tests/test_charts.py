@@ -321,6 +321,17 @@ def test_dialer_paused_pauses_the_tenants_dialing() -> None:
     assert paused(["--set", "dialer.paused=true"]) == ["true"]
 
 
+def test_the_concurrency_plan_reaches_the_operator_alone() -> None:
+    """The operator puts it in the bundle: changing it must not change (and so roll) the dialers' pods."""
+    def cap(values: list[str], role: str) -> list[str]:
+        env = container(render(TENANT_CHART, values), role)["env"]
+        return [e["value"] for e in env if e["name"] == "AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT"]
+
+    assert cap(["--set", "calls.maxConcurrentPerTenant=7"], "operator") == ["7"]
+    assert cap(["--set", "calls.maxConcurrentPerTenant=7"], "dialer") == []
+    assert cap(["--set", "calls.maxConcurrentPerTenant=7"], "ingest") == []
+
+
 def cpu_millis(quantity: str) -> int:
     return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
 

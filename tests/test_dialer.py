@@ -15,7 +15,8 @@ import pytest
 from nats.js import JetStreamContext
 from twilio.request_validator import RequestValidator
 
-from agentstudio import bus
+from agentstudio import bundle_store, bus, keys
+from agentstudio.bundle import KeyMaterial, compile_bundle
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.callstate import CallEvent, CallState, now
 from agentstudio.dialer import main as dialer_main
@@ -183,6 +184,39 @@ async def test_the_cap_holds_across_dialers_and_every_call_is_placed_once(api, t
         placed = [c for d in running for c in d.simulated.placed if c in ids]  # type: ignore[attr-defined]
     assert in_flight_max == cap  # reached, never exceeded
     assert sorted(placed) == sorted(ids)  # each exactly once, with two dialers taking from the queue
+
+
+async def publish_plan(t: Tenant, cap: int) -> None:
+    """The tenant's bundle as the operator compiles it with the release's calls.maxConcurrentPerTenant."""
+    material = {n: [KeyMaterial(keys.digest(k))] for n, k in t.keys.items()}
+    bundle = compile_bundle(t.name, t.resources, material, max_concurrent_calls=cap).bundle
+    assert bundle is not None
+    await bundle_store.publish(await buckets(t.js), bundle)
+
+
+async def test_a_changed_plan_caps_running_dialers_without_a_restart(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    await publish_plan(t, 2)  # the dialers' own setting (10) says otherwise: the plan wins
+    async with dialers(nats_server.url, count=2, max_concurrent_calls_per_tenant=10) as running:
+        ids = [await queue_call(api, t, simulate_duration_seconds=0.6) for _ in range(14)]
+        store = running[0].store
+
+        async def most_in_flight_until(done: int) -> int:
+            most = 0
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                states = [await store.get(t.name, c) for c in ids]
+                most = max(most, sum(1 for s in states if s and s.status in ("dialing", "ringing", "in_progress")))
+                if sum(1 for s in states if s and s.status == "completed") >= done:
+                    return most
+                assert asyncio.get_running_loop().time() < deadline, [s.status if s else None for s in states]
+                await asyncio.sleep(0.02)
+
+        assert await most_in_flight_until(4) == 2
+        await publish_plan(t, 5)  # a bigger plan, while the rest wait parked in the running dialers
+        assert await most_in_flight_until(len(ids)) == 5
+        placed = [c for d in running for c in d.simulated.placed if c in ids]  # type: ignore[attr-defined]
+    assert sorted(placed) == sorted(ids)
 
 
 def _signed(url: str, params: dict[str, str]) -> dict[str, str]:

@@ -77,9 +77,9 @@ class Cluster:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.plane.api())
 
-    def start_operator(self) -> None:
+    def start_operator(self, **settings: str) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig("operator")),
-               "AGENTSTUDIO_NATS_URL": self.nats.url, "AGENTSTUDIO_LOG_LEVEL": "DEBUG"}
+               "AGENTSTUDIO_NATS_URL": self.nats.url, "AGENTSTUDIO_LOG_LEVEL": "DEBUG", **settings}
         args = [str(Path(sys.executable).parent / "agent-studio"), "operator"]
         for ns in self.namespaces:
             args += ["-n", ns]
@@ -695,6 +695,25 @@ async def test_an_empty_tenant_has_an_empty_bundle_and_keeps_one_when_emptied(cl
         return data.get("version") == str(now.version)
 
     assert await eventually(summarised)  # the summary says the bundle in force is the empty one
+
+
+async def test_the_releases_concurrency_plan_reaches_its_tenants_bundle(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+    _, svc = ingest
+    used = cluster.namespaces[1]
+    cluster.apply(used, manifests(EXAMPLES))
+    first = await eventually(lambda: _bundle_with_agents(svc, used))
+    assert first.max_concurrent_calls == 10  # calls.maxConcurrentPerTenant's default
+
+    # `helm upgrade --set calls.maxConcurrentPerTenant=3` changes the operator's pod alone: it restarts.
+    cluster.stop_operator()
+    cluster.start_operator(AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT="3")
+
+    async def planned():  # type: ignore[no-untyped-def]
+        b = await _bundle(svc, used)
+        return b if b is not None and b.max_concurrent_calls == 3 else None
+
+    now = await eventually(planned, timeout=60)
+    assert now.version > first.version and set(now.agents) == set(first.agents)
 
 
 async def _bundle_with_agents(svc: IngestService, ns: str):  # type: ignore[no-untyped-def]

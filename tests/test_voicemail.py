@@ -177,7 +177,7 @@ async def test_the_agents_conversation_with_a_machine_stays_with_its_attempt(js,
     (that one would then be refused), nor call a voicemail the callee hanging up."""
     from datetime import datetime, timezone
 
-    from agentstudio import calls
+    from agentstudio import calls, transcripts
     from agentstudio.callstate import CallState
     from agentstudio.conversation.record import CallRecorder
     from agentstudio.conversation.transcript import turn
@@ -200,10 +200,10 @@ async def test_the_agents_conversation_with_a_machine_stays_with_its_attempt(js,
         await tracker.store.change(call.tenant, call.call_id, lambda s: s.machine_answered("machine_start") if s else None)
         await tracker.advance(call.tenant, call.call_id, "completed", provider_call_id="SIM1")
         await recorder.close()
-        state = await tracker.store.get(call.tenant, call.call_id)
+        state = await transcripts.filled(js, await tracker.store.get(call.tenant, call.call_id))
         assert state is not None
         if max_attempts == 2:  # retried: the next attempt is untouched, free for its own conversation
-            assert (state.status, state.attempt, state.conversation, state.transcript) == ("pending", 2, None, [])
+            assert (state.status, state.attempt, state.conversation, state.transcript_turns) == ("pending", 2, None, 0)
         else:  # the end: a voicemail, whatever the agent's session saw
             assert (state.status, state.end_reason, state.conversation) == ("completed", "voicemail", "closed")
             assert [t["text"] for t in state.transcript] == ["Hello?"]

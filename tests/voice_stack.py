@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from starlette.responses import JSONResponse
 
-from agentstudio import bus, calls
+from agentstudio import bus, calls, transcripts
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.callstate import CallState
 from agentstudio.conversation.conversation import Limits, Tools
@@ -148,7 +148,7 @@ class VoiceStack:
         async with asyncio.timeout(timeout):
             while (state := await self.record(call_id)).conversation != "closed":
                 await asyncio.sleep(0.02)
-        return state
+        return await transcripts.filled(self.runtime.tracker.js, state) or state  # the transcript is in its own stream
 
     @asynccontextmanager
     async def campaign(

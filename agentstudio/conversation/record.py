@@ -1,6 +1,10 @@
 """Writing a conversation into its call record while it runs: the transcript, what was captured and
 why it ended, by compare-and-set like every other write to the record. Writes coalesce (the latest
-state wins) so a burst of turns costs one write, and the talking never waits for NATS."""
+state wins) so a burst of turns costs one write, and the talking never waits for NATS.
+
+The turns go to the call's transcript stream first (only those new or changed since the last write),
+then the record counts them: a reader never counts a turn that is not there, and a call of hours
+writes a few hundred bytes a turn instead of its whole transcript each time."""
 
 from __future__ import annotations
 
@@ -10,11 +14,15 @@ from typing import Any
 
 from nats.errors import Error as NatsError
 
+from agentstudio import transcripts
 from agentstudio.callstate import CallState
 from agentstudio.conversation.transcript import Turn
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.conversation")
+
+# Turns already written that each write looks at again: barge-in changes the agent message said last.
+REWRITE_TAIL = 16
 
 
 class CallRecorder:
@@ -27,6 +35,7 @@ class CallRecorder:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._attempt = 1  # the attempt this conversation is on: a retried call's next one is not its
+        self._written: list[dict[str, Any]] = []  # the turns as the transcript stream has them
 
     async def open(self) -> CallState | None:
         """Take the call for this conversation: None when it has ended or already has one (a replayed
@@ -57,6 +66,9 @@ class CallRecorder:
             await self._writer
         for attempt in range(20):
             try:
+                await self._write_turns()
+                if self._written:
+                    await transcripts.compact(self.tracker.js, self.tenant, self.call_id, self._attempt, self._written)
                 state, _ = await self.tracker.store.change(self.tenant, self.call_id, lambda s: self._apply(s, close=True))
                 if state is not None:
                     await self.tracker.conversation_closed(state)
@@ -72,9 +84,9 @@ class CallRecorder:
             return None
         update: dict[str, Any] = {"conversation": "closed"} if close else {}
         if self._latest is not None:
-            transcript, captured, end_reason = self._latest
+            _, captured, end_reason = self._latest
             # A machine's greeting cut off by the voicemail policy is not the callee hanging up.
-            update.update(transcript=[t.record() for t in transcript], captured=dict(captured),
+            update.update(transcript_turns=len(self._written), captured=dict(captured),
                           end_reason="voicemail" if state.machine else end_reason)
         return state.model_copy(update=update) if update else None
 
@@ -85,9 +97,25 @@ class CallRecorder:
                 return  # close() writes the last state
             self._dirty.clear()
             try:
+                await self._write_turns()
                 await self.tracker.store.change(self.tenant, self.call_id, self._apply)
             except (NatsError, TimeoutError):
                 log.warning("transcript write failed; the next one carries it", extra={"call_id": self.call_id})
                 await asyncio.sleep(0.5)
                 self._dirty.set()
             # (a failure after close() began is fine: close() writes the last state itself)
+
+    async def _write_turns(self) -> None:
+        """Write the turns that are new, or changed since written, to the transcript stream."""
+        if self._latest is None:
+            return
+        transcript = self._latest[0]
+        count = len(transcript)  # the list grows while we write: this write takes what is there now
+        lo = max(0, min(len(self._written), count) - REWRITE_TAIL)
+        fresh = [t.record() for t in transcript[lo:count]]
+        written = self._written
+        first = next((lo + i for i, r in enumerate(fresh) if lo + i >= len(written) or written[lo + i] != r), count)
+        if first < count:
+            await transcripts.append(self.tracker.js, self.tenant, self.call_id, self._attempt, first,
+                                     fresh[first - lo:])
+        self._written[first:] = fresh[first - lo:]

@@ -44,6 +44,7 @@ log = logging.getLogger("agentstudio.dialer")
 async def tracker_for(nc: NATS) -> CallTracker:
     js = nc.jetstream()
     await bus.ensure_events_stream(js)
+    await bus.ensure_transcripts_stream(js)
     return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
 
 
@@ -66,7 +67,18 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
                   pauses=pauses(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
-                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())))
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles))
+
+
+def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | None]:
+    """A tenant's concurrent-call cap in its current bundle (None: the dialer's own setting), so a
+    changed plan applies without restarting dialers."""
+
+    def cap_of(tenant: str) -> int | None:
+        bundle = bundles.snapshot.bundles.get(tenant) if bundles else None
+        return bundle.max_concurrent_calls if bundle else None
+
+    return cap_of
 
 
 def machine_redirects(nc: NATS, dialer: Dialer) -> MachineRedirects | None:

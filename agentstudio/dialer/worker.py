@@ -79,6 +79,7 @@ class Dialer:
         rules: Callable[[CallRequest], AttemptRules | None] = lambda call: None,
         policy_of: Callable[[CallRequest], CallPolicySpec | None] = lambda call: None,
         caps: FrequencyCaps | None = None,
+        cap_of: Callable[[str], int | None] = lambda tenant: None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -96,6 +97,7 @@ class Dialer:
         self._rules = rules  # the call's retries and voicemail, copied onto it at its first claim
         self._policy_of = policy_of  # the call's CallPolicy in its tenant's current bundle
         self.caps = caps
+        self._cap_of = cap_of  # the tenant's concurrent-call cap in its current bundle, if it sets one
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -222,7 +224,7 @@ class Dialer:
         if state.attempts >= self.settings.dispatch_max_attempts or delivered > self.settings.dispatch_max_deliver:
             await self._dead_letter(msg, call, state)
             return
-        if not await self.concurrency.acquire(call.tenant, call.call_id, self.settings.max_concurrent_calls_per_tenant):
+        if not await self.concurrency.acquire(call.tenant, call.call_id, self.cap(call.tenant)):
             if len(self._parked) >= self.settings.dialer_max_parked:
                 # Waits in the queue, not rejected; the longer it waits, the less often it asks.
                 await msg.nak(delay=min(30.0, self.settings.cap_retry_seconds * max(1, delivered // 5)))
@@ -235,12 +237,17 @@ class Dialer:
             return
         await self._place(msg, call, provider)
 
+    def cap(self, tenant: str) -> int:
+        """The tenant's concurrent-call cap now: its bundle's plan, else this dialer's setting. Read
+        on every try, so a changed plan applies to calls already waiting."""
+        cap = self._cap_of(tenant)
+        return self.settings.max_concurrent_calls_per_tenant if cap is None else cap
+
     async def _park(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
-        cap = self.settings.max_concurrent_calls_per_tenant
         last_progress = asyncio.get_running_loop().time()
         try:
-            while not (await self._may_be_free(call.tenant, cap)
-                       and await self.concurrency.acquire(call.tenant, call.call_id, cap)):
+            while not (await self._may_be_free(call.tenant, self.cap(call.tenant))
+                       and await self.concurrency.acquire(call.tenant, call.call_id, self.cap(call.tenant))):
                 if self._stopping.is_set():
                     await msg.nak()  # hand it back to the queue for another dialer
                     return

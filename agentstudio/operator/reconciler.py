@@ -69,8 +69,10 @@ class Reconciler:
         kv: bundle_store.Buckets,
         resources_of: Callable[[str], Iterable[dict[str, Any]]],
         debounce_seconds: float = 0.1,
+        max_concurrent_calls: int | None = None,
     ) -> None:
         self._kube = kube
+        self._max_concurrent_calls = max_concurrent_calls  # the release's plan, into every bundle
         self._kv = kv
         self._resources_of = resources_of
         self._debounce = debounce_seconds
@@ -178,7 +180,8 @@ class Reconciler:
         for gone in [k for k in self._keys if k[0] == namespace and k[1] not in key_states]:
             del self._keys[gone]
         material: dict[str, list[KeyMaterial]] = {n: s.material for n, s in key_states.items()}
-        result = compile_bundle(namespace, located, material, rejected=refused)
+        result = compile_bundle(namespace, located, material, rejected=refused,
+                                max_concurrent_calls=self._max_concurrent_calls)
         problems += result.errors
         by_ref: dict[str, list[Problem]] = {}
         for problem in problems:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from nats.errors import Error as NatsError
 
-from agentstudio import calls, calls_index, calls_table
+from agentstudio import calls, calls_index, calls_table, transcripts
 from agentstudio.calls_index import CallFilter, Found
 from agentstudio.callstate import CallState
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
@@ -144,10 +144,11 @@ async def list_page(svc: IngestService, tenant: str, which: CallFilter, limit: i
         raise _invalid("cursor", str(exc)) from None
     try:
         found = await calls_index.page(svc.table, svc.js, svc.tracker.store, tenant, which, limit, below)
+        states = await asyncio.gather(*(transcripts.filled(svc.js, f.state) for f in found.calls))
     except (NatsError, TimeoutError, sqlite3.Error) as exc:
         raise unreadable(svc, exc) from exc
     return CallPage(
-        data=[record(f.call, f.state) for f in found.calls],
+        data=[record(f.call, state) for f, state in zip(found.calls, states)],
         next_cursor=calls_index.encode_cursor(found.next_below) if found.next_below is not None else None,
     )
 
@@ -194,7 +195,7 @@ async def export(svc: IngestService, tenant: str, which: CallFilter, format_: Li
     except (NatsError, TimeoutError, sqlite3.Error) as exc:
         raise unreadable(svc, exc) from exc
     found = calls_index.find(svc.table, svc.tracker.store, tenant, which, below)
-    body = _csv(found, keys) if format_ == "csv" else _jsonl(found)
+    body = _csv(found, keys) if format_ == "csv" else _jsonl(svc, found)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return StreamingResponse(
         body,
@@ -221,10 +222,11 @@ async def _csv(found: AsyncIterator[Found], keys: list[str]) -> AsyncIterator[by
     yield buffer.getvalue().encode()
 
 
-async def _jsonl(found: AsyncIterator[Found]) -> AsyncIterator[bytes]:
+async def _jsonl(svc: IngestService, found: AsyncIterator[Found]) -> AsyncIterator[bytes]:
     buffer = bytearray()
     async for item in found:
-        buffer += record(item.call, item.state).model_dump_json().encode() + b"\n"
+        state = await transcripts.filled(svc.js, item.state)  # CSV has no transcript column
+        buffer += record(item.call, state).model_dump_json().encode() + b"\n"
         if len(buffer) >= _FLUSH_BYTES:
             yield bytes(buffer)
             buffer.clear()
@@ -356,6 +358,7 @@ async def read_call(svc: IngestService, tenant: str, call_id: str) -> CallRecord
     try:
         call = await calls.fetch(svc.js, tenant, canonical)
         state = await svc.tracker.store.get(tenant, canonical) if call is not None else None
+        state = await transcripts.filled(svc.js, state)
     except (NatsError, TimeoutError) as exc:
         raise unavailable(svc) from exc
     if call is None:

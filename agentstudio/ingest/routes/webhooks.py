@@ -100,7 +100,7 @@ async def ingest(
     if not svc.connected:
         raise unavailable(svc)
     try:
-        new = await calls.enqueue(svc.js, call, svc.settings.publish_timeout_seconds)
+        new = await calls.enqueue(svc.js, call, svc.settings.publish_timeout_seconds, keyed=bool(idempotency_key))
     except (NatsError, TimeoutError) as exc:
         log.warning("queue unavailable", extra={"tenant": principal.tenant, "error": type(exc).__name__})
         raise unavailable(svc) from exc

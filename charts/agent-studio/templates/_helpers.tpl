@@ -115,8 +115,6 @@ imagePullSecrets:
 {{- end }}
 - name: AGENTSTUDIO_TWILIO_MAX_CALL_SECONDS
   value: {{ .Values.telephony.twilio.maxCallSeconds | quote }}
-- name: AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT
-  value: {{ .Values.calls.maxConcurrentPerTenant | quote }}
 - name: AGENTSTUDIO_RING_TIMEOUT_SECONDS
   value: {{ .Values.calls.ringTimeoutSeconds | quote }}
 - name: AGENTSTUDIO_MAX_CALL_SECONDS
