@@ -102,8 +102,23 @@ async def filled(js: JetStreamContext, state: CallState | None) -> CallState | N
     own stream carries its transcript itself."""
     if state is None or state.transcript_turns == 0:
         return state
-    turns = await read(js, state.tenant, state.call_id, state.attempt)
+    turns = await _whole_in_last(js, state) or await read(js, state.tenant, state.call_id, state.attempt)
     return state.model_copy(update={"transcript": turns[:state.transcript_turns]})
+
+
+async def _whole_in_last(js: JetStreamContext, state: CallState) -> list[dict[str, Any]] | None:
+    """The transcript from one direct get when its last chunk holds all of it, as a closed call's
+    compaction leaves it (unless it passed CHUNK_BYTES): a listing page of finished calls reads one
+    message per call instead of opening a consumer per call."""
+    try:
+        msg = await js.get_last_msg(bus.TRANSCRIPTS_STREAM, bus.transcript_subject(state.tenant, state.call_id,
+                                                                                   state.attempt), direct=True)
+    except NotFoundError:
+        return None
+    chunk = orjson.loads(msg.data)
+    if chunk["start"] != 0 or len(chunk["turns"]) < state.transcript_turns:
+        return None
+    return chunk["turns"]
 
 
 def for_event(turns: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

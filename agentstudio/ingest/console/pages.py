@@ -284,7 +284,7 @@ async def calls_page(request: Request, cursor: str | None = None, partial: bool 
     try:
         which = query.to_filter()
         tenant = signed.principal.tenant
-        page = await calls_api.list_page(svc, tenant, which, PAGE_SIZE, cursor)
+        page = await calls_api.list_page(svc, tenant, which, PAGE_SIZE, cursor, with_transcripts=False)
         counts = await _counts(svc, tenant, which)  # the page's read has caught the table up
         context.update(which=which, page=page, counts=counts)
     except ApiError as exc:

@@ -136,15 +136,18 @@ async def list_calls(
     return await list_page(service_of(request), principal.tenant, which, limit, cursor)
 
 
-async def list_page(svc: IngestService, tenant: str, which: CallFilter, limit: int, cursor: str | None) -> CallPage:
-    """One page of the tenant's calls below `cursor` (the API's listing and the console's)."""
+async def list_page(svc: IngestService, tenant: str, which: CallFilter, limit: int, cursor: str | None,
+                    with_transcripts: bool = True) -> CallPage:
+    """One page of the tenant's calls below `cursor` (the API's listing and the console's, which shows
+    no transcript in its list and so reads none)."""
     try:
         below = calls_index.decode_cursor(cursor) if cursor is not None else None
     except ValueError as exc:
         raise _invalid("cursor", str(exc)) from None
     try:
         found = await calls_index.page(svc.table, svc.js, svc.tracker.store, tenant, which, limit, below)
-        states = await asyncio.gather(*(transcripts.filled(svc.js, f.state) for f in found.calls))
+        states = (await asyncio.gather(*(transcripts.filled(svc.js, f.state) for f in found.calls))
+                  if with_transcripts else [f.state for f in found.calls])
     except (NatsError, TimeoutError, sqlite3.Error) as exc:
         raise unreadable(svc, exc) from exc
     return CallPage(
