@@ -10,11 +10,17 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import schemathesis
+from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentstudio import bus
 from agentstudio.natsserver import NatsServer, free_port
@@ -203,3 +209,62 @@ async def test_a_flood_of_wrong_keys_does_not_stop_other_clients(ingest: Ingest)
     assert codes == [201] * 100
     assert set(refused) == {401}
     assert during > 400  # the wrong keys kept coming while the good client was served
+
+
+# --- the contract: schemathesis from /openapi.json -------------------------------------------
+
+
+def test_openapi_documents_the_errors_we_answer(ingest: Ingest) -> None:
+    """FastAPI documents 422 HTTPValidationError for invalid parameters; we answer those 400 with
+    ErrorResponse, which is what the document must say (and what clients and the contract test read)."""
+    spec = httpx.get(f"{ingest.url}/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(spec)
+    calls = spec["paths"]["/api/v1/calls/{call_id}"]["get"]
+    assert "422" not in calls["responses"] and "400" in calls["responses"]
+    assert calls["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" in operation:
+                assert "408" in operation["responses"], (method, path)
+    # the ingest route's own 422 (both slugs; a number no calling window ever opens for) stays
+    assert "ErrorResponse" in json.dumps(spec["paths"][INGEST]["post"]["responses"]["422"])
+
+
+@pytest.fixture(scope="module")
+def api_cases(ingest: Ingest) -> st.SearchStrategy[schemathesis.Case]:
+    """Requests to ingest and the calls API drawn from the document the process serves, those that
+    fit it and those that do not. (schemathesis's own pytest plugin does not run on pytest 9, so
+    its strategies go through hypothesis directly.)"""
+    schema = schemathesis.openapi.from_url(f"{ingest.url}/openapi.json").include(
+        path_regex=r"^/api/v1/(webhooks/ingest|calls)")
+    return st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=5), derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data(), key=st.sampled_from(["good", "wrong", "none"]))
+def test_api_answers_within_its_documented_contract(
+    ingest: Ingest, api_cases: st.SearchStrategy[schemathesis.Case], data: st.DataObject, key: str
+) -> None:
+    """With a good key, a wrong one and none: never a 5xx, and every answer (status, headers, body)
+    is one the document describes. Derandomized, so CI runs the same examples every time."""
+    case = data.draw(api_cases)
+    headers = {"good": ingest.tenant.auth("hostile"), "wrong": {"Authorization": "Bearer as_test_" + "Z" * 32},
+               "none": {}}[key]
+    # Not positive_data_acceptance: a number of the documented form may still be no number in its
+    # country's plan, which only phonenumbers knows; that is a 400 naming phone_number (the other
+    # checks hold it to the documented error), not a request the document promises to accept.
+    case.call_and_validate(base_url=ingest.url, headers=headers, excluded_checks=[positive_data_acceptance])
+
+
+@pytest.mark.parametrize(("filters", "field"), [({"created_after": -670}, "created_after"),
+                                                ({"created_before": 1.5e9}, "created_before"),
+                                                ({"test": "yes"}, "test")])
+def test_a_cancel_filter_of_the_wrong_type_is_400_not_read_some_other_way(
+    ingest: Ingest, filters: dict[str, object], field: str
+) -> None:
+    """Found by the contract test: a number was read as Unix time, so created_after -670 matched
+    (and canceled) every waiting call."""
+    resp = httpx.post(f"{ingest.url}/api/v1/calls/cancel", json=filters, headers=ingest.auth())
+    assert _error(resp, 400).get("field") == field
