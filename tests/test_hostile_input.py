@@ -268,3 +268,30 @@ def test_a_cancel_filter_of_the_wrong_type_is_400_not_read_some_other_way(
     (and canceled) every waiting call."""
     resp = httpx.post(f"{ingest.url}/api/v1/calls/cancel", json=filters, headers=ingest.auth())
     assert _error(resp, 400).get("field") == field
+
+
+async def test_an_early_answer_to_a_trickled_body_closes_the_connection(ingest: Ingest) -> None:
+    """A wrong key is answered 401 before the body is read; the rest of the trickle must not keep the
+    connection (uvicorn restarts its keep-alive timer on every byte that arrives)."""
+    address = urlsplit(ingest.url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    writer.write((f"POST {INGEST} HTTP/1.1\r\nHost: ingest\r\nContent-Type: application/json\r\n"
+                  f"Authorization: Bearer as_test_{'Z' * 32}\r\nContent-Length: 200\r\n\r\n").encode())
+
+    async def trickle() -> None:
+        try:
+            for _ in range(200):  # 40 s in all
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, OSError):
+            pass
+
+    dripping = asyncio.create_task(trickle())
+    try:
+        answer = await asyncio.wait_for(reader.read(), timeout=5 * BODY_TIMEOUT_SECONDS)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b"connection: close" in answer.lower()
