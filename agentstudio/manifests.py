@@ -83,7 +83,8 @@ class Rejected:
 
 def rejected(document: Any, source: str, index: int | None, problems: list[Problem]) -> Rejected | None:
     """The document `parse` refused, if it says which of our resources it is."""
-    if not isinstance(document, dict) or document.get("kind") not in KINDS:
+    # isinstance first: a kind that is a list or a mapping is unhashable and cannot be looked up
+    if not isinstance(document, dict) or not isinstance(document.get("kind"), str) or document["kind"] not in KINDS:
         return None
     name = document.get("metadata", {}).get("name") if isinstance(document.get("metadata"), dict) else None
     if not isinstance(name, str):

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     dnc_import_max_bytes: int = Field(
         64 * 1024 * 1024, description="Larger do-not-call CSV imports get 413 (64 MiB: about 4 million numbers)."
     )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body not received whole within this of its headers gets 408 and the"
+        " connection is closed (slow-loris)."
+    )
     publish_timeout_seconds: float = Field(2.0, description="How long ingest waits for the JetStream ack.")
     retry_after_seconds: int = Field(5, description="Retry-After sent with 503.")
     rate_limit_lease_divisor: int = Field(

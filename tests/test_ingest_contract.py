@@ -362,7 +362,7 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient, tenant: Tenan
 async def test_openapi_documents_every_route_and_error(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     ingest = spec["paths"]["/api/v1/webhooks/ingest"]["post"]
-    assert set(ingest["responses"]) == {"200", "201", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
+    assert set(ingest["responses"]) == {"200", "201", "400", "401", "403", "404", "408", "409", "413", "415", "422", "429", "503"}
     assert "do_not_call" in ingest["responses"]["409"]["description"]
     # a key whose successStatus is 200 (WebEngage's) gets the same body
     assert ingest["responses"]["200"]["content"] == ingest["responses"]["201"]["content"]

@@ -9,8 +9,11 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentstudio.ingest.body_deadline import BodyDeadlineMiddleware
 from agentstudio.ingest.console import pages as console
-from agentstudio.ingest.errors import ApiError, handle_api_error, handle_http_error, handle_validation_error
+from agentstudio.ingest.errors import (
+    ApiError, document_errors, handle_api_error, handle_http_error, handle_validation_error,
+)
 from agentstudio.ingest.metrics import IngestMetrics, MetricsMiddleware
 from agentstudio.ingest.routes import calls, deliveries, do_not_call, health, providers, webhooks
 from agentstudio.ingest.service import IngestService
@@ -51,5 +54,7 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
     app.include_router(providers.router)
     app.include_router(health.router)
     console.install(app)
+    document_errors(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_seconds)
     return app

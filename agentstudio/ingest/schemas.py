@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from agentstudio import phone, platforms
@@ -35,7 +35,12 @@ class IngestRequest(BaseModel):
         },
     )
 
-    phone_number: str = Field(description="E.164, e.g. +919876543210; spaces, dashes and brackets are removed.")
+    phone_number: str = Field(
+        description="E.164, e.g. +919876543210; spaces, dashes, dots and brackets are removed. The form is checked"
+                    " here; whether the number exists in its country's plan is checked on arrival (400).",
+        # Documents phone.normalize's form: + first, then 2 to 17 digits, separators anywhere.
+        json_schema_extra={"pattern": r"^[\s().-]*\+[\s().-]*([0-9][\s().-]*){2,17}$"},
+    )
     workflow_slug: str | None = Field(None, max_length=253, description="Workflow to run (one of the two slugs).")
     agent_slug: str | None = Field(None, max_length=253, description="Single agent to run (one of the two slugs).")
     user_id: str | None = Field(None, max_length=256, description="External user id; numbers are accepted as text.")
@@ -187,7 +192,15 @@ class CancelFilter(BaseModel):
     )
     created_after: datetime | None = Field(None, description="Calls created at or after it.")
     created_before: datetime | None = Field(None, description="Calls created before it.")
-    test: bool | None = Field(None, description="true: only test-key calls; false: only live ones.")
+    test: StrictBool | None = Field(None, description="true: only test-key calls; false: only live ones.")
+
+    @field_validator("created_after", "created_before", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # pydantic would read a number as Unix time: {"created_after": -670} matched every call.
+        if value is not None and not isinstance(value, str):
+            raise PydanticCustomError("datetime_type", "must be an ISO 8601 date-time string")
+        return value
 
     @model_validator(mode="after")
     def _says_which(self) -> CancelFilter:

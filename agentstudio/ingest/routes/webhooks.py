@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from datetime import datetime, timezone
@@ -189,11 +190,50 @@ _FIRST = {"both_slugs": 0}  # a 422 is only reported when nothing else is wrong
 
 def _parse(body: bytes, unfilled: re.Pattern[str] | None) -> IngestRequest:
     try:
-        return IngestRequest.model_validate_json(body, context={"unfilled": unfilled} if unfilled is not None else None)
+        req = IngestRequest.model_validate_json(body, context={"unfilled": unfilled} if unfilled is not None else None)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         error = min(errors, key=lambda e: _FIRST.get(e["type"], 1))
         raise _to_api_error(error) from None
+    if (repeated := _repeated_key(body)) is not None:
+        raise ApiError(400, "duplicate_key", f"{repeated} appears more than once in its object", repeated)
+    return req
+
+
+class _Repeating(dict[str, Any]):
+    """A JSON object of the body in which `key` appears more than once."""
+
+    key = ""
+
+
+def _repeated_key(body: bytes) -> str | None:
+    """The path of the first key repeated within one object of `body`, which pydantic took as valid.
+    A parser keeps the last of repeated keys and another the first, so a body that holds two values
+    for one field is refused rather than read one way here and another by whoever sent it."""
+    found = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        obj = dict(items)
+        if len(obj) == len(items):
+            return obj
+        found = True
+        repeating = _Repeating(obj)
+        seen: set[str] = set()
+        repeating.key = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return repeating
+
+    def find(value: Any, path: list[str]) -> str | None:
+        if isinstance(value, list):
+            return next((f for i, v in enumerate(value) if (f := find(v, [*path, str(i)])) is not None), None)
+        if not isinstance(value, dict):
+            return None
+        if isinstance(value, _Repeating):
+            return ".".join([*path, value.key])
+        return next((f for k, v in value.items() if (f := find(v, [*path, k])) is not None), None)
+
+    parsed = json.loads(body, object_pairs_hook=pairs)
+    return find(parsed, []) if found else None
 
 
 def _to_api_error(error: Any) -> ApiError:
@@ -201,7 +241,8 @@ def _to_api_error(error: Any) -> ApiError:
     loc = [str(p) for p in error["loc"]]
     field = ".".join(loc) or None
     if kind == "json_invalid":
-        return ApiError(400, "invalid_json", "body is not valid JSON")
+        # pydantic's reason says where (line and column) and what: bad UTF-8, nesting past its limit, ...
+        return ApiError(400, "invalid_json", f"body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
     if kind in ("model_type", "model_attributes_type") and not loc:
         return ApiError(400, "invalid_body", "body must be a JSON object")
     if kind == "both_slugs":
