@@ -192,7 +192,8 @@ def transcript_subject(tenant: str, call_id: str, attempt: int) -> str:
 
 
 async def ensure_transcripts_stream(js: JetStreamContext) -> None:
-    await _ensure_kept_stream(js, TRANSCRIPTS_STREAM, ["transcripts.*.*.*"])
+    # Direct gets: a finished call's transcript is one message read by any replica (transcripts.filled).
+    await _ensure_kept_stream(js, TRANSCRIPTS_STREAM, ["transcripts.*.*.*"], allow_direct=True)
 
 
 def voicemail_subject(tenant: str, call_id: str) -> str:

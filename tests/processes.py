@@ -9,19 +9,25 @@ opens. The hooks at the end do that; conftest.py imports them.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+import httpx
 import pytest
 
-from agentstudio.natsserver import die_with_parent
+from agentstudio.natsserver import die_with_parent, free_port
+
+if TYPE_CHECKING:
+    from conftest import Tenant
 
 CLI = Path(sys.executable).parent / "agent-studio"
 TAIL_LINES = 60
@@ -145,3 +151,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if report.failed:
         for process in Process.started:
             report.sections.append((f"process {process.name}", process.output()))
+
+
+@contextmanager
+def running_ingest(nats_url: str, tenant: Tenant, log: Path, **env: str) -> Iterator[str]:
+    """`agent-studio ingest` on a free loopback port for `tenant` (its bundle published), until it is
+    ready; yields its base URL. `env`: more AGENTSTUDIO_* settings."""
+    port = free_port()
+    process = Process.agent_studio("ingest", log=log, env={
+        **os.environ, "AGENTSTUDIO_NATS_URL": nats_url, "AGENTSTUDIO_HOST": "127.0.0.1",
+        "AGENTSTUDIO_PORT": str(port), **env})
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        process.wait_until(ready, "ingest ready")
+        yield url
+    finally:
+        process.stop(timeout=10)

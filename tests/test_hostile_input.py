@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentstudio import bus
-from agentstudio.natsserver import NatsServer, free_port
+from agentstudio.natsserver import NatsServer
 from conftest import SEED_BODY, Tenant, docs, example_resources
-from processes import Process
+from processes import running_ingest
 
 BODY_TIMEOUT_SECONDS = 2
 INGEST = "/api/v1/webhooks/ingest"
@@ -58,29 +57,10 @@ def ingest(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) ->
         return tenant
 
     tenant = asyncio.run(publish())
-    port = free_port()
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
-    env = {
-        **os.environ,
-        "AGENTSTUDIO_NATS_URL": nats_server.url,
-        "AGENTSTUDIO_HOST": "127.0.0.1",
-        "AGENTSTUDIO_PORT": str(port),
-        "AGENTSTUDIO_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_SECONDS),
-    }
-    process = Process.agent_studio("ingest", log=log, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        process.wait_until(ready, "ingest ready")
+    with running_ingest(nats_server.url, tenant, log,
+                        AGENTSTUDIO_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT_SECONDS)) as url:
         yield Ingest(url, tenant, log)
-    finally:
-        process.stop(timeout=10)
 
 
 def _error(resp: httpx.Response, status: int) -> dict[str, str]:

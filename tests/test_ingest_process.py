@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentstudio import bus, phone
-from agentstudio.natsserver import NatsServer, free_port
+from agentstudio.natsserver import NatsServer
 from conftest import Tenant, docs, example_resources
-from processes import Process
+from processes import running_ingest
 
 FUZZ_KEY = """
 apiVersion: agentstudio.io/v1alpha1
@@ -47,29 +46,9 @@ def ingest_process(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFac
         return tenant
 
     tenant = asyncio.run(publish())
-    port = free_port()
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
-    env = {
-        **os.environ,
-        "AGENTSTUDIO_NATS_URL": nats_server.url,
-        "AGENTSTUDIO_HOST": "127.0.0.1",
-        "AGENTSTUDIO_PORT": str(port),
-        "AGENTSTUDIO_LOG_LEVEL": "DEBUG",
-    }
-    process = Process.agent_studio("ingest", log=log, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        process.wait_until(ready, "ingest ready")
+    with running_ingest(nats_server.url, tenant, log, AGENTSTUDIO_LOG_LEVEL="DEBUG") as url:
         yield IngestProcess(url, tenant, log)
-    finally:
-        process.stop(timeout=10)
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

@@ -73,8 +73,9 @@ class CallRecorder:
                 if state is not None:
                     await self.tracker.conversation_closed(state)
                 return state
-            except (NatsError, TimeoutError):
-                log.warning("could not close the conversation's record; retrying", extra={"call_id": self.call_id})
+            except (NatsError, TimeoutError) as exc:
+                log.warning("could not close the conversation's record; retrying",
+                            extra={"call_id": self.call_id, "error": type(exc).__name__})
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
         log.error("conversation record not closed; the sweeper will", extra={"call_id": self.call_id})
         return None
