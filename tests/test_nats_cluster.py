@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -25,8 +27,9 @@ from agentstudio.dialer.worker import Dialer
 from agentstudio.ingest.service import IngestService
 from agentstudio.natsserver import NatsCluster, NatsServer, free_port
 from agentstudio.settings import Settings
-from conftest import Tenant, docs
+from conftest import EXAMPLES, SEED_BODY, Tenant, docs
 from processes import Process
+from test_dev import DevProcess
 from test_dialer import MANIFESTS, dialers
 
 INGEST = "/api/v1/webhooks/ingest"
@@ -253,3 +256,21 @@ def placed_calls(running: list[Dialer]) -> Counter[str]:
     """Calls the dialers' simulated providers were asked to place, each as often as it was."""
     return Counter(c for d in running for c in d.simulated.placed)  # type: ignore[attr-defined]
 
+
+async def test_dev_cluster_runs_the_stack_on_three_nats_servers(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    shutil.copytree(EXAMPLES, folder)
+    dev = DevProcess(folder, free_port(), "--cluster")
+    try:
+        keys = dev.start()
+        line = next(line for line in dev.seen if line.startswith("nats-server: "))
+        urls = re.search(r"a cluster of 3 at (\S+) ", line)
+        assert urls is not None, line
+        resp = httpx.post(f"{dev.url}/api/v1/webhooks/ingest", json=SEED_BODY,
+                          headers={"Authorization": f"Bearer {keys['clevertap']}"})
+        assert resp.status_code == 201, resp.text
+        dev.expect(rf"^call {resp.json()['call_id']} to \*{{9}}3210: completed in 2 s$")
+        replicas = await streams_replicas(urls.group(1))
+        assert replicas[bus.CALLS_STREAM] == 3 and set(replicas.values()) == {3}, replicas
+    finally:
+        assert dev.interrupt() == 0
