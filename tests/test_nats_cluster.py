@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from agentstudio import bus
 from agentstudio.dialer.worker import Dialer
 from agentstudio.ingest.service import IngestService
+from agentstudio.manifests import Located
 from agentstudio.natsserver import NatsCluster, NatsServer, free_port
 from agentstudio.settings import Settings
 from conftest import EXAMPLES, SEED_BODY, Tenant, docs
@@ -142,6 +143,25 @@ class Load:
         return back - first
 
 
+LATE_KEY = """
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: late}
+spec: {scopes: ["calls:create"], mode: test}
+"""
+
+
+async def publish_retrying(tenant: Tenant, resources: list[Located]) -> None:
+    """Publish a bundle, retrying while the cluster is still electing leaders."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await tenant.publish(resources)
+                return
+            except (NatsError, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+
+
 async def watch_placings(running: list[Dialer], placings: dict[str, float]) -> None:
     while True:
         for call_id in placed_calls(running):
@@ -226,7 +246,20 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                     while not (after := [c for c, t in load.accepted_at.items() if t > killed and c in placings]):
                         await asyncio.sleep(0.05)
                     figures["dialers_placing_again_s"] = min(placings[c] for c in after) - killed
-                await asyncio.sleep(2)
+                # A configuration change made now reaches ingest: its bundle watch survived the kill.
+                published = time.monotonic()
+                await publish_retrying(tenant, tenant.resources + docs(LATE_KEY))
+                figures["bundle_publish_s"] = time.monotonic() - published
+                async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                    async with asyncio.timeout(30):
+                        # 401 until ingest has the bundle with the key (a call it accepts is placed too)
+                        while (await http.post(INGEST, headers=tenant.auth("late"), json={
+                                "agent_slug": "a", "phone_number": "+447911199999", "user_id": "late"})
+                               ).status_code != 201:
+                            ingest.alive()
+                            await asyncio.sleep(0.1)
+                figures["bundle_in_force_after_leader_kill_s"] = time.monotonic() - published
+                await asyncio.sleep(1)
                 figures["leader_kill_503_s"] = load.unavailable(killed)
                 stop_load.set()
                 await loading
