@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -99,6 +100,27 @@ def event_subject(tenant: str, call_id: str) -> str:
 EVENTS_ALL = "calls.*.events.*"
 
 
+# Replicas asked for by a connection's owner (AGENTSTUDIO_NATS_REPLICAS), by connection.
+_replicas_asked: weakref.WeakKeyDictionary[NATS, int] = weakref.WeakKeyDictionary()
+CLUSTER_REPLICAS = 3  # JetStream's advice: R3 survives the loss of one node, R5 of two
+
+
+def replicas(js: JetStreamContext) -> int:
+    """How many copies every stream and bucket we create keeps: as asked at connect, else
+    CLUSTER_REPLICAS on a cluster (fewer if it has fewer nodes) and 1 on a lone server.
+
+    The server says both in the INFO it greets a client with: `cluster` names the cluster it is in
+    and `connect_urls` lists every node's client URL (a cluster that hides them, no_advertise, is
+    taken to have CLUSTER_REPLICAS nodes)."""
+    nc: NATS = js._nc  # nats-py keeps no public handle from a context to its connection
+    if asked := _replicas_asked.get(nc):
+        return asked
+    info = nc._server_info  # no public accessor either; it is the server's INFO as sent
+    if not info.get("cluster"):
+        return 1
+    return min(CLUSTER_REPLICAS, len(info.get("connect_urls") or []) or CLUSTER_REPLICAS)
+
+
 async def connect(
     servers: str,
     name: str,
@@ -106,11 +128,14 @@ async def connect(
     auth: Mapping[str, str] = {},
     connect_timeout: float = 2.0,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    replicas: int = 0,
 ) -> NATS:
     """Connect and keep reconnecting forever: a role outlives NATS restarts.
 
-    `on_reconnect` runs after each reconnection: a restarted server has forgotten every ephemeral
-    consumer (KV watchers among them), so their owners must subscribe again.
+    `servers` is one URL or several, comma-separated (every node of a cluster, so the first
+    connection does not depend on one node). `on_reconnect` runs after each reconnection: a
+    restarted server has forgotten every ephemeral consumer (KV watchers among them), so their
+    owners must subscribe again. `replicas`, when not 0, is what `replicas()` answers for it.
     """
     reconnected = _log_event("reconnected")
 
@@ -119,8 +144,8 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
-    return await nats.connect(
-        servers,
+    nc = await nats.connect(
+        [url.strip() for url in servers.split(",") if url.strip()],
         name=name,
         connect_timeout=connect_timeout,
         reconnect_time_wait=0.25,
@@ -133,6 +158,9 @@ async def connect(
         reconnected_cb=reconnected_cb,
         **auth,  # type: ignore[arg-type]
     )
+    if replicas:
+        _replicas_asked[nc] = replicas
+    return nc
 
 
 async def connect_retrying(
@@ -141,11 +169,12 @@ async def connect_retrying(
     attempts: int = 40,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     auth: Mapping[str, str] = {},
+    replicas: int = 0,
 ) -> NATS:
     """Connect, retrying while NATS starts (pods start in any order)."""
     for attempt in range(attempts):
         try:
-            return await connect(servers, name, auth=auth, on_reconnect=on_reconnect)
+            return await connect(servers, name, auth=auth, on_reconnect=on_reconnect, replicas=replicas)
         except (OSError, nats.errors.NoServersError, asyncio.TimeoutError):
             if attempt == attempts - 1:
                 raise
@@ -211,6 +240,7 @@ async def ensure_voicemail_stream(js: JetStreamContext) -> None:
         subjects=[VOICEMAIL_ALL],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
+        num_replicas=replicas(js),
         max_age=DAY,
         duplicate_window=DAY,  # a verdict Twilio sends again is queued once
     ))
@@ -269,6 +299,7 @@ async def _ensure_kept_stream(js: JetStreamContext, name: str, subjects: list[st
         subjects=subjects,
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
+        num_replicas=replicas(js),
         max_age=CALL_RETENTION,
         duplicate_window=IDEMPOTENCY_WINDOW,
         **extra,  # type: ignore[arg-type]
@@ -291,7 +322,7 @@ async def bundle_bodies_bucket(js: JetStreamContext) -> ObjectStore:
         return await js.object_store(BUNDLE_BODIES_BUCKET)
     except BucketNotFoundError:
         try:
-            return await js.create_object_store(BUNDLE_BODIES_BUCKET)
+            return await js.create_object_store(BUNDLE_BODIES_BUCKET, replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.object_store(BUNDLE_BODIES_BUCKET)  # another process created it first
 
@@ -345,6 +376,7 @@ async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | No
         return await js.key_value(name)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=name, history=history, ttl=ttl, direct=True)
+            return await js.create_key_value(bucket=name, history=history, ttl=ttl, direct=True,
+                                             replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)  # another process created it first

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-id", default="dev-user", help="--chat: user_id")
     p.add_argument("--user-context", type=_json_object, default={}, metavar="JSON", help="--chat: user_context")
     p.add_argument("--metadata", type=_json_object, default={}, metavar="JSON", help="--chat: metadata")
+    p.add_argument("--cluster", action="store_true",
+                   help="run NATS as three nats-servers forming a JetStream cluster (streams and buckets R3)")
     p.add_argument("--now", type=_instant, metavar="TIME",
                    help="run as if the clock read TIME (ISO 8601 with an offset, e.g. 2026-12-01T08:59:30-05:00) "
                         "and advancing from there: for trying calling windows and frequency caps")
@@ -157,7 +159,8 @@ def _dev(args: argparse.Namespace) -> int:
     chat = None if args.chat is None else ChatRequest(
         args.chat, args.phone, args.user_id, args.user_context, args.metadata)
     try:
-        if not asyncio.run(dev.run(args.directory, args.port, args.host, chat, now=args.now)):
+        if not asyncio.run(dev.run(args.directory, args.port, args.host, chat, now=args.now,
+                                   cluster=args.cluster)):
             return 1  # --chat could not place its call
     except (ports.CannotListen, StoreInUse) as exc:
         return _refuse(args, exc)

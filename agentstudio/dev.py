@@ -30,7 +30,7 @@ from agentstudio.dialer import main as dialer_main
 from agentstudio.ingest.app import create_app
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import MANIFEST_SUFFIXES, Located, load_dir
-from agentstudio.natsserver import NatsServer, StoreInUse
+from agentstudio.natsserver import NatsCluster, NatsServer, StoreInUse
 from agentstudio.resources import WEBHOOK_SECRET_KEY, Agent, ApiKey, SecretKeyRef, WebhookSubscription, Workflow
 from agentstudio.callstate import CallStore
 from agentstudio.chat import HELP, ChatRequest, Terminal, body_for, outcome, place
@@ -175,15 +175,17 @@ async def _until_served(service: IngestService, bundle: Bundle, timeout: float =
 
 
 async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatRequest | None = None,
-              now: datetime | None = None) -> bool:
+              now: datetime | None = None, cluster: bool = False) -> bool:
     """Run until stopped; with `chat`, until its call is over. False when the chat could not call.
-    With `now`, calling windows and frequency caps read a clock that reads `now` at the start."""
+    With `now`, calling windows and frequency caps read a clock that reads `now` at the start.
+    With `cluster`, NATS is three nats-servers forming a JetStream cluster (streams and buckets R3),
+    with their stores beside the single server's, so each mode keeps its own data."""
     directory = directory.resolve()
     state = prepare_state_dir(directory)
     # Both checks come before anything starts or is printed: a second `dev` must not get as far as
     # printing an ingest URL that is another's, nor open a store another server is writing.
     listening = ports.bind(host, port, "use --port", guess="is another `agent-studio dev` running?")
-    nats = NatsServer(state / "nats", log_file=state / "nats.log")
+    nats = NatsCluster(state / "nats-cluster") if cluster else NatsServer(state / "nats", log_file=state / "nats.log")
     try:
         nats.start()
     except StoreInUse as exc:
@@ -193,7 +195,11 @@ async def run(directory: Path, port: int, host: str = "127.0.0.1", chat: ChatReq
     except BaseException:
         listening.close()
         raise
-    print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
+    if isinstance(nats, NatsCluster):
+        print(f"nats-server: a cluster of {len(nats.nodes)} at {nats.url} (JetStream data in "
+              f"{state / 'nats-cluster'}; streams and buckets R3)", flush=True)
+    else:
+        print(f"nats-server: {nats.url} (JetStream data in {state / 'nats'})", flush=True)
     if now is not None:
         clock.start_at(now)
         print(f"clock: {now.isoformat()} and advancing (--now): calling windows and frequency caps read it; "

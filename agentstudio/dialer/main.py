@@ -244,7 +244,8 @@ async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple
 async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket) -> None:
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
-    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer", auth=settings.nats_auth())
+    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer", auth=settings.nats_auth(),
+                                   replicas=settings.nats_replicas)
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)

@@ -40,7 +40,7 @@ class IngestService:
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
             self.settings.nats_url, "agentstudio-ingest", on_reconnect=self._resubscribe,
-            auth=self.settings.nats_auth(),
+            auth=self.settings.nats_auth(), replicas=self.settings.nats_replicas,
         )
         self._js = self.nc.jetstream(timeout=self.settings.publish_timeout_seconds)
         await bus.ensure_calls_stream(self._js)

@@ -37,7 +37,8 @@ def empty_bundle(namespace: str, max_concurrent_calls: int | None = None) -> Bun
 async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | None = None) -> None:
     """Serve `namespaces` (all namespaces when empty) until stopped: `stop` set, or SIGTERM/SIGINT."""
     stop = stop or asyncio.Event()
-    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator", auth=settings.nats_auth())
+    nc = await bus.connect_retrying(settings.nats_url, "agentstudio-operator", auth=settings.nats_auth(),
+                                   replicas=settings.nats_replicas)
     try:
         kv = await bundle_store.buckets(nc.jetstream())
         for namespace in namespaces:

@@ -1,0 +1,309 @@
+"""On a three-node JetStream cluster (three nats-server processes on loopback): what we create is
+replicated on three nodes, roles connect through every node's URL, and under a steady ingest load
+with dialers draining, killing a node and then the CALLS stream's leader loses and doubles no call
+that got a 201."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+from agentstudio import bus
+from agentstudio.dialer.worker import Dialer
+from agentstudio.ingest.service import IngestService
+from agentstudio.manifests import Located
+from agentstudio.natsserver import NatsCluster, NatsServer, free_port
+from agentstudio.settings import Settings
+from conftest import EXAMPLES, SEED_BODY, Tenant, docs
+from processes import Process
+from test_dev import DevProcess
+from test_dialer import MANIFESTS, dialers
+
+INGEST = "/api/v1/webhooks/ingest"
+SCENARIO_SECONDS = 150
+RETRIES = 300  # a platform retries for minutes; 0.1 s apart, 30 s is more than any fault here lasts
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "cluster") as c:
+        yield c
+
+
+async def streams_replicas(url: str) -> dict[str, int]:
+    nc = await bus.connect(url, "test-admin")
+    try:
+        return {info.config.name: info.config.num_replicas for info in await nc.jetstream().streams_info()}
+    finally:
+        await nc.close()
+
+
+async def started_ingest(url: str, **settings: object) -> None:
+    """Start an ingest (it creates every stream and bucket ingest uses) and stop it."""
+    svc = IngestService(Settings(nats_url=url, **settings))  # type: ignore[arg-type]
+    await svc.start()
+    await svc.stop()
+
+
+async def test_a_role_given_every_nodes_url_connects_and_survives_the_loss_of_its_node(cluster: NatsCluster) -> None:
+    nc = await bus.connect(cluster.url, "test")
+    try:
+        first = nc.connected_url
+        assert first is not None
+        node = next(n for n in cluster.nodes if n.port == first.port)
+        node.stop(kill=True)
+        async with asyncio.timeout(20):
+            while nc.connected_url is None or nc.connected_url.port == first.port or not nc.is_connected:
+                await asyncio.sleep(0.05)
+        await nc.publish("ping", b"")
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+async def test_every_stream_and_bucket_is_r3_on_a_cluster(cluster: NatsCluster) -> None:
+    await started_ingest(cluster.url)
+    replicas = await streams_replicas(cluster.url)
+    assert {bus.CALLS_STREAM, bus.EVENTS_STREAM, bus.VOICEMAIL_STREAM, f"KV_{bus.CALLS_BUCKET}",
+            f"KV_{bus.BUNDLES_BUCKET}", f"OBJ_{bus.BUNDLE_BODIES_BUCKET}"} <= set(replicas)
+    assert set(replicas.values()) == {3}, replicas
+
+
+async def test_the_setting_overrides_the_replicas(cluster: NatsCluster) -> None:
+    await started_ingest(cluster.url, nats_replicas=1)
+    replicas = await streams_replicas(cluster.url)
+    assert replicas and set(replicas.values()) == {1}, replicas
+
+
+async def test_one_server_gets_r1(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats") as server:
+        await started_ingest(server.url)
+        replicas = await streams_replicas(server.url)
+    assert replicas and set(replicas.values()) == {1}, replicas
+
+
+@dataclass
+class Load:
+    """A platform posting calls one after another at `rate`, each with its own Idempotency-Key and
+    retried with it on 503 and broken connections until 201, as CleverTap or Braze do."""
+
+    url: str
+    key: str
+    rate: float
+    accepted: dict[str, str] = field(default_factory=dict)  # Idempotency-Key → call id
+    accepted_at: dict[str, float] = field(default_factory=dict)  # call id → when its 201 came
+    answers: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, status or error)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=10,
+                                     headers={"Authorization": f"Bearer {self.key}"}) as http:
+            n = 0
+            while not stop.is_set():
+                idem = f"load-{n}"
+                body = {"agent_slug": "a", "phone_number": f"+4479111{n:05d}", "user_id": f"u-{n}",
+                        "metadata": {"simulate_duration_seconds": 0.1}}
+                for _ in range(RETRIES):
+                    try:
+                        resp = await http.post(INGEST, json=body, headers={"Idempotency-Key": idem})
+                        answer = str(resp.status_code)
+                    except httpx.TransportError as exc:
+                        resp, answer = None, type(exc).__name__
+                    self.answers.append((time.monotonic(), answer))
+                    if resp is not None and resp.status_code in (200, 201):
+                        self.accepted[idem] = resp.json()["call_id"]
+                        self.accepted_at[self.accepted[idem]] = time.monotonic()
+                        break
+                    assert resp is None or resp.status_code == 503, f"{idem}: {resp.status_code} {resp.text}"
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"{idem} never accepted: {self.answers[-5:]}")
+                n += 1
+                await asyncio.sleep(1 / self.rate)
+
+    def unavailable(self, since: float) -> float:
+        """Seconds from the first answer other than 201 after `since` to the next 201 (0: none)."""
+        first = next((t for t, a in self.answers if t >= since and a not in ("200", "201")), None)
+        if first is None:
+            return 0.0
+        back = next((t for t, a in self.answers if t > first and a in ("200", "201")), time.monotonic())
+        return back - first
+
+
+LATE_KEY = """
+apiVersion: agentstudio.io/v1alpha1
+kind: ApiKey
+metadata: {name: late}
+spec: {scopes: ["calls:create"], mode: test}
+"""
+
+
+async def publish_retrying(tenant: Tenant, resources: list[Located]) -> None:
+    """Publish a bundle, retrying while the cluster is still electing leaders."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await tenant.publish(resources)
+                return
+            except (NatsError, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+
+
+async def watch_placings(running: list[Dialer], placings: dict[str, float]) -> None:
+    while True:
+        for call_id in placed_calls(running):
+            placings.setdefault(call_id, time.monotonic())
+        await asyncio.sleep(0.02)
+
+
+async def leader_of(js: JetStreamContext, stream: str) -> str:
+    """The server leading `stream`, once one is elected (asked of any node that answers)."""
+    while True:
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster is not None and info.cluster.leader:
+                return info.cluster.leader
+        except (NatsError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.05)
+
+
+async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles_no_call(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    admin = await bus.connect(cluster.url, "test-admin")
+    js = admin.jetstream()
+    await bus.ensure_calls_stream(js)
+    tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    await tenant.publish()
+    port = free_port()
+    ingest = Process.agent_studio("ingest", log=tmp_path / "ingest.log", env={
+        **os.environ, "AGENTSTUDIO_NATS_URL": cluster.url, "AGENTSTUDIO_HOST": "127.0.0.1",
+        "AGENTSTUDIO_PORT": str(port), "AGENTSTUDIO_CALLS_INDEX_DIR": str(tmp_path / "calls-index")})
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    load = Load(url, tenant.keys["test"], rate=20)
+    stop_load = asyncio.Event()
+    figures: dict[str, float] = {}
+    try:
+        await asyncio.to_thread(ingest.wait_until, ready, "ingest ready")
+        async with asyncio.timeout(SCENARIO_SECONDS):  # a bound for a hang anywhere, teardown included
+            async with dialers(cluster.url, count=2, max_concurrent_calls_per_tenant=100) as running:
+                loading = asyncio.create_task(load.run(stop_load))
+                placings: dict[str, float] = {}  # call id → when a dialer first placed it
+                watching = asyncio.create_task(watch_placings(running, placings))
+                await asyncio.sleep(2)
+
+                # One node, not the leader of CALLS, dies and comes back on its store.
+                leader = await leader_of(js, bus.CALLS_STREAM)
+                follower = next(n for n in cluster.nodes if n.name != leader)
+                killed = time.monotonic()
+                follower.stop(kill=True)
+                await asyncio.sleep(2)
+                restarted = time.monotonic()
+                await asyncio.to_thread(cluster.restart, follower)
+                figures["node_restart_to_healthy_s"] = time.monotonic() - restarted
+                figures["node_kill_503_s"] = load.unavailable(killed)
+                await asyncio.sleep(1)
+
+                # Then the leader of CALLS: the stream elects another while ingest keeps taking calls.
+                leader = await leader_of(js, bus.CALLS_STREAM)
+                survivor = next(n for n in cluster.nodes if n.name != leader)
+                probe = await bus.connect(survivor.url, "test-probe")  # on a node that stays up
+                try:
+                    killed = time.monotonic()
+                    cluster.node(leader).stop(kill=True)
+                    async with asyncio.timeout(30):
+                        while await leader_of(probe.jetstream(timeout=0.5), bus.CALLS_STREAM) == leader:
+                            await asyncio.sleep(0.05)
+                    figures["leader_election_s"] = time.monotonic() - killed
+                finally:
+                    await probe.close()
+                async with asyncio.timeout(30):  # ingest takes calls again, dialers place them
+                    while not any(t > killed and a == "201" for t, a in load.answers):
+                        ingest.alive()
+                        await asyncio.sleep(0.05)
+                    figures["ingest_201_again_s"] = next(t for t, a in load.answers if t > killed and a == "201") - killed
+                    while not (after := [c for c, t in load.accepted_at.items() if t > killed and c in placings]):
+                        await asyncio.sleep(0.05)
+                    figures["dialers_placing_again_s"] = min(placings[c] for c in after) - killed
+                # A configuration change made now reaches ingest: its bundle watch survived the kill.
+                published = time.monotonic()
+                await publish_retrying(tenant, tenant.resources + docs(LATE_KEY))
+                figures["bundle_publish_s"] = time.monotonic() - published
+                async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                    async with asyncio.timeout(30):
+                        # 401 until ingest has the bundle with the key (a call it accepts is placed too)
+                        while (await http.post(INGEST, headers=tenant.auth("late"), json={
+                                "agent_slug": "a", "phone_number": "+447911199999", "user_id": "late"})
+                               ).status_code != 201:
+                            ingest.alive()
+                            await asyncio.sleep(0.1)
+                figures["bundle_in_force_after_leader_kill_s"] = time.monotonic() - published
+                await asyncio.sleep(1)
+                figures["leader_kill_503_s"] = load.unavailable(killed)
+                stop_load.set()
+                await loading
+                await asyncio.to_thread(cluster.restart, cluster.node(leader))
+
+                ids = set(load.accepted.values())
+                async with asyncio.timeout(60):
+                    while not ids <= set(placed_calls(running)):
+                        await asyncio.sleep(0.1)
+                placed = placed_calls(running)
+                watching.cancel()
+    finally:
+        stop_load.set()
+        ingest.stop()
+        await admin.close()
+    answers = Counter(a for _, a in load.answers)
+    print(json.dumps({"calls_accepted": len(ids), "answers": answers, **{k: round(v, 2) for k, v in figures.items()}}))
+    assert len(ids) == len(load.accepted), "two Idempotency-Keys got one call id"
+    doubled = {c: n for c, n in placed.items() if c in ids and n != 1}
+    assert not doubled, f"placed more than once: {doubled}"
+    assert len(ids) > 100
+    missing = ids - set(placed)
+    assert not missing, f"{len(missing)} accepted calls never placed"
+
+
+def placed_calls(running: list[Dialer]) -> Counter[str]:
+    """Calls the dialers' simulated providers were asked to place, each as often as it was."""
+    return Counter(c for d in running for c in d.simulated.placed)  # type: ignore[attr-defined]
+
+
+async def test_dev_cluster_runs_the_stack_on_three_nats_servers(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    shutil.copytree(EXAMPLES, folder)
+    dev = DevProcess(folder, free_port(), "--cluster")
+    try:
+        keys = dev.start()
+        line = next(line for line in dev.seen if line.startswith("nats-server: "))
+        urls = re.search(r"a cluster of 3 at (\S+) ", line)
+        assert urls is not None, line
+        resp = httpx.post(f"{dev.url}/api/v1/webhooks/ingest", json=SEED_BODY,
+                          headers={"Authorization": f"Bearer {keys['clevertap']}"})
+        assert resp.status_code == 201, resp.text
+        dev.expect(rf"^call {resp.json()['call_id']} to \*{{9}}3210: completed in 2 s$")
+        replicas = await streams_replicas(urls.group(1))
+        assert replicas[bus.CALLS_STREAM] == 3 and set(replicas.values()) == {3}, replicas
+    finally:
+        assert dev.interrupt() == 0
