@@ -269,7 +269,14 @@ async def test_an_early_answer_to_a_trickled_body_closes_the_connection(ingest: 
 
     dripping = asyncio.create_task(trickle())
     try:
-        answer = await asyncio.wait_for(reader.read(), timeout=5 * BODY_TIMEOUT_SECONDS)
+        async with asyncio.timeout(5 * BODY_TIMEOUT_SECONDS):
+            # The head first: once the server has closed, the next trickled byte draws a reset, and
+            # a read after it raises even with the answer already received.
+            answer = await reader.readuntil(b"\r\n\r\n")
+            try:
+                answer += await reader.read()  # to the end: the server closed the connection
+            except ConnectionResetError:
+                pass  # closed too: the reset answers a byte sent after the close
     finally:
         dripping.cancel()
         writer.close()

@@ -413,14 +413,16 @@ def test_a_dialer_killed_mid_batch_places_every_call_once(cluster: Installed, ca
     node.wait_ready("deployment", f"{ns}-agent-studio-dialer", ns, timeout=180)
     killed_at = time.monotonic()
     ids = list(result["accepted"].values())
-    # Settled: nothing pending, a redelivery (ack wait 10 s) has had time, and nothing changes any more.
+    # Settled: every call final (the killed dialer's taken over once its lease ran out), a redelivery
+    # (ack wait 10 s) has had time, and nothing changes any more.
     seen: list[dict[str, str]] = []
     deadline = killed_at + 240
     while True:
-        statuses = {i: r.get("status", f"http {r.get('http_status')}")
-                    for i, r in cluster.client("calls", cluster.ingest(ns), reader, *ids).items()}
+        records = cluster.client("calls", cluster.ingest(ns), reader, *ids)
+        statuses = {i: r.get("status", f"http {r.get('http_status')}") for i, r in records.items()}
         seen = [*seen[-2:], statuses]
-        if ("pending" not in statuses.values() and time.monotonic() > killed_at + ACK_WAIT_SECONDS + 10
+        unfinished = {"pending", "dialing", "ringing", "in_progress"} & set(statuses.values())
+        if (not unfinished and time.monotonic() > killed_at + ACK_WAIT_SECONDS + 10
                 and len(seen) == 3 and seen[0] == seen[1] == seen[2]):
             break
         assert time.monotonic() < deadline, f"not settled: {statuses}"
@@ -433,17 +435,18 @@ def test_a_dialer_killed_mid_batch_places_every_call_once(cluster: Installed, ca
     for call_id in ids:  # never twice: by one dialer, or by the replacement after the killed one
         assert by_killed.count(call_id) + by_survivors.count(call_id) <= 1, call_id
     # Every call the survivors placed completed, and every call completed was placed once. What the
-    # killed dialer had placed is left as it was: the simulated provider plays a call inside the
-    # dialer's process, so those calls died with it (a real provider's would go on; see issue 15).
+    # killed dialer had under way died with it (the simulated provider plays a call inside the
+    # dialer's process): a surviving dialer took those claims over and failed them provider_lost.
     assert set(by_killed) & set(ids) and set(by_survivors) & set(ids), "the kill did not fall mid-batch"
     left = [i for i in ids if statuses[i] != "completed"]
     assert not set(left) & set(by_survivors), left
-    assert {statuses[i] for i in left} <= {"dialing", "ringing", "in_progress"}, {i: statuses[i] for i in left}
+    lost = {i: (statuses[i], (records[i].get("error") or {}).get("code")) for i in left}
+    assert set(lost.values()) <= {("failed", "provider_lost")}, lost
     # (A completed call was placed at least once; the log of the killed dialer may lack its last lines,
     # the ones written as it was killed, so "at most once" is what the logs can show.)
     unlogged = [i for i in ids if i not in by_killed and i not in by_survivors]
     print(f"\ndialer kill: {BATCH} calls, {len(set(by_killed) & set(ids))} placed by the killed dialer "
-          f"({len(left)} left unfinished with it), {len(set(by_survivors) & set(ids))} by its replacement, "
+          f"({len(left)} failed provider_lost after it), {len(set(by_survivors) & set(ids))} by its replacement, "
           f"none twice; {len(unlogged)} placements not in the killed dialer's log")
 
 
