@@ -138,7 +138,7 @@ async def find(
     batch = min(batch or BATCH, BATCH)
     while True:
         rows = await table.rows(tenant, which, below, batch)
-        states = await asyncio.gather(*(store.get(tenant, _call_id(row.body)) for row in rows))
+        states = await asyncio.gather(*(store.get(tenant, row.call_id) for row in rows))
         for row, state in zip(rows, states):
             found = Found(row.seq, CallRequest.model_validate_json(row.body), state)
             if which.admits_status(found.status):
@@ -146,10 +146,6 @@ async def find(
         if len(rows) < batch:
             return
         below = rows[-1].seq
-
-
-def _call_id(body: bytes) -> str:
-    return str(orjson.loads(body)["call_id"])
 
 
 @dataclass(frozen=True)

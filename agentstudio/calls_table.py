@@ -85,6 +85,7 @@ class Behind(TimeoutError):
 @dataclass(frozen=True)
 class Row:
     seq: int
+    call_id: str
     body: bytes
 
 
@@ -261,8 +262,8 @@ class CallsTable:
         """Up to `limit` of the tenant's calls passing `which` (statuses as the table has them)
         below sequence `below`, newest first."""
         where, args = _where(tenant, which, below)
-        sql = f"SELECT seq, body FROM calls WHERE {where} ORDER BY seq DESC LIMIT ?"
-        return [Row(seq, body) for seq, body in await self._query(sql, [*args, limit])]
+        sql = f"SELECT seq, call_id, body FROM calls WHERE {where} ORDER BY seq DESC LIMIT ?"
+        return [Row(*row) for row in await self._query(sql, [*args, limit])]
 
     async def counts(self, tenant: str, which: CallFilter) -> dict[str, int]:
         """The tenant's calls passing `which` apart from its statuses, by listing status."""
