@@ -9,9 +9,11 @@ import os
 import uuid
 from pathlib import Path
 
+import pytest
+
 from agentstudio import bus, calls
 from agentstudio.callstate import CallState, CallStore
-from agentstudio.natsserver import free_port
+from agentstudio.natsserver import NatsServer, free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from processes import Process
 from test_dialer import MANIFESTS, events_of, queue_call
@@ -112,6 +114,7 @@ async def test_a_claim_is_taken_over_only_once_its_dialers_heartbeat_stops(nats_
     lease, dialers = 0.5, await bus.dialers_bucket(js)
     observer = Liveness(js, dialers, f"observer-{uuid.uuid4().hex[:6]}", lease)
     takeover = Takeover(observer, await bus.calls_bucket(js), tracker, lambda call: simulated, {"simulated": simulated})
+    await observer.beat()  # as a dialer does before its first look
     await observer.look()
     newcomer = Liveness(js, dialers, f"newcomer-{uuid.uuid4().hex[:6]}", lease)
     await newcomer.beat()  # after the observer looked: unknown to it until it looks again
@@ -166,3 +169,43 @@ async def test_a_call_placed_but_not_recorded_by_a_gone_dialer_is_found_at_twili
     assert await takeover.walk()
     state = await tracker.store.get(t.name, call_id)
     assert state is not None and (state.provider, state.provider_call_id, state.dialer) == ("twilio", sid, observer.name)
+
+
+async def test_a_bucket_out_of_reach_for_longer_than_a_lease_makes_no_dialer_gone(tmp_path: Path) -> None:
+    """While `as-dialers` cannot be written (its server down, as while a cluster elects the bucket's
+    leader) nobody's beats land. Back, a live dialer whose next beat has not come yet is not gone;
+    once it stops beating for a lease of written time, it is."""
+    from agentstudio.dialer.takeover import Liveness
+
+    lease = 0.6
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test-liveness")
+        try:
+            js = nc.jetstream(timeout=1)
+            dialers = await bus.dialers_bucket(js)
+            observer = Liveness(js, dialers, "observer", lease)
+            other = Liveness(js, dialers, "other", lease)
+            await observer.beat()
+            await other.beat()
+            assert await observer.look() == set()
+            server.stop(kill=True)
+            await asyncio.sleep(lease / 3)
+            with pytest.raises(Exception):  # noqa: B017 - whichever error the client gives while the server is away
+                await observer.beat()
+            await asyncio.sleep(3 * lease)
+            server.start()
+            deadline = asyncio.get_running_loop().time() + SETTLED
+            while True:  # the observer's first beat since it is back (the client reconnects by itself)
+                try:
+                    await observer.beat()
+                    break
+                except Exception:  # noqa: BLE001
+                    assert asyncio.get_running_loop().time() < deadline, "the observer never beat again"
+                    await asyncio.sleep(0.1)
+            assert await observer.look() == set(), "a dialer was made gone by the outage alone"
+            while "other" not in await observer.look():  # it beats no more: gone a lease later
+                assert asyncio.get_running_loop().time() < deadline
+                await observer.beat()
+                await asyncio.sleep(lease / 3)
+        finally:
+            await nc.close()

@@ -1,6 +1,7 @@
 """Dialer liveness and the takeover of a gone dialer's claims. Each dialer heartbeats under its name
 in `as-dialers`; one whose heartbeat has not changed for a lease (by the observer's own clock, so no
-two clocks are compared) or whose name is gone from the bucket is gone. Another dialer then settles
+two clocks are compared, and only while the observer's own beats were written, so a bucket out of
+reach makes nobody gone) or whose name is gone from the bucket is gone. Another dialer then settles
 every call it left claimed (dialing, ringing, in progress) instead of waiting for reports that will
 never come: Twilio is asked for the call and its status applied; a simulated call lived in the dead
 process and is failed `provider_lost`. A Twilio claim with no provider call id recorded is looked
@@ -44,9 +45,19 @@ class Liveness:
         self.name = name
         self.lease = lease
         self._seen: dict[str, _Seen] = {}
+        # Since when our own beats have been written without a failure. A lease counts only from
+        # then: while the bucket is out of reach (its leader being elected) nobody's beats land, and
+        # right after it is back, the others' stale revisions would otherwise make live dialers gone.
+        self._writable_since: float | None = None
 
     async def beat(self) -> None:
-        await self._kv.put(self.name, b"")  # the revision is the heartbeat
+        try:
+            await self._kv.put(self.name, b"")  # the revision is the heartbeat
+        except BaseException:
+            self._writable_since = None
+            raise
+        if self._writable_since is None:
+            self._writable_since = asyncio.get_running_loop().time()
 
     async def leave(self) -> None:
         """A dialer stopping cleanly has finished or handed back what it held: its name goes at once."""
@@ -67,7 +78,10 @@ class Liveness:
                 self._seen[name] = _Seen(revision, now)
         for name in set(self._seen) - set(present):
             del self._seen[name]
-        return {n for n, s in self._seen.items() if n != self.name and now - s.since > self.lease}
+        if self._writable_since is None:
+            return set()
+        return {n for n, s in self._seen.items()
+                if n != self.name and now - max(s.since, self._writable_since) > self.lease}
 
     def known(self, name: str) -> bool:
         return name in self._seen
