@@ -22,6 +22,7 @@ import httpx
 import pytest
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import ClusterInfo
 
 from agentstudio import bus
 from agentstudio.dialer.worker import Dialer
@@ -182,6 +183,29 @@ async def leader_of(js: JetStreamContext, stream: str) -> str:
         await asyncio.sleep(0.05)
 
 
+async def every_replica_current(js: JetStreamContext, seconds: float = 60) -> None:
+    """Wait until every replica of every stream and consumer is current, as their leaders see it."""
+    lagging: list[str] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                lagging = []
+                try:
+                    for stream in await js.streams_info():
+                        infos: list[tuple[str, ClusterInfo | None]] = [(stream.config.name, stream.cluster)]
+                        infos += [(f"{stream.config.name} > {c.name}", c.cluster)
+                                  for c in await js.consumers_info(stream.config.name)]
+                        lagging += [name for name, cluster in infos if cluster is None or not cluster.leader
+                                    or not all(r.current for r in cluster.replicas or [])]
+                except (NatsError, asyncio.TimeoutError) as exc:
+                    lagging = [type(exc).__name__]
+                if not lagging:
+                    return
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"replicas not current within {seconds} s: {lagging}") from None
+
+
 @asynccontextmanager
 async def leaderless_on_timeout(url: str, step: str, seconds: float = 60) -> AsyncIterator[None]:
     """A bound on `step`; past it, the failure names the step and the streams still without a leader."""
@@ -192,11 +216,19 @@ async def leaderless_on_timeout(url: str, step: str, seconds: float = 60) -> Asy
         nc = await bus.connect(url, "test-diagnosis")
         try:
             js = nc.jetstream(timeout=2)
-            infos = await js.streams_info()
-            leaderless = sorted(i.config.name for i in infos if i.cluster is None or not i.cluster.leader)
+            leaderless: dict[str, object] = {}
+            for name in [i.config.name for i in await js.streams_info()]:
+                try:
+                    info = await js.stream_info(name)
+                except (NatsError, asyncio.TimeoutError) as exc:
+                    leaderless[name] = type(exc).__name__
+                    continue
+                if info.cluster is None or not info.cluster.leader:
+                    leaderless[name] = [(r.name, r.current, r.lag) for r in (info.cluster.replicas or [])] if info.cluster else None
         finally:
             await nc.close()
-        raise AssertionError(f"{step}: not within {seconds} s; streams without a leader: {leaderless}") from None
+        raise AssertionError(f"{step}: not within {seconds} s; streams without a leader "
+                             f"(their replicas: name, current, lag): {leaderless}") from None
 
 
 async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles_no_call(
@@ -240,6 +272,11 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                 restarted = time.monotonic()
                 await asyncio.to_thread(cluster.restart, follower)
                 figures["node_restart_to_healthy_s"] = time.monotonic() - restarted
+                # R3 outlives one node at a time: the next kill waits until the node is a full replica
+                # again (its /healthz passed while it still caught up a consumer: the leader's kill then
+                # left CALLS without quorum for 30 s and more in 2 of 7 runs on a loaded machine).
+                await every_replica_current(js)
+                figures["node_restart_to_current_s"] = time.monotonic() - restarted
                 figures["node_kill_503_s"] = load.unavailable(killed)
                 await asyncio.sleep(1)
 
@@ -271,7 +308,7 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                 await publish_retrying(tenant, tenant.resources + docs(LATE_KEY))
                 figures["bundle_publish_s"] = time.monotonic() - published
                 async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-                    async with asyncio.timeout(30):
+                    async with leaderless_on_timeout(survivors, "ingest honouring a key published after the leader's kill"):
                         # 401 until ingest has the bundle with the key (a call it accepts is placed too)
                         while (await http.post(INGEST, headers=tenant.auth("late"), json={
                                 "agent_slug": "a", "phone_number": "+447911199999", "user_id": "late"})
