@@ -153,24 +153,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             report.sections.append((f"process {process.name}", process.output()))
 
 
-@contextmanager
-def running_ingest(nats_url: str, tenant: Tenant, log: Path, **env: str) -> Iterator[str]:
-    """`agent-studio ingest` on a free loopback port for `tenant` (its bundle published), until it is
-    ready; yields its base URL. `env`: more AGENTSTUDIO_* settings."""
+def start_ingest(nats_url: str, log: Path, **env: str) -> tuple[Process, str]:
+    """`agent-studio ingest` on a free loopback port, not waited for (see `ingest_ready`); returns it and
+    its base URL. `env`: more AGENTSTUDIO_* settings."""
     port = free_port()
     process = Process.agent_studio("ingest", log=log, env={
         **os.environ, "AGENTSTUDIO_NATS_URL": nats_url, "AGENTSTUDIO_HOST": "127.0.0.1",
         "AGENTSTUDIO_PORT": str(port), **env})
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
 
+def ingest_ready(url: str) -> bool:
     try:
-        process.wait_until(ready, "ingest ready")
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextmanager
+def running_ingest(nats_url: str, tenant: Tenant, log: Path, **env: str) -> Iterator[str]:
+    """`agent-studio ingest` on a free loopback port for `tenant` (its bundle published), until it is
+    ready; yields its base URL. `env`: more AGENTSTUDIO_* settings."""
+    process, url = start_ingest(nats_url, log, **env)
+    try:
+        process.wait_until(lambda: ingest_ready(url), "ingest ready")
         yield url
     finally:
         process.stop(timeout=10)

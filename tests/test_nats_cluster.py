@@ -15,7 +15,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -31,13 +30,12 @@ from agentstudio.manifests import Located
 from agentstudio.natsserver import NatsCluster, NatsServer, free_port
 from agentstudio.settings import Settings
 from conftest import EXAMPLES, SEED_BODY, Tenant, docs
+from load import INGEST, Load
 from processes import Process
 from test_dev import DevProcess
 from test_dialer import MANIFESTS, dialers
 
-INGEST = "/api/v1/webhooks/ingest"
 SCENARIO_SECONDS = 150
-RETRIES = 300  # a platform retries for minutes; 0.1 s apart, 30 s is more than any fault here lasts
 
 
 @pytest.fixture
@@ -96,53 +94,6 @@ async def test_one_server_gets_r1(tmp_path: Path) -> None:
         await started_ingest(server.url)
         replicas = await streams_replicas(server.url)
     assert replicas and set(replicas.values()) == {1}, replicas
-
-
-@dataclass
-class Load:
-    """A platform posting calls one after another at `rate`, each with its own Idempotency-Key and
-    retried with it on 503 and broken connections until 201, as CleverTap or Braze do."""
-
-    url: str
-    key: str
-    rate: float
-    accepted: dict[str, str] = field(default_factory=dict)  # Idempotency-Key → call id
-    accepted_at: dict[str, float] = field(default_factory=dict)  # call id → when its 201 came
-    answers: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, status or error)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=10,
-                                     headers={"Authorization": f"Bearer {self.key}"}) as http:
-            n = 0
-            while not stop.is_set():
-                idem = f"load-{n}"
-                body = {"agent_slug": "a", "phone_number": f"+4479111{n:05d}", "user_id": f"u-{n}",
-                        "metadata": {"simulate_duration_seconds": 0.1}}
-                for _ in range(RETRIES):
-                    try:
-                        resp = await http.post(INGEST, json=body, headers={"Idempotency-Key": idem})
-                        answer = str(resp.status_code)
-                    except httpx.TransportError as exc:
-                        resp, answer = None, type(exc).__name__
-                    self.answers.append((time.monotonic(), answer))
-                    if resp is not None and resp.status_code in (200, 201):
-                        self.accepted[idem] = resp.json()["call_id"]
-                        self.accepted_at[self.accepted[idem]] = time.monotonic()
-                        break
-                    assert resp is None or resp.status_code == 503, f"{idem}: {resp.status_code} {resp.text}"
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError(f"{idem} never accepted: {self.answers[-5:]}")
-                n += 1
-                await asyncio.sleep(1 / self.rate)
-
-    def unavailable(self, since: float) -> float:
-        """Seconds from the first answer other than 201 after `since` to the next 201 (0: none)."""
-        first = next((t for t, a in self.answers if t >= since and a not in ("200", "201")), None)
-        if first is None:
-            return 0.0
-        back = next((t for t, a in self.answers if t > first and a in ("200", "201")), time.monotonic())
-        return back - first
 
 
 LATE_KEY = """
@@ -251,7 +202,7 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
         except httpx.TransportError:
             return False
 
-    load = Load(url, tenant.keys["test"], rate=20)
+    load = Load([url], tenant.keys["test"], rate=20)
     stop_load = asyncio.Event()
     figures: dict[str, float] = {}
     try:
@@ -295,10 +246,11 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                     await probe.close()
                 survivors = ",".join(n.url for n in cluster.nodes if n.name != leader)
                 async with leaderless_on_timeout(survivors, "ingest answering 201 again after the leader's kill"):
-                    while not any(t > killed and a == "201" for t, a in load.answers):
+                    while not any(a.at > killed and a.answer == "201" for a in load.answers):
                         ingest.alive()
                         await asyncio.sleep(0.05)
-                figures["ingest_201_again_s"] = next(t for t, a in load.answers if t > killed and a == "201") - killed
+                again = next(a.at for a in load.answers if a.at > killed and a.answer == "201")
+                figures["ingest_201_again_s"] = again - killed
                 async with leaderless_on_timeout(survivors, "dialers placing a call accepted after the leader's kill"):
                     while not (after := [c for c, t in load.accepted_at.items() if t > killed and c in placings]):
                         await asyncio.sleep(0.05)
@@ -332,7 +284,7 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
         stop_load.set()
         ingest.stop()
         await admin.close()
-    answers = Counter(a for _, a in load.answers)
+    answers = Counter(a.answer for a in load.answers)
     print(json.dumps({"calls_accepted": len(ids), "answers": answers, **{k: round(v, 2) for k, v in figures.items()}}))
     assert len(ids) == len(load.accepted), "two Idempotency-Keys got one call id"
     doubled = {c: n for c, n in placed.items() if c in ids and n != 1}
