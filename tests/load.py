@@ -12,7 +12,7 @@ from typing import NamedTuple
 import httpx
 
 INGEST = "/api/v1/webhooks/ingest"
-RETRIES = 300  # a platform retries for minutes; 0.1 s apart, 30 s is more than any fault here lasts
+RETRIES = 1200  # a platform retries for minutes; 0.1 s apart, 2 min outlasts any fault here, stalls included
 
 
 class Answer(NamedTuple):
