@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,7 @@ class Receiver:
     received: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[str] = field(default_factory=list)  # webhook-id of every attempt
     port: int = field(default_factory=free_port)
+    before_answer: Callable[[], None] | None = None  # runs as each verified attempt is answered
 
     @property
     def url(self) -> str:
@@ -51,6 +52,8 @@ class Receiver:
             body = await request.body()
             event = Webhook(self.secret).verify(body, dict(request.headers))  # raises on a bad signature
             self.attempts.append(request.headers["webhook-id"])
+            if self.before_answer is not None:
+                self.before_answer()
             if self.mode == "slow":
                 await asyncio.sleep(4)
             if self.mode == "gone":

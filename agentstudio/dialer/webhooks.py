@@ -37,6 +37,9 @@ log = logging.getLogger("agentstudio.webhooks")
 
 FANOUT_CONSUMER = "webhook-fanout"
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+# How long a delivered message's record and ack are retried: within its consumer's ack wait (the
+# timeout + 20 s), so the redelivery a lost ack brings finds the record.
+SETTLE_SECONDS = 15.0
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
@@ -172,6 +175,10 @@ class WebhookDispatcher:
     async def _deliver(self, tenant: str, sub: CompiledSubscription, msg: Msg) -> str:
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
+        if attempt > 1 and await self._delivered_before(tenant, sub, event):
+            # A 2xx whose ack was lost (its node died as it was sent): the receiver has it already.
+            await self._ack(msg, tenant, sub, event)
+            return "delivered"
         secret = await self.secrets.get(tenant, sub.secret_ref)
         if secret is None:
             error = f"signing secret {sub.secret_ref.name} not readable"
@@ -184,8 +191,9 @@ class WebhookDispatcher:
             except httpx.HTTPError as exc:
                 status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
-            await msg.ack()
-            await self._record(tenant, sub, event, "delivered", attempt, None)
+            # Recorded before the ack, and waited for: a redelivery after a lost ack finds it.
+            await self._record(tenant, sub, event, "delivered", attempt, None, retry_for=SETTLE_SECONDS)
+            await self._ack(msg, tenant, sub, event)
             return "delivered"
         if status == 410:
             await self._disable(tenant, sub, "receiver answered 410 Gone")
@@ -205,18 +213,52 @@ class WebhookDispatcher:
         return "retry"
 
     async def _record(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], state: str, attempts: int,
-                      error: str | None) -> None:
-        """What became of this delivery so far, for the console's view of the call. After the ack or
-        nak, and a failure only logged: the record informs people, the delivery itself is settled."""
+                      error: str | None, retry_for: float = 0.0) -> None:
+        """What became of this delivery so far, for the console's view of the call and, once
+        delivered, for a redelivery to skip. A failure past `retry_for` is only logged."""
         assert self.deliveries is not None
         record = {"subscription": sub.name, "event_id": event["id"], "event_type": event["type"], "state": state,
                   "attempts": attempts, "last_error": error, "at": time.time()}
+        key = bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"])
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                await self.deliveries.put(key, orjson.dumps(record))
+                return
+            except (NatsError, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("webhook delivery not recorded", extra={
+                        "tenant": tenant, "subscription": sub.name, "event_id": event["id"],
+                        "error": type(exc).__name__})
+                    return
+                await asyncio.sleep(0.5)
+
+    async def _delivered_before(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> bool:
+        """Whether an earlier attempt got a 2xx; unknown (the bucket out of reach) counts as not:
+        at least once, and receivers dedupe by webhook-id."""
+        assert self.deliveries is not None
         try:
-            await self.deliveries.put(bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"]),
-                                      orjson.dumps(record))
-        except (NatsError, asyncio.TimeoutError) as exc:
-            log.warning("webhook delivery not recorded", extra={
-                "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "error": type(exc).__name__})
+            entry = await self.deliveries.get(
+                bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"]))
+        except (NatsError, asyncio.TimeoutError):
+            return False
+        return bool(entry.value) and orjson.loads(entry.value).get("state") == "delivered"
+
+    async def _ack(self, msg: Msg, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> None:
+        """Ack and wait for the server's word, retried: a plain ack sent as its node dies is lost
+        without a sign, and the message comes again."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            try:
+                await msg.ack_sync(timeout=2)
+                return
+            except (NatsError, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("webhook ack not confirmed; a redelivery is skipped by the delivery record",
+                                extra={"tenant": tenant, "subscription": sub.name, "event_id": event["id"],
+                                       "error": type(exc).__name__})
+                    return
+                await asyncio.sleep(0.5)
 
     async def _dead_letter(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], attempts: int,
                            error: str) -> None:
