@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs  # noqa: E402
 from ingest import BODIES, publish_tenant, serve  # noqa: E402
+from jetstream_cluster import every_replica_current, leader_of  # noqa: E402
+from load import INGEST, Load  # noqa: E402
 from loadgen import attack  # noqa: E402
 from test_dialer import MANIFESTS, dialers  # noqa: E402
 from test_webhooks import OPS_KEY, Receiver, serving, subscription  # noqa: E402
@@ -53,7 +55,6 @@ from agentstudio.natsserver import NatsCluster, NatsServer, free_port  # noqa: E
 from agentstudio.secrets import StaticSecrets  # noqa: E402
 from agentstudio.settings import Settings  # noqa: E402
 
-INGEST = "/api/v1/webhooks/ingest"
 log = logging.getLogger("bench")  # marks the steps in bench/results/cluster.log, between the roles' lines
 
 
@@ -126,51 +127,6 @@ WEBHOOK_SCHEDULE = "0,1,2,4,8,16"  # the default's first steps are minutes apart
 SETTLE_SECONDS = 180.0  # the bound on "every accepted call final and its webhooks delivered"
 
 
-@dataclass
-class Load:
-    """A platform posting `rate` calls a second, each with its own Idempotency-Key and retried with it
-    on any answer but 201 and on broken connections, until accepted (or a minute has gone by)."""
-
-    url: str
-    key: str
-    prefix: str
-    rate: float = RATE
-    accepted: dict[str, str] = field(default_factory=dict)  # Idempotency-Key → call id
-    accepted_at: dict[str, float] = field(default_factory=dict)  # call id → when its 201 came
-    answers: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, status or error)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {self.key}"}) as http:
-            n = 0
-            while not stop.is_set():
-                idem = f"{self.prefix}-{n}"
-                body = {"agent_slug": "a", "phone_number": f"+4479{len(self.prefix)}11{n:05d}",
-                        "user_id": f"u-{n}", "metadata": {"simulate_duration_seconds": 0.1}}
-                given_up = time.monotonic() + 60
-                while time.monotonic() < given_up:
-                    try:
-                        resp = await http.post(self.url, json=body, headers={"Idempotency-Key": idem})
-                        answer = str(resp.status_code)
-                    except httpx.TransportError as exc:
-                        resp, answer = None, type(exc).__name__
-                    self.answers.append((time.monotonic(), answer))
-                    if resp is not None and resp.status_code in (200, 201):
-                        self.accepted[idem] = resp.json()["call_id"]
-                        self.accepted_at.setdefault(self.accepted[idem], time.monotonic())
-                        break
-                    await asyncio.sleep(0.1)
-                n += 1
-                await asyncio.sleep(1 / self.rate)
-
-    def unavailable(self, since: float, until: float | None = None) -> float:
-        """Seconds from the first answer other than 201 after `since` to the next 201 (0: none)."""
-        first = next((t for t, a in self.answers if since <= t < (until or 1e18) and a not in OK), None)
-        if first is None:
-            return 0.0
-        back = next((t for t, a in self.answers if t > first and a in OK), time.monotonic())
-        return back - first
-
-
 OK = ("200", "201")
 
 
@@ -187,43 +143,6 @@ class Phase:
     placed_at: dict[str, float] = field(default_factory=dict)  # call id → when a dialer first placed it
     webhook_at: dict[str, float] = field(default_factory=dict)  # call id → its first 2xx-answered webhook
     redelivered_max: int = 0  # the dialers' consumer's num_redelivered, the highest sampled
-
-
-async def all_replicas_current(js: JetStreamContext) -> bool:
-    """Every replica of every stream and of every replicated consumer is current, as the leaders say.
-    A node healthy by /healthz may still be catching a consumer up: killing a leader then can leave
-    the stream without quorum."""
-    try:
-        for stream in await js.streams_info():
-            infos = [stream, *await js.consumers_info(stream.config.name)]
-            for info in infos:
-                cluster = info.cluster
-                if cluster is None or not cluster.leader:
-                    return False
-                if any(not peer.current or peer.offline for peer in cluster.replicas or []):
-                    return False
-    except (NatsError, asyncio.TimeoutError):
-        return False
-    return True
-
-
-async def until_replicas_current(js: JetStreamContext, bound: float = 90) -> float:
-    started = time.monotonic()
-    async with asyncio.timeout(bound):
-        while not await all_replicas_current(js):
-            await asyncio.sleep(0.2)
-    return time.monotonic() - started
-
-
-async def leader_of_calls(js: JetStreamContext) -> str:
-    while True:
-        try:
-            info = await js.stream_info(bus.CALLS_STREAM)
-            if info.cluster is not None and info.cluster.leader:
-                return info.cluster.leader
-        except (NatsError, asyncio.TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
 
 
 def observe(running: list[Dialer], phases: list[Phase]) -> None:
@@ -354,7 +273,7 @@ async def under_faults(cluster: NatsCluster, js: JetStreamContext, phase: Phase,
     started = time.monotonic()
     figures: dict[str, object] = {}
     await asyncio.sleep(3)
-    leader = await leader_of_calls(js)
+    leader = await leader_of(js, bus.CALLS_STREAM)
     follower = next(n for n in cluster.nodes if n.name != leader)
     node_killed = time.monotonic()
     log.warning("killing %s, not the leader of CALLS", follower.name)
@@ -363,10 +282,10 @@ async def under_faults(cluster: NatsCluster, js: JetStreamContext, phase: Phase,
     restarted = time.monotonic()
     await asyncio.to_thread(cluster.restart, follower)
     figures["node_restart_to_healthy_s"] = round(time.monotonic() - restarted, 2)
-    figures["replicas_current_after_healthy_s"] = round(await until_replicas_current(js), 2)
+    figures["replicas_current_after_healthy_s"] = round(await every_replica_current(js, 90), 2)
     figures["node_kill_503_s"] = round(load.unavailable(node_killed), 2)
 
-    leader = await leader_of_calls(js)
+    leader = await leader_of(js, bus.CALLS_STREAM)
     killed = time.monotonic()
     log.warning("killing %s, the leader of CALLS", leader)
     cluster.node(leader).stop(kill=True)
@@ -379,22 +298,22 @@ async def under_faults(cluster: NatsCluster, js: JetStreamContext, phase: Phase,
     counts = await settle(js, phase, running)
     watching.cancel()
 
-    failed = next((t for t, a in load.answers if t >= killed and a not in OK), None)
-    back = next((t for t, a in load.answers if t > (failed or killed) and a in OK), None)
+    failed = next((a.at for a in load.answers if a.at >= killed and a.answer not in OK), None)
+    back = next((a.at for a in load.answers if a.at > (failed or killed) and a.answer in OK), None)
     figures.update({
         "leader_kill_503_s": round(load.unavailable(killed), 2),
-        "leader_kill_answers_not_201": sum(1 for t, a in load.answers if t >= killed and a not in OK),
+        "leader_kill_answers_not_201": sum(1 for a in load.answers if a.at >= killed and a.answer not in OK),
         "201_again_after_kill_s": round(back - killed, 2) if back else -1.0,
         "placing_again_after_kill_s": since(killed, phase.placed_at, load.accepted_at),
         "webhook_again_after_kill_s": since(killed, phase.webhook_at, load.accepted_at),
     })
-    return {**counts, **figures, "answers": dict(Counter(a for _, a in load.answers))}, load_seconds
+    return {**counts, **figures, "answers": dict(Counter(a.answer for a in load.answers))}, load_seconds
 
 
 async def without_faults(js: JetStreamContext, phase: Phase, running: list[Dialer], seconds: float) -> dict[str, object]:
     """The same load for as long, nothing killed: what each count is when nothing goes wrong."""
     assert phase.load is not None
-    await until_replicas_current(js)
+    await every_replica_current(js, 90)
     log.warning("baseline: the same load, nothing killed")
     stop = asyncio.Event()
     watching = asyncio.create_task(watch(running, phase, js))
@@ -404,7 +323,7 @@ async def without_faults(js: JetStreamContext, phase: Phase, running: list[Diale
     await loading
     counts = await settle(js, phase, running)
     watching.cancel()
-    return {**counts, "answers": dict(Counter(a for _, a in phase.load.answers))}
+    return {**counts, "answers": dict(Counter(a.answer for a in phase.load.answers))}
 
 
 async def accepting(base: str, tenant: Tenant) -> None:
@@ -443,7 +362,7 @@ async def pipeline(tmp: Path, after_kill: float) -> dict[str, object]:
                 observe(running, phases)
                 for p in phases:
                     await accepting(url.removesuffix(INGEST), p.tenant)
-                    p.load = Load(url, p.tenant.keys["test"], p.name)
+                    p.load = Load([url.removesuffix(INGEST)], p.tenant.keys["test"], RATE, prefix=p.name)
                 faults, seconds = await under_faults(cluster, js, phases[0], running, after_kill)
                 baseline = await without_faults(js, phases[1], running, seconds)
         finally:

@@ -34,6 +34,7 @@ class Load:
     key: str
     rate: float
     workers: int = 1
+    prefix: str = "load"  # of the Idempotency-Keys, one per load sharing a key
     accepted: dict[str, str] = field(default_factory=dict)  # Idempotency-Key → call id
     accepted_at: dict[str, float] = field(default_factory=dict)  # call id → when its 201 came
     answers: list[Answer] = field(default_factory=list)
@@ -52,7 +53,7 @@ class Load:
             await asyncio.sleep(self.workers / self.rate)
 
     async def _post(self, http: httpx.AsyncClient, n: int) -> None:
-        idem = f"load-{n}"
+        idem = f"{self.prefix}-{n}"
         body = {"agent_slug": "a", "phone_number": f"+4479111{n:05d}", "user_id": f"u-{n}",
                 "metadata": {"simulate_duration_seconds": 0.1}}
         for attempt in range(RETRIES):
@@ -75,9 +76,10 @@ class Load:
             await asyncio.sleep(0.1)
         raise AssertionError(f"{idem} never accepted: {self.answers[-5:]}")
 
-    def unavailable(self, since: float) -> float:
-        """Seconds from the first answer other than 201 after `since` to the next 201 (0: none)."""
-        first = next((a.at for a in self.answers if a.at >= since and a.answer not in ("200", "201")), None)
+    def unavailable(self, since: float, until: float | None = None) -> float:
+        """Seconds from the first answer other than 201 in [`since`, `until`) to the next 201 (0: none)."""
+        first = next((a.at for a in self.answers if since <= a.at < (until or float("inf"))
+                      and a.answer not in ("200", "201")), None)
         if first is None:
             return 0.0
         back = next((a.at for a in self.answers if a.at > first and a.answer in ("200", "201")), time.monotonic())
