@@ -20,20 +20,22 @@ from pathlib import Path
 import httpx
 import pytest
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.api import ClusterInfo
 
-from agentstudio import bus
+from agentstudio import bus, signing
+from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.worker import Dialer
 from agentstudio.ingest.service import IngestService
 from agentstudio.manifests import Located
 from agentstudio.natsserver import NatsCluster, NatsServer, free_port
+from agentstudio.secrets import StaticSecrets
 from agentstudio.settings import Settings
 from conftest import EXAMPLES, SEED_BODY, Tenant, docs
+from jetstream_cluster import every_replica_current, leader_of
 from load import INGEST, Load
 from processes import Process
 from test_dev import DevProcess
 from test_dialer import MANIFESTS, dialers
+from test_webhooks import Receiver, serving, subscription
 
 SCENARIO_SECONDS = 240
 ELECTION_SECONDS = 30  # past it, the killed node is brought back (see the test)
@@ -116,46 +118,15 @@ async def publish_retrying(tenant: Tenant, resources: list[Located]) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def watch_placings(running: list[Dialer], placings: dict[str, float]) -> None:
+async def watch_placings(running: list[Dialer], placings: dict[str, float], receiver: Receiver,
+                         hooked: dict[str, float]) -> None:
+    """Stamp when each call is first placed, and when its webhook first reaches the receiver."""
     while True:
         for call_id in placed_calls(running):
             placings.setdefault(call_id, time.monotonic())
+        for got in receiver.received:
+            hooked.setdefault(got["event"]["data"]["call_id"], time.monotonic())
         await asyncio.sleep(0.02)
-
-
-async def leader_of(js: JetStreamContext, stream: str) -> str:
-    """The server leading `stream`, once one is elected (asked of any node that answers)."""
-    while True:
-        try:
-            info = await js.stream_info(stream)
-            if info.cluster is not None and info.cluster.leader:
-                return info.cluster.leader
-        except (NatsError, asyncio.TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
-
-
-async def every_replica_current(js: JetStreamContext, seconds: float = 60) -> None:
-    """Wait until every replica of every stream and consumer is current, as their leaders see it."""
-    lagging: list[str] = []
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                lagging = []
-                try:
-                    for stream in await js.streams_info():
-                        infos: list[tuple[str, ClusterInfo | None]] = [(stream.config.name, stream.cluster)]
-                        infos += [(f"{stream.config.name} > {c.name}", c.cluster)
-                                  for c in await js.consumers_info(stream.config.name)]
-                        lagging += [name for name, cluster in infos if cluster is None or not cluster.leader
-                                    or not all(r.current for r in cluster.replicas or [])]
-                except (NatsError, asyncio.TimeoutError) as exc:
-                    lagging = [type(exc).__name__]
-                if not lagging:
-                    return
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"replicas not current within {seconds} s: {lagging}") from None
 
 
 @asynccontextmanager
@@ -189,8 +160,14 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
     admin = await bus.connect(cluster.url, "test-admin")
     js = admin.jetstream()
     await bus.ensure_calls_stream(js)
-    tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+    receiver = Receiver(signing.new_secret())  # answers 204 to every signed post
+    tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
+                    docs(MANIFESTS + subscription("results", receiver.url, '["call.completed"]')))
     await tenant.publish()
+    secrets = StaticSecrets({(tenant.name, "results-webhook-secret", "secret"): receiver.secret})
+    hooks_nc = await bus.connect(cluster.url, "test-webhooks")
+    dispatcher, watcher = await dialer_main.webhooks(hooks_nc, Settings(
+        nats_url=cluster.url, webhook_retry_schedule="0,1,2,4,8,16", webhook_timeout_seconds=2), secrets)
     port = free_port()
     ingest = Process.agent_studio("ingest", log=tmp_path / "ingest.log", env={
         **os.environ, "AGENTSTUDIO_NATS_URL": cluster.url, "AGENTSTUDIO_HOST": "127.0.0.1",
@@ -204,15 +181,18 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
             return False
 
     load = Load([url], tenant.keys["test"], rate=20)
-    stop_load = asyncio.Event()
     figures: dict[str, float] = {}
+    stop_load, stop_hooks = asyncio.Event(), asyncio.Event()
+    delivering = asyncio.create_task(dispatcher.run(stop_hooks))
     try:
         await asyncio.to_thread(ingest.wait_until, ready, "ingest ready")
         async with asyncio.timeout(SCENARIO_SECONDS):  # a bound for a hang anywhere, teardown included
-            async with dialers(cluster.url, count=2, max_concurrent_calls_per_tenant=100) as running:
+            async with dialers(cluster.url, count=2, max_concurrent_calls_per_tenant=100) as running, \
+                    serving(receiver):
                 loading = asyncio.create_task(load.run(stop_load))
                 placings: dict[str, float] = {}  # call id → when a dialer first placed it
-                watching = asyncio.create_task(watch_placings(running, placings))
+                hooked: dict[str, float] = {}  # call id → when its call.completed webhook first came
+                watching = asyncio.create_task(watch_placings(running, placings, receiver, hooked))
                 await asyncio.sleep(2)
 
                 # One node, not the leader of CALLS, dies and comes back on its store.
@@ -265,6 +245,10 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                     while not (after := [c for c, t in load.accepted_at.items() if t > killed and c in placings]):
                         await asyncio.sleep(0.05)
                 figures["dialers_placing_again_s"] = min(placings[c] for c in after) - killed
+                async with leaderless_on_timeout(survivors, "webhooks delivered for a call accepted after the leader's kill"):
+                    while not (after := [c for c, t in load.accepted_at.items() if t > killed and c in hooked]):
+                        await asyncio.sleep(0.05)
+                figures["webhooks_again_s"] = min(hooked[c] for c in after) - killed
                 # A configuration change made now reaches ingest: its bundle watch survived the kill.
                 published = time.monotonic()
                 await publish_retrying(tenant, tenant.resources + docs(LATE_KEY))
@@ -286,23 +270,34 @@ async def test_killing_a_node_then_the_calls_leader_under_load_loses_and_doubles
                     await asyncio.to_thread(cluster.restart, cluster.node(leader))
 
                 ids = set(load.accepted.values())
-                async with asyncio.timeout(60):
-                    while not ids <= set(placed_calls(running)):
-                        await asyncio.sleep(0.1)
+                try:
+                    async with asyncio.timeout(60):
+                        while not ids <= set(placed_calls(running)) or not ids <= set(hooked):
+                            await asyncio.sleep(0.1)
+                except TimeoutError:
+                    pass  # the asserts below name what is missing
                 placed = placed_calls(running)
                 watching.cancel()
     finally:
         stop_load.set()
+        stop_hooks.set()
         ingest.stop()
+        await delivering
+        await watcher.stop()
+        await hooks_nc.close()
         await admin.close()
     answers = Counter(a.answer for a in load.answers)
-    print(json.dumps({"calls_accepted": len(ids), "answers": answers, **{k: round(v, 2) for k, v in figures.items()}}))
+    twice = sum(n - 1 for n in Counter(receiver.attempts).values())  # every post was answered 204
+    print(json.dumps({"calls_accepted": len(ids), "answers": answers, "webhooks_twice": twice,
+                      **{k: round(v, 2) for k, v in figures.items()}}))
     assert len(ids) == len(load.accepted), "two Idempotency-Keys got one call id"
     doubled = {c: n for c, n in placed.items() if c in ids and n != 1}
     assert not doubled, f"placed more than once: {doubled}"
     assert len(ids) > 100
     missing = ids - set(placed)
     assert not missing, f"{len(missing)} accepted calls never placed"
+    unhooked = ids - set(hooked)
+    assert not unhooked, f"{len(unhooked)} accepted calls' call.completed webhooks never came"
 
 
 def placed_calls(running: list[Dialer]) -> Counter[str]:
