@@ -231,6 +231,7 @@ class BundleWatcher:
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._empty_at_start = True
+        self._restarting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # nats-py marks the end of the initial values (None) when the new consumer's info says
@@ -242,12 +243,33 @@ class BundleWatcher:
         self._task = asyncio.create_task(self._run(self._watcher), name="bundle-watcher")
 
     async def restart(self) -> None:
-        """Watch again from the current values (after a reconnect, the old watch is gone)."""
+        """Watch again from the current values (after a reconnect, the old watch is gone), retrying
+        while NATS cannot start one (a cluster still electing leaders): a watch that is not running
+        never sees another bundle, and a process has no other reason to try again."""
         await self.stop()
-        await self.start()
+        delay = 0.2
+        while True:
+            try:
+                await self.start()
+                break
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                log.warning("bundle watch not restarted yet; retrying", extra={
+                    "error": type(exc).__name__, "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
         log.info("bundle watch restarted")
 
+    def restart_soon(self) -> None:
+        """Restart in the background (a reconnection callback must not block nats-py's reconnect),
+        replacing a restart still under way."""
+        if self._restarting is not None:
+            self._restarting.cancel()
+        self._restarting = asyncio.create_task(self.restart(), name="bundle-watch-restart")
+
     async def stop(self) -> None:
+        if self._restarting is not None and self._restarting is not asyncio.current_task():
+            self._restarting.cancel()
+            await asyncio.gather(self._restarting, return_exceptions=True)
         if self._watcher is not None:
             try:
                 await self._watcher.stop()

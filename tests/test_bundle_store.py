@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -273,5 +274,39 @@ async def test_watchers_loading_more_bodies_than_a_stream_allows_consumers_load_
             assert [sorted(w.snapshot.bundles) for w in watchers] == [tenants, tenants]
         finally:
             for watcher in watchers:
+                await watcher.stop()
+            await nc.close()
+
+
+async def test_a_watch_restarted_while_nats_is_away_keeps_trying_and_sees_the_next_bundle(tmp_path: Path) -> None:
+    """A reconnection restarts the watch (its consumer is gone); in a cluster still electing leaders
+    the first tries fail. One failed try used to leave the process with no watch at all: every later
+    bundle (a new key, a changed prompt) was never seen."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test-watch-restart")
+        watcher: BundleWatcher | None = None
+        try:
+            js = nc.jetstream(timeout=1)
+            t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(SMALL % "before"))
+            first = await t.publish()
+            watcher = BundleWatcher(await bundle_store.buckets(js))
+            await watcher.start()
+            await until_version(watcher, t.name, first.version)
+            server.stop(kill=True)
+            watcher.restart_soon()  # as a reconnection does; NATS is not there to start a watch
+            await asyncio.sleep(1)
+            server.start()
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        later = await t.publish(docs(SMALL % "after"))
+                        break
+                    except (NatsError, asyncio.TimeoutError):
+                        await asyncio.sleep(0.2)
+                while (b := watcher.snapshot.bundles.get(t.name)) is None or b.version < later.version:
+                    await asyncio.sleep(0.05)
+            assert watcher.snapshot.bundles[t.name].agents["a"].spec.prompt == "after"
+        finally:
+            if watcher is not None:
                 await watcher.stop()
             await nc.close()

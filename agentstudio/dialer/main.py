@@ -244,11 +244,18 @@ async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple
 async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket) -> None:
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
+    watchers: list[BundleWatcher] = []
+
+    async def resubscribe() -> None:  # a reconnection loses the watch's ephemeral consumer
+        for w in watchers:
+            w.restart_soon()
+
     nc = await bus.connect_retrying(settings.nats_url, "agentstudio-dialer", auth=settings.nats_auth(),
-                                   replicas=settings.nats_replicas)
+                                   replicas=settings.nats_replicas, on_reconnect=resubscribe)
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
         dispatcher, watcher = await webhooks(nc, settings, secrets)
+        watchers.append(watcher)
         dialer = await build(nc, settings, bundles=watcher)
         runtime = await voice(nc, settings, watcher, secrets)
         server = uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(),

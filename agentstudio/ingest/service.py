@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from pathlib import Path
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -64,11 +66,11 @@ class IngestService:
 
     async def _resubscribe(self) -> None:
         if self._watcher is not None:
+            self._watcher.restart_soon()  # retried until it runs; the old bundles serve meanwhile
             try:
                 await bus.ensure_calls_stream(self.js)  # in case the server came back empty
-                await self._watcher.restart()
-            except Exception:  # noqa: BLE001 - retried on the next reconnect; the old bundles stay
-                log.exception("could not restart the bundle watch")
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:  # publishes answer 503 meanwhile
+                log.warning("calls stream not checked after the reconnect", extra={"error": type(exc).__name__})
 
     async def stop(self) -> None:
         if self._table is not None:
