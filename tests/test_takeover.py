@@ -209,3 +209,60 @@ async def test_a_bucket_out_of_reach_for_longer_than_a_lease_makes_no_dialer_gon
                 await asyncio.sleep(lease / 3)
         finally:
             await nc.close()
+
+
+async def test_a_call_placed_by_a_live_dialer_but_not_recorded_is_not_placed_again_by_another(tmp_path: Path) -> None:
+    """A dialer placed a simulated call but could not record its id (NATS electing a leader), so the
+    dispatch came back, and to another dialer. Only the claimant's simulated provider knows the call
+    went out: the other must leave it to the claimant (or to the takeover, if it is gone), not dial
+    it again, as a three-node test under load once saw (one call placed twice)."""
+    from agentstudio.dialer import main as dialer_main
+    from agentstudio.dialer.takeover import Liveness
+    from agentstudio.settings import Settings
+    from test_dialer import CountingSimulator
+
+    class Unheard(CountingSimulator):
+        """A callee whose progress reports are lost too (NATS still away): the call stays dialing."""
+
+        async def _play(self, call, sid, voicemail):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(3600)
+
+    with NatsServer(tmp_path / "nats") as server:
+        conns = [await bus.connect(server.url, f"test-dialer-{i}") for i in range(2)]
+        stop = asyncio.Event()
+        running: list[asyncio.Task[None]] = []
+        try:
+            js = conns[0].jetstream()
+            await bus.ensure_calls_stream(js)
+            t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS))
+            bundle = await t.publish()
+            async with ingest_client(server.url) as (client, svc):
+                await wait_for_bundle(svc, t.name, bundle.version)
+                call_id = await queue_call(client, t)
+            conf = Settings(nats_url=server.url, cap_retry_seconds=0.1)
+            a, b = [await dialer_main.build(nc, conf, simulated_factory=lambda tracker: Unheard(tracker))
+                    for nc in conns]
+            request = await calls.fetch(js, t.name, call_id)
+            assert request is not None
+            await a.store.change(t.name, call_id, lambda s: CallState.new(request) if s is None else None)
+            assert await a._claim(request) is not None  # noqa: SLF001 - a's claim, as its dispatch made it
+            await a.simulated.place(request)  # placed; then recording the id failed and the message came back
+            alive = Liveness(js, await bus.dialers_bucket(js), a.name, conf.dialer_lease_seconds)
+            await alive.beat()
+            running.append(asyncio.create_task(a._heartbeat(alive)))  # noqa: SLF001 - a is alive, not yet taking work
+            running.append(asyncio.create_task(b.run(stop)))
+            await asyncio.sleep(3)  # b takes the redelivered dispatch again and again meanwhile
+            assert b.simulated.placed == [], "placed again by a dialer that could not know it went out"
+            running.append(asyncio.create_task(a.run(stop)))
+            store = a.store
+            async with asyncio.timeout(SETTLED):  # the claimant finds its own call and records it
+                while (state := await store.get(t.name, call_id)) is None or not state.provider_call_id:
+                    await asyncio.sleep(0.1)
+            assert (a.simulated.placed, b.simulated.placed) == ([call_id], [])
+        finally:
+            stop.set()
+            for task in running:
+                task.cancel()  # a's heartbeat; the runs have stopped by then
+            await asyncio.gather(*running, return_exceptions=True)
+            for nc in conns:
+                await nc.close()

@@ -51,6 +51,9 @@ class Report:
 
 class Provider(Protocol):
     name: str
+    # Whether `find` knows calls another dialer placed (Twilio: one account for all of them); the
+    # simulated provider knows only its own process's.
+    finds_every_dialers_calls: bool
 
     async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
         """Start the call; return the provider's call id. Raises ProviderError when refused.
@@ -78,6 +81,7 @@ class SimulatedProvider:
     message left or the call hung up; without one, the machine just hears the agent, as a person would."""
 
     name = "simulated"
+    finds_every_dialers_calls = False
 
     def __init__(
         self,
@@ -186,6 +190,7 @@ class TwilioProvider:
     """Places calls with `calls.create`; progress arrives as signed status callbacks to ingest."""
 
     name = "twilio"
+    finds_every_dialers_calls = True
 
     def __init__(
         self,

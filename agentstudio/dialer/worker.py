@@ -225,6 +225,11 @@ class Dialer:
                 await self._record(call, provider, placed)
                 await msg.ack()
                 return
+            if state.dialer != self.name and not provider.finds_every_dialers_calls:
+                # Only the claimant's provider can say whether it went out: the call is the claimant's
+                # to settle, or the takeover's once the claimant is gone (provider_lost). Not dialed again.
+                await msg.nak(delay=self.settings.cap_retry_seconds)
+                return
         delivered = msg.metadata.num_delivered
         if state.attempts >= self.settings.dispatch_max_attempts or delivered > self.settings.dispatch_max_deliver:
             await self._dead_letter(msg, call, state)
