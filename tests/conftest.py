@@ -3,6 +3,7 @@ wired to it. Each test gets its own tenant (namespace) so tests never see each o
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -94,6 +95,21 @@ def docs(text: str) -> list[Located]:
         assert located is not None, [str(p) for p in problems]
         out.append(located)
     return out
+
+
+def published_tenant(nats_url: str, resources: list[Located]) -> Tenant:
+    """A new tenant with `resources`, its bundle published (for fixtures outside an event loop)."""
+
+    async def publish() -> Tenant:
+        nc = await bus.connect(nats_url, "tests")
+        try:
+            tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", nc.jetstream(), resources)
+            await tenant.publish()
+            return tenant
+        finally:
+            await nc.close()
+
+    return asyncio.run(publish())
 
 
 def example_resources() -> list[Located]:

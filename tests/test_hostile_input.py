@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,9 +20,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentstudio import bus
 from agentstudio.natsserver import NatsServer
-from conftest import SEED_BODY, Tenant, docs, example_resources
+from conftest import SEED_BODY, Tenant, docs, example_resources, published_tenant
 from processes import running_ingest
 
 BODY_TIMEOUT_SECONDS = 2
@@ -49,14 +47,7 @@ class Ingest:
 
 @pytest.fixture(scope="module")
 def ingest(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
-    async def publish() -> Tenant:
-        nc = await bus.connect(nats_server.url, "tests")
-        tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", nc.jetstream(), example_resources() + docs(HOSTILE_KEY))
-        await tenant.publish()
-        await nc.close()
-        return tenant
-
-    tenant = asyncio.run(publish())
+    tenant = published_tenant(nats_server.url, example_resources() + docs(HOSTILE_KEY))
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     with running_ingest(nats_server.url, tenant, log,
                         AGENTSTUDIO_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT_SECONDS)) as url:

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentstudio import bus, phone
+from agentstudio import phone
 from agentstudio.natsserver import NatsServer
-from conftest import Tenant, docs, example_resources
+from conftest import Tenant, docs, example_resources, published_tenant
 from processes import running_ingest
 
 FUZZ_KEY = """
@@ -38,14 +36,7 @@ class IngestProcess:
 
 @pytest.fixture(scope="module")
 def ingest_process(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestProcess]:
-    async def publish() -> Tenant:
-        nc = await bus.connect(nats_server.url, "tests")
-        tenant = Tenant(f"t-{uuid.uuid4().hex[:10]}", nc.jetstream(), example_resources() + docs(FUZZ_KEY))
-        await tenant.publish()
-        await nc.close()
-        return tenant
-
-    tenant = asyncio.run(publish())
+    tenant = published_tenant(nats_server.url, example_resources() + docs(FUZZ_KEY))
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     with running_ingest(nats_server.url, tenant, log, AGENTSTUDIO_LOG_LEVEL="DEBUG") as url:
         yield IngestProcess(url, tenant, log)
