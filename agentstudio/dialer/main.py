@@ -41,11 +41,17 @@ from agentstudio.twilio_api import twilio_client
 log = logging.getLogger("agentstudio.dialer")
 
 
-async def tracker_for(nc: NATS) -> CallTracker:
+# How many calls a dialer remembers the record revision and request of, to move them without reading
+# them back (callstate.CallStore, tracking.CallTracker): more than it has under way at once.
+REMEMBERED_CALLS = 4096
+
+
+async def tracker_for(nc: NATS, remember: int = 0) -> CallTracker:
     js = nc.jetstream()
     await bus.ensure_events_stream(js)
     await bus.ensure_transcripts_stream(js)
-    return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
+    return CallTracker(js, CallStore(await bus.calls_bucket(js), remember), Concurrency(await bus.concurrency_bucket(js)),
+                       remember)
 
 
 async def build(
@@ -55,7 +61,7 @@ async def build(
     simulated_factory: Callable[[CallTracker], Provider] = SimulatedProvider,
     bundles: BundleWatcher | None = None,
 ) -> Dialer:
-    tracker = await tracker_for(nc)
+    tracker = await tracker_for(nc, REMEMBERED_CALLS)
     simulated = simulated_factory(tracker)
     live: Provider = simulated
     if settings.telephony_provider == "twilio":

@@ -51,6 +51,10 @@ class Report:
 
 class Provider(Protocol):
     name: str
+    # The provider's first report of a call records its call id (the dialer writes none after
+    # placing): the simulated provider, whose calls ring the moment they are placed and live in the
+    # dialer's process, so a separate write of the id would protect nothing.
+    records_call_id: bool
 
     async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
         """Start the call; return the provider's call id. Raises ProviderError when refused.
@@ -78,6 +82,7 @@ class SimulatedProvider:
     message left or the call hung up; without one, the machine just hears the agent, as a person would."""
 
     name = "simulated"
+    records_call_id = True
 
     def __init__(
         self,
@@ -120,7 +125,7 @@ class SimulatedProvider:
         t, tenant, cid = _Persistent(self._tracker, sid), call.tenant, call.call_id
         callee = self._callees(call) if self._callees is not None else None
         try:
-            ringing = await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
+            ringing = await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}", provider=self.name)
             outcome = _scripted(call, ringing.attempt if ringing is not None else 1)
             await asyncio.sleep(self._ring_seconds)
             if outcome == "voicemail" and voicemail is not None:
@@ -186,6 +191,7 @@ class TwilioProvider:
     """Places calls with `calls.create`; progress arrives as signed status callbacks to ingest."""
 
     name = "twilio"
+    records_call_id = False
 
     def __init__(
         self,
