@@ -22,7 +22,7 @@ Slots = dict[str, float]
 
 class Concurrency:
     def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+        self.kv = kv  # the tenants' pace records live here too (pacing.py)
         self._changes = bus.BatchedChanges(kv)
 
     async def acquire(self, tenant: str, call_id: str, cap: int) -> bool:
@@ -42,6 +42,6 @@ class Concurrency:
 
     async def holders(self, tenant: str) -> set[str]:
         try:
-            return set(orjson.loads((await self._kv.get(tenant)).value or b"{}"))
+            return set(orjson.loads((await self.kv.get(tenant)).value or b"{}"))
         except KeyNotFoundError:
             return set()

@@ -120,7 +120,7 @@ async def accept_to_provider(nats_url: str, js: Any, n: int) -> dict[str, Any]:
             "ratio_p99": ours["p99_ms"] / base["p99_ms"], "goal_p99_ms": 150}
 
 
-async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
+async def backlog(nats_url: str, js: Any, n: int, cap: int, pace: float) -> dict[str, Any]:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     ids = []
     for i in range(n):
@@ -134,7 +134,8 @@ async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
     stop = asyncio.Event()
     start = time.perf_counter()
     counted = Counted()
-    tasks = await run_dialers(nats_url, 2, stop, counted, max_concurrent_calls_per_tenant=cap)
+    tasks = await run_dialers(nats_url, 2, stop, counted, max_concurrent_calls_per_tenant=cap,
+                              calls_per_second_per_tenant=pace)
     store = (await dialer_main.tracker_for(js._nc)).store  # noqa: SLF001
     # Watch the provider's count (cheap) while draining; check every record once at the end.
     while any(Timed.placed[c] == 0 for c in ids):
@@ -162,7 +163,7 @@ async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
             await msg.ack()
             got += 1
     consumed = time.perf_counter() - start
-    return {"calls": n, "cap": cap, "drain_seconds": drained, "calls_per_second": n / drained,
+    return {"calls": n, "cap": cap, "pace": pace, "drain_seconds": drained, "calls_per_second": n / drained,
             "placed_not_exactly_once": len(doubled), "baseline_consume_ack_seconds": consumed,
             "ratio_time": drained / consumed, "nats_messages_per_call": round(sum(per_call.values()), 2),
             "nats_messages_per_call_by_purpose": per_call}
@@ -240,7 +241,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if args.calls:
             out["dispatch"] = await accept_to_provider(nats.url, js, args.calls)
-        out["backlog"] = await backlog(nats.url, js, args.backlog, args.cap)
+        out["backlog"] = await backlog(nats.url, js, args.backlog, args.cap, args.pace)
         if args.events:
             out["webhooks"] = await deliveries(nats.url, js, args.events)
         await nc.close()
@@ -252,6 +253,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--backlog", type=int, default=10_000)
     parser.add_argument("--cap", type=int, default=50)
+    parser.add_argument("--pace", type=float, default=10_000, help="the tenant's calls per second (high: unpaced)")
     parser.add_argument("--events", type=int, default=2000)
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result, indent=2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from agentstudio import bus
+from agentstudio import bus, pacing
 
 # What each NATS request of a dialer is for, by its subject (every request, publish and ack of
 # nats-py goes through Client.publish). KV reads are direct gets; KV writes publish to $KV.<bucket>.
@@ -27,6 +27,8 @@ def purpose(subject: str, payload: bytes) -> str:
     for prefix, kind in (("$KV.", "write"), ("$JS.API.DIRECT.GET.KV_", "read")):
         if subject.startswith(prefix):
             bucket = subject.removeprefix(prefix).split(".")[0]
+            if bucket == bus.CONCURRENCY_BUCKET and f".{pacing.key('')}" in subject:
+                return f"pace {kind}"
             return f"{BUCKETS.get(bucket, bucket)} {kind}"
     if subject.startswith(f"$JS.API.DIRECT.GET.{bus.CALLS_STREAM}"):
         return "call request read"

@@ -36,7 +36,7 @@ async def test_a_placed_call_costs_at_most_8_round_trips(tmp_path: Path) -> None
             await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
                              headers={"Nats-Msg-Id": call.call_id})
         counted, stop, conns, running = Counted(), asyncio.Event(), [], []
-        settings = Settings(nats_url=server.url, max_concurrent_calls_per_tenant=50, 
+        settings = Settings(nats_url=server.url, max_concurrent_calls_per_tenant=50, calls_per_second_per_tenant=10_000,
                             cap_retry_seconds=0.05)
         for _ in range(2):
             conns.append(dialer_nc := await bus.connect(server.url, "test-dialer"))

@@ -73,7 +73,8 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
                   pauses=pauses(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
-                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles))
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles),
+                  pace_of=paces(bundles))
 
 
 def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | None]:
@@ -85,6 +86,16 @@ def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | Non
         return bundle.max_concurrent_calls if bundle else None
 
     return cap_of
+
+
+def paces(bundles: BundleWatcher | None) -> Callable[[str], float | None]:
+    """A tenant's calls per second in its current bundle (None: the dialer's own setting)."""
+
+    def pace_of(tenant: str) -> float | None:
+        bundle = bundles.snapshot.bundles.get(tenant) if bundles else None
+        return bundle.calls_per_second if bundle else None
+
+    return pace_of
 
 
 def machine_redirects(nc: NATS, dialer: Dialer) -> MachineRedirects | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import uuid
 from contextlib import aclosing
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.dialer.takeover import Liveness, Takeover
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.pacing import Pacing
 from agentstudio.resources import CallPolicySpec, Retries, Voicemail
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
@@ -81,6 +83,7 @@ class Dialer:
         policy_of: Callable[[CallRequest], CallPolicySpec | None] = lambda call: None,
         caps: FrequencyCaps | None = None,
         cap_of: Callable[[str], int | None] = lambda tenant: None,
+        pace_of: Callable[[str], float | None] = lambda tenant: None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -99,6 +102,8 @@ class Dialer:
         self._policy_of = policy_of  # the call's CallPolicy in its tenant's current bundle
         self.caps = caps
         self._cap_of = cap_of  # the tenant's concurrent-call cap in its current bundle, if it sets one
+        self._pace_of = pace_of  # the tenant's calls per second in its current bundle, if it sets one
+        self.pacing = Pacing(tracker.concurrency.kv)
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -253,6 +258,20 @@ class Dialer:
         cap = self._cap_of(tenant)
         return self.settings.max_concurrent_calls_per_tenant if cap is None else cap
 
+    def pace(self, tenant: str) -> float:
+        """The tenant's calls per second now: its bundle's, else this dialer's setting."""
+        pace = self._pace_of(tenant)
+        return self.settings.calls_per_second_per_tenant if pace is None else pace
+
+    async def _paced(self, msg: Msg, call: CallRequest) -> None:
+        """Wait for this call's moment under its tenant's pace, keeping the message ours meanwhile."""
+        at = await self.pacing.reserve(call.tenant, self.pace(call.tenant))
+        keep = self.settings.dispatch_ack_wait_seconds / 3
+        while (wait := at - time.time()) > 0:
+            await asyncio.sleep(min(wait, keep))
+            if at - time.time() > 0:
+                await msg.in_progress()  # a long wait (a slow pace, a deep backlog): not redelivered elsewhere
+
     async def _park(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
         last_progress = asyncio.get_running_loop().time()
         try:
@@ -291,6 +310,7 @@ class Dialer:
         return True
 
     async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
+        await self._paced(msg, call)
         # Asked at the last moment (after any wait for a slot): a number listed since the call was
         # queued is not dialed.
         if await self.dnc.listed(call.tenant, call.phone_number):
