@@ -106,6 +106,9 @@ class Bundle(Frozen):
     # The tenant's plan: calls of it placed at once across all dialers (the operator's release value
     # calls.maxConcurrentPerTenant); None: each dialer's own setting.
     max_concurrent_calls: int | None = None
+    # The tenant's pace: calls placed per second across all dialers (the release's
+    # calls.callsPerSecondPerTenant, its Twilio account's CPS); None: each dialer's own setting.
+    calls_per_second: float | None = None
 
     def policy_for(self, workflow_slug: str | None, agent_slug: str | None) -> CallPolicySpec | None:
         """The CallPolicy of a call: its workflow's, else its entry agent's, else the namespace's
@@ -162,6 +165,7 @@ def compile_bundle(
     key_material: dict[str, list[KeyMaterial]],
     rejected: Sequence[Rejected] = (),
     max_concurrent_calls: int | None = None,
+    calls_per_second: float | None = None,
 ) -> CompileResult:
     """Compile one tenant's resources. `key_material` maps ApiKey name → digests of its valid keys.
 
@@ -284,6 +288,7 @@ def compile_bundle(
         subscriptions=subscriptions,
         policies=policies,
         max_concurrent_calls=max_concurrent_calls,
+        calls_per_second=calls_per_second,
     )
     return CompileResult(bundle.model_copy(update={"digest": bundle.content_digest()}), errors, warnings)
 

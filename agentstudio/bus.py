@@ -371,6 +371,56 @@ async def update_json(kv: KeyValue, key: str, fn: Callable[[Any], Any]) -> None:
             continue
 
 
+class BatchedChanges:
+    """Compare-and-set changes of a KV key's JSON value made in one process go together: those that
+    arrive while the key's write is under way wait for it, then are applied in order in the next
+    one (update_json), each getting its own answer. A key many tasks change at once (a tenant's
+    slots, its pace) costs one read and one write per batch instead of per change, and the tasks of
+    one process no longer fail each other's compare-and-set."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._waiting: dict[str, list[tuple[Callable[[Any], tuple[Any, Any]], asyncio.Future[Any]]]] = {}
+        self._writing: dict[str, asyncio.Task[None]] = {}
+
+    async def change(self, key: str, fn: Callable[[Any], tuple[Any, Any]]) -> Any:
+        """`fn` gets the value ({} when absent) and returns (the new value or None to leave it, its
+        answer); the answer is returned once the batch's write has won."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append((fn, done))
+        if key not in self._writing:
+            self._writing[key] = asyncio.create_task(self._write(key))
+        return await done
+
+    async def _write(self, key: str) -> None:
+        try:
+            while batch := self._waiting.pop(key, []):
+                answers: list[Any] = []
+
+                def apply(value: Any) -> Any:
+                    answers.clear()  # applied again to what a concurrent writer left
+                    changed = False
+                    for fn, _ in batch:
+                        after, answer = fn(value)
+                        answers.append(answer)
+                        if after is not None:
+                            value, changed = after, True
+                    return value if changed else None
+
+                try:
+                    await update_json(self._kv, key, apply)
+                except Exception as exc:  # noqa: BLE001 - each change of the batch raises it
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for (_, done), answer in zip(batch, answers):
+                    if not done.done():
+                        done.set_result(answer)
+        finally:
+            del self._writing[key]
+
+
 async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:
     try:
         return await js.key_value(name)

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # Twilio's Timeout: "the maximum is 600 seconds" (Calls resource, twilio_api_v2010.json).
     ring_timeout_seconds: int = Field(30, ge=1, le=600, description="How long a call rings before no_answer.")
     max_concurrent_calls_per_tenant: int = Field(10, description="Calls above it wait in the queue.")
+    calls_per_second_per_tenant: float = Field(
+        25, gt=0, description="The tenant's placements per second across all dialers (its Twilio account's CPS).")
     dispatch_max_attempts: int = Field(5, description="Attempts to place a call before it is dead-lettered.")
     dispatch_max_deliver: int = Field(10_000, description="Deliveries (waiting included) before dead-lettering.")
     dispatch_ack_wait_seconds: float = Field(60.0, description="Redelivery after a dialer dies holding a call.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,10 +35,26 @@ _EVENT_NAMESPACE = uuid.UUID("0f3e8f0a-7c55-4f55-9a43-6a3f4a5e2b10")
 
 
 class CallTracker:
-    def __init__(self, js: JetStreamContext, store: CallStore, concurrency: Concurrency) -> None:
+    def __init__(self, js: JetStreamContext, store: CallStore, concurrency: Concurrency, remember: int = 0) -> None:
         self.js = js
         self.store = store
         self.concurrency = concurrency
+        # The requests of the calls this process placed, so their events need not read them back
+        # from the stream (two direct gets an event).
+        self._remember = remember
+        self._requests: OrderedDict[tuple[str, str], calls.CallRequest] = OrderedDict()
+
+    def remember(self, call: calls.CallRequest) -> None:
+        """The request of a call this process is placing: its events and retry are made from it."""
+        if self._remember:
+            self._requests[(call.tenant, call.call_id)] = call
+            self._requests.move_to_end((call.tenant, call.call_id))
+            while len(self._requests) > self._remember:
+                self._requests.popitem(last=False)
+
+    async def request(self, tenant: str, call_id: str) -> calls.CallRequest | None:
+        """The call's request: as remembered, else as last queued."""
+        return self._requests.get((tenant, call_id)) or await calls.fetch(self.js, tenant, call_id)
 
     async def advance(
         self,
@@ -51,6 +68,7 @@ class CallTracker:
         duration_seconds: int | None = None,
         end_reason: str | None = None,
         provider_call_id: str | None = None,
+        provider: str | None = None,
     ) -> CallState | None:
         """Record that the call reached `status` (no-op when it is already there or beyond), then
         publish its event. Re-driving the same report publishes the same event id, which JetStream
@@ -58,7 +76,9 @@ class CallTracker:
 
         `provider_call_id` names the attempt a provider's report is about. Only such a report ends an
         attempt its policy retries (a request the provider refused, or a stale call, ends the call);
-        a report about an earlier attempt (a late callback) changes nothing of the current one."""
+        a report about an earlier attempt (a late callback) changes nothing of the current one.
+        A report naming its `provider` records its call id on a claim that has none yet (a provider
+        that `records_call_id`)."""
         at = at or now()
 
         def step(s: CallState | None) -> CallState | None:
@@ -73,8 +93,12 @@ class CallTracker:
                     # Due on the clock windows read (`dev --now`), as every other wait is.
                     return s.retried(status, retry_time(clock.reading_at(at), delay), at=at, detail=detail, error=error,
                                      duration_seconds=duration_seconds)
-            return s.advanced(status, at=at, detail=detail, error=error, duration_seconds=duration_seconds,
-                              end_reason=end_reason)
+            moved = s.advanced(status, at=at, detail=detail, error=error, duration_seconds=duration_seconds,
+                               end_reason=end_reason)
+            if provider is not None and provider_call_id is not None and s.provider_call_id is None \
+                    and s.status != "pending":  # not once the attempt has ended and the call waits for its next
+                moved = (moved or s).model_copy(update={"provider": provider, "provider_call_id": provider_call_id})
+            return moved
 
         state, changed = await self.store.change(tenant, call_id, step)
         if state is None:
@@ -102,7 +126,7 @@ class CallTracker:
         Each step is idempotent (the re-queue's message id names the attempt), so a report re-driven
         after a crash completes what the first one began."""
         assert ended.next_attempt_at is not None
-        request = await calls.fetch(self.js, state.tenant, state.call_id)
+        request = await self.request(state.tenant, state.call_id)
         if request is None:
             log.error("call has no request record; not retried", extra={"call_id": state.call_id})
             return
@@ -139,7 +163,7 @@ class CallTracker:
             await self.publish_event(state, EVENT_TYPES[state.status])
 
     async def publish_event(self, state: CallState, event_type: str) -> None:
-        request = await calls.fetch(self.js, state.tenant, state.call_id)
+        request = await self.request(state.tenant, state.call_id)
         if request is None:
             log.error("call has no request record; event not sent", extra={"call_id": state.call_id})
             return

@@ -4,13 +4,17 @@ deliveries, each against a baseline measured in the same run on the same nats-se
 1. accept → provider request with idle dialers: POST /api/v1/webhooks/ingest until the provider's
    place() is called, one call at a time; baseline: JetStream publish → a pull consumer receiving it.
 2. a backlog of N queued calls drained at the tenant's cap by two dialers (simulated, zero-length
-   calls): time, and every call placed exactly once; baseline: the same N messages fetched and acked.
+   calls): time, every call placed exactly once, and the NATS messages the dialers sent per placed
+   call, by purpose (tests/nats_messages.py); baseline: the same N messages fetched and acked.
+   Unpaced (--pace, the tenant's calls per second, high), to show what dispatch itself costs.
+2b. a backlog drained at a pace (--paced calls at --paced-rate a second): the rate it gets and the
+   most calls placed in any one second.
 3. webhook deliveries per second to a local receiver (uvicorn, verifying nothing, answering 204);
    baseline: the same number of signed POSTs sent straight to it with the same concurrency.
 
-    .venv/bin/python bench/dispatch.py [--calls 200] [--backlog 10000] [--events 2000]
+    .venv/bin/python bench/dispatch.py [--calls 200] [--backlog 10000] [--events 2000] [--paced 1000]
 
-Prints JSON and writes bench/results/dispatch.json. Not a test: nothing asserts on it.
+Prints JSON and writes bench/results/dispatch.json and dispatch.png. Not a test: nothing asserts on it.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
 from latency import summary  # noqa: E402
+from nats_messages import Counted  # noqa: E402
 
 from agentstudio import bus, calls, signing  # noqa: E402
 from agentstudio.dialer import main as dialer_main  # noqa: E402
 from agentstudio.dialer.providers import SimulatedProvider  # noqa: E402
+from agentstudio.resources import Voicemail  # noqa: E402
 from agentstudio.secrets import StaticSecrets  # noqa: E402
 from agentstudio.natsserver import NatsServer, free_port  # noqa: E402
 from agentstudio.settings import Settings  # noqa: E402
@@ -58,23 +64,33 @@ spec: {scopes: ["calls:create"], mode: test, rateLimitPerMinute: 1000000}
 """
 
 
+# Round trips a placed call cost before issue 16, counted the same way on f09ae51
+# (tests/test_dispatch_round_trips.py, 300 calls, a cap of 50): 287.5, of which 266 slot reads and
+# writes (the parked calls' takes failing each other's compare-and-set) and 21 the rest (7 call-state
+# reads, 7 writes, 4 request reads, 2 event publishes, 1 do-not-call read).
+ROUND_TRIPS_BEFORE = {"backlog_cap_50": 287.5, "without_slots": 21}
+
+
 class Timed(SimulatedProvider):
     """The simulated provider, noting when each call reached it and how often."""
 
     reached: dict[str, float] = {}
     placed: Counter[str] = Counter()
 
-    async def place(self, call: calls.CallRequest) -> str:
+    async def place(self, call: calls.CallRequest, voicemail: Voicemail | None = None) -> str:
         Timed.reached.setdefault(call.call_id, time.perf_counter())
         Timed.placed[call.call_id] += 1
-        return await super().place(call)
+        return await super().place(call, voicemail)
 
 
-async def run_dialers(nats_url: str, count: int, stop: asyncio.Event, **settings: Any) -> list[asyncio.Task[None]]:
+async def run_dialers(nats_url: str, count: int, stop: asyncio.Event, counted: Counted | None = None,
+                      **settings: Any) -> list[asyncio.Task[None]]:
     conf = Settings(nats_url=nats_url, cap_retry_seconds=0.05, **settings)
     tasks = []
     for _ in range(count):
         nc = await bus.connect(nats_url, "bench-dialer")
+        if counted is not None:
+            counted.wrap(nc)
         dialer = await dialer_main.build(nc, conf, simulated_factory=lambda t: Timed(t, ring_seconds=0))
         tasks.append(asyncio.create_task(dialer.run(stop)))
     return tasks
@@ -115,7 +131,7 @@ async def accept_to_provider(nats_url: str, js: Any, n: int) -> dict[str, Any]:
             "ratio_p99": ours["p99_ms"] / base["p99_ms"], "goal_p99_ms": 150}
 
 
-async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
+async def backlog(nats_url: str, js: Any, n: int, cap: int, pace: float) -> dict[str, Any]:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
     ids = []
     for i in range(n):
@@ -128,7 +144,9 @@ async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
                          headers={"Nats-Msg-Id": call.call_id})
     stop = asyncio.Event()
     start = time.perf_counter()
-    tasks = await run_dialers(nats_url, 2, stop, max_concurrent_calls_per_tenant=cap)
+    counted = Counted()
+    tasks = await run_dialers(nats_url, 2, stop, counted, max_concurrent_calls_per_tenant=cap,
+                              calls_per_second_per_tenant=pace)
     store = (await dialer_main.tracker_for(js._nc)).store  # noqa: SLF001
     # Watch the provider's count (cheap) while draining; check every record once at the end.
     while any(Timed.placed[c] == 0 for c in ids):
@@ -142,6 +160,8 @@ async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
     drained = time.perf_counter() - start
     stop.set()
     await asyncio.gather(*tasks)
+    # Both dialers from start to stop (streams ensured, heartbeats, takeover looks included), per placed call.
+    per_call = {p: round(c / n, 3) for p, c in counted.by_purpose.most_common()}
     doubled = [c for c in ids if Timed.placed[c] != 1]
 
     # Baseline: the same number of messages fetched and acked by one pull consumer.
@@ -154,9 +174,40 @@ async def backlog(nats_url: str, js: Any, n: int, cap: int) -> dict[str, Any]:
             await msg.ack()
             got += 1
     consumed = time.perf_counter() - start
-    return {"calls": n, "cap": cap, "drain_seconds": drained, "calls_per_second": n / drained,
+    return {"calls": n, "cap": cap, "pace": pace, "drain_seconds": drained, "calls_per_second": n / drained,
             "placed_not_exactly_once": len(doubled), "baseline_consume_ack_seconds": consumed,
-            "ratio_time": drained / consumed}
+            "ratio_time": drained / consumed, "nats_messages_per_call": round(sum(per_call.values()), 2),
+            "nats_round_trips_per_call": round(counted.round_trips / n, 2),
+            "nats_messages_per_call_by_purpose": per_call}
+
+
+async def paced(nats_url: str, js: Any, n: int, pace: float) -> dict[str, Any]:
+    """A backlog drained by two dialers at the tenant's pace: the rate it gets and the most calls
+    that reached the provider in any one second."""
+    tenant = f"bench-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for i in range(n):
+        call = calls.CallRequest(
+            call_id=str(uuid.uuid4()), tenant=tenant, api_key="k", agent_slug="a", phone_number="+14155552671",
+            user_context={}, metadata={"simulate_duration_seconds": 0}, test=True,
+            created_at=datetime.now(timezone.utc), bundle_version=1)
+        ids.append(call.call_id)
+        await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
+                         headers={"Nats-Msg-Id": call.call_id})
+    stop = asyncio.Event()
+    tasks = await run_dialers(nats_url, 2, stop, max_concurrent_calls_per_tenant=1000, calls_per_second_per_tenant=pace)
+    while any(Timed.placed[c] == 0 for c in ids):
+        await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*tasks)
+    times = sorted(Timed.reached[c] for c in ids)
+    most, j = 0, 0
+    for i, t in enumerate(times):  # the most placements in any window [t, t + 1 s)
+        while times[j] <= t - 1:
+            j += 1
+        most = max(most, i - j + 1)
+    return {"calls": n, "pace": pace, "calls_per_second": (n - 1) / (times[-1] - times[0]),
+            "most_in_one_second": most, "placed_not_exactly_once": sum(1 for c in ids if Timed.placed[c] != 1)}
 
 
 async def deliveries(nats_url: str, js: Any, n: int) -> dict[str, Any]:
@@ -228,13 +279,41 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         js = nc.jetstream()
         await bus.ensure_calls_stream(js)
         await js.add_stream(name="BENCH", subjects=["bench.>"])
-        out = {
-            "dispatch": await accept_to_provider(nats.url, js, args.calls),
-            "backlog": await backlog(nats.url, js, args.backlog, args.cap),
-            "webhooks": await deliveries(nats.url, js, args.events),
-        }
+        out: dict[str, Any] = {}
+        if args.calls:
+            out["dispatch"] = await accept_to_provider(nats.url, js, args.calls)
+        out["backlog"] = await backlog(nats.url, js, args.backlog, args.cap, args.pace)
+        out["backlog"]["round_trips_per_call_before"] = ROUND_TRIPS_BEFORE
+        if args.paced:
+            out["paced"] = await paced(nats.url, js, args.paced, args.paced_rate)
+        if args.events:
+            out["webhooks"] = await deliveries(nats.url, js, args.events)
         await nc.close()
         return out
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backlog = out["backlog"]
+    by = backlog["nats_messages_per_call_by_purpose"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted(by, key=by.get)
+    a.barh(names, [by[n] for n in names], color="#2a6")
+    a.set_title(f"NATS messages per placed call: {backlog['nats_messages_per_call']:.2f}\n"
+                f"(2 dialers, {backlog['calls']} calls, cap {backlog['cap']})")
+    rates = {"dialers": backlog["calls_per_second"], "fetch+ack": backlog["calls"] / backlog["baseline_consume_ack_seconds"]}
+    if "paced" in out:
+        rates[f"paced at {out['paced']['pace']:g}/s"] = out["paced"]["calls_per_second"]
+    b.bar(list(rates), list(rates.values()), color=["#2a6", "#999", "#69c"][:len(rates)])
+    b.set_yscale("log")
+    b.set_ylabel("calls/s (log)")
+    b.set_title(f"backlog drain ({backlog['calls_per_second']:.0f} calls/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
@@ -242,8 +321,13 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--backlog", type=int, default=10_000)
     parser.add_argument("--cap", type=int, default=50)
+    parser.add_argument("--pace", type=float, default=10_000, help="the tenant's calls per second (high: unpaced)")
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--paced", type=int, default=1000, help="calls of the paced backlog (0: none)")
+    parser.add_argument("--paced-rate", type=float, default=100)
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result, indent=2))
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "dispatch.json").write_text(json.dumps(result, indent=2))
+    plot(result, ROOT / "bench" / "results" / "dispatch.png")
+

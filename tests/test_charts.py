@@ -332,6 +332,18 @@ def test_the_concurrency_plan_reaches_the_operator_alone() -> None:
     assert cap(["--set", "calls.maxConcurrentPerTenant=7"], "ingest") == []
 
 
+def test_the_pace_reaches_the_operator_alone() -> None:
+    """Like the plan: the operator puts the tenant's calls per second in its bundle."""
+    def pace(values: list[str], role: str) -> list[str]:
+        env = container(render(TENANT_CHART, values), role)["env"]
+        return [e["value"] for e in env if e["name"] == "AGENTSTUDIO_CALLS_PER_SECOND_PER_TENANT"]
+
+    assert pace([], "operator") == ["25"]
+    assert pace(["--set", "calls.callsPerSecondPerTenant=3"], "operator") == ["3"]
+    assert pace(["--set", "calls.callsPerSecondPerTenant=3"], "dialer") == []
+    assert pace(["--set", "calls.callsPerSecondPerTenant=3"], "ingest") == []
+
+
 def cpu_millis(quantity: str) -> int:
     return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
 

@@ -4,6 +4,7 @@ dialers, at-most-once placing, and Twilio status callbacks checked by signature.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,9 +52,11 @@ class CountingSimulator(SimulatedProvider):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.placed: list[str] = []
+        self.placed_at: list[float] = []  # time.time() of each, as the pace reads time
 
     async def place(self, call, voicemail=None):  # type: ignore[no-untyped-def]
         self.placed.append(call.call_id)
+        self.placed_at.append(time.time())
         return await super().place(call, voicemail)
 
 
@@ -186,10 +189,11 @@ async def test_the_cap_holds_across_dialers_and_every_call_is_placed_once(api, t
     assert sorted(placed) == sorted(ids)  # each exactly once, with two dialers taking from the queue
 
 
-async def publish_plan(t: Tenant, cap: int) -> None:
-    """The tenant's bundle as the operator compiles it with the release's calls.maxConcurrentPerTenant."""
+async def publish_plan(t: Tenant, cap: int, pace: float | None = None) -> None:
+    """The tenant's bundle as the operator compiles it with the release's calls.maxConcurrentPerTenant
+    (and calls.callsPerSecondPerTenant)."""
     material = {n: [KeyMaterial(keys.digest(k))] for n, k in t.keys.items()}
-    bundle = compile_bundle(t.name, t.resources, material, max_concurrent_calls=cap).bundle
+    bundle = compile_bundle(t.name, t.resources, material, max_concurrent_calls=cap, calls_per_second=pace).bundle
     assert bundle is not None
     await bundle_store.publish(await buckets(t.js), bundle)
 
@@ -217,6 +221,24 @@ async def test_a_changed_plan_caps_running_dialers_without_a_restart(api, tenant
         assert await most_in_flight_until(len(ids)) == 5
         placed = [c for d in running for c in d.simulated.placed if c in ids]  # type: ignore[attr-defined]
     assert sorted(placed) == sorted(ids)
+
+
+async def test_the_tenants_pace_holds_across_dialers(api, tenant_for_calls, nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    t = tenant_for_calls
+    pace = 4
+    await publish_plan(t, 100, pace)  # the dialers' own pace (1000/s) says otherwise: the bundle's wins
+    async with dialers(nats_server.url, count=2, calls_per_second_per_tenant=1000) as running:
+        ids = [await queue_call(api, t, simulate_duration_seconds=0) for _ in range(16)]
+        for call_id in ids:
+            await until_status(api, t, call_id, "completed", timeout=60)
+        placed = [(at, c) for d in running
+                  for c, at in zip(d.simulated.placed, d.simulated.placed_at) if c in ids]  # type: ignore[attr-defined]
+    assert sorted(c for _, c in placed) == sorted(ids)  # each exactly once
+    times = sorted(at for at, _ in placed)
+    # Placements in any one-second window, both dialers together: the pace, one more for the jitter
+    # of a sleep that wakes late and so lands closer to the next (queued at once, they'd all be in one).
+    most = max(sum(1 for u in times if t0 <= u < t0 + 1) for t0 in times)
+    assert most <= pace + 1, [round(u - times[0], 3) for u in times]
 
 
 def _signed(url: str, params: dict[str, str]) -> dict[str, str]:

@@ -697,20 +697,22 @@ async def test_an_empty_tenant_has_an_empty_bundle_and_keeps_one_when_emptied(cl
     assert await eventually(summarised)  # the summary says the bundle in force is the empty one
 
 
-async def test_the_releases_concurrency_plan_reaches_its_tenants_bundle(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
+async def test_the_releases_concurrency_plan_and_pace_reach_its_tenants_bundle(cluster: Cluster, ingest) -> None:  # type: ignore[no-untyped-def]
     _, svc = ingest
     used = cluster.namespaces[1]
     cluster.apply(used, manifests(EXAMPLES))
     first = await eventually(lambda: _bundle_with_agents(svc, used))
     assert first.max_concurrent_calls == 10  # calls.maxConcurrentPerTenant's default
+    assert first.calls_per_second == 25  # calls.callsPerSecondPerTenant's default
 
-    # `helm upgrade --set calls.maxConcurrentPerTenant=3` changes the operator's pod alone: it restarts.
+    # `helm upgrade --set calls.maxConcurrentPerTenant=3 --set calls.callsPerSecondPerTenant=2`
+    # changes the operator's pod alone: it restarts.
     cluster.stop_operator()
-    cluster.start_operator(AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT="3")
+    cluster.start_operator(AGENTSTUDIO_MAX_CONCURRENT_CALLS_PER_TENANT="3", AGENTSTUDIO_CALLS_PER_SECOND_PER_TENANT="2")
 
     async def planned():  # type: ignore[no-untyped-def]
         b = await _bundle(svc, used)
-        return b if b is not None and b.max_concurrent_calls == 3 else None
+        return b if b is not None and b.max_concurrent_calls == 3 and b.calls_per_second == 2 else None
 
     now = await eventually(planned, timeout=60)
     assert now.version > first.version and set(now.agents) == set(first.agents)

@@ -41,11 +41,17 @@ from agentstudio.twilio_api import twilio_client
 log = logging.getLogger("agentstudio.dialer")
 
 
-async def tracker_for(nc: NATS) -> CallTracker:
+# How many calls a dialer remembers the record revision and request of, to move them without reading
+# them back (callstate.CallStore, tracking.CallTracker): more than it has under way at once.
+REMEMBERED_CALLS = 4096
+
+
+async def tracker_for(nc: NATS, remember: int = 0) -> CallTracker:
     js = nc.jetstream()
     await bus.ensure_events_stream(js)
     await bus.ensure_transcripts_stream(js)
-    return CallTracker(js, CallStore(await bus.calls_bucket(js)), Concurrency(await bus.concurrency_bucket(js)))
+    return CallTracker(js, CallStore(await bus.calls_bucket(js), remember), Concurrency(await bus.concurrency_bucket(js)),
+                       remember)
 
 
 async def build(
@@ -55,7 +61,7 @@ async def build(
     simulated_factory: Callable[[CallTracker], Provider] = SimulatedProvider,
     bundles: BundleWatcher | None = None,
 ) -> Dialer:
-    tracker = await tracker_for(nc)
+    tracker = await tracker_for(nc, REMEMBERED_CALLS)
     simulated = simulated_factory(tracker)
     live: Provider = simulated
     if settings.telephony_provider == "twilio":
@@ -67,7 +73,8 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
                   pauses=pauses(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
-                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles))
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles),
+                  pace_of=paces(bundles))
 
 
 def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | None]:
@@ -79,6 +86,16 @@ def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | Non
         return bundle.max_concurrent_calls if bundle else None
 
     return cap_of
+
+
+def paces(bundles: BundleWatcher | None) -> Callable[[str], float | None]:
+    """A tenant's calls per second in its current bundle (None: the dialer's own setting)."""
+
+    def pace_of(tenant: str) -> float | None:
+        bundle = bundles.snapshot.bundles.get(tenant) if bundles else None
+        return bundle.calls_per_second if bundle else None
+
+    return pace_of
 
 
 def machine_redirects(nc: NATS, dialer: Dialer) -> MachineRedirects | None:

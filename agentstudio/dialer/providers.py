@@ -54,6 +54,10 @@ class Provider(Protocol):
     # Whether `find` knows calls another dialer placed (Twilio: one account for all of them); the
     # simulated provider knows only its own process's.
     finds_every_dialers_calls: bool
+    # The provider's first report of a call records its call id (the dialer writes none after
+    # placing): the simulated provider, whose calls ring the moment they are placed and live in the
+    # dialer's process, so a separate write of the id would protect nothing.
+    records_call_id: bool
 
     async def place(self, call: CallRequest, voicemail: Voicemail | None = None) -> str:
         """Start the call; return the provider's call id. Raises ProviderError when refused.
@@ -82,6 +86,7 @@ class SimulatedProvider:
 
     name = "simulated"
     finds_every_dialers_calls = False
+    records_call_id = True
 
     def __init__(
         self,
@@ -124,7 +129,7 @@ class SimulatedProvider:
         t, tenant, cid = _Persistent(self._tracker, sid), call.tenant, call.call_id
         callee = self._callees(call) if self._callees is not None else None
         try:
-            ringing = await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}")
+            ringing = await t.advance(tenant, cid, "ringing", detail=f"simulated {sid}", provider=self.name)
             outcome = _scripted(call, ringing.attempt if ringing is not None else 1)
             await asyncio.sleep(self._ring_seconds)
             if outcome == "voicemail" and voicemail is not None:
@@ -191,6 +196,7 @@ class TwilioProvider:
 
     name = "twilio"
     finds_every_dialers_calls = True
+    records_call_id = False
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 import uuid
 from contextlib import aclosing
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.dialer.takeover import Liveness, Takeover
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.frequency_caps import FrequencyCaps
+from agentstudio.pacing import Pacing
 from agentstudio.resources import CallPolicySpec, Retries, Voicemail
 from agentstudio.settings import Settings
 from agentstudio.tracking import CallTracker
@@ -81,6 +83,7 @@ class Dialer:
         policy_of: Callable[[CallRequest], CallPolicySpec | None] = lambda call: None,
         caps: FrequencyCaps | None = None,
         cap_of: Callable[[str], int | None] = lambda tenant: None,
+        pace_of: Callable[[str], float | None] = lambda tenant: None,
     ) -> None:
         self.js = js
         self.settings = settings
@@ -99,6 +102,8 @@ class Dialer:
         self._policy_of = policy_of  # the call's CallPolicy in its tenant's current bundle
         self.caps = caps
         self._cap_of = cap_of  # the tenant's concurrent-call cap in its current bundle, if it sets one
+        self._pace_of = pace_of  # the tenant's calls per second in its current bundle, if it sets one
+        self.pacing = Pacing(tracker.concurrency.kv)
         self._parked: set[asyncio.Task[None]] = set()  # calls waiting for a slot under their tenant's cap
         self._stopping = asyncio.Event()
         self._slot_counts: dict[str, tuple[float, int]] = {}
@@ -205,8 +210,13 @@ class Dialer:
 
     async def handle(self, msg: Msg) -> None:
         call = CallRequest.model_validate_json(msg.data)
-        state, _ = await self.store.change(call.tenant, call.call_id, lambda s: CallState.new(call) if s is None else None)
-        assert state is not None
+        if unread(msg, call):
+            # A call's first message: ingest writes no record, so none is read; the claim creates it,
+            # and a record there after all (a cancel) is left to the message's redelivery, read.
+            state = CallState.new(call)
+            self.store.assume_absent(call.tenant, call.call_id)
+        else:
+            state = await self.store.get(call.tenant, call.call_id) or CallState.new(call)
         if state.terminal or state.provider_call_id:
             await msg.ack()  # finished, or placed and now driven by the provider's callbacks
             return
@@ -253,6 +263,20 @@ class Dialer:
         cap = self._cap_of(tenant)
         return self.settings.max_concurrent_calls_per_tenant if cap is None else cap
 
+    def pace(self, tenant: str) -> float:
+        """The tenant's calls per second now: its bundle's, else this dialer's setting."""
+        pace = self._pace_of(tenant)
+        return self.settings.calls_per_second_per_tenant if pace is None else pace
+
+    async def _paced(self, msg: Msg, call: CallRequest) -> None:
+        """Wait for this call's moment under its tenant's pace, keeping the message ours meanwhile."""
+        at = await self.pacing.reserve(call.tenant, self.pace(call.tenant))
+        keep = self.settings.dispatch_ack_wait_seconds / 3
+        while (wait := at - time.time()) > 0:
+            await asyncio.sleep(min(wait, keep))
+            if at - time.time() > 0:
+                await msg.in_progress()  # a long wait (a slow pace, a deep backlog): not redelivered elsewhere
+
     async def _park(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
         last_progress = asyncio.get_running_loop().time()
         try:
@@ -291,9 +315,11 @@ class Dialer:
         return True
 
     async def _place(self, msg: Msg, call: CallRequest, provider: Provider) -> None:
+        await self._paced(msg, call)
         # Asked at the last moment (after any wait for a slot): a number listed since the call was
         # queued is not dialed.
         if await self.dnc.listed(call.tenant, call.phone_number):
+            await self._ensure_record(call)
             await self.tracker.advance(
                 call.tenant, call.call_id, "canceled", end_reason="do_not_call",
                 error=CallError(code="do_not_call", message="the number is on the do-not-call list"),
@@ -307,13 +333,16 @@ class Dialer:
         attempt = str(msg.metadata.sequence.stream)  # this dispatch: a redelivery is the same attempt
         if await self._held(msg, call, attempt):
             return
-        claimed = await self._claim(call)
+        claimed, written = await self._claim(call, unread(msg, call))
         if claimed is None:
             # Canceled (or finished) since it was read: never dialed, and its slots are free again.
             await self.concurrency.release(call.tenant, call.call_id)
             if self.caps is not None:
                 await self.caps.release(call.tenant, call.phone_number, attempt)
-            await msg.ack()
+            if written:  # a record this dialer did not read first: decided again on its redelivery
+                await msg.nak()
+            else:
+                await msg.ack()
             return
         try:
             sid = await provider.place(call, voicemail=claimed.voicemail)
@@ -321,7 +350,8 @@ class Dialer:
             await self.tracker.advance(call.tenant, call.call_id, "failed", error=exc.error, detail=provider.name)
             await msg.ack()
             return
-        await self._record(call, provider, sid)
+        if not provider.records_call_id:
+            await self._record(call, provider, sid)
         await msg.ack()
         if self._announce is not None:
             target = f"workflow={call.workflow_slug}" if call.workflow_slug else f"agent={call.agent_slug}"
@@ -344,6 +374,7 @@ class Dialer:
         try:
             opening = call_windows.opening(rules, call.phone_number, at)
         except call_windows.NeverOpen as exc:  # the policy changed since ingest accepted the call
+            await self._ensure_record(call)
             await self.tracker.advance(call.tenant, call.call_id, "canceled", end_reason="no_calling_window",
                                        error=CallError(code="no_calling_window", message=str(exc)))
             await msg.ack()
@@ -365,7 +396,8 @@ class Dialer:
         deferral = Deferral(at=now(), reason=reason, until=until)  # type: ignore[arg-type]
 
         def note(s: CallState | None) -> CallState | None:
-            if s is None or s.status != "pending" or any(
+            s = s or CallState.new(call)
+            if s.status != "pending" or any(
                     (d.reason, d.until) == (reason, until) for d in s.deferrals[-1:]):
                 return None
             return s.model_copy(update={"deferrals": [*s.deferrals, deferral]})
@@ -395,7 +427,8 @@ class Dialer:
         deferral = Deferral(at=since, reason="paused", until=until)
 
         def note(s: CallState | None) -> CallState | None:
-            if s is None or s.status != "pending":
+            s = s or CallState.new(call)
+            if s.status != "pending":
                 return None
             # One entry per pause, however many times it is parked again.
             kept = s.deferrals[:-1] if s.deferrals and s.deferrals[-1].reason == "paused" \
@@ -453,13 +486,19 @@ class Dialer:
             log.info("parked calls resumed", extra={"subject": subject, "workflow": workflow, "calls": resumed,
                                                    "dialer": self.name})
 
-    async def _claim(self, call: CallRequest) -> CallState | None:
-        """The call as this dialer claimed it, or None when it may not place it: the compare-and-set
-        against a cancel decides. The first attempt's claim copies the policy's retries and voicemail
-        onto the call; later attempts keep what the call began with."""
+    async def _claim(self, call: CallRequest, unread: bool) -> tuple[CallState | None, bool]:
+        """(The call as this dialer claimed it, or None when it may not place it; whether it was
+        refused because a record was there that the dialer had not read, `unread`.) The
+        compare-and-set against a cancel decides. The first attempt's claim copies the policy's
+        retries and voicemail onto the call; later attempts keep what the call began with."""
+        written = False
 
         def claim(s: CallState | None) -> CallState | None:
-            assert s is not None
+            nonlocal written
+            written = unread and s is not None
+            if written:
+                return None
+            s = s or CallState.new(call)
             if s.status not in ("pending", "dialing") or s.provider_call_id:
                 return None
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
@@ -470,7 +509,13 @@ class Dialer:
             return moved.model_copy(update=update)
 
         state, claimed = await self.store.change(call.tenant, call.call_id, claim)
-        return state if claimed else None
+        if claimed:
+            self.tracker.remember(call)
+        return (state if claimed else None), written
+
+    async def _ensure_record(self, call: CallRequest) -> None:
+        """The call's record, written pending if it has none yet, for a transition that needs one."""
+        await self.store.change(call.tenant, call.call_id, lambda s: CallState.new(call) if s is None else None)
 
     async def _record(self, call: CallRequest, provider: Provider, sid: str) -> None:
         await self.store.change(
@@ -484,6 +529,7 @@ class Dialer:
     async def _dead_letter(self, msg: Msg, call: CallRequest, state: CallState) -> None:
         await self.js.publish(bus.dead_subject(call.tenant, call.call_id), msg.data,
                               headers={"Nats-Msg-Id": f"dead-{call.call_id}"})
+        await self._ensure_record(call)
         await self.tracker.advance(
             call.tenant, call.call_id, "failed",
             error=CallError(code="dispatch_exhausted",
@@ -493,6 +539,13 @@ class Dialer:
         await self.concurrency.release(call.tenant, call.call_id)
         await msg.ack()
         log.error("call dead-lettered", extra={"call_id": call.call_id, "tenant": call.tenant})
+
+
+def unread(msg: Msg, call: CallRequest) -> bool:
+    """Whether the dialer takes `msg` without reading its call's record: a call's first message
+    (delivered once, not a deferral, retry or resume, which are scheduled), for which ingest wrote
+    none."""
+    return msg.metadata.num_delivered == 1 and call.scheduled_for is None
 
 
 def _resumed(s: CallState | None) -> CallState | None:

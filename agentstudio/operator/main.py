@@ -28,8 +28,10 @@ PEERING_NAME = "agent-studio"
 SHUTDOWN_SECONDS = 8.0
 
 
-def empty_bundle(namespace: str, max_concurrent_calls: int | None = None) -> Bundle:
-    bundle = compile_bundle(namespace, [], {}, max_concurrent_calls=max_concurrent_calls).bundle
+def empty_bundle(namespace: str, max_concurrent_calls: int | None = None,
+                 calls_per_second: float | None = None) -> Bundle:
+    bundle = compile_bundle(namespace, [], {}, max_concurrent_calls=max_concurrent_calls,
+                            calls_per_second=calls_per_second).bundle
     assert bundle is not None  # nothing to refuse in nothing
     return bundle
 
@@ -44,12 +46,13 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
         for namespace in namespaces:
             # An empty tenant is a tenant: ingest is ready before any manifest is applied. Only where
             # no bundle exists, so a standby replica never overwrites what the active one published.
-            await bundle_store.publish(kv, empty_bundle(namespace, settings.max_concurrent_calls_per_tenant),
-                                       replace=False)
+            await bundle_store.publish(kv, empty_bundle(namespace, settings.max_concurrent_calls_per_tenant,
+                                                        settings.calls_per_second_per_tenant), replace=False)
         kube = Kube()
         memo = kopf.Memo()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns),
-                                max_concurrent_calls=settings.max_concurrent_calls_per_tenant)
+                                max_concurrent_calls=settings.max_concurrent_calls_per_tenant,
+                                calls_per_second=settings.calls_per_second_per_tenant)
         handlers.install(memo, kube, reconciler)
         js = nc.jetstream()
         _, gone_bucket = await bus.ensure_webhooks(js)

@@ -70,9 +70,11 @@ class Reconciler:
         resources_of: Callable[[str], Iterable[dict[str, Any]]],
         debounce_seconds: float = 0.1,
         max_concurrent_calls: int | None = None,
+        calls_per_second: float | None = None,
     ) -> None:
         self._kube = kube
         self._max_concurrent_calls = max_concurrent_calls  # the release's plan, into every bundle
+        self._calls_per_second = calls_per_second  # and its pace
         self._kv = kv
         self._resources_of = resources_of
         self._debounce = debounce_seconds
@@ -181,7 +183,8 @@ class Reconciler:
             del self._keys[gone]
         material: dict[str, list[KeyMaterial]] = {n: s.material for n, s in key_states.items()}
         result = compile_bundle(namespace, located, material, rejected=refused,
-                                max_concurrent_calls=self._max_concurrent_calls)
+                                max_concurrent_calls=self._max_concurrent_calls,
+                                calls_per_second=self._calls_per_second)
         problems += result.errors
         by_ref: dict[str, list[Problem]] = {}
         for problem in problems:
