@@ -245,7 +245,8 @@ async def test_a_call_placed_by_a_live_dialer_but_not_recorded_is_not_placed_aga
             request = await calls.fetch(js, t.name, call_id)
             assert request is not None
             await a.store.change(t.name, call_id, lambda s: CallState.new(request) if s is None else None)
-            assert await a._claim(request) is not None  # noqa: SLF001 - a's claim, as its dispatch made it
+            claimed, _ = await a._claim(request, False)  # noqa: SLF001 - a's claim, as its dispatch made it
+            assert claimed is not None
             await a.simulated.place(request)  # placed; then recording the id failed and the message came back
             alive = Liveness(js, await bus.dialers_bucket(js), a.name, conf.dialer_lease_seconds)
             await alive.beat()
