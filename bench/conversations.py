@@ -13,7 +13,8 @@ Overhead of a turn = the time from its final prompt frame to the first text toke
 minus the model's own first-token delay for that request (measured by the model server from reading
 the request to writing its first token). Per N (a fresh dialer each): p50/p99 overhead over the turns
 prompted within a --seconds window once all N talk, the dialer's CPU as a fraction of one core
-(/proc/<pid>/stat), and RSS per conversation ((RSS at N - idle RSS after a warm-up) / N).
+(/proc/<pid>/stat), how long its event loop waited for the core behind other processes
+(/proc/<pid>/schedstat: the machine is shared), and RSS per conversation ((RSS at N - idle RSS after a warm-up) / N).
 
     .venv/bin/python bench/conversations.py [--n 50,100] [--seconds 30] [--profile 500]
 
@@ -129,6 +130,12 @@ async def run_dialer(args: argparse.Namespace) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def runqueue_seconds(pid: int) -> float:
+    """How long the dialer's event loop (its main thread) was runnable but waiting for the core: what
+    other processes on the machine took from it."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
 
 
 def rss_mib(pid: int) -> float:
@@ -261,13 +268,13 @@ async def one_n(args: argparse.Namespace, n: int, nats_url: str, js: Any, tracke
                 profile = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
                                             "-d", str(int(args.seconds)), "-r", "100", "-f", "raw", "-o", str(out),
                                             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            cpu0, wall0, mine0 = cpu_seconds(pid), time.monotonic(), time.process_time()
+            cpu0, wall0, mine0, wait0 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
             callers.window = (time.perf_counter(), time.perf_counter() + args.seconds)
             rss_samples = []
             while time.perf_counter() < callers.window[1]:
                 await asyncio.sleep(1)
                 rss_samples.append(rss_mib(pid))
-            cpu1, wall1, mine1 = cpu_seconds(pid), time.monotonic(), time.process_time()
+            cpu1, wall1, mine1, wait1 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
             await asyncio.sleep(8)  # the window's last turns get their answers
             callers.stop.set()
             await asyncio.gather(*tasks)
@@ -292,6 +299,7 @@ async def one_n(args: argparse.Namespace, n: int, nats_url: str, js: Any, tracke
         "model_first_token": summary([delays[name] for name, _ in callers.turns if name in delays], (99,)),
         "dialer_cpu_cores": (cpu1 - cpu0) / (wall1 - wall0),
         "dialer_cpu_ms_per_turn": (cpu1 - cpu0) * 1000 / max(1, len(overheads)),
+        "dialer_runqueue_wait_fraction": (wait1 - wait0) / (wall1 - wall0),
         "twilio_side_cpu_cores": (mine1 - mine0) / (wall1 - wall0),
         "idle_rss_mib": idle_rss, "rss_mib": rss, "rss_per_conversation_mib": (rss - idle_rss) / n,
     }
