@@ -3,12 +3,14 @@ endpoint receives, and how failures arrive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from agentstudio.conversation.llm import ChatModel, Endpoint, Finished, LlmError, LlmEvent, TextDelta, ToolCall
 from agentstudio.natsserver import free_port
@@ -149,3 +151,33 @@ async def test_model_rejects_tool_message_without_its_call(model: ScriptedModel)
     # A rejected request consumes no reply.
     assert accepted.status_code == 200
     assert accepted.json()["choices"][0]["message"]["content"] == "Hi."
+
+
+async def test_chunks_are_read_as_plain_json(model: ScriptedModel, chat: ChatModel,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building the SDK's typed chunk for every token was the largest CPU cost of a live conversation
+    # (bench/conversations.py with py-spy): the stream reads the chunks' JSON as it is.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a typed ChatCompletionChunk was built for a streamed chunk")
+
+    monkeypatch.setattr(ChatCompletionChunk, "construct", classmethod(refuse))
+    monkeypatch.setattr(ChatCompletionChunk, "model_construct", classmethod(refuse))
+    model.script([Reply("One moment.", tool_calls=[("capture_email", {"email": "ada@example.com"})])])
+    events = await collect(chat, endpoint(model), tools=TOOLS)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "One moment."
+    assert [(e.name, json.loads(e.arguments)) for e in events if isinstance(e, ToolCall)] == \
+        [("capture_email", {"email": "ada@example.com"})]
+    assert events[-1] == Finished("tool_calls")
+
+
+async def test_every_live_reply_streams_at_once_and_keeps_its_connection(model: ScriptedModel, chat: ChatModel) -> None:
+    # A dialer carries hundreds of conversations, each with at most one reply streaming: none may wait
+    # for a pooled connection (httpx's default caps at 100), and a burst's connections stay open for the
+    # next turns (its default keeps 20 idle, so each turn after a burst paid a new TCP connect).
+    burst = 120
+    # A second is far longer than starting the burst takes, so every reply is in flight at once.
+    model.script(lambda body: Reply("Hello.", delay_seconds=1.0))
+    replies = await asyncio.gather(*(collect(chat, endpoint(model)) for _ in range(burst)))
+    assert all(events[-1] == Finished("stop") for events in replies)
+    pool = chat._http._transport._pool  # noqa: SLF001 - what the pool kept is the point
+    assert len(pool.connections) > 100  # before: at most 100 at once, then 20 kept
