@@ -12,7 +12,8 @@ import httpx
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from agentstudio.conversation.llm import ChatModel, Endpoint, Finished, LlmError, LlmEvent, TextDelta, ToolCall
+from agentstudio.conversation.llm import (MODEL_CONNECTIONS, ChatModel, Endpoint, Finished, LlmError, LlmEvent, TextDelta,
+                                         ToolCall)
 from agentstudio.natsserver import free_port
 from scripted_model import Reply, ScriptedModel
 
@@ -170,14 +171,13 @@ async def test_chunks_are_read_as_plain_json(model: ScriptedModel, chat: ChatMod
     assert events[-1] == Finished("tool_calls")
 
 
-async def test_every_live_reply_streams_at_once_and_keeps_its_connection(model: ScriptedModel, chat: ChatModel) -> None:
-    # A dialer carries hundreds of conversations, each with at most one reply streaming: none may wait
-    # for a pooled connection (httpx's default caps at 100), and a burst's connections stay open for the
-    # next turns (its default keeps 20 idle, so each turn after a burst paid a new TCP connect).
-    burst = 120
+async def test_a_burst_of_replies_keeps_its_connections(model: ScriptedModel, chat: ChatModel) -> None:
+    # A dialer carrying hundreds of conversations streams dozens of replies at once: the connections
+    # of a burst stay for the next turns (httpx's default keeps 20 idle, so each turn after a burst
+    # paid a new TCP connect), up to MODEL_CONNECTIONS.
     # A second is far longer than starting the burst takes, so every reply is in flight at once.
     model.script(lambda body: Reply("Hello.", delay_seconds=1.0))
-    replies = await asyncio.gather(*(collect(chat, endpoint(model)) for _ in range(burst)))
+    replies = await asyncio.gather(*(collect(chat, endpoint(model)) for _ in range(MODEL_CONNECTIONS)))
     assert all(events[-1] == Finished("stop") for events in replies)
     pool = chat._http._transport._pool  # noqa: SLF001 - what the pool kept is the point
-    assert len(pool.connections) > 100  # before: at most 100 at once, then 20 kept
+    assert len(pool.connections) == MODEL_CONNECTIONS  # before: 20

@@ -14,6 +14,10 @@ import openai
 from openai import AsyncOpenAI, AsyncStream, omit
 
 
+# Connections to model endpoints a dialer process keeps (a reply streams on one).
+MODEL_CONNECTIONS = 100
+
+
 @dataclass(frozen=True)
 class Endpoint:
     base_url: str
@@ -65,12 +69,12 @@ class ChatModel:
         # The timeout bounds connecting and each wait for the next chunk, so a stalled model fails the
         # turn instead of leaving the callee in silence.
         self._timeout = timeout_seconds
-        # No cap on connections: each live conversation streams at most one reply, so they are bounded
-        # by the calls a dialer carries, and a reply must not wait for another's connection (httpx's
-        # default caps at 100 and keeps 20 idle: past it, turns queued, and each turn after a burst
-        # paid a new TCP connect). Idle ones still close after httpx's 5 s keep-alive expiry.
-        self._http = httpx.AsyncClient(timeout=timeout_seconds,
-                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        # Every connection of the pool is kept for the next turns: httpx's default kept 20 of its 100,
+        # so each turn after a burst paid a new TCP connect. More than 100 costs more than it saves:
+        # httpcore's pool walks every connection for every queued request on each request and
+        # response, 58% of a dialer's CPU at 500 conversations with no cap (bench/conversations.py).
+        self._http = httpx.AsyncClient(timeout=timeout_seconds, limits=httpx.Limits(
+            max_connections=MODEL_CONNECTIONS, max_keepalive_connections=MODEL_CONNECTIONS))
         self._clients: dict[tuple[str, str | None], AsyncOpenAI] = {}
 
     def _client(self, endpoint: Endpoint) -> AsyncOpenAI:
