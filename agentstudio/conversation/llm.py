@@ -4,6 +4,7 @@ tool calls the reply asked for, and how it finished."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,8 +15,12 @@ import openai
 from openai import AsyncOpenAI, AsyncStream, omit
 
 
-# Connections to model endpoints a dialer process keeps (a reply streams on one).
-MODEL_CONNECTIONS = 100
+# Connections to model endpoints (a reply streams on one) go in POOLS pools of POOL_CONNECTIONS each.
+# httpcore walks a pool's every connection, and each for every queued request, on each request and
+# response: one pool of 100 took 53% of a dialer's CPU at 500 conversations, one without a cap 58%
+# (bench/conversations.py with py-spy). Replies take the pools in turn.
+POOLS = 8
+POOL_CONNECTIONS = 25
 
 
 @dataclass(frozen=True)
@@ -69,21 +74,22 @@ class ChatModel:
         # The timeout bounds connecting and each wait for the next chunk, so a stalled model fails the
         # turn instead of leaving the callee in silence.
         self._timeout = timeout_seconds
-        # Every connection of the pool is kept for the next turns: httpx's default kept 20 of its 100,
-        # so each turn after a burst paid a new TCP connect. More than 100 costs more than it saves:
-        # httpcore's pool walks every connection for every queued request on each request and
-        # response, 58% of a dialer's CPU at 500 conversations with no cap (bench/conversations.py).
-        self._http = httpx.AsyncClient(timeout=timeout_seconds, limits=httpx.Limits(
-            max_connections=MODEL_CONNECTIONS, max_keepalive_connections=MODEL_CONNECTIONS))
-        self._clients: dict[tuple[str, str | None], AsyncOpenAI] = {}
+        # Every connection of a pool is kept for the next turns: httpx's default kept 20 of 100, so
+        # each turn after a burst paid a new TCP connect. One TLS context for all (each loads the CAs).
+        limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS)
+        tls = httpx.create_ssl_context()
+        self._http = [httpx.AsyncClient(timeout=timeout_seconds, limits=limits, verify=tls) for _ in range(POOLS)]
+        self._turns = itertools.count()
+        self._clients: dict[tuple[str, str | None, int], AsyncOpenAI] = {}
 
     def _client(self, endpoint: Endpoint) -> AsyncOpenAI:
-        key = (endpoint.base_url, endpoint.api_key)
+        pool = next(self._turns) % POOLS
+        key = (endpoint.base_url, endpoint.api_key, pool)
         if key not in self._clients:
             # No retries: a live call cannot wait for them. Without a key, a placeholder stops the SDK
             # from reading OPENAI_API_KEY from the environment; stream() omits the header it would make.
             self._clients[key] = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "unused",
-                                             max_retries=0, timeout=self._timeout, http_client=self._http)
+                                             max_retries=0, timeout=self._timeout, http_client=self._http[pool])
         return self._clients[key]
 
     async def stream(self, endpoint: Endpoint, messages: list[dict[str, Any]],
@@ -129,9 +135,10 @@ class ChatModel:
         yield Finished(reason)
 
     async def aclose(self) -> None:
-        # The SDK clients share self._http and do not own it, so closing it is enough.
+        # The SDK clients share the pools and do not own them, so closing those is enough.
         self._clients.clear()
-        await self._http.aclose()
+        for http in self._http:
+            await http.aclose()
 
 
 @contextmanager
