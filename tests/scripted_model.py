@@ -6,6 +6,9 @@ talks to OpenAI, vLLM or Ollama the same way:
     with ScriptedModel([Reply("Hello there!"), Reply(tool_calls=[("end_call", {})])]) as model:
         endpoint = Endpoint(base_url=model.url, model="any", api_key=None)
         ...                             # model.requests holds every request body, model.headers their headers
+
+A streamed reply's own first-token delay (from the request read to its first chunk with content or a
+tool call) goes into model.first_tokens as (request body, seconds), for benchmarks that subtract it.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ class ScriptedModel:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.first_tokens: list[tuple[dict[str, Any], float]] = []
         self._lock = threading.Lock()
         self._script: Script = replies if replies is not None else []
         self._socket = socket.socket()
@@ -163,6 +167,7 @@ class ScriptedModel:
     async def _completions(self, request: Request) -> Response:
         try:
             body = json.loads(await request.body())
+            received = time.perf_counter()
         except ValueError:
             return error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
         with self._lock:
@@ -185,7 +190,8 @@ class ScriptedModel:
         finish_reason = "tool_calls" if calls else "stop"
         base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body["model"]}
         if body.get("stream"):
-            return StreamingResponse(self._chunks(reply, calls, finish_reason, base), media_type="text/event-stream")
+            return StreamingResponse(self._chunks(reply, calls, finish_reason, base, body, received),
+                                     media_type="text/event-stream")
         await asyncio.sleep(reply.delay_seconds)
         message = {"role": "assistant", "content": reply.text or None, "refusal": None}
         if calls:
@@ -194,7 +200,7 @@ class ScriptedModel:
             {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}]})
 
     async def _chunks(self, reply: Reply, calls: list[dict[str, Any]], finish_reason: str,
-                      base: dict[str, Any]) -> AsyncIterator[str]:
+                      base: dict[str, Any], body: dict[str, Any], received: float) -> AsyncIterator[str]:
         base = {**base, "object": "chat.completion.chunk"}
         # As the real API: a first chunk with the role and an empty content, then one chunk per piece.
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "" if reply.text else None}]
@@ -205,10 +211,14 @@ class ScriptedModel:
                                            "function": {"name": function["name"], "arguments": ""}}]})
             deltas += [{"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
                        for fragment in argument_fragments(function["arguments"])]
+        first = next((i for i, d in enumerate(deltas) if d.get("content") or d.get("tool_calls")), None)
         await asyncio.sleep(reply.delay_seconds)
         for i, delta in enumerate(deltas):
             if i and reply.token_delay_seconds:
                 await asyncio.sleep(reply.token_delay_seconds)
+            if i == first:
+                with self._lock:
+                    self.first_tokens.append((body, time.perf_counter() - received))
             yield chunk(base, delta)
         yield chunk(base, {}, finish_reason)
         yield "data: [DONE]\n\n"

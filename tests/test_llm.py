@@ -3,14 +3,17 @@ endpoint receives, and how failures arrive."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
-from agentstudio.conversation.llm import ChatModel, Endpoint, Finished, LlmError, LlmEvent, TextDelta, ToolCall
+from agentstudio.conversation.llm import (POOL_CONNECTIONS, ChatModel, Endpoint, Finished, LlmError, LlmEvent, TextDelta,
+                                         ToolCall)
 from agentstudio.natsserver import free_port
 from scripted_model import Reply, ScriptedModel
 
@@ -149,3 +152,35 @@ async def test_model_rejects_tool_message_without_its_call(model: ScriptedModel)
     # A rejected request consumes no reply.
     assert accepted.status_code == 200
     assert accepted.json()["choices"][0]["message"]["content"] == "Hi."
+
+
+async def test_chunks_are_read_as_plain_json(model: ScriptedModel, chat: ChatModel,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building the SDK's typed chunk for every token was the largest CPU cost of a live conversation
+    # (bench/conversations.py with py-spy): the stream reads the chunks' JSON as it is.
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a typed ChatCompletionChunk was built for a streamed chunk")
+
+    monkeypatch.setattr(ChatCompletionChunk, "construct", classmethod(refuse))
+    monkeypatch.setattr(ChatCompletionChunk, "model_construct", classmethod(refuse))
+    model.script([Reply("One moment.", tool_calls=[("capture_email", {"email": "ada@example.com"})])])
+    events = await collect(chat, endpoint(model), tools=TOOLS)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "One moment."
+    assert [(e.name, json.loads(e.arguments)) for e in events if isinstance(e, ToolCall)] == \
+        [("capture_email", {"email": "ada@example.com"})]
+    assert events[-1] == Finished("tool_calls")
+
+
+async def test_a_burst_of_replies_keeps_its_connections_in_small_pools(model: ScriptedModel, chat: ChatModel) -> None:
+    # A dialer carrying hundreds of conversations streams dozens of replies at once. The connections of
+    # a burst stay for the next turns (httpx's default keeps 20 idle, so each turn after a burst paid a
+    # new TCP connect), spread over small pools: httpcore walks a pool's every connection on each
+    # request and response, which with one pool of 100 took half of the dialer's CPU under load.
+    burst = 100
+    # A second is far longer than starting the burst takes, so every reply is in flight at once.
+    model.script(lambda body: Reply("Hello.", delay_seconds=1.0))
+    replies = await asyncio.gather(*(collect(chat, endpoint(model)) for _ in range(burst)))
+    assert all(events[-1] == Finished("stop") for events in replies)
+    kept = [len(http._transport._pool.connections) for http in chat._http]  # noqa: SLF001 - the point
+    assert sum(kept) == burst
+    assert max(kept) <= POOL_CONNECTIONS < burst

@@ -4,6 +4,7 @@ tool calls the reply asked for, and how it finished."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,7 +13,14 @@ from typing import Any
 import httpx
 import openai
 from openai import AsyncOpenAI, AsyncStream, omit
-from openai.types.chat import ChatCompletionChunk
+
+
+# Connections to model endpoints (a reply streams on one) go in POOLS pools of POOL_CONNECTIONS each.
+# httpcore walks a pool's every connection, and each for every queued request, on each request and
+# response: one pool of 100 took 53% of a dialer's CPU at 500 conversations, one without a cap 58%
+# (bench/conversations.py with py-spy). Replies take the pools in turn.
+POOLS = 8
+POOL_CONNECTIONS = 25
 
 
 @dataclass(frozen=True)
@@ -66,16 +74,22 @@ class ChatModel:
         # The timeout bounds connecting and each wait for the next chunk, so a stalled model fails the
         # turn instead of leaving the callee in silence.
         self._timeout = timeout_seconds
-        self._http = httpx.AsyncClient(timeout=timeout_seconds)
-        self._clients: dict[tuple[str, str | None], AsyncOpenAI] = {}
+        # Every connection of a pool is kept for the next turns: httpx's default kept 20 of 100, so
+        # each turn after a burst paid a new TCP connect. One TLS context for all (each loads the CAs).
+        limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS)
+        tls = httpx.create_ssl_context()
+        self._http = [httpx.AsyncClient(timeout=timeout_seconds, limits=limits, verify=tls) for _ in range(POOLS)]
+        self._turns = itertools.count()
+        self._clients: dict[tuple[str, str | None, int], AsyncOpenAI] = {}
 
     def _client(self, endpoint: Endpoint) -> AsyncOpenAI:
-        key = (endpoint.base_url, endpoint.api_key)
+        pool = next(self._turns) % POOLS
+        key = (endpoint.base_url, endpoint.api_key, pool)
         if key not in self._clients:
             # No retries: a live call cannot wait for them. Without a key, a placeholder stops the SDK
             # from reading OPENAI_API_KEY from the environment; stream() omits the header it would make.
             self._clients[key] = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "unused",
-                                             max_retries=0, timeout=self._timeout, http_client=self._http)
+                                             max_retries=0, timeout=self._timeout, http_client=self._http[pool])
         return self._clients[key]
 
     async def stream(self, endpoint: Endpoint, messages: list[dict[str, Any]],
@@ -92,26 +106,27 @@ class ChatModel:
                 body["tools"] = tools
             # The SDK's own request path (its typed `create`) re-walks every message of the history on
             # each turn, several ms for a long call; the body we build is already the wire format, so it
-            # goes through the SDK's plain `post`, which still streams and parses the chunks.
+            # goes through the SDK's plain `post`, which still streams, decodes the SSE and raises the
+            # API's errors. Each chunk comes as its JSON (cast_to=object): building a typed chunk per
+            # token was the largest CPU cost of a live conversation (bench/conversations.py, py-spy).
             response = await self._client(endpoint).post(
-                "/chat/completions", body=body, cast_to=ChatCompletionChunk, stream=True,
-                stream_cls=AsyncStream[ChatCompletionChunk],
+                "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object],
                 options={"headers": {} if endpoint.api_key else {"Authorization": omit}},
             )
             async with response:
                 async for chunk in response:
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            yield TextDelta(delta.content)
+                    for choice in _choices(chunk):
+                        delta = choice.get("delta") or {}
+                        if content := delta.get("content"):
+                            yield TextDelta(str(content))
                         # The first delta of an index carries id and name, later ones argument fragments.
-                        for part in delta.tool_calls or []:
-                            call = calls.setdefault(part.index, _PartialCall())
-                            call.id = part.id or call.id
-                            if part.function:
-                                call.name = part.function.name or call.name
-                                call.arguments.append(part.function.arguments or "")
-                        reason = choice.finish_reason or reason
+                        for part in delta.get("tool_calls") or []:
+                            call = calls.setdefault(int(part["index"]), _PartialCall())
+                            call.id = part.get("id") or call.id
+                            if function := part.get("function"):
+                                call.name = function.get("name") or call.name
+                                call.arguments.append(function.get("arguments") or "")
+                        reason = choice.get("finish_reason") or reason
         for index in sorted(calls):
             call = calls[index]
             if not (call.id and call.name):
@@ -120,9 +135,10 @@ class ChatModel:
         yield Finished(reason)
 
     async def aclose(self) -> None:
-        # The SDK clients share self._http and do not own it, so closing it is enough.
+        # The SDK clients share the pools and do not own them, so closing those is enough.
         self._clients.clear()
-        await self._http.aclose()
+        for http in self._http:
+            await http.aclose()
 
 
 @contextmanager
@@ -139,8 +155,17 @@ def _translated_errors(endpoint: Endpoint, timeout: float) -> Iterator[None]:
         raise _error(endpoint, "timeout", f"{where} did not answer within {timeout:g}s") from e
     except (openai.APIConnectionError, httpx.TransportError) as e:
         raise _error(endpoint, "connection", f"cannot reach {where}: {type(e.__cause__ or e).__name__}") from e
-    except (openai.OpenAIError, httpx.HTTPError, ValueError) as e:  # ValueError: a chunk that is not JSON
+    # ValueError: a chunk that is not JSON; the others: JSON of another shape than a chunk's.
+    except (openai.OpenAIError, httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise _error(endpoint, "bad_stream", f"{where} sent an unusable stream: {type(e).__name__}: {e}") from e
+
+
+def _choices(chunk: object) -> list[dict[str, Any]]:
+    """A streamed chunk's choices, each a JSON object (a chunk of another shape is a bad stream)."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise ValueError(f"a chunk without a list of choices: {str(chunk)[:200]}")
+    return choices
 
 
 def _message(body: object) -> str:

@@ -4,11 +4,16 @@ state wins) so a burst of turns costs one write, and the talking never waits for
 
 The turns go to the call's transcript stream first (only those new or changed since the last write),
 then the record counts them: a reader never counts a turn that is not there, and a call of hours
-writes a few hundred bytes a turn instead of its whole transcript each time."""
+writes a few hundred bytes a turn instead of its whole transcript each time.
+
+A change waits WRITE_DELAY_SECONDS for the rest of its turn before it is written, so a turn (the
+callee's words, the reply starting, its last words) is one write, not three: what a dialer's crash
+loses of a conversation is at most that last second of it, besides the write in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -23,6 +28,9 @@ log = logging.getLogger("agentstudio.conversation")
 
 # Turns already written that each write looks at again: barge-in changes the agent message said last.
 REWRITE_TAIL = 16
+# Longer than a reply takes to start and stream after the callee's words, shorter than the callee's
+# next words take to come (3-6 s).
+WRITE_DELAY_SECONDS = 1.0
 
 
 class CallRecorder:
@@ -34,6 +42,7 @@ class CallRecorder:
         self._dirty = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._close = asyncio.Event()  # wakes the writer from its delay to leave the last write to close()
         self._attempt = 1  # the attempt this conversation is on: a retried call's next one is not its
         self._written: list[dict[str, Any]] = []  # the turns as the transcript stream has them
 
@@ -62,6 +71,7 @@ class CallRecorder:
             # Let an in-flight write finish instead of cancelling it: nats-py can turn a cancel into
             # its own timeout error, which the loop would take for a failed write and go on.
             self._closing = True
+            self._close.set()
             self._dirty.set()
             await self._writer
         for attempt in range(20):
@@ -94,6 +104,8 @@ class CallRecorder:
     async def _write_loop(self) -> None:
         while True:
             await self._dirty.wait()
+            with contextlib.suppress(TimeoutError):  # the rest of the turn joins this write
+                await asyncio.wait_for(self._close.wait(), WRITE_DELAY_SECONDS)
             if self._closing:
                 return  # close() writes the last state
             self._dirty.clear()
