@@ -121,6 +121,15 @@ def replicas(js: JetStreamContext) -> int:
     return min(CLUSTER_REPLICAS, len(info.get("connect_urls") or []) or CLUSTER_REPLICAS)
 
 
+async def hand_back(msg: Msg, delay: float) -> None:
+    """Redeliver `msg` after `delay`; if even that cannot reach NATS (a nak sent while the client
+    reconnects raises), its ack wait redelivers it."""
+    try:
+        await msg.nak(delay=delay)
+    except nats.errors.Error:
+        pass
+
+
 async def connect(
     servers: str,
     name: str,

@@ -88,7 +88,7 @@ class WebhookDispatcher:
         await bus.ensure_events_stream(self.js)
         self.dead, self.disabled = await bus.ensure_webhooks(self.js)
         self.deliveries = await bus.deliveries_bucket(self.js)
-        fanout = asyncio.create_task(self._fanout(stop), name="webhook-fanout")
+        fanout = asyncio.create_task(self._fanout_until(stop), name="webhook-fanout")
         try:
             while not stop.is_set():
                 await self._reconcile_loops(stop)
@@ -105,6 +105,16 @@ class WebhookDispatcher:
 
     # --- fan-out ------------------------------------------------------------------------------
 
+    async def _fanout_until(self, stop: asyncio.Event) -> None:
+        """The fan-out, started again whenever NATS cuts it short: nothing else would, and every
+        later event would wait unfiled."""
+        while not stop.is_set():
+            try:
+                await self._fanout(stop)
+            except Exception as exc:  # noqa: BLE001 - e.g. the consumer's stream electing a leader
+                log.warning("webhook fan-out interrupted; starting again", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1)
+
     async def _fanout(self, stop: asyncio.Event) -> None:
         sub = await self.js.pull_subscribe(
             "calls.*.events.*", durable=FANOUT_CONSUMER, stream=bus.EVENTS_STREAM,
@@ -117,9 +127,10 @@ class WebhookDispatcher:
                 try:
                     await self._file(msg)
                     await msg.ack()
-                except Exception:  # noqa: BLE001 - redelivered; filing is idempotent
-                    log.exception("could not file webhook deliveries")
-                    await msg.nak(delay=1)
+                except Exception as exc:  # noqa: BLE001 - redelivered; filing is idempotent
+                    log.warning("could not file webhook deliveries; will be redelivered",
+                                extra={"error": type(exc).__name__})
+                    await bus.hand_back(msg, 1)
 
     async def _file(self, msg: Msg) -> None:
         tenant = msg.subject.split(".")[1]
@@ -197,7 +208,7 @@ class WebhookDispatcher:
             return "delivered"
         if status == 410:
             await self._disable(tenant, sub, "receiver answered 410 Gone")
-            await msg.nak(delay=3600)  # kept for when the subscription is re-enabled
+            await bus.hand_back(msg, 3600)  # kept for when the subscription is re-enabled
             await self._record(tenant, sub, event, "held", attempt, error)
             return "gone"
         if attempt > len(self.schedule):
@@ -205,7 +216,7 @@ class WebhookDispatcher:
             await msg.ack()
             await self._record(tenant, sub, event, "dead_lettered", attempt, error)
             return "dead"
-        await msg.nak(delay=self.schedule[attempt - 1])
+        await bus.hand_back(msg, self.schedule[attempt - 1])
         await self._record(tenant, sub, event, "retrying", attempt, error)
         log.info("webhook delivery failed; will retry", extra={
             "tenant": tenant, "subscription": sub.name, "event_id": event["id"], "attempt": attempt,

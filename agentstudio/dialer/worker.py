@@ -201,10 +201,10 @@ class Dialer:
         except nats.errors.Error as exc:  # NATS out of reach, e.g. a stream's leader being elected
             log.warning("dispatch interrupted; will be redelivered",
                         extra={"dialer": self.name, "error": type(exc).__name__})
-            await _hand_back(msg, self.settings.cap_retry_seconds)
+            await bus.hand_back(msg, self.settings.cap_retry_seconds)
         except Exception:  # noqa: BLE001 - the message is redelivered
             log.exception("dispatch failed; will be redelivered", extra={"dialer": self.name})
-            await _hand_back(msg, self.settings.cap_retry_seconds)
+            await bus.hand_back(msg, self.settings.cap_retry_seconds)
         finally:
             self._slots.release()
 
@@ -293,7 +293,7 @@ class Dialer:
                 await self._place(msg, call, provider)
         except Exception:  # noqa: BLE001 - redelivered after ack_wait, or now
             log.exception("parked call failed; handing it back", extra={"call_id": call.call_id})
-            await _hand_back(msg, self.settings.cap_retry_seconds)
+            await bus.hand_back(msg, self.settings.cap_retry_seconds)
 
     async def _may_be_free(self, tenant: str, cap: int) -> bool:
         """One read of the tenant's slots per poll interval, shared by all its parked calls."""
@@ -554,14 +554,6 @@ def _resumed(s: CallState | None) -> CallState | None:
         return None
     last = s.deferrals[-1]
     return s.model_copy(update={"deferrals": [*s.deferrals[:-1], last.model_copy(update={"until": clock.now()})]})
-
-
-async def _hand_back(msg: Msg, delay: float) -> None:
-    """Redeliver `msg` after `delay`; if even that cannot reach NATS, its ack wait redelivers it."""
-    try:
-        await msg.nak(delay=delay)
-    except nats.errors.Error:
-        pass
 
 
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
