@@ -39,6 +39,7 @@ class Receiver:
     attempts: list[str] = field(default_factory=list)  # webhook-id of every attempt
     port: int = field(default_factory=free_port)
     before_answer: Callable[[], None] | None = None  # runs as each verified attempt is answered
+    stall_first: asyncio.Event | None = None  # the first attempt is answered once this is set
 
     @property
     def url(self) -> str:
@@ -54,6 +55,8 @@ class Receiver:
             self.attempts.append(request.headers["webhook-id"])
             if self.before_answer is not None:
                 self.before_answer()
+            if self.stall_first is not None and len(self.attempts) == 1:
+                await asyncio.wait_for(self.stall_first.wait(), timeout=30)
             if self.mode == "slow":
                 await asyncio.sleep(4)
             if self.mode == "gone":
@@ -105,12 +108,12 @@ spec: {{url: "{url}", events: {events}}}
 @asynccontextmanager
 async def stack(nats_server: NatsServer, js: JetStreamContext, receivers: dict[str, Receiver],
                 schedule: str = "0,0.2,0.2", extra: str = "",
-                dialing: bool = True) -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
+                dialing: bool = True, timeout: float = 2) -> AsyncIterator[tuple[httpx.AsyncClient, Tenant]]:
     t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js,
                docs(MANIFESTS + OPS_KEY + "".join(subscription(n, r.url) for n, r in receivers.items()) + extra))
     bundle = await t.publish()
     secrets = StaticSecrets({(t.name, f"{n}-webhook-secret", "secret"): r.secret for n, r in receivers.items()})
-    settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=2)
+    settings = Settings(nats_url=nats_server.url, webhook_retry_schedule=schedule, webhook_timeout_seconds=timeout)
     nc = await bus.connect(nats_server.url, "test-webhooks")
     dispatcher, watcher = await dialer_main.webhooks(nc, settings, secrets)
     stop = asyncio.Event()
@@ -167,6 +170,23 @@ async def test_a_slow_receiver_never_delays_another_subscription(nats_server, js
         # The order says it, not a stopwatch: the fast one has everything while the slow one is
         # still working through its own queue.
         assert len(slow.received) < 12
+
+
+async def test_one_slow_post_never_holds_the_next_deliveries_of_its_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    stalled = asyncio.Event()
+    receiver = Receiver(signing.new_secret(), stall_first=stalled)
+    async with serving(receiver), stack(nats_server, js, {"results": receiver}, timeout=30) as (client, t):
+        for _ in range(3):
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+        try:
+            # Every other event arrives while the first post still waits for its answer: the loop
+            # keeps its posts in flight and refills each slot as it frees, not batch by batch.
+            await until(lambda: len(receiver.received) == 5, timeout=10)
+            assert len(receiver.attempts) == 6
+        finally:
+            stalled.set()  # else the receiver's shutdown waits for the stalled answer
+        await until(lambda: len(receiver.received) == 6)
+    assert len({r["id"] for r in receiver.received}) == 6
 
 
 async def test_410_gone_disables_the_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]

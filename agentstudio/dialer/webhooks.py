@@ -59,6 +59,7 @@ def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
 class _Loop:
     task: asyncio.Task[None]
     sub: CompiledSubscription
+    gone: bool = False  # a 410 came: nothing more is posted by this loop
 
 
 class WebhookDispatcher:
@@ -177,36 +178,60 @@ class WebhookDispatcher:
             bus.delivery_subject(tenant, name), durable=f"wh-{tenant}-{name}", stream=bus.WEBHOOKS_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.timeout + 20, max_deliver=-1),
         )
-        while not stop.is_set():
-            messages = await bus.fetch(sub, self.per_subscription, 0.5)
-            results = await asyncio.gather(*(self._deliver(tenant, loop.sub, m) for m in messages))
-            if "gone" in results:
-                return
+        # Up to per_subscription posts in flight, each slot refilled as it frees: one slow post
+        # holds its own slot, not the others' next deliveries. A slot is the post alone; the record
+        # and the ack that follow it, and the fetch of the next messages, run beside the posts, so
+        # as many deliveries again may be settling or waiting for a slot.
+        posting = asyncio.Semaphore(self.per_subscription)
+        in_flight: set[asyncio.Task[str]] = set()
+        try:
+            while not stop.is_set() and not loop.gone:
+                room = 2 * self.per_subscription - len(in_flight)
+                if room:
+                    for msg in await bus.fetch(sub, room, 0.5):
+                        in_flight.add(asyncio.create_task(self._deliver(tenant, loop, msg, posting)))
+                else:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                done = {task for task in in_flight if task.done()}
+                in_flight -= done
+                for task in done:
+                    task.result()  # an error ends the loop, and the next reconcile starts it again
+            await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
+        finally:
+            for task in in_flight:
+                task.cancel()
 
-    async def _deliver(self, tenant: str, sub: CompiledSubscription, msg: Msg) -> str:
+    async def _deliver(self, tenant: str, loop: _Loop, msg: Msg, posting: asyncio.Semaphore) -> str:
+        sub = loop.sub
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
         if attempt > 1 and await self._delivered_before(tenant, sub, event):
             # A 2xx whose ack was lost (its node died as it was sent): the receiver has it already.
             await self._ack(msg, tenant, sub, event)
             return "delivered"
-        secret = await self.secrets.get(tenant, sub.secret_ref)
-        if secret is None:
-            error = f"signing secret {sub.secret_ref.name} not readable"
-            status = None
-        else:
-            body = msg.data.decode()
-            try:
-                resp = await self._http.post(sub.url, content=body, headers=signing.headers(secret, event["id"], body))
-                status, error = resp.status_code, f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
+        async with posting:
+            if loop.gone:  # a 410 came while this one waited for its slot: kept for a new loop
+                await msg.nak()
+                return "gone"
+            secret = await self.secrets.get(tenant, sub.secret_ref)
+            if secret is None:
+                error = f"signing secret {sub.secret_ref.name} not readable"
+                status = None
+            else:
+                body = msg.data.decode()
+                try:
+                    resp = await self._http.post(sub.url, content=body,
+                                                 headers=signing.headers(secret, event["id"], body))
+                    status, error = resp.status_code, f"HTTP {resp.status_code}"
+                except httpx.HTTPError as exc:
+                    status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
             # Recorded before the ack, and waited for: a redelivery after a lost ack finds it.
             await self._record(tenant, sub, event, "delivered", attempt, None, retry_for=SETTLE_SECONDS)
             await self._ack(msg, tenant, sub, event)
             return "delivered"
         if status == 410:
+            loop.gone = True
             await self._disable(tenant, sub, "receiver answered 410 Gone")
             await bus.hand_back(msg, 3600)  # kept for when the subscription is re-enabled
             await self._record(tenant, sub, event, "held", attempt, error)
