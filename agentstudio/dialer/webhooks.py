@@ -211,7 +211,7 @@ class WebhookDispatcher:
             return "delivered"
         async with posting:
             if loop.gone:  # a 410 came while this one waited for its slot: kept for a new loop
-                await msg.nak()
+                await bus.hand_back(msg, 0)
                 return "gone"
             secret = await self.secrets.get(tenant, sub.secret_ref)
             if secret is None:
