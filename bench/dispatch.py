@@ -30,7 +30,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
+from backlog import queue_backlog  # noqa: E402
 from latency import summary  # noqa: E402
 from nats_messages import Counted  # noqa: E402
 
@@ -136,15 +136,7 @@ async def accept_to_provider(nats_url: str, js: Any, n: int) -> dict[str, Any]:
 
 async def backlog(nats_url: str, js: Any, n: int, cap: int, pace: float) -> dict[str, Any]:
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
-    ids = []
-    for i in range(n):
-        call = calls.CallRequest(
-            call_id=str(uuid.uuid4()), tenant=tenant, api_key="k", agent_slug="a", phone_number="+14155552671",
-            user_context={}, metadata={"simulate_duration_seconds": 0}, test=True,
-            created_at=datetime.now(timezone.utc), bundle_version=1)
-        ids.append(call.call_id)
-        await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
-                         headers={"Nats-Msg-Id": call.call_id})
+    ids = await queue_backlog(js, tenant, n)
     stop = asyncio.Event()
     start = time.perf_counter()
     counted = Counted()
@@ -188,15 +180,7 @@ async def paced(nats_url: str, js: Any, n: int, pace: float) -> dict[str, Any]:
     """A backlog drained by two dialers at the tenant's pace: the rate it gets and the most calls
     that reached the provider in any one second."""
     tenant = f"bench-{uuid.uuid4().hex[:6]}"
-    ids = []
-    for i in range(n):
-        call = calls.CallRequest(
-            call_id=str(uuid.uuid4()), tenant=tenant, api_key="k", agent_slug="a", phone_number="+14155552671",
-            user_context={}, metadata={"simulate_duration_seconds": 0}, test=True,
-            created_at=datetime.now(timezone.utc), bundle_version=1)
-        ids.append(call.call_id)
-        await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
-                         headers={"Nats-Msg-Id": call.call_id})
+    ids = await queue_backlog(js, tenant, n)
     stop = asyncio.Event()
     tasks = await run_dialers(nats_url, 2, stop, max_concurrent_calls_per_tenant=1000, calls_per_second_per_tenant=pace)
     while any(Timed.placed[c] == 0 for c in ids):

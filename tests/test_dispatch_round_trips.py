@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
-from agentstudio import bus, calls
+from agentstudio import bus
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.providers import SimulatedProvider
 from agentstudio.natsserver import NatsServer
 from agentstudio.settings import Settings
+from backlog import queue_backlog
 from nats_messages import Counted
 
 CALLS = 300
@@ -27,15 +27,7 @@ async def test_a_placed_call_costs_at_most_8_round_trips(tmp_path: Path) -> None
         js = nc.jetstream()
         await bus.ensure_calls_stream(js)
         tenant = f"rt-{uuid.uuid4().hex[:8]}"
-        ids = []
-        for _ in range(CALLS):
-            call = calls.CallRequest(
-                call_id=str(uuid.uuid4()), tenant=tenant, api_key="k", agent_slug="a", phone_number="+14155552671",
-                user_context={}, metadata={"simulate_duration_seconds": 0}, test=True,
-                created_at=datetime.now(timezone.utc), bundle_version=1)
-            ids.append(call.call_id)
-            await js.publish(bus.dispatch_subject(tenant, call.call_id), calls.encode(call),
-                             headers={"Nats-Msg-Id": call.call_id})
+        ids = await queue_backlog(js, tenant, CALLS)
         counted, stop, conns, running = Counted(), asyncio.Event(), [], []
         settings = Settings(nats_url=server.url, max_concurrent_calls_per_tenant=50, calls_per_second_per_tenant=10_000,
                             cap_retry_seconds=0.05)
