@@ -8,7 +8,8 @@ fresh for every state: no bundle, an empty bundle (the tenant with nothing in it
 and for ingest the large bundle after `--requests` accepted calls. A process has loaded the bundle when
 its /readyz says so (ingest: "tenants": 1; the dialer: ready only once its bundles are read). The
 baseline is a bare `python -c 'import fastapi, uvicorn'` process. Per process: VmRSS, and from
-/proc/<pid>/smaps_rollup its Pss and private (clean + dirty) memory, all in MiB.
+/proc/<pid>/smaps_rollup its Pss and private (clean + dirty) memory, all in MiB. Beside them, what each
+role's imports add to a fresh interpreter's RSS, package by package.
 
     .venv/bin/python bench/memory.py [--agents 1000] [--keys 1000] [--requests 200]
 
@@ -224,6 +225,32 @@ def baseline(logs: Path) -> dict[str, float]:
         proc.wait()
 
 
+# What a role's imports cost, package by package in this order (each line: RSS after it minus before).
+IMPORTS = {
+    "ingest": ["pydantic", "fastapi", "uvicorn", "aiohttp", "nats", "httpx", "jinja2", "jsonschema_rs",
+               "phonenumbers", "sqlite3", "twilio.twiml.voice_response", "agentstudio.resources",
+               "agentstudio.bundle", "agentstudio.ingest.app"],
+    "dialer": ["pydantic", "fastapi", "uvicorn", "aiohttp", "nats", "httpx", "jinja2", "jsonschema_rs",
+               "phonenumbers", "sqlite3", "twilio.rest", "openai", "agentstudio.resources", "agentstudio.bundle",
+               "agentstudio.dialer.main"],
+}
+IMPORTING = """
+import importlib, json, sys
+def rss():
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+costs, before = {"interpreter": rss()}, rss()
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    costs[name], before = rss() - before, rss()
+print(json.dumps(costs))
+"""
+
+
+def import_costs(modules: list[str]) -> dict[str, float]:
+    run = subprocess.run([sys.executable, "-c", IMPORTING, *modules], capture_output=True, text=True, check=True)
+    return {name: round(mib, 1) for name, mib in json.loads(run.stdout).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--agents", type=int, default=1000)
@@ -256,6 +283,7 @@ def main() -> None:
         results["ingest"][f"large_bundle_after_{args.requests}_requests"] = large["after_requests"]
 
     out = {
+        "imports_mib": {role: import_costs(modules) for role, modules in IMPORTS.items()},
         "bundle": {"agents": args.agents, "workflows": args.agents, "keys": args.keys, "json_bytes": body_bytes,
                    "prompt_bytes": sum(len(a.spec.prompt) for a in bundle.agents.values()), **timings},
         "goal_mib": {"ingest": 120, "dialer": 200},
@@ -276,9 +304,9 @@ def plot(out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     bare = out["mib"]["baseline"]["fastapi+uvicorn"]
-    for ax, role in zip(axes, ("ingest", "dialer")):
+    for ax, role in zip(axes[:2], ("ingest", "dialer")):
         states = list(out["mib"][role])
         labels = ["python\nfastapi+uvicorn", *(s.replace("_", " ").replace("after", "\nafter") for s in states)]
         rows = [bare, *(out["mib"][role][s] for s in states)]
@@ -290,6 +318,18 @@ def plot(out: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{role} process")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("MiB")
+    for ax in axes[:2]:
+        ax.set_ylim(0, max(out["goal_mib"].values()) * 1.1)
+    names = list(dict.fromkeys(name for costs in out["imports_mib"].values() for name in costs))
+    y = range(len(names))
+    for offset, (role, color) in zip((-0.2, 0.2), (("ingest", "#c84"), ("dialer", "#86c"))):
+        axes[2].barh([i + offset for i in y], [out["imports_mib"][role].get(n, 0) for n in names], 0.4,
+                     label=f"{role}: {sum(out['imports_mib'][role].values()):.0f} MiB", color=color)
+    axes[2].set_yticks(list(y), names, fontsize=7)
+    axes[2].invert_yaxis()
+    axes[2].set_xlabel("MiB of RSS added, imported in this order")
+    axes[2].set_title("a fresh interpreter importing the role")
+    axes[2].legend(fontsize=8)
     b = out["bundle"]
     fig.suptitle(f"Memory with a bundle of {b['agents']:,} agents, {b['workflows']:,} workflows, {b['keys']:,} keys "
                  f"({b['json_bytes'] / 2**20:.1f} MiB of JSON)")
