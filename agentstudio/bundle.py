@@ -50,7 +50,9 @@ class Frozen(BaseModel):
 # An agent's spec is held as its JSON and parsed when read, the last PARSED_SPECS kept (by content, so
 # an agent unchanged across versions is parsed once): ingest reads no spec, a dialer only its calls'
 # agents, and 1,000 agents with prompts of 2-4 KB held 17.5 MiB parsed against 4.7 MiB of JSON.
-PARSED_SPECS = 256
+# A conversation reads its agent's spec on every turn, so more agents than a dialer has conversations
+# under way at once; with prompts of 2-4 KB (18 KiB a parsed spec) 1,024 of them hold 18 MiB at most.
+PARSED_SPECS = 1024
 
 
 def _spec_json(value: Any) -> bytes:
