@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import time
@@ -22,7 +24,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Callable, Mapping
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -201,6 +203,25 @@ async def _drop(store: Buckets, name: str) -> None:
     await store.js.purge_stream(BODIES_STREAM, subject=subject)
 
 
+def _load_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_trim()
+
+
+def _give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the system. Parsing a body (the JSON's tree, each agent as
+    a model on its way to JSON) takes far more than the bundle keeps, and glibc keeps what is freed
+    in the middle of its heap: 18 MiB for a bundle of 1,000 agents, workflows and keys, more than
+    the 10 MiB the bundle itself holds."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every tenant's bundle at one moment; a request reads one snapshot from start to end."""
@@ -296,6 +317,7 @@ class BundleWatcher:
             if bundles.pop(tenant, None) is not None:
                 log.info("bundle removed", extra={"tenant": tenant})
                 self.snapshot = Snapshot.of(bundles)
+                _give_back_freed_memory()
             return
         current = self.snapshot.bundles.get(tenant)
         if current is not None and current.version >= entry.revision:
@@ -322,6 +344,7 @@ class BundleWatcher:
         bundles[tenant] = bundle
         self.snapshot = Snapshot.of(bundles)
         log.info("bundle loaded", extra={"tenant": tenant, "version": bundle.version, "bytes": len(data)})
+        _give_back_freed_memory()
 
     async def _fetch(self, body: str) -> bytes:
         """A body's bytes; a timeout or a dropped connection is retried, since the head that named
