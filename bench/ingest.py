@@ -5,9 +5,10 @@ uvicorn worker each and the same load generator (vegeta) in its own process.
     .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32] [--workers 2] [--profile]
 
 --workers 2 also measures ingest with two worker processes (uvicorn's, sharing the socket) against
-its one, in the same run. Each process's CPU during each maximum-rate window (/proc/<pid>/stat,
-in cores: ingest's workers, nats-server, the load generator) is in the JSON, since the load generator
-and nats-server share the machine's cores with ingest. --profile records the one-worker ingest with
+its one, in the same run. Each process's CPU during each window (/proc/<pid>/stat, in cores: the
+server's workers, nats-server, the load generator) is in the JSON, since the load generator and
+nats-server share the machine's cores with the server, and so is the server's CPU per request
+(µs): at half load it says what a request costs, whatever else the machine is doing. --profile records the one-worker ingest with
 py-spy during its maximum-rate window (bench/results/ingest-profile.txt, collapsed stacks; the top
 functions by own time in the JSON). Prints JSON and writes bench/results/ingest.json and ingest.png.
 Not a test: nothing asserts on it.
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -97,29 +98,36 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cores_during(server: int, nats: int, run: Callable[[], Result]) -> tuple[Result, dict[str, Any]]:
+    """run()'s result, and what each process spent of the cores meanwhile (and per request, in µs)."""
+    pids = processes(server)
+    before = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
+    result = run()
+    after = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
+    wall = after[3] - before[3]
+    spent = [b - a for a, b in zip(before[0], after[0], strict=True)]
+    return result, {
+        "workers": [round(s / wall, 3) for s in spent],
+        "nats_server": round((after[1] - before[1]) / wall, 3),
+        "load_generator": round((after[2] - before[2]) / wall, 3),
+        "server_us_per_request": round(sum(spent) / max(1, result.requests) * 1e6),
+    }
+
+
 def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int,
             server: int, nats: int, profile: Path | None) -> dict[str, Any]:
     """The maximum rate, and what each process spent of the cores meanwhile."""
     attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
-    pids = processes(server)
     spy = None
     if profile is not None:
         spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server), "-d",
                                 str(int(seconds)), "-r", "200", "-f", "raw", "-o", str(profile), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    before = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
-    peak = attack(url, BODIES, headers, seconds=seconds, workers=connections)
-    after = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
+    peak, cores = cores_during(server, nats, lambda: attack(url, BODIES, headers, seconds=seconds, workers=connections))
     if spy is not None:
         _, err = spy.communicate(timeout=60)
         if spy.returncode:
             raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
-    wall = after[3] - before[3]
-    cores = {
-        "workers": [round((b - a) / wall, 3) for a, b in zip(before[0], after[0], strict=True)],
-        "nats_server": round((after[1] - before[1]) / wall, 3),
-        "load_generator": round((after[2] - before[2]) / wall, 3),
-    }
     print(f"{name}: {peak.rate:.0f} req/s at {connections} connections; cores {cores}", file=sys.stderr)
     return {"max": peak, "cores": cores}
 
@@ -174,12 +182,18 @@ def main() -> None:
             }
             half = max(1, int(results["ingest"]["max"].rate / 2))
             for name in ("ingest", "bare", "bare+publish"):
-                results[name]["half"] = attack(urls[name], BODIES, headers, seconds=args.seconds, rate=half,
-                                               workers=args.connections)
+                results[name]["half"], results[name]["half_cores"] = cores_during(
+                    servers[name].pid, nats.proc.pid,
+                    lambda: attack(urls[name], BODIES, headers, seconds=args.seconds, rate=half,
+                                   workers=args.connections))
         finally:
             for proc in servers.values():
                 proc.terminate()
-                proc.wait(timeout=10)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a loaded machine can hold up uvicorn's workers' shutdown
+                    proc.kill()
+                    proc.wait()
 
     out = {
         "connections": args.connections,
