@@ -7,15 +7,17 @@ import socket
 
 import httpx
 import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from agentstudio import ports
 
 
-async def _ok(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+async def _ok(scope: Scope, receive: Receive, send: Send) -> None:
+    """A response in two parts (headers, then body), as every ASGI app writes one."""
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})  # type: ignore[operator]
-    await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def test_connections_served_from_a_bound_socket_send_without_nagle() -> None:
