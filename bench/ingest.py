@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -188,11 +189,16 @@ def main() -> None:
                                    workers=args.connections))
         finally:
             for proc in servers.values():
+                family = processes(proc.pid)
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:  # a loaded machine can hold up uvicorn's workers' shutdown
-                    proc.kill()
+                except subprocess.TimeoutExpired:  # seen twice with two workers on the loaded machine
+                    for pid in reversed(family):  # the workers too, or they outlive their supervisor
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                     proc.wait()
 
     out = {
