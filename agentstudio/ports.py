@@ -23,6 +23,11 @@ def bind(host: str, port: int, hint: str, guess: str = "") -> socket.socket:
     # As uvicorn does: a restart must not wait for the old connections' TIME_WAIT. On Linux this
     # never allows binding a port another socket listens on.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # uvicorn takes a socket handed to it as a Unix one (socket.fromfd(fd, AF_UNIX, ...)), so neither
+    # uvloop nor asyncio turns Nagle off on its connections as they do for TCP: a response written in
+    # two parts then waits for the client's delayed ACK (40 ms). Linux copies the option from the
+    # listening socket to each connection it accepts.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -2,9 +2,16 @@
 bare FastAPI+uvicorn route answering the same 201 with no I/O, both measured in this run with one
 uvicorn worker each and the same load generator (vegeta) in its own process.
 
-    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32]
+    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32] [--workers 2] [--profile]
 
-Prints JSON and writes bench/results/ingest.json and ingest.png. Not a test: nothing asserts on it.
+--workers 2 also measures ingest with two worker processes (uvicorn's, sharing the socket) against
+its one, in the same run. Each process's CPU during each window (/proc/<pid>/stat, in cores: the
+server's workers, nats-server, the load generator) is in the JSON, since the load generator and
+nats-server share the machine's cores with the server, and so is the server's CPU per request
+(µs): at half load it says what a request costs, whatever else the machine is doing. --profile records the one-worker ingest with
+py-spy during its maximum-rate window (bench/results/ingest-profile.txt, collapsed stacks; the top
+functions by own time in the JSON). Prints JSON and writes bench/results/ingest.json and ingest.png.
+Not a test: nothing asserts on it.
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ import argparse
 import asyncio
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from conversations import cpu_seconds, hottest  # noqa: E402
 from loadgen import Result, attack  # noqa: E402
 
 from agentstudio import bundle_store, bus, keys  # noqa: E402
@@ -77,18 +88,60 @@ def serve(args: list[str], env: dict[str, str], ready_url: str, log: Path) -> su
     raise RuntimeError(f"{args} never became ready (exit status {proc.returncode}):\n{said}")
 
 
-def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int) -> dict[str, Result]:
+def processes(root: int) -> list[int]:
+    """`root` and its children (uvicorn's workers when it runs more than one)."""
+    children = Path(f"/proc/{root}/task/{root}/children").read_text().split()
+    return [root, *map(int, children)]
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator, once it was waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def cores_during(server: int, nats: int, run: Callable[[], Result]) -> tuple[Result, dict[str, Any]]:
+    """run()'s result, and what each process spent of the cores meanwhile (and per request, in µs)."""
+    pids = processes(server)
+    before = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
+    result = run()
+    after = [cpu_seconds(p) for p in pids], cpu_seconds(nats), children_cpu(), time.monotonic()
+    wall = after[3] - before[3]
+    spent = [b - a for a, b in zip(before[0], after[0], strict=True)]
+    return result, {
+        "workers": [round(s / wall, 3) for s in spent],
+        "nats_server": round((after[1] - before[1]) / wall, 3),
+        "load_generator": round((after[2] - before[2]) / wall, 3),
+        "server_us_per_request": round(sum(spent) / max(1, result.requests) * 1e6),
+    }
+
+
+def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int,
+            server: int, nats: int, profile: Path | None) -> dict[str, Any]:
+    """The maximum rate, and what each process spent of the cores meanwhile."""
     attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
-    peak = attack(url, BODIES, headers, seconds=seconds, workers=connections)
-    print(f"{name}: {peak.rate:.0f} req/s at {connections} connections", file=sys.stderr)
-    return {"max": peak}
+    spy = None
+    if profile is not None:
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server), "-d",
+                                str(int(seconds)), "-r", "200", "-f", "raw", "-o", str(profile), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, cores = cores_during(server, nats, lambda: attack(url, BODIES, headers, seconds=seconds, workers=connections))
+    if spy is not None:
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode:
+            raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
+    print(f"{name}: {peak.rate:.0f} req/s at {connections} connections; cores {cores}", file=sys.stderr)
+    return {"max": peak, "cores": cores}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
 
     key = keys.generate("live")
     headers = {"Authorization": f"Bearer {key}"}
@@ -96,10 +149,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as nats:
         asyncio.run(publish_tenant(nats.url, key))
         ingest_port, bare_port, floor_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats.url, "AGENTSTUDIO_HOST": "127.0.0.1",
-               "AGENTSTUDIO_PORT": str(ingest_port), "AGENTSTUDIO_LOG_LEVEL": "INFO"}
-        ingest = serve([str(bin_dir / "agent-studio"), "ingest", "--workers", "1"], env,
-                       f"http://127.0.0.1:{ingest_port}/readyz", Path(tmp) / "ingest.log")
+
+        def start_ingest(port: int, workers: int) -> subprocess.Popen[bytes]:
+            env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats.url, "AGENTSTUDIO_HOST": "127.0.0.1",
+                   "AGENTSTUDIO_PORT": str(port), "AGENTSTUDIO_LOG_LEVEL": "INFO"}
+            return serve([str(bin_dir / "agent-studio"), "ingest", "--workers", str(workers)], env,
+                         f"http://127.0.0.1:{port}/readyz", Path(tmp) / f"ingest-{workers}.log")
+
+        ingest = start_ingest(ingest_port, 1)
+        servers = {"ingest": ingest}
+        urls = {"ingest": f"http://127.0.0.1:{ingest_port}/api/v1/webhooks/ingest"}
         bare = serve([str(bin_dir / "uvicorn"), "bare_app:app", "--app-dir", str(ROOT / "bench"), "--host",
                       "127.0.0.1", "--port", str(bare_port), "--workers", "1", "--no-access-log",
                       "--log-level", "warning"], os.environ.copy(), f"http://127.0.0.1:{bare_port}/docs",
@@ -108,33 +167,56 @@ def main() -> None:
                        "127.0.0.1", "--port", str(floor_port), "--workers", "1", "--no-access-log",
                        "--log-level", "warning"], {**os.environ, "BARE_NATS_URL": nats.url},
                       f"http://127.0.0.1:{floor_port}/docs", Path(tmp) / "floor.log")
+        servers |= {"bare": bare, "bare+publish": floor}
+        urls |= {"bare": f"http://127.0.0.1:{bare_port}/api/v1/webhooks/ingest",
+                 "bare+publish": f"http://127.0.0.1:{floor_port}/api/v1/webhooks/ingest"}
+        if args.workers == 2:
+            two_port = free_port()
+            servers["ingest x2"] = start_ingest(two_port, 2)
+            urls["ingest x2"] = f"http://127.0.0.1:{two_port}/api/v1/webhooks/ingest"
+        assert nats.proc is not None
         try:
-            urls = {"ingest": f"http://127.0.0.1:{ingest_port}/api/v1/webhooks/ingest",
-                    "bare": f"http://127.0.0.1:{bare_port}/api/v1/webhooks/ingest",
-                    "bare+publish": f"http://127.0.0.1:{floor_port}/api/v1/webhooks/ingest"}
-            results = {name: measure(name, url, headers, args.seconds, args.connections) for name, url in urls.items()}
+            results: dict[str, dict[str, Any]] = {
+                name: measure(name, url, headers, args.seconds, args.connections, servers[name].pid, nats.proc.pid,
+                              results_dir / "ingest-profile.txt" if args.profile and name == "ingest" else None)
+                for name, url in urls.items()
+            }
             half = max(1, int(results["ingest"]["max"].rate / 2))
-            for name, url in urls.items():
-                results[name]["half"] = attack(url, BODIES, headers, seconds=args.seconds, rate=half,
-                                               workers=args.connections)
+            for name in ("ingest", "bare", "bare+publish"):
+                results[name]["half"], results[name]["half_cores"] = cores_during(
+                    servers[name].pid, nats.proc.pid,
+                    lambda: attack(urls[name], BODIES, headers, seconds=args.seconds, rate=half,
+                                   workers=args.connections))
         finally:
-            for proc in (ingest, bare, floor):
+            for proc in servers.values():
+                family = processes(proc.pid)
                 proc.terminate()
-                proc.wait(timeout=10)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # seen twice with two workers on the loaded machine
+                    for pid in reversed(family):  # the workers too, or they outlive their supervisor
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    proc.wait()
 
     out = {
         "connections": args.connections,
         "seconds": args.seconds,
-        "workers": 1,
+        "workers": args.workers,
         "ratio_max_rate": results["ingest"]["max"].rate / results["bare"]["max"].rate,
         "ratio_vs_bare_publish": results["ingest"]["max"].rate / results["bare+publish"]["max"].rate,
         "ratio_bare_publish_vs_bare": results["bare+publish"]["max"].rate / results["bare"]["max"].rate,
         "half_rate": half,
-        "results": {name: {phase: asdict(r) for phase, r in phases.items()} for name, phases in results.items()},
+        "results": {name: {phase: asdict(r) if isinstance(r, Result) else r for phase, r in phases.items()}
+                    for name, phases in results.items()},
     }
+    if args.workers == 2:
+        out["ratio_two_workers"] = results["ingest x2"]["max"].rate / results["ingest"]["max"].rate
+    if args.profile:
+        out["profile"] = hottest(results_dir / "ingest-profile.txt")
     print(json.dumps(out, indent=2))
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
     (results_dir / "ingest.json").write_text(json.dumps(out, indent=2))
     plot(out, results_dir / "ingest.png")
 
@@ -145,11 +227,14 @@ def plot(out: dict, path: Path) -> None:  # type: ignore[type-arg]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["bare", "bare+publish", "ingest"]
     res = out["results"]
+    names = [n for n in ("bare", "bare+publish", "ingest", "ingest x2") if n in res]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(names, [res[n]["max"]["rate"] for n in names], color=["#999", "#69c", "#2a6"])
-    a.set_title(f"max req/s (1 worker, {out['connections']} conns)\ningest/bare = {out['ratio_max_rate']:.2f}")
+    a.bar(names, [res[n]["max"]["rate"] for n in names], color=["#999", "#69c", "#2a6", "#184"][:len(names)])
+    a.set_title(f"max req/s ({out['connections']} conns)\n"
+                f"ingest/bare+publish = {out['ratio_vs_bare_publish']:.2f}"
+                + (f", 2 workers/1 = {out['ratio_two_workers']:.2f}" if "ratio_two_workers" in out else ""))
+    names = ["bare", "bare+publish", "ingest"]
     x = range(len(names))
     b.bar([i - 0.2 for i in x], [res[n]["half"]["p50_ms"] for n in names], 0.4, label="p50")
     b.bar([i + 0.2 for i in x], [res[n]["half"]["p99_ms"] for n in names], 0.4, label="p99")
