@@ -172,6 +172,40 @@ async def test_a_slow_receiver_never_delays_another_subscription(nats_server, js
         assert len(slow.received) < 12
 
 
+@asynccontextmanager
+async def hanging() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A receiver that accepts connections and never answers; closes them all as it stops, so the
+    posts still waiting fail at once instead of at their timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], held
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_many_hanging_receivers_never_delay_another_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    """30 subscriptions whose receivers never answer hold 4 posts each (120 connections): more
+    than a shared client's pool of 100, which made the healthy one's posts wait for theirs."""
+    healthy = Receiver(signing.new_secret())
+    async with hanging() as (port, held), serving(healthy):
+        hung = {f"hung{i}": Receiver(signing.new_secret(), port=port) for i in range(30)}
+        async with stack(nats_server, js, {"healthy": healthy, **hung}, timeout=60) as (client, t):
+            for _ in range(2):  # 4 events each: every hanging subscription's 4 slots taken
+                await queue_call(client, t, simulate_duration_seconds=0.1)
+            await until(lambda: len(held) >= 100, timeout=30)
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+            await until(lambda: len(healthy.received) == 6, timeout=20)
+
+
 async def test_one_slow_post_never_holds_the_next_deliveries_of_its_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
     stalled = asyncio.Event()
     receiver = Receiver(signing.new_secret(), stall_first=stalled)
@@ -305,3 +339,4 @@ async def test_each_delivery_of_a_call_is_recorded_with_its_state_and_attempts(n
                 break
             await asyncio.sleep(0.1)
         assert (record["state"], record["last_error"]) == ("delivered", None)
+

@@ -80,7 +80,7 @@ class WebhookDispatcher:
         self.per_subscription = concurrency_per_subscription
         self._loops: dict[tuple[str, str], _Loop] = {}
         self._placeholders: set[tuple[str, str, str]] = set()  # (tenant, subscription, URL) already said
-        self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
+        self._tls = httpx.create_ssl_context()  # made once: each subscription's client shares it
         self.dead: KeyValue | None = None
         self.disabled: KeyValue | None = None
         self.deliveries: KeyValue | None = None
@@ -102,7 +102,6 @@ class WebhookDispatcher:
             for loop in self._loops.values():
                 loop.task.cancel()
             await asyncio.gather(fanout, *(loop.task for loop in self._loops.values()), return_exceptions=True)
-            await self._http.aclose()
 
     # --- fan-out ------------------------------------------------------------------------------
 
@@ -182,26 +181,32 @@ class WebhookDispatcher:
         # holds its own slot, not the others' next deliveries. A slot is the post alone; the record
         # and the ack that follow it, and the fetch of the next messages, run beside the posts, so
         # as many deliveries again may be settling or waiting for a slot.
+        # Its own client, whose pool is its slots: receivers that hang hold this pool, not another
+        # subscription's (one shared pool of 100 was full with 25 hanging subscriptions).
         posting = asyncio.Semaphore(self.per_subscription)
         in_flight: set[asyncio.Task[str]] = set()
-        try:
-            while not stop.is_set() and not loop.gone:
-                room = 2 * self.per_subscription - len(in_flight)
-                if room:
-                    for msg in await bus.fetch(sub, room, 0.5):
-                        in_flight.add(asyncio.create_task(self._deliver(tenant, loop, msg, posting)))
-                else:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                done = {task for task in in_flight if task.done()}
-                in_flight -= done
-                for task in done:
-                    task.result()  # an error ends the loop, and the next reconcile starts it again
-            await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
-        finally:
-            for task in in_flight:
-                task.cancel()
+        limits = httpx.Limits(max_connections=self.per_subscription, max_keepalive_connections=self.per_subscription)
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, limits=limits,
+                                     verify=self._tls) as http:
+            try:
+                while not stop.is_set() and not loop.gone:
+                    room = 2 * self.per_subscription - len(in_flight)
+                    if room:
+                        for msg in await bus.fetch(sub, room, 0.5):
+                            in_flight.add(asyncio.create_task(self._deliver(tenant, loop, msg, posting, http)))
+                    else:
+                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    done = {task for task in in_flight if task.done()}
+                    in_flight -= done
+                    for task in done:
+                        task.result()  # an error ends the loop, and the next reconcile starts it again
+                await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
+            finally:
+                for task in in_flight:
+                    task.cancel()
 
-    async def _deliver(self, tenant: str, loop: _Loop, msg: Msg, posting: asyncio.Semaphore) -> str:
+    async def _deliver(self, tenant: str, loop: _Loop, msg: Msg, posting: asyncio.Semaphore,
+                       http: httpx.AsyncClient) -> str:
         sub = loop.sub
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
@@ -220,7 +225,7 @@ class WebhookDispatcher:
             else:
                 body = msg.data.decode()
                 try:
-                    resp = await self._http.post(sub.url, content=body,
+                    resp = await http.post(sub.url, content=body,
                                                  headers=signing.headers(secret, event["id"], body))
                     status, error = resp.status_code, f"HTTP {resp.status_code}"
                 except httpx.HTTPError as exc:
