@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,21 @@ def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
         and all(str((data.get("metadata") or {}).get(k)) == v for k, v in f.metadata.items())
         and (f.mode == "any" or (f.mode == "test") == bool(data.get("test")))
     )
+
+
+async def _retried(op: Callable[[], Awaitable[object]], retry_for: float, failed: str, said: dict[str, Any]) -> bool:
+    """Whether `op` succeeded, tried again every half second for `retry_for` while NATS fails it;
+    a failure past that is logged as `failed`."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            await op()
+            return True
+        except (NatsError, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                log.warning(failed, extra={**said, "error": type(exc).__name__})
+                return False
+            await asyncio.sleep(0.5)
 
 
 @dataclass
@@ -261,18 +277,9 @@ class WebhookDispatcher:
         record = {"subscription": sub.name, "event_id": event["id"], "event_type": event["type"], "state": state,
                   "attempts": attempts, "last_error": error, "at": time.time()}
         key = bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"])
-        deadline = time.monotonic() + retry_for
-        while True:
-            try:
-                await self.deliveries.put(key, orjson.dumps(record))
-                return
-            except (NatsError, asyncio.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    log.warning("webhook delivery not recorded", extra={
-                        "tenant": tenant, "subscription": sub.name, "event_id": event["id"],
-                        "error": type(exc).__name__})
-                    return
-                await asyncio.sleep(0.5)
+        await _retried(lambda: self.deliveries.put(key, orjson.dumps(record)), retry_for,  # type: ignore[union-attr]
+                       "webhook delivery not recorded",
+                       {"tenant": tenant, "subscription": sub.name, "event_id": event["id"]})
 
     async def _delivered_before(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> bool:
         """Whether an earlier attempt got a 2xx; unknown (the bucket out of reach) counts as not:
@@ -288,18 +295,9 @@ class WebhookDispatcher:
     async def _ack(self, msg: Msg, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> None:
         """Ack and wait for the server's word, retried: a plain ack sent as its node dies is lost
         without a sign, and the message comes again."""
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while True:
-            try:
-                await msg.ack_sync(timeout=2)
-                return
-            except (NatsError, asyncio.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    log.warning("webhook ack not confirmed; a redelivery is skipped by the delivery record",
-                                extra={"tenant": tenant, "subscription": sub.name, "event_id": event["id"],
-                                       "error": type(exc).__name__})
-                    return
-                await asyncio.sleep(0.5)
+        await _retried(lambda: msg.ack_sync(timeout=2), SETTLE_SECONDS,
+                       "webhook ack not confirmed; a redelivery is skipped by the delivery record",
+                       {"tenant": tenant, "subscription": sub.name, "event_id": event["id"]})
 
     async def _dead_letter(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], attempts: int,
                            error: str) -> None:
