@@ -11,8 +11,9 @@ deliveries, each against a baseline measured in the same run on the same nats-se
    most calls placed in any one second.
 3. webhook deliveries per second to a local receiver (bench/receiver.py in its own process) of
    N events queued before the dispatcher starts; baseline: the same number of signed POSTs sent
-   straight to it with the same concurrency (the dispatcher's per subscription, 4). Also N events
-   delivered as they are published one at a time (the publisher's pace included).
+   straight to it with the same concurrency (the dispatcher's per subscription, 4), and this
+   process's CPU per delivery against per direct post. Also N events delivered as they are
+   published one at a time (the publisher's pace included).
 
     .venv/bin/python bench/dispatch.py [--calls 200] [--backlog 10000] [--events 2000] [--paced 1000]
     .venv/bin/python bench/dispatch.py --only webhooks [--events 2000] [--profile FILE]   # phase 3 alone
@@ -276,6 +277,15 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     secret = signing.new_secret()
     settings = Settings(nats_url=nats_url)
     nc = await bus.connect(nats_url, "bench-webhooks")
+    counted, writes = Counted(), Counter[str]()
+    counted.wrap(nc)
+    writelines = nc._transport.writelines  # noqa: SLF001 - the socket writes nats-py's flusher makes
+
+    def counted_writes(data: Any) -> None:
+        writes["writes"] += 1
+        writelines(data)
+
+    nc._transport.writelines = counted_writes  # noqa: SLF001
     dispatcher, watcher = await dialer_main.webhooks(nc, settings, StaticSecrets({(t.name, "hook-webhook-secret", "secret"): secret}))
 
     async def publish(count: int) -> None:  # one at a time, each waiting for its ack
@@ -295,10 +305,13 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     await publish(n)
     stop = asyncio.Event()
     with py_spy(profile):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         running = asyncio.create_task(dispatcher.run(stop))
         await delivered(n)
         ours = n / (time.perf_counter() - start)
+        ours_cpu = (time.process_time() - cpu) / n
+        sent = {p: round(c / n, 3) for p, c in counted.by_purpose.most_common()}
+        nats_writes = writes["writes"] / n
     # Then n more as they are published, this bench's one publisher at a time setting the pace.
     start = time.perf_counter()
     await publish(n)
@@ -314,7 +327,7 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     concurrency = dispatcher.per_subscription
     body = orjson.dumps({"type": "call.completed"}).decode()
     async with httpx.AsyncClient() as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sem = asyncio.Semaphore(concurrency)
 
         async def post(i: int) -> None:
@@ -324,9 +337,16 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
 
         await asyncio.gather(*(post(i) for i in range(n)))
         direct = n / (time.perf_counter() - start)
+        direct_cpu = (time.process_time() - cpu) / n
     return {"events": n, "concurrency": concurrency, "posts_received": await received(),
             "deliveries_per_second": ours,
             "baseline_direct_posts_per_second": direct, "ratio": ours / direct,
+            # This process's CPU (all its threads) per delivery and per direct post: what the
+            # dispatcher costs beside the posts themselves, steadier than rates on a busy machine.
+            "cpu_ms_per_delivery": 1000 * ours_cpu, "baseline_cpu_ms_per_direct_post": 1000 * direct_cpu,
+            "cpu_ratio": direct_cpu / ours_cpu,
+            # The dispatcher's NATS messages and socket writes per delivery (fan-out included).
+            "nats_messages_per_delivery": sent, "nats_writes_per_delivery": nats_writes,
             "deliveries_per_second_as_published": as_published}
 
 
