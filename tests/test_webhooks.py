@@ -340,3 +340,42 @@ async def test_each_delivery_of_a_call_is_recorded_with_its_state_and_attempts(n
             await asyncio.sleep(0.1)
         assert (record["state"], record["last_error"]) == ("delivered", None)
 
+
+async def test_a_backlog_is_fetched_several_deliveries_at_a_time(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    """60 events queued before the dispatcher starts reach the receiver with a fetch per 4 or more
+    of them, not one per freed slot (each fetch a NATS round trip)."""
+    receiver = Receiver(signing.new_secret())
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + subscription("r", receiver.url)))
+    await t.publish()
+    await bus.ensure_events_stream(js)
+    for _ in range(60):
+        event = {"type": "call.completed", "id": f"evt_{uuid.uuid4().hex}", "created_at": "now",
+                 "data": {"call_id": str(uuid.uuid4()), "test": True, "metadata": {}, "agent_slug": "a",
+                          "user_id": "u-1", "duration_seconds": 0}}
+        await js.publish(bus.event_subject(t.name, event["data"]["call_id"]), orjson.dumps(event),
+                         headers={"Nats-Msg-Id": event["id"]})
+    nc = await bus.connect(nats_server.url, "test-webhook-fetches")
+    fetches = 0
+    publish = nc.publish
+
+    async def counted(subject: str, *args: Any, **kwargs: Any) -> None:
+        nonlocal fetches
+        fetches += subject == f"$JS.API.CONSUMER.MSG.NEXT.{bus.WEBHOOKS_STREAM}.wh-{t.name}-r"
+        await publish(subject, *args, **kwargs)
+
+    nc.publish = counted  # type: ignore[method-assign]
+    secrets = StaticSecrets({(t.name, "r-webhook-secret", "secret"): receiver.secret})
+    dispatcher, watcher = await dialer_main.webhooks(nc, Settings(nats_url=nats_server.url), secrets)
+    stop = asyncio.Event()
+    async with serving(receiver):
+        running = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await until(lambda: len(receiver.received) == 60, timeout=30)
+            used = fetches
+        finally:
+            stop.set()
+            await running
+            await watcher.stop()
+            await nc.close()
+    assert len({r["id"] for r in receiver.received}) == 60
+    assert used <= 60 / dispatcher.per_subscription + 5, f"{used} fetches for 60 deliveries"
