@@ -9,13 +9,14 @@ deliveries, each against a baseline measured in the same run on the same nats-se
    Unpaced (--pace, the tenant's calls per second, high), to show what dispatch itself costs.
 2b. a backlog drained at a pace (--paced calls at --paced-rate a second): the rate it gets and the
    most calls placed in any one second.
-3. webhook deliveries per second to a local receiver (uvicorn, verifying nothing, answering 204) of
+3. webhook deliveries per second to a local receiver (bench/receiver.py in its own process) of
    N events queued before the dispatcher starts; baseline: the same number of signed POSTs sent
-   straight to it with the same concurrency (the dispatcher's per subscription, 4). Also N events
-   delivered as they are published one at a time (the publisher's pace included).
+   straight to it with the same concurrency (the dispatcher's per subscription, 4), and this
+   process's CPU per delivery against per direct post. Also N events delivered as they are
+   published one at a time (the publisher's pace included).
 
     .venv/bin/python bench/dispatch.py [--calls 200] [--backlog 10000] [--events 2000] [--paced 1000]
-    .venv/bin/python bench/dispatch.py --only webhooks [--events 2000]   # phase 3 alone
+    .venv/bin/python bench/dispatch.py --only webhooks [--events 2000] [--profile FILE]   # phase 3 alone
 
 Prints JSON and writes bench/results/dispatch.json and dispatch.png. Not a test: nothing asserts on it.
 """
@@ -24,19 +25,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import uvicorn
-from fastapi import FastAPI, Response
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -197,21 +201,55 @@ async def paced(nats_url: str, js: Any, n: int, pace: float) -> dict[str, Any]:
             "most_in_one_second": most, "placed_not_exactly_once": sum(1 for c in ids if Timed.placed[c] != 1)}
 
 
-async def deliveries(nats_url: str, js: Any, n: int) -> dict[str, Any]:
-    received = 0
-    app = FastAPI()
-
-    @app.post("/hook")
-    async def hook() -> Response:
-        nonlocal received
-        received += 1
-        return Response(status_code=204)
-
+@contextlib.asynccontextmanager
+async def receiver() -> AsyncIterator[tuple[int, httpx.AsyncClient]]:
+    """bench/receiver.py in its own process on a free port, and a client that asks it its count."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "receiver.py"), str(port)])  # its errors on our stderr
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as counter:
+            for _ in range(200):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"bench/receiver.py exited with {proc.returncode} (its error above)")
+                try:
+                    await counter.get("/count")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("bench/receiver.py did not answer in 10 s")
+            yield port, counter
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def py_spy(path: Path | None) -> Iterator[None]:
+    """py-spy recording this process (raw, collapsed stacks) while the block runs, when asked."""
+    if path is None:
+        yield
+        return
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "200",
+                             "--nonblocking", "-o", str(path), "-p", str(os.getpid())])
+    time.sleep(1)  # attached before the measured phase starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+async def deliveries(nats_url: str, js: Any, n: int, profile: Path | None = None) -> dict[str, Any]:
+    async with receiver() as (port, counter):
+        return await _deliveries(nats_url, js, n, port, counter, profile)
+
+
+async def _deliveries(nats_url: str, js: Any, n: int, port: int, counter: httpx.AsyncClient,
+                      profile: Path | None) -> dict[str, Any]:
+    async def received() -> int:
+        return (await counter.get("/count")).json()["received"]
+
     t = Tenant(f"bench-{uuid.uuid4().hex[:6]}", js, docs(MANIFESTS + f"""
 ---
 apiVersion: agentstudio.io/v1alpha1
@@ -223,6 +261,15 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     secret = signing.new_secret()
     settings = Settings(nats_url=nats_url)
     nc = await bus.connect(nats_url, "bench-webhooks")
+    counted, writes = Counted(), Counter[str]()
+    counted.wrap(nc)
+    writelines = nc._transport.writelines  # noqa: SLF001 - the socket writes nats-py's flusher makes
+
+    def counted_writes(data: Any) -> None:
+        writes["writes"] += 1
+        writelines(data)
+
+    nc._transport.writelines = counted_writes  # noqa: SLF001
     dispatcher, watcher = await dialer_main.webhooks(nc, settings, StaticSecrets({(t.name, "hook-webhook-secret", "secret"): secret}))
 
     async def publish(count: int) -> None:  # one at a time, each waiting for its ack
@@ -233,23 +280,26 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
                              headers={"Nats-Msg-Id": event["id"]})
 
     async def delivered(count: int) -> None:
-        while received < count:
-            await asyncio.sleep(0.01)
+        while await received() < count:
+            await asyncio.sleep(0.05)
 
     # The n events queued before the dispatcher starts, as the baseline has its n posts ready: what
     # the dispatcher drains (its start, consumers made and bundle loaded, included).
     await bus.ensure_events_stream(js)  # alone (--only webhooks), no dialer has made it yet
     await publish(n)
     stop = asyncio.Event()
-    start = time.perf_counter()
-    running = asyncio.create_task(dispatcher.run(stop))
-    await delivered(n)
-    ours = n / (time.perf_counter() - start)
+    with py_spy(profile):
+        start, cpu = time.perf_counter(), time.process_time()
+        running = asyncio.create_task(dispatcher.run(stop))
+        await delivered(n)
+        ours = n / (time.perf_counter() - start)
+        ours_cpu = (time.process_time() - cpu) / n
+        sent = {p: round(c / n, 3) for p, c in counted.by_purpose.most_common()}
+        nats_writes = writes["writes"] / n
     # Then n more as they are published, this bench's one publisher at a time setting the pace.
-    received = 0
     start = time.perf_counter()
     await publish(n)
-    await delivered(n)
+    await delivered(2 * n)
     as_published = n / (time.perf_counter() - start)
     stop.set()
     await running
@@ -259,10 +309,9 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     # Baseline: the same signed POSTs straight to the receiver, as many at a time as one
     # subscription's loop keeps in flight.
     concurrency = dispatcher.per_subscription
-    received = 0
     body = orjson.dumps({"type": "call.completed"}).decode()
     async with httpx.AsyncClient() as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sem = asyncio.Semaphore(concurrency)
 
         async def post(i: int) -> None:
@@ -272,10 +321,16 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
 
         await asyncio.gather(*(post(i) for i in range(n)))
         direct = n / (time.perf_counter() - start)
-    server.should_exit = True
-    await serving
-    return {"events": n, "concurrency": concurrency, "deliveries_per_second": ours,
+        direct_cpu = (time.process_time() - cpu) / n
+    return {"events": n, "concurrency": concurrency, "posts_received": await received(),
+            "deliveries_per_second": ours,
             "baseline_direct_posts_per_second": direct, "ratio": ours / direct,
+            # This process's CPU (all its threads) per delivery and per direct post: what the
+            # dispatcher costs beside the posts themselves, steadier than rates on a busy machine.
+            "cpu_ms_per_delivery": 1000 * ours_cpu, "baseline_cpu_ms_per_direct_post": 1000 * direct_cpu,
+            "cpu_ratio": direct_cpu / ours_cpu,
+            # The dispatcher's NATS messages and socket writes per delivery (fan-out included).
+            "nats_messages_per_delivery": sent, "nats_writes_per_delivery": nats_writes,
             "deliveries_per_second_as_published": as_published}
 
 
@@ -287,7 +342,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await js.add_stream(name="BENCH", subjects=["bench.>"])
         out: dict[str, Any] = {}
         if args.only == "webhooks":
-            out["webhooks"] = await deliveries(nats.url, js, args.events)
+            out["webhooks"] = await deliveries(nats.url, js, args.events, args.profile)
             await nc.close()
             return out
         if args.calls:
@@ -336,6 +391,7 @@ if __name__ == "__main__":
     parser.add_argument("--paced", type=int, default=1000, help="calls of the paced backlog (0: none)")
     parser.add_argument("--paced-rate", type=float, default=100)
     parser.add_argument("--only", choices=["webhooks"], help="run that phase alone (written to dispatch-<phase>.json)")
+    parser.add_argument("--profile", type=Path, help="with --only webhooks: py-spy's raw stacks of the drain, to this file")
     args = parser.parse_args()
     result = asyncio.run(main(args))
     print(json.dumps(result, indent=2))

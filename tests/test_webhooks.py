@@ -172,6 +172,40 @@ async def test_a_slow_receiver_never_delays_another_subscription(nats_server, js
         assert len(slow.received) < 12
 
 
+@asynccontextmanager
+async def hanging() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A receiver that accepts connections and never answers; closes them all as it stops, so the
+    posts still waiting fail at once instead of at their timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], held
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+async def test_many_hanging_receivers_never_delay_another_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    """30 subscriptions whose receivers never answer hold 4 posts each (120 connections): more
+    than a shared client's pool of 100, which made the healthy one's posts wait for theirs."""
+    healthy = Receiver(signing.new_secret())
+    async with hanging() as (port, held), serving(healthy):
+        hung = {f"hung{i}": Receiver(signing.new_secret(), port=port) for i in range(30)}
+        async with stack(nats_server, js, {"healthy": healthy, **hung}, timeout=60) as (client, t):
+            for _ in range(2):  # 4 events each: every hanging subscription's 4 slots taken
+                await queue_call(client, t, simulate_duration_seconds=0.1)
+            await until(lambda: len(held) >= 100, timeout=30)
+            await queue_call(client, t, simulate_duration_seconds=0.1)
+            await until(lambda: len(healthy.received) == 6, timeout=20)
+
+
 async def test_one_slow_post_never_holds_the_next_deliveries_of_its_subscription(nats_server, js) -> None:  # type: ignore[no-untyped-def]
     stalled = asyncio.Event()
     receiver = Receiver(signing.new_secret(), stall_first=stalled)
@@ -305,3 +339,43 @@ async def test_each_delivery_of_a_call_is_recorded_with_its_state_and_attempts(n
                 break
             await asyncio.sleep(0.1)
         assert (record["state"], record["last_error"]) == ("delivered", None)
+
+
+async def test_a_backlog_is_fetched_several_deliveries_at_a_time(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    """60 events queued before the dispatcher starts reach the receiver with a fetch per 4 or more
+    of them, not one per freed slot (each fetch a NATS round trip)."""
+    receiver = Receiver(signing.new_secret())
+    t = Tenant(f"t-{uuid.uuid4().hex[:10]}", js, docs(MANIFESTS + subscription("r", receiver.url)))
+    await t.publish()
+    await bus.ensure_events_stream(js)
+    for _ in range(60):
+        event = {"type": "call.completed", "id": f"evt_{uuid.uuid4().hex}", "created_at": "now",
+                 "data": {"call_id": str(uuid.uuid4()), "test": True, "metadata": {}, "agent_slug": "a",
+                          "user_id": "u-1", "duration_seconds": 0}}
+        await js.publish(bus.event_subject(t.name, event["data"]["call_id"]), orjson.dumps(event),
+                         headers={"Nats-Msg-Id": event["id"]})
+    nc = await bus.connect(nats_server.url, "test-webhook-fetches")
+    fetches = 0
+    publish = nc.publish
+
+    async def counted(subject: str, *args: Any, **kwargs: Any) -> None:
+        nonlocal fetches
+        fetches += subject == f"$JS.API.CONSUMER.MSG.NEXT.{bus.WEBHOOKS_STREAM}.wh-{t.name}-r"
+        await publish(subject, *args, **kwargs)
+
+    nc.publish = counted  # type: ignore[method-assign]
+    secrets = StaticSecrets({(t.name, "r-webhook-secret", "secret"): receiver.secret})
+    dispatcher, watcher = await dialer_main.webhooks(nc, Settings(nats_url=nats_server.url), secrets)
+    stop = asyncio.Event()
+    async with serving(receiver):
+        running = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await until(lambda: len(receiver.received) == 60, timeout=30)
+            used = fetches
+        finally:
+            stop.set()
+            await running
+            await watcher.stop()
+            await nc.close()
+    assert len({r["id"] for r in receiver.received}) == 60
+    assert used <= 60 / dispatcher.per_subscription + 5, f"{used} fetches for 60 deliveries"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,61 @@ def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
     )
 
 
+async def _retried(op: Callable[[], Awaitable[object]], retry_for: float, failed: str, said: dict[str, Any]) -> bool:
+    """Whether `op` succeeded, tried again every half second for `retry_for` while NATS fails it;
+    a failure past that is logged as `failed`."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            await op()
+            return True
+        except (NatsError, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                log.warning(failed, extra={**said, "error": type(exc).__name__})
+                return False
+            await asyncio.sleep(0.5)
+
+
+async def _ack(msg: Msg) -> None:
+    """The ack of a delivery whose record says delivered: if it is lost (sent as its node dies, or
+    refused while the client reconnects), the redelivery finds the record and is acked unposted."""
+    try:
+        await msg.ack()
+    except NatsError:
+        pass
+
+
+class _Together:
+    """Calls that come while an earlier batch is being handled are handled together next, each
+    caller waiting for its own batch: deliveries that finish together share NATS writes."""
+
+    def __init__(self, handle: Callable[[list[Any]], Awaitable[None]]) -> None:
+        self._handle = handle
+        self._waiting: list[tuple[Any, asyncio.Future[None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Any) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, done))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain())
+        await done
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self._handle([item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - raised in each caller of the batch
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+
 @dataclass
 class _Loop:
     task: asyncio.Task[None]
@@ -80,7 +136,7 @@ class WebhookDispatcher:
         self.per_subscription = concurrency_per_subscription
         self._loops: dict[tuple[str, str], _Loop] = {}
         self._placeholders: set[tuple[str, str, str]] = set()  # (tenant, subscription, URL) already said
-        self._http = httpx.AsyncClient(timeout=timeout_seconds, follow_redirects=False)
+        self._tls = httpx.create_ssl_context()  # made once: each subscription's client shares it
         self.dead: KeyValue | None = None
         self.disabled: KeyValue | None = None
         self.deliveries: KeyValue | None = None
@@ -102,7 +158,6 @@ class WebhookDispatcher:
             for loop in self._loops.values():
                 loop.task.cancel()
             await asyncio.gather(fanout, *(loop.task for loop in self._loops.values()), return_exceptions=True)
-            await self._http.aclose()
 
     # --- fan-out ------------------------------------------------------------------------------
 
@@ -124,25 +179,26 @@ class WebhookDispatcher:
         await self.bundles.loaded.wait()
         while not stop.is_set():
             messages = await bus.fetch(sub, 64, 0.5)
-            for msg in messages:
-                try:
-                    await self._file(msg)
-                    await msg.ack()
-                except Exception as exc:  # noqa: BLE001 - redelivered; filing is idempotent
+            # A batch's deliveries are published together, then its events acked together: NATS
+            # gets them in a few writes, not two round trips an event one after the other.
+            filed = await asyncio.gather(*(self._file(msg) for msg in messages), return_exceptions=True)
+            for msg, result in zip(messages, filed):
+                if isinstance(result, Exception):  # redelivered; filing is idempotent
                     log.warning("could not file webhook deliveries; will be redelivered",
-                                extra={"error": type(exc).__name__})
+                                extra={"error": type(result).__name__})
                     await bus.hand_back(msg, 1)
+            await asyncio.gather(*(msg.ack() for msg, result in zip(messages, filed) if result is None))
 
     async def _file(self, msg: Msg) -> None:
         tenant = msg.subject.split(".")[1]
         event = orjson.loads(msg.data)
         bundle = self.bundles.snapshot.bundles.get(tenant)
-        for sub in bundle.subscriptions if bundle else []:
-            if matches(sub, event) and not reserved_host(sub.url):
-                await self.js.publish(
-                    bus.delivery_subject(tenant, sub.name), msg.data,
-                    headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"},
-                )
+        await asyncio.gather(*(
+            self.js.publish(bus.delivery_subject(tenant, sub.name), msg.data,
+                            headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"})
+            for sub in (bundle.subscriptions if bundle else [])
+            if matches(sub, event) and not reserved_host(sub.url)
+        ))
 
     # --- one loop per subscription --------------------------------------------------------------
 
@@ -180,34 +236,42 @@ class WebhookDispatcher:
         )
         # Up to per_subscription posts in flight, each slot refilled as it frees: one slow post
         # holds its own slot, not the others' next deliveries. A slot is the post alone; the record
-        # and the ack that follow it, and the fetch of the next messages, run beside the posts, so
-        # as many deliveries again may be settling or waiting for a slot.
+        # and the ack that follow it run beside the posts, batched with those that finish together,
+        # and the next messages are fetched per_subscription or more at a time, not one per freed
+        # slot: up to 3 * per_subscription deliveries are posting, settling or waiting for a slot.
+        # Its own client, whose pool is its slots: receivers that hang hold this pool, not another
+        # subscription's (one shared pool of 100 was full with 25 hanging subscriptions).
         posting = asyncio.Semaphore(self.per_subscription)
+        settle = _Together(lambda delivered: self._settle(tenant, loop.sub, delivered))
         in_flight: set[asyncio.Task[str]] = set()
-        try:
-            while not stop.is_set() and not loop.gone:
-                room = 2 * self.per_subscription - len(in_flight)
-                if room:
-                    for msg in await bus.fetch(sub, room, 0.5):
-                        in_flight.add(asyncio.create_task(self._deliver(tenant, loop, msg, posting)))
-                else:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                done = {task for task in in_flight if task.done()}
-                in_flight -= done
-                for task in done:
-                    task.result()  # an error ends the loop, and the next reconcile starts it again
-            await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
-        finally:
-            for task in in_flight:
-                task.cancel()
+        limits = httpx.Limits(max_connections=self.per_subscription, max_keepalive_connections=self.per_subscription)
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, limits=limits,
+                                     verify=self._tls) as http:
+            try:
+                while not stop.is_set() and not loop.gone:
+                    room = 3 * self.per_subscription - len(in_flight)
+                    if room >= self.per_subscription:
+                        for msg in await bus.fetch(sub, room, 0.5):
+                            in_flight.add(asyncio.create_task(self._deliver(tenant, loop, msg, posting, http, settle)))
+                    else:
+                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    done = {task for task in in_flight if task.done()}
+                    in_flight -= done
+                    for task in done:
+                        task.result()  # an error ends the loop, and the next reconcile starts it again
+                await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
+            finally:
+                for task in in_flight:
+                    task.cancel()
 
-    async def _deliver(self, tenant: str, loop: _Loop, msg: Msg, posting: asyncio.Semaphore) -> str:
+    async def _deliver(self, tenant: str, loop: _Loop, msg: Msg, posting: asyncio.Semaphore,
+                       http: httpx.AsyncClient, settle: _Together) -> str:
         sub = loop.sub
         event = orjson.loads(msg.data)
         attempt = msg.metadata.num_delivered
         if attempt > 1 and await self._delivered_before(tenant, sub, event):
             # A 2xx whose ack was lost (its node died as it was sent): the receiver has it already.
-            await self._ack(msg, tenant, sub, event)
+            await _ack(msg)
             return "delivered"
         async with posting:
             if loop.gone:  # a 410 came while this one waited for its slot: kept for a new loop
@@ -220,15 +284,13 @@ class WebhookDispatcher:
             else:
                 body = msg.data.decode()
                 try:
-                    resp = await self._http.post(sub.url, content=body,
+                    resp = await http.post(sub.url, content=body,
                                                  headers=signing.headers(secret, event["id"], body))
                     status, error = resp.status_code, f"HTTP {resp.status_code}"
                 except httpx.HTTPError as exc:
                     status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
         if status is not None and 200 <= status < 300:
-            # Recorded before the ack, and waited for: a redelivery after a lost ack finds it.
-            await self._record(tenant, sub, event, "delivered", attempt, None, retry_for=SETTLE_SECONDS)
-            await self._ack(msg, tenant, sub, event)
+            await settle((msg, event, attempt))
             return "delivered"
         if status == 410:
             loop.gone = True
@@ -248,26 +310,32 @@ class WebhookDispatcher:
             "error": error, "retry_in": self.schedule[attempt - 1]})
         return "retry"
 
+    async def _settle(self, tenant: str, sub: CompiledSubscription, delivered: list[tuple[Msg, dict[str, Any], int]]) -> None:
+        """Deliveries that got their 2xx: each recorded before its ack, and the record waited for
+        (retried), so a redelivery after a lost ack finds it and posts nothing. A confirmed record
+        is all that needs, so the ack is a plain one; only where the record could not be written is
+        the ack's own confirmation waited for (retried), a lost ack then being a second post."""
+        recorded = await asyncio.gather(*(
+            self._record(tenant, sub, event, "delivered", attempt, None, retry_for=SETTLE_SECONDS)
+            for _, event, attempt in delivered))
+        await asyncio.gather(*(
+            _ack(msg) if ok else _retried(
+                lambda msg=msg: msg.ack_sync(timeout=2), SETTLE_SECONDS,
+                "webhook ack not confirmed; a redelivery is posted again",
+                {"tenant": tenant, "subscription": sub.name, "event_id": event["id"]})
+            for (msg, event, _), ok in zip(delivered, recorded)))
+
     async def _record(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], state: str, attempts: int,
-                      error: str | None, retry_for: float = 0.0) -> None:
+                      error: str | None, retry_for: float = 0.0) -> bool:
         """What became of this delivery so far, for the console's view of the call and, once
-        delivered, for a redelivery to skip. A failure past `retry_for` is only logged."""
+        delivered, for a redelivery to skip; whether it was written (a failure is only logged)."""
         assert self.deliveries is not None
         record = {"subscription": sub.name, "event_id": event["id"], "event_type": event["type"], "state": state,
                   "attempts": attempts, "last_error": error, "at": time.time()}
         key = bus.delivery_record_key(tenant, event["data"]["call_id"], sub.name, event["id"])
-        deadline = time.monotonic() + retry_for
-        while True:
-            try:
-                await self.deliveries.put(key, orjson.dumps(record))
-                return
-            except (NatsError, asyncio.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    log.warning("webhook delivery not recorded", extra={
-                        "tenant": tenant, "subscription": sub.name, "event_id": event["id"],
-                        "error": type(exc).__name__})
-                    return
-                await asyncio.sleep(0.5)
+        return await _retried(lambda: self.deliveries.put(key, orjson.dumps(record)), retry_for,  # type: ignore[union-attr]
+                              "webhook delivery not recorded",
+                              {"tenant": tenant, "subscription": sub.name, "event_id": event["id"]})
 
     async def _delivered_before(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> bool:
         """Whether an earlier attempt got a 2xx; unknown (the bucket out of reach) counts as not:
@@ -279,22 +347,6 @@ class WebhookDispatcher:
         except (NatsError, asyncio.TimeoutError):
             return False
         return bool(entry.value) and orjson.loads(entry.value).get("state") == "delivered"
-
-    async def _ack(self, msg: Msg, tenant: str, sub: CompiledSubscription, event: dict[str, Any]) -> None:
-        """Ack and wait for the server's word, retried: a plain ack sent as its node dies is lost
-        without a sign, and the message comes again."""
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while True:
-            try:
-                await msg.ack_sync(timeout=2)
-                return
-            except (NatsError, asyncio.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    log.warning("webhook ack not confirmed; a redelivery is skipped by the delivery record",
-                                extra={"tenant": tenant, "subscription": sub.name, "event_id": event["id"],
-                                       "error": type(exc).__name__})
-                    return
-                await asyncio.sleep(0.5)
 
     async def _dead_letter(self, tenant: str, sub: CompiledSubscription, event: dict[str, Any], attempts: int,
                            error: str) -> None:
