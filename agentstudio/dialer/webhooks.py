@@ -72,8 +72,9 @@ async def _retried(op: Callable[[], Awaitable[object]], retry_for: float, failed
 
 
 async def _ack(msg: Msg) -> None:
-    """The ack of a delivery whose record says delivered: if it is lost (sent as its node dies, or
-    refused while the client reconnects), the redelivery finds the record and is acked unposted."""
+    """An ack whose loss costs nothing: a delivery whose record says delivered (its redelivery finds
+    the record and is acked unposted), or a filed event (filing again is de-duplicated). Lost, when
+    sent as its node dies or refused while the client reconnects."""
     try:
         await msg.ack()
     except NatsError:
@@ -187,7 +188,7 @@ class WebhookDispatcher:
                     log.warning("could not file webhook deliveries; will be redelivered",
                                 extra={"error": type(result).__name__})
                     await bus.hand_back(msg, 1)
-            await asyncio.gather(*(msg.ack() for msg, result in zip(messages, filed) if result is None))
+            await asyncio.gather(*(_ack(msg) for msg, result in zip(messages, filed) if result is None))
 
     async def _file(self, msg: Msg) -> None:
         tenant = msg.subject.split(".")[1]
