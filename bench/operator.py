@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import controlplane  # noqa: E402
 from latency import summary  # noqa: E402
 
-from agentstudio import bundle_store, bus  # noqa: E402
+from agentstudio import bundle_store  # noqa: E402
 from agentstudio.ingest.service import IngestService  # noqa: E402
 from agentstudio.natsserver import NatsServer  # noqa: E402
 from agentstudio.resources import GROUP, KINDS, VERSION  # noqa: E402
