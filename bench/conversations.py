@@ -78,6 +78,7 @@ def run_model(args: argparse.Namespace) -> None:
                 taken, model.first_tokens[:] = list(model.first_tokens), []
                 model.requests.clear()
                 model.headers.clear()
+                model.clients.clear()
             delays = {}
             for body, seconds in taken:
                 said = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
