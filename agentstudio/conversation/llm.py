@@ -138,7 +138,8 @@ class ChatModel:
 
 async def _events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """The data of each server-sent event: its `data:` lines joined by line breaks, up to the blank line
-    that ends it. Chat completions use no other field; comments (`:` lines, keep-alives) are skipped."""
+    that ends it. Chat completions use no other field; comments (`:` lines, keep-alives) are skipped.
+    Written here: aiohttp has no SSE reader, and the well-kept ones (httpx-sse) read httpx's streams."""
     data: list[bytes] = []
     async for line in content:
         line = line.rstrip(b"\r\n")
