@@ -106,6 +106,8 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _dialer(args: argparse.Namespace) -> int:
+    import uvloop
+
     from agentstudio.dialer.main import run
 
     try:
@@ -120,7 +122,9 @@ def _dialer(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run(settings, stop, listening)
 
-    asyncio.run(main())
+    # uvloop, as uvicorn runs the ingest: this one loop carries every live conversation's frames and
+    # model streams (bench/conversations.py).
+    uvloop.run(main())
     return 0
 
 

@@ -1,7 +1,7 @@
 """bench/conversations: how many live conversations one dialer process carries.
 
 The dialer's relay and conversation runtime runs in its own process (`--role dialer`: the dialer's own
-`voice` runtime and `relay_app`, served by uvicorn as `agent-studio dialer` serves them, on a free
+`voice` runtime and `relay_server`, on uvloop, as `agent-studio dialer` serves them, on a free
 loopback port, with a real nats-server), pinned to one core (os.sched_setaffinity), so its CPU and RSS
 are its own. The scripted model (tests/scripted_model.py) runs in another process (`--role model`) and
 answers after a first-token delay of --model-ms jittered by ±--jitter, then streams a short reply a
@@ -78,6 +78,7 @@ def run_model(args: argparse.Namespace) -> None:
                 taken, model.first_tokens[:] = list(model.first_tokens), []
                 model.requests.clear()
                 model.headers.clear()
+                model.clients.clear()
             delays = {}
             for body, seconds in taken:
                 said = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
@@ -90,8 +91,6 @@ def run_model(args: argparse.Namespace) -> None:
 async def run_dialer(args: argparse.Namespace) -> None:
     """The dialer's voice runtime and relay app, as `agent-studio dialer` builds and serves them."""
     import socket
-
-    import uvicorn
 
     from agentstudio.bundle_store import BundleWatcher, buckets
     from agentstudio.dialer import main as dialer_main
@@ -112,8 +111,7 @@ async def run_dialer(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.01)
     secrets = StaticSecrets({(args.tenant, "llm-credentials", "api-key"): LLM_KEY})
     runtime = await dialer_main.voice(nc, settings, watcher, secrets)
-    server = uvicorn.Server(uvicorn.Config(dialer_main.relay_app(runtime), fd=listening.fileno(),
-                                           log_config=None, access_log=False, backlog=2048))
+    server = dialer_main.relay_server(runtime, listening)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     serving = asyncio.create_task(dialer_main.serve_relay(server, runtime, stop))
@@ -416,7 +414,9 @@ if __name__ == "__main__":
     if args.role == "model":
         run_model(args)
     elif args.role == "dialer":
-        asyncio.run(run_dialer(args))
+        import uvloop
+
+        uvloop.run(run_dialer(args))  # as `agent-studio dialer` runs
     else:
         result = asyncio.run(main(args))
         print(json.dumps(result, indent=2))

@@ -127,6 +127,7 @@ class ScriptedModel:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.clients: list[int] = []  # each request's client port: which connection it came on
         self.first_tokens: list[tuple[dict[str, Any], float]] = []
         self._lock = threading.Lock()
         self._script: Script = replies if replies is not None else []
@@ -173,6 +174,7 @@ class ScriptedModel:
         with self._lock:
             self.requests.append(body)
             self.headers.append(dict(request.headers))
+            self.clients.append(request.client.port if request.client else 0)
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
             masked = f"{given[:3]}{'*' * max(len(given) - 7, 0)}{given[-4:]}" if len(given) > 7 else "***"

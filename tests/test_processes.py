@@ -1,5 +1,6 @@
 """A role that cannot listen says so and stops, and a test that starts a process shows what that
-process said when it fails: the first thing a user sees when `scripts/dev` holds a port."""
+process said when it fails: the first thing a user sees when `scripts/dev` holds a port. The dialer
+runs on uvloop."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agentstudio.natsserver import NatsServer
+from agentstudio.natsserver import NatsServer, free_port
 from conftest import EXAMPLES
-from processes import Process
+from processes import Process, ingest_ready
 from twilio_mock import TwilioMock
 
 TESTS = Path(__file__).resolve().parent
@@ -55,6 +56,21 @@ def test_a_role_on_a_taken_port_says_so_and_exits_1(
     assert process.proc.returncode == 1
     assert f"agent-studio {role}: {hint}" in str(failure.value)
     assert "exited with 1" in str(failure.value)
+
+
+def test_the_dialer_runs_its_event_loop_on_uvloop(nats_server: NatsServer, tmp_path: Path) -> None:
+    # The dialer's one event loop schedules every relay frame and model chunk of its live conversations;
+    # asyncio.run gave it the pure-Python selector loop (bench/conversations.py says what uvloop saves).
+    port = free_port()
+    env = {**os.environ, "AGENTSTUDIO_NATS_URL": nats_server.url, "AGENTSTUDIO_HOST": "127.0.0.1",
+           "AGENTSTUDIO_PORT": str(port), "AGENTSTUDIO_WEBHOOK_SECRETS": "none"}
+    dialer = Process.agent_studio("dialer", log=tmp_path / "dialer.log", env=env)
+    try:
+        dialer.wait_until(lambda: ingest_ready(f"http://127.0.0.1:{port}"), "dialer ready", timeout=60)
+        uvloop = "/uvloop/loop." in Path(f"/proc/{dialer.proc.pid}/maps").read_text()
+        assert uvloop, "the dialer's process has not loaded uvloop"
+    finally:
+        assert dialer.stop() == 0, dialer.output()
 
 
 INNER_TEST = '''

@@ -131,6 +131,18 @@ async def test_a_setup_whose_call_sid_does_not_match_is_closed(nats_server: Nats
         assert stack.model.requests == []
 
 
+async def test_the_relay_does_not_compress_its_frames(nats_server: NatsServer, js: JetStreamContext) -> None:
+    # A client offering permessage-deflate (websockets does by default) gets plain frames: a frame is
+    # one token or one prompt, and each socket's zlib streams cost CPU a frame and memory a call.
+    async with voice_stack(nats_server.url, js) as stack:
+        call, sid = await stack.answered_call()
+        async with TwilioRelay.connect(stack.relay, call, sid) as twilio:
+            assert twilio.ws.request is not None and "permessage-deflate" in \
+                twilio.ws.request.headers["Sec-WebSocket-Extensions"]
+            assert twilio.ws.response is not None and "Sec-WebSocket-Extensions" not in twilio.ws.response.headers
+            assert (await twilio.utterance()).startswith("Hi John")
+
+
 async def test_caller_data_is_data_never_template_source(nats_server: NatsServer, js: JetStreamContext) -> None:
     sneaky = {"name": "{{ 7*7 }}", "trial_started_at": "{{ ''.__class__.__mro__ }}", "plan_type": 'a "quoted"\nplan'}
     async with voice_stack(nats_server.url, js) as stack:

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from starlette.responses import JSONResponse
 
-from agentstudio import bus, calls, transcripts
+from agentstudio import bus, calls, ports, transcripts
 from agentstudio.bundle_store import BundleWatcher, buckets
 from agentstudio.callstate import CallState
 from agentstudio.conversation.conversation import Limits, Tools
@@ -71,7 +71,13 @@ class HttpTarget:
 
 @asynccontextmanager
 async def serve(app: FastAPI, port: int) -> AsyncIterator[None]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    async with running(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                                     access_log=False))):
+        yield
+
+
+@asynccontextmanager
+async def running(server: uvicorn.Server) -> AsyncIterator[None]:
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -209,13 +215,16 @@ async def voice_stack(
         known = {(tenant.name, name, key): value for (name, key), value in secrets.items()}
         reader = StaticSecrets({(tenant.name, "llm-credentials", "api-key"): LLM_KEY, **known})
         tools = Tools(ChatModel(timeout_seconds=10), ApiCaller(), reader, DoNotCall(await bus.dnc_bucket(nc.jetstream())))
-        port = free_port()
+        listening = ports.bind("127.0.0.1", 0, "")
+        port = listening.getsockname()[1]
         runtime = VoiceRuntime(nc.jetstream(), await dialer_main.tracker_for(nc), watcher, tools, limits,
                                twilio_auth_token=twilio_auth_token, public_base_url=f"http://127.0.0.1:{port}")
         try:
-            async with serve(dialer_main.relay_app(runtime), port), serve(target.app(), target.port):
+            # The relay as the dialer serves it.
+            async with running(dialer_main.relay_server(runtime, listening)), serve(target.app(), target.port):
                 yield VoiceStack(nc, nc.jetstream(), tenant, runtime, model, target, port)
         finally:
+            listening.close()
             await watcher.stop()
             await tools.model.aclose()
             await tools.api.aclose()

@@ -1,26 +1,24 @@
-"""Streaming chat with any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, ...) through
-the official `openai` SDK, turned into the few events a conversation acts on: text as it arrives, the
-tool calls the reply asked for, and how it finished."""
+"""Streaming chat with any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, ...), turned
+into the few events a conversation acts on: text as it arrives, the tool calls the reply asked for, and
+how it finished. The request body is the API's wire format as the conversation builds it, posted with
+aiohttp; the reply's server-sent events are read line by line here."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
-import openai
-from openai import AsyncOpenAI, AsyncStream, omit
+import orjson
 
-
-# Connections to model endpoints (a reply streams on one) go in POOLS pools of POOL_CONNECTIONS each.
-# httpcore walks a pool's every connection, and each for every queued request, on each request and
-# response: one pool of 100 took 53% of a dialer's CPU at 500 conversations, one without a cap 58%
-# (bench/conversations.py with py-spy). Replies take the pools in turn.
-POOLS = 8
-POOL_CONNECTIONS = 25
+# Replies streaming at once per process (a reply holds a connection while it streams); more wait for a
+# free connection, within the timeout. Every connection is kept for the next turns. aiohttp keeps a
+# host's idle connections in a list, so one pool serves them all (httpcore walked its pool's every
+# connection on each request and response: 8 pools of 25 were needed there).
+CONNECTIONS = 200
 
 
 @dataclass(frozen=True)
@@ -71,26 +69,21 @@ class ChatModel:
     """One per process: connections are pooled across calls and endpoints."""
 
     def __init__(self, timeout_seconds: float = 30.0) -> None:
-        # The timeout bounds connecting and each wait for the next chunk, so a stalled model fails the
-        # turn instead of leaving the callee in silence.
+        # The timeout bounds getting a connection and each wait for the next bytes, so a stalled model
+        # fails the turn instead of leaving the callee in silence; a long reply is not cut.
         self._timeout = timeout_seconds
-        # Every connection of a pool is kept for the next turns: httpx's default kept 20 of 100, so
-        # each turn after a burst paid a new TCP connect. One TLS context for all (each loads the CAs).
-        limits = httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS)
-        tls = httpx.create_ssl_context()
-        self._http = [httpx.AsyncClient(timeout=timeout_seconds, limits=limits, verify=tls) for _ in range(POOLS)]
-        self._turns = itertools.count()
-        self._clients: dict[tuple[str, str | None, int], AsyncOpenAI] = {}
+        self._session: aiohttp.ClientSession | None = None
 
-    def _client(self, endpoint: Endpoint) -> AsyncOpenAI:
-        pool = next(self._turns) % POOLS
-        key = (endpoint.base_url, endpoint.api_key, pool)
-        if key not in self._clients:
-            # No retries: a live call cannot wait for them. Without a key, a placeholder stops the SDK
-            # from reading OPENAI_API_KEY from the environment; stream() omits the header it would make.
-            self._clients[key] = AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "unused",
-                                             max_retries=0, timeout=self._timeout, http_client=self._http[pool])
-        return self._clients[key]
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:  # made on first use: a session belongs to the running event loop
+            # httpx's TLS context (certifi's CAs, or SSL_CERT_FILE), as the project's other outbound
+            # requests. Not trust_env: aiohttp then reads ~/.netrc in a worker thread for every request
+            # (a fifth of a dialer's busy samples at 500 conversations, py-spy); no proxy is configured.
+            connector = aiohttp.TCPConnector(limit=CONNECTIONS, ssl=httpx.create_ssl_context())
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=self._timeout))
+        return self._session
 
     async def stream(self, endpoint: Endpoint, messages: list[dict[str, Any]],
                      tools: list[dict[str, Any]]) -> AsyncIterator[LlmEvent]:
@@ -99,23 +92,26 @@ class ChatModel:
         Close the iterator (contextlib.aclosing) to abandon a reply, e.g. when the callee barges in."""
         calls: dict[int, _PartialCall] = {}
         reason: str | None = None
+        body: dict[str, Any] = {"model": endpoint.model, "messages": messages, "stream": True,
+                                "temperature": endpoint.temperature, "max_tokens": endpoint.max_tokens}
+        if tools:
+            body["tools"] = tools
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        url = endpoint.base_url.rstrip("/") + "/chat/completions"
         with _translated_errors(endpoint, self._timeout):
-            body: dict[str, Any] = {"model": endpoint.model, "messages": messages, "stream": True,
-                                    "temperature": endpoint.temperature, "max_tokens": endpoint.max_tokens}
-            if tools:
-                body["tools"] = tools
-            # The SDK's own request path (its typed `create`) re-walks every message of the history on
-            # each turn, several ms for a long call; the body we build is already the wire format, so it
-            # goes through the SDK's plain `post`, which still streams, decodes the SSE and raises the
-            # API's errors. Each chunk comes as its JSON (cast_to=object): building a typed chunk per
-            # token was the largest CPU cost of a live conversation (bench/conversations.py, py-spy).
-            response = await self._client(endpoint).post(
-                "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object],
-                options={"headers": {} if endpoint.api_key else {"Authorization": omit}},
-            )
-            async with response:
-                async for chunk in response:
-                    for choice in _choices(chunk):
+            async with self._http().post(url, data=orjson.dumps(body), headers=headers,
+                                         allow_redirects=False) as response:
+                if not 200 <= response.status < 300:
+                    raise LlmError(f"http_{response.status}", f"{endpoint.base_url} answered HTTP "
+                                   f"{response.status}: {_message(await response.read())}")
+                done = False
+                async for data in _events(response.content):
+                    # Read on past [DONE] to the end of the response, so its connection is kept.
+                    if done or (done := data == b"[DONE]"):
+                        continue
+                    for choice in _choices(orjson.loads(data)):
                         delta = choice.get("delta") or {}
                         if content := delta.get("content"):
                             yield TextDelta(str(content))
@@ -135,28 +131,44 @@ class ChatModel:
         yield Finished(reason)
 
     async def aclose(self) -> None:
-        # The SDK clients share the pools and do not own them, so closing those is enough.
-        self._clients.clear()
-        for http in self._http:
-            await http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The data of each server-sent event: its `data:` lines joined by line breaks, up to the blank line
+    that ends it. Chat completions use no other field; comments (`:` lines, keep-alives) are skipped.
+    Written here: aiohttp has no SSE reader, and the well-kept ones (httpx-sse) read httpx's streams."""
+    data: list[bytes] = []
+    async for line in content:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield b"\n".join(data)
+                data = []
+        elif line.startswith(b"data:"):
+            data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+    if data:
+        yield b"\n".join(data)
 
 
 @contextmanager
 def _translated_errors(endpoint: Endpoint, timeout: float) -> Iterator[None]:
-    """SDK and transport failures as LlmError; httpx's own errors too, which SDKs before 3.x let escape
-    from a stream that fails mid-way."""
+    """Transport failures and unusable streams as LlmError, with the key masked in every message."""
     where = endpoint.base_url
     try:
         yield
-    except openai.APIStatusError as e:
-        message = f"{where} answered HTTP {e.status_code}: {_message(e.body)}"
-        raise _error(endpoint, f"http_{e.status_code}", message) from e
-    except (openai.APITimeoutError, httpx.TimeoutException) as e:
+    except LlmError as e:
+        raise _error(endpoint, e.code, str(e)) from None
+    except TimeoutError as e:  # aiohttp's connect and read timeouts are TimeoutErrors
         raise _error(endpoint, "timeout", f"{where} did not answer within {timeout:g}s") from e
-    except (openai.APIConnectionError, httpx.TransportError) as e:
-        raise _error(endpoint, "connection", f"cannot reach {where}: {type(e.__cause__ or e).__name__}") from e
-    # ValueError: a chunk that is not JSON; the others: JSON of another shape than a chunk's.
-    except (openai.OpenAIError, httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
+    # ClientPayloadError: the connection ended in the middle of the reply.
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+        raise _error(endpoint, "connection", f"cannot reach {where}: {type(e).__name__}") from e
+    # ValueError: a chunk that is not JSON (orjson's error is one) or a line too long; the others: JSON of
+    # another shape than a chunk's.
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise _error(endpoint, "bad_stream", f"{where} sent an unusable stream: {type(e).__name__}: {e}") from e
 
 
@@ -168,11 +180,16 @@ def _choices(chunk: object) -> list[dict[str, Any]]:
     return choices
 
 
-def _message(body: object) -> str:
-    """The error message of an OpenAI error body (the SDK has already unwrapped `{"error": ...}`)."""
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    return str(body)
+def _message(body: bytes) -> str:
+    """The message of an OpenAI error body (`{"error": {"message": ...}}`), else the body as text."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode(errors="replace")
+    error = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return str(error)
 
 
 def _error(endpoint: Endpoint, code: str, message: str) -> LlmError:

@@ -235,6 +235,14 @@ def relay_app(runtime: VoiceRuntime) -> FastAPI:
     return app
 
 
+def relay_server(runtime: VoiceRuntime, listening: socket.socket) -> uvicorn.Server:
+    """uvicorn serving relay_app on `listening`. Without permessage-deflate: a relay frame is one token or
+    one prompt, a few dozen bytes, and every socket's zlib streams cost CPU on each frame and memory for the
+    length of the call (bench/conversations.py)."""
+    return uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(), log_config=None,
+                                         access_log=False, ws_per_message_deflate=False))
+
+
 async def serve_relay(server: uvicorn.Server, runtime: VoiceRuntime, stop: asyncio.Event) -> None:
     """Serve the relay until `stop`, then until the last open conversation ends: a dialer being
     replaced (a rollout, a scale-down) lets its live calls finish, within the pod's grace period."""
@@ -275,8 +283,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
         watchers.append(watcher)
         dialer = await build(nc, settings, bundles=watcher)
         runtime = await voice(nc, settings, watcher, secrets)
-        server = uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(),
-                                               log_config=None, access_log=False))
+        server = relay_server(runtime, listening)
         stale = timedelta(seconds=settings.stale_call_seconds)
         redirects = machine_redirects(nc, dialer)
 
