@@ -44,6 +44,8 @@ class Body(BaseModel):
 async def ingest(body: Body) -> dict[str, str]:
     call_id = str(uuid.uuid4())
     if js is not None:
-        await js.publish(f"calls.bare.dispatch.{call_id}", body.model_dump_json().encode(),
+        # A subject of CALLS that ingest's calls table skips: a dispatch without a call's fields stops
+        # that table's projection, which then fetched 2000 messages a second in ingest's windows.
+        await js.publish(f"calls.bare.dead.{call_id}", body.model_dump_json().encode(),
                          headers={"Nats-Msg-Id": call_id})
     return {"call_id": call_id, "status": "pending"}

@@ -2,7 +2,7 @@
 bare FastAPI+uvicorn route answering the same 201 with no I/O, both measured in this run with one
 uvicorn worker each and the same load generator (vegeta) in its own process.
 
-    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32] [--workers 2] [--profile]
+    .venv/bin/python bench/ingest.py [--seconds 10] [--connections 32] [--workers 2] [--profile] [--rate N]
 
 --workers 2 also measures ingest with two worker processes (uvicorn's, sharing the socket) against
 its one, in the same run. Each process's CPU during each window (/proc/<pid>/stat, in cores: the
@@ -10,7 +10,10 @@ server's workers, nats-server, the load generator) is in the JSON, since the loa
 nats-server share the machine's cores with the server, and so is the server's CPU per request
 (µs): at half load it says what a request costs, whatever else the machine is doing. --profile records the one-worker ingest with
 py-spy during its maximum-rate window (bench/results/ingest-profile.txt, collapsed stacks; the top
-functions by own time in the JSON). Prints JSON and writes bench/results/ingest.json and ingest.png.
+functions by own time in the JSON); with --rate N, during the fixed-rate window instead. --rate N
+runs that window at N req/s instead of half of ingest's maximum (a moderate rate, where each NATS
+command and each call the calls table projects costs a round trip of its own). Prints JSON and
+writes bench/results/ingest.json and ingest.png.
 Not a test: nothing asserts on it.
 """
 
@@ -115,20 +118,27 @@ def cores_during(server: int, nats: int, run: Callable[[], Result]) -> tuple[Res
     }
 
 
-def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int,
-            server: int, nats: int, profile: Path | None) -> dict[str, Any]:
-    """The maximum rate, and what each process spent of the cores meanwhile."""
-    attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
+def profiled(server: int, seconds: float, profile: Path | None, run: Callable[[], Any]) -> Any:
+    """run()'s result, with py-spy recording `server` meanwhile when `profile` is given."""
     spy = None
     if profile is not None:
         spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server), "-d",
                                 str(int(seconds)), "-r", "200", "-f", "raw", "-o", str(profile), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak, cores = cores_during(server, nats, lambda: attack(url, BODIES, headers, seconds=seconds, workers=connections))
+    result = run()
     if spy is not None:
         _, err = spy.communicate(timeout=60)
         if spy.returncode:
             raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
+    return result
+
+
+def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int,
+            server: int, nats: int, profile: Path | None) -> dict[str, Any]:
+    """The maximum rate, and what each process spent of the cores meanwhile."""
+    attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
+    peak, cores = profiled(server, seconds, profile, lambda: cores_during(
+        server, nats, lambda: attack(url, BODIES, headers, seconds=seconds, workers=connections)))
     print(f"{name}: {peak.rate:.0f} req/s at {connections} connections; cores {cores}", file=sys.stderr)
     return {"max": peak, "cores": cores}
 
@@ -139,6 +149,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rate", type=int, help="the fixed-rate window's req/s (default: half of ingest's maximum)")
     args = parser.parse_args()
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
@@ -176,17 +187,18 @@ def main() -> None:
             urls["ingest x2"] = f"http://127.0.0.1:{two_port}/api/v1/webhooks/ingest"
         assert nats.proc is not None
         try:
+            profile = results_dir / "ingest-profile.txt" if args.profile else None
             results: dict[str, dict[str, Any]] = {
                 name: measure(name, url, headers, args.seconds, args.connections, servers[name].pid, nats.proc.pid,
-                              results_dir / "ingest-profile.txt" if args.profile and name == "ingest" else None)
+                              profile if name == "ingest" and args.rate is None else None)
                 for name, url in urls.items()
             }
-            half = max(1, int(results["ingest"]["max"].rate / 2))
+            half = args.rate or max(1, int(results["ingest"]["max"].rate / 2))
             for name in ("ingest", "bare", "bare+publish"):
-                results[name]["half"], results[name]["half_cores"] = cores_during(
-                    servers[name].pid, nats.proc.pid,
-                    lambda: attack(urls[name], BODIES, headers, seconds=args.seconds, rate=half,
-                                   workers=args.connections))
+                results[name]["half"], results[name]["half_cores"] = profiled(
+                    servers[name].pid, args.seconds, profile if name == "ingest" and args.rate else None,
+                    lambda: cores_during(servers[name].pid, nats.proc.pid, lambda: attack(
+                        urls[name], BODIES, headers, seconds=args.seconds, rate=half, workers=args.connections)))
         finally:
             for proc in servers.values():
                 family = processes(proc.pid)
@@ -209,6 +221,7 @@ def main() -> None:
         "ratio_vs_bare_publish": results["ingest"]["max"].rate / results["bare+publish"]["max"].rate,
         "ratio_bare_publish_vs_bare": results["bare+publish"]["max"].rate / results["bare"]["max"].rate,
         "half_rate": half,
+        "fixed_rate": args.rate is not None,
         "results": {name: {phase: asdict(r) if isinstance(r, Result) else r for phase, r in phases.items()}
                     for name, phases in results.items()},
     }
@@ -240,7 +253,7 @@ def plot(out: dict, path: Path) -> None:  # type: ignore[type-arg]
     b.bar([i + 0.2 for i in x], [res[n]["half"]["p99_ms"] for n in names], 0.4, label="p99")
     b.set_xticks(list(x), names)
     b.set_ylabel("ms")
-    b.set_title(f"latency at {out['half_rate']} req/s (half of ingest max)")
+    b.set_title(f"latency at {out['half_rate']} req/s" + ("" if out["fixed_rate"] else " (half of ingest max)"))
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,3 +165,53 @@ def test_tables_of_dead_processes_are_removed_and_live_ones_kept(tmp_path: Path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [f"calls-{os.getppid()}-1.sqlite"], left
     assert table.path.parent == tmp_path
+
+
+def _counting_transactions(table: calls_table.CallsTable) -> list[int]:
+    """The sizes of the batches the table applies to its calls from now on, one transaction each."""
+    sizes: list[int] = []
+    run_write = table._run_write
+
+    def counted(fn: Any, batch: list[Any]) -> None:
+        if fn is calls_table._apply_calls:
+            sizes.append(len(batch))
+        run_write(fn, batch)
+
+    table._run_write = counted  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_calls_arriving_steadily_are_applied_several_to_a_transaction(
+    own_nats: NatsServer, own_js: JetStreamContext
+) -> None:
+    """At a moderate rate each fetch finds about one call; the table gathers them for a moment so
+    that a fetch, the hop to its writer thread and a transaction serve several."""
+    tenant = await _reader(own_js)
+    async with ingest_client(own_nats.url) as (client, svc):
+        await wait_for_bundle(svc, tenant.name, tenant.bundle.version if tenant.bundle else 0)
+        sizes = _counting_transactions(svc.table)
+        started = asyncio.get_running_loop().time()
+        for _ in range(200):  # about 100 calls/s, fewer on a loaded machine
+            await _queued(own_js, tenant)
+            await asyncio.sleep(0.01)
+        lingers = (asyncio.get_running_loop().time() - started) / calls_table.LINGER_SECONDS
+        assert len(await _listed(client, tenant, limit="200")) == 200
+        assert sum(sizes) == 200
+        # One transaction a linger at most (and the listing's); 200 before, one a call.
+        assert len(sizes) <= lingers + 5, f"{len(sizes)} transactions for 200 calls in {lingers:.0f} lingers: {sizes}"
+
+
+async def test_a_listing_does_not_wait_for_the_table_to_linger(
+    own_nats: NatsServer, own_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader waiting for the table ends its lingering at once: with a linger far longer than a
+    listing may wait (caught_up's 10 s), calls queued one by one are each listed right away."""
+    monkeypatch.setattr(calls_table, "LINGER_SECONDS", 60.0)
+    tenant = await _reader(own_js)
+    async with ingest_client(own_nats.url) as (client, svc):
+        await wait_for_bundle(svc, tenant.name, tenant.bundle.version if tenant.bundle else 0)
+        listed: list[tuple[str, str]] = []
+        for _ in range(3):
+            call = await _queued(own_js, tenant)
+            listed.insert(0, (call.call_id, "pending"))
+            assert await _listed(client, tenant) == listed
