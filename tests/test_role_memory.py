@@ -1,6 +1,6 @@
-"""A role loads only the SDKs it uses: an ingest worker neither the model client (openai) nor
-Kubernetes' or kopf's, a dialer not kopf. Each would cost every replica memory for nothing (openai
-alone is 14.8 MiB of RSS at import; bench/memory.py measures the roles)."""
+"""A role loads only what it uses: an ingest worker neither the voice runtime (the model client and
+the relay) nor Kubernetes' or kopf's SDKs, a dialer not kopf. Each would cost every replica memory
+for nothing (bench/memory.py measures the roles)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 NOT_LOADED = {
-    "agentstudio.ingest.app": ("openai", "kubernetes", "kopf"),
+    "agentstudio.ingest.app": ("agentstudio.conversation.llm", "agentstudio.conversation.relay", "kubernetes", "kopf"),
     "agentstudio.dialer.main": ("kopf",),
 }
 
