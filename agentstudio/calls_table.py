@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -377,41 +377,55 @@ def _create(db: sqlite3.Connection, _: list[Msg]) -> None:
     db.executescript(_SCHEMA)
 
 
-def _apply_calls(db: sqlite3.Connection, batch: list[Msg]) -> None:
-    for msg in batch:
-        _, tenant, kind, _call_id = msg.subject.split(".", 3)
-        if kind not in ("dispatch", "schedule") or not msg.data:
-            continue
-        call = orjson.loads(msg.data)
-        if call.get("requeued"):
-            continue  # a call is listed where it was accepted, once (calls_index.find)
-        seq = msg.metadata.sequence.stream
-        added = db.execute(
-            "INSERT OR IGNORE INTO calls(seq, held, tenant, call_id, created, workflow, agent, test, scheduled, body)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, seq, tenant, call["call_id"], _epoch(call["created_at"]), call.get("workflow_slug"),
-             call.get("agent_slug"), int(bool(call.get("test"))), _epoch(call.get("scheduled_for")), msg.data),
-        ).rowcount
-        if not added:  # the scheduled call's move to its dispatch subject: the same call, held longer
-            db.execute("UPDATE calls SET held = ? WHERE tenant = ? AND call_id = ?", (seq, tenant, call["call_id"]))
-            continue
-        db.executemany("INSERT OR IGNORE INTO metadata VALUES (?, ?, ?, ?)",
-                       [(tenant, key, metadata_text(value), seq) for key, value in call.get("metadata", {}).items()])
-        early = db.execute("DELETE FROM early WHERE tenant = ? AND call_id = ? RETURNING state, waits",
-                           (tenant, call["call_id"])).fetchone()
-        if early is not None:
-            db.execute("UPDATE calls SET state = ?, waits = ? WHERE seq = ?", (*early, seq))
+def _each(apply: Callable[[sqlite3.Connection, Msg], None]) -> Callable[[sqlite3.Connection, list[Msg]], None]:
+    """A batch applied a message at a time. One that cannot be read (not JSON, or JSON without a
+    call's fields) is skipped and said: raised, it would stop the table on that message for good,
+    the projection starting again from it every second, and every listing answer 503."""
+    def each(db: sqlite3.Connection, batch: list[Msg]) -> None:
+        for msg in batch:
+            try:
+                apply(db, msg)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("calls table: skipped a message it cannot read",
+                            extra={"subject": msg.subject, "error": type(exc).__name__})
+    return each
 
 
-def _apply_states(db: sqlite3.Connection, batch: list[Msg]) -> None:
-    for msg in batch:
-        tenant, call_id = msg.subject[len(_STATES_KEY_PREFIX):].split(".", 1)
-        operation = (msg.headers or {}).get("KV-Operation")
-        state, waits = ("pending", None) if operation in ("DEL", "PURGE") or not msg.data else _state(msg.data)
-        if not db.execute("UPDATE calls SET state = ?, waits = ? WHERE tenant = ? AND call_id = ?",
-                          (state, waits, tenant, call_id)).rowcount:
-            db.execute("INSERT OR REPLACE INTO early VALUES (?, ?, ?, ?, ?)",
-                       (tenant, call_id, state, waits, time.time()))
+@_each
+def _apply_calls(db: sqlite3.Connection, msg: Msg) -> None:
+    _, tenant, kind, _call_id = msg.subject.split(".", 3)
+    if kind not in ("dispatch", "schedule") or not msg.data:
+        return
+    call = orjson.loads(msg.data)
+    if call.get("requeued"):
+        return  # a call is listed where it was accepted, once (calls_index.find)
+    seq = msg.metadata.sequence.stream
+    added = db.execute(
+        "INSERT OR IGNORE INTO calls(seq, held, tenant, call_id, created, workflow, agent, test, scheduled, body)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, seq, tenant, call["call_id"], _epoch(call["created_at"]), call.get("workflow_slug"),
+         call.get("agent_slug"), int(bool(call.get("test"))), _epoch(call.get("scheduled_for")), msg.data),
+    ).rowcount
+    if not added:  # the scheduled call's move to its dispatch subject: the same call, held longer
+        db.execute("UPDATE calls SET held = ? WHERE tenant = ? AND call_id = ?", (seq, tenant, call["call_id"]))
+        return
+    db.executemany("INSERT OR IGNORE INTO metadata VALUES (?, ?, ?, ?)",
+                   [(tenant, key, metadata_text(value), seq) for key, value in call.get("metadata", {}).items()])
+    early = db.execute("DELETE FROM early WHERE tenant = ? AND call_id = ? RETURNING state, waits",
+                       (tenant, call["call_id"])).fetchone()
+    if early is not None:
+        db.execute("UPDATE calls SET state = ?, waits = ? WHERE seq = ?", (*early, seq))
+
+
+@_each
+def _apply_states(db: sqlite3.Connection, msg: Msg) -> None:
+    tenant, call_id = msg.subject[len(_STATES_KEY_PREFIX):].split(".", 1)
+    operation = (msg.headers or {}).get("KV-Operation")
+    state, waits = ("pending", None) if operation in ("DEL", "PURGE") or not msg.data else _state(msg.data)
+    if not db.execute("UPDATE calls SET state = ?, waits = ? WHERE tenant = ? AND call_id = ?",
+                      (state, waits, tenant, call_id)).rowcount:
+        db.execute("INSERT OR REPLACE INTO early VALUES (?, ?, ?, ?, ?)",
+                   (tenant, call_id, state, waits, time.time()))
 
 
 def _state(data: bytes) -> tuple[str, float | None]:

@@ -215,3 +215,18 @@ async def test_a_listing_does_not_wait_for_the_table_to_linger(
             call = await _queued(own_js, tenant)
             listed.insert(0, (call.call_id, "pending"))
             assert await _listed(client, tenant) == listed
+
+
+async def test_a_message_the_table_cannot_read_is_skipped_and_the_calls_after_it_are_listed(
+    own_nats: NatsServer, own_js: JetStreamContext
+) -> None:
+    """A dispatch without a call's fields, one that is not JSON, and a call state that is not JSON:
+    each is skipped (raised, it stopped the table on it for good, and every listing answered 503)."""
+    tenant = await _reader(own_js)
+    async with ingest_client(own_nats.url) as (client, svc):
+        await wait_for_bundle(svc, tenant.name, tenant.bundle.version if tenant.bundle else 0)
+        for body in (b'{"phone_number": "+14155552671"}', b"not json"):
+            await own_js.publish(bus.dispatch_subject(tenant.name, str(uuid.uuid4())), body, stream=bus.CALLS_STREAM)
+        await (await bus.calls_bucket(own_js)).put(f"{tenant.name}.{uuid.uuid4()}", b"not json")
+        call = await _queued(own_js, tenant)
+        assert await _listed(client, tenant) == [(call.call_id, "pending")]
