@@ -231,7 +231,7 @@ IMPORTS = {
                "phonenumbers", "sqlite3", "twilio.twiml.voice_response", "agentstudio.resources",
                "agentstudio.bundle", "agentstudio.ingest.app"],
     "dialer": ["pydantic", "fastapi", "uvicorn", "aiohttp", "nats", "httpx", "jinja2", "jsonschema_rs",
-               "phonenumbers", "sqlite3", "twilio.rest", "openai", "agentstudio.resources", "agentstudio.bundle",
+               "phonenumbers", "sqlite3", "twilio.rest", "agentstudio.conversation.llm", "agentstudio.resources", "agentstudio.bundle",
                "agentstudio.dialer.main"],
 }
 IMPORTING = """
