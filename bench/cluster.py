@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs  # noqa: E402
+import report  # noqa: E402
 from ingest import BODIES, publish_tenant, serve  # noqa: E402
 from jetstream_cluster import every_replica_current, leader_of  # noqa: E402
 from load import INGEST, Load  # noqa: E402
@@ -386,17 +386,15 @@ def main() -> None:
     parser.add_argument("--after-kill", type=float, default=10, help="seconds of load after the leader's kill")
     parser.add_argument("--faults-only", action="store_true", help="only the pipeline under faults and its baseline")
     args = parser.parse_args()
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
+    report.RESULTS.mkdir(exist_ok=True)
     # The in-process dialers' warnings (thousands while a leader is elected) go to a file, not the JSON.
-    logging.basicConfig(filename=results_dir / "cluster.log", filemode="w", level=logging.WARNING)
+    logging.basicConfig(filename=report.RESULTS / "cluster.log", filemode="w", level=logging.WARNING)
     out: dict[str, object] = {}
     if not args.faults_only:
         out.update(rates_and_leader_kill(args.seconds, args.connections))
     with tempfile.TemporaryDirectory() as tmp_name:
         out["pipeline_under_faults"] = asyncio.run(pipeline(Path(tmp_name), args.after_kill))
-    print(json.dumps(out, indent=2))
-    (results_dir / "cluster.json").write_text(json.dumps(out, indent=2))
+    report.save("cluster", out)
 
 
 def rates_and_leader_kill(seconds: float, connections: int) -> dict[str, object]:

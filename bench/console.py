@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
 from latency import summary  # noqa: E402
+import report  # noqa: E402
 
 from agentstudio import bus  # noqa: E402
 from agentstudio.calls import CallRequest  # noqa: E402
@@ -164,10 +165,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     args = parser.parse_args()
     results = asyncio.run(run(args.calls, args.requests))
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "console.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report.save("console", results)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
+import report  # noqa: E402
 from latency import summary  # noqa: E402
 
 from agentstudio import bus, calls  # noqa: E402
@@ -260,28 +260,19 @@ async def one_n(args: argparse.Namespace, n: int, nats_url: str, js: Any, tracke
                     await asyncio.sleep(1)
             await asyncio.gather(*(e.wait() for e in connected))
             await asyncio.sleep(6)  # every callee has had its first turn: steady state
-            profile = None
-            if args.profile == n:
-                out = RESULTS / f"conversations-{n}.txt"
-                profile = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
-                                            "-d", str(int(args.seconds)), "-r", "100", "-f", "raw", "-o", str(out),
-                                            "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            cpu0, wall0, mine0, wait0 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
-            callers.window = (time.perf_counter(), time.perf_counter() + args.seconds)
-            rss_samples = []
-            while time.perf_counter() < callers.window[1]:
-                await asyncio.sleep(1)
-                rss_samples.append(rss_mib(pid))
-            cpu1, wall1, mine1, wait1 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
+            with report.py_spy(pid, report.RESULTS / f"conversations-{n}.txt" if args.profile == n else None, rate=100):
+                cpu0, wall0, mine0, wait0 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
+                callers.window = (time.perf_counter(), time.perf_counter() + args.seconds)
+                rss_samples = []
+                while time.perf_counter() < callers.window[1]:
+                    await asyncio.sleep(1)
+                    rss_samples.append(rss_mib(pid))
+                cpu1, wall1, mine1, wait1 = cpu_seconds(pid), time.monotonic(), time.process_time(), runqueue_seconds(pid)
             await asyncio.sleep(8)  # the window's last turns get their answers
             callers.stop.set()
             await asyncio.gather(*tasks)
             live_at_end = n - sum(callers.failures.values())
             await until_idle(http)
-        if profile is not None:
-            _, err = profile.communicate(timeout=60)
-            if profile.returncode:
-                raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
     finally:
         stopped(dialer)
     assert model.stdin and model.stdout
@@ -301,8 +292,8 @@ async def one_n(args: argparse.Namespace, n: int, nats_url: str, js: Any, tracke
         "twilio_side_cpu_cores": (mine1 - mine0) / (wall1 - wall0),
         "idle_rss_mib": idle_rss, "rss_mib": rss, "rss_per_conversation_mib": (rss - idle_rss) / n,
     }
-    if profile is not None:
-        result["profile"] = hottest(RESULTS / f"conversations-{n}.txt")
+    if args.profile == n:
+        result["profile"] = hottest(report.RESULTS / f"conversations-{n}.txt")
     return result
 
 
@@ -322,11 +313,8 @@ def hottest(collapsed: Path, top: int = 25) -> dict[str, Any]:
     return {"samples": total, "own": share(own), "inclusive": share(inclusive)}
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict[str, Any]) -> Any:
+    plt = report.pyplot()
 
     curve = result["curve"]
     ns = [r["n"] for r in curve]
@@ -353,7 +341,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"One dialer process: turns every 3-6 s, model first token {result['config']['model_ms']} ms "
                  f"±{result['config']['jitter']:.0%}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,7 +355,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if not others:
         raise SystemExit("needs a core besides the dialer's")
     os.sched_setaffinity(0, others)  # this process, and the model and nats-server it starts, keep off it
-    RESULTS.mkdir(exist_ok=True)
+    report.RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as nats:
         logs = Path(tmp)
         model, ready = started([sys.executable, __file__, "--role", "model", "--model-ms", str(args.model_ms),
@@ -419,6 +407,4 @@ if __name__ == "__main__":
         uvloop.run(run_dialer(args))  # as `agent-studio dialer` runs
     else:
         result = asyncio.run(main(args))
-        print(json.dumps(result, indent=2))
-        (RESULTS / "conversations.json").write_text(json.dumps(result, indent=2))
-        plot(result, RESULTS / "conversations.png")
+        report.save("conversations", result, plot)

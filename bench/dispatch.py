@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import Tenant, docs, ingest_client, wait_for_bundle  # noqa: E402
 from backlog import queue_backlog  # noqa: E402
 from latency import summary  # noqa: E402
+import report  # noqa: E402
 from nats_messages import Counted  # noqa: E402
 
 from agentstudio import bus, calls, signing  # noqa: E402
@@ -224,22 +223,6 @@ async def receiver() -> AsyncIterator[tuple[int, httpx.AsyncClient]]:
         proc.wait(10)
 
 
-@contextlib.contextmanager
-def py_spy(path: Path | None) -> Iterator[None]:
-    """py-spy recording this process (raw, collapsed stacks) while the block runs, when asked."""
-    if path is None:
-        yield
-        return
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "200",
-                             "--nonblocking", "-o", str(path), "-p", str(os.getpid())])
-    time.sleep(1)  # attached before the measured phase starts
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
-
-
 async def deliveries(nats_url: str, js: Any, n: int, profile: Path | None = None) -> dict[str, Any]:
     async with receiver() as (port, counter):
         return await _deliveries(nats_url, js, n, port, counter, profile)
@@ -288,7 +271,7 @@ spec: {{url: "http://127.0.0.1:{port}/hook", events: ["call.*"]}}
     await bus.ensure_events_stream(js)  # alone (--only webhooks), no dialer has made it yet
     await publish(n)
     stop = asyncio.Event()
-    with py_spy(profile):
+    with report.py_spy(os.getpid(), profile):
         start, cpu = time.perf_counter(), time.process_time()
         running = asyncio.create_task(dispatcher.run(stop))
         await delivered(n)
@@ -357,11 +340,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
 
-def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(out: dict[str, Any]) -> Any:
+    plt = report.pyplot()
 
     backlog = out["backlog"]
     by = backlog["nats_messages_per_call_by_purpose"]
@@ -378,7 +358,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     b.set_ylabel("calls/s (log)")
     b.set_title(f"backlog drain ({backlog['calls_per_second']:.0f} calls/s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":
@@ -394,11 +374,8 @@ if __name__ == "__main__":
     parser.add_argument("--profile", type=Path, help="with --only webhooks: py-spy's raw stacks of the drain, to this file")
     args = parser.parse_args()
     result = asyncio.run(main(args))
-    print(json.dumps(result, indent=2))
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
     if args.only:  # a phase alone leaves the full run's results as they were
-        (ROOT / "bench" / "results" / f"dispatch-{args.only}.json").write_text(json.dumps(result, indent=2))
+        report.save(f"dispatch-{args.only}", result)
     else:
-        (ROOT / "bench" / "results" / "dispatch.json").write_text(json.dumps(result, indent=2))
-        plot(result, ROOT / "bench" / "results" / "dispatch.png")
+        report.save("dispatch", result, plot)
 

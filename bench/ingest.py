@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import signal
@@ -38,6 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import report  # noqa: E402
 from conversations import cpu_seconds, hottest  # noqa: E402
 from loadgen import Result, attack  # noqa: E402
 
@@ -118,26 +118,17 @@ def cores_during(server: int, nats: int, run: Callable[[], Result]) -> tuple[Res
     }
 
 
-def profiled(server: int, seconds: float, profile: Path | None, run: Callable[[], Any]) -> Any:
+def profiled(server: int, profile: Path | None, run: Callable[[], Any]) -> Any:
     """run()'s result, with py-spy recording `server` meanwhile when `profile` is given."""
-    spy = None
-    if profile is not None:
-        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(server), "-d",
-                                str(int(seconds)), "-r", "200", "-f", "raw", "-o", str(profile), "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    result = run()
-    if spy is not None:
-        _, err = spy.communicate(timeout=60)
-        if spy.returncode:
-            raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
-    return result
+    with report.py_spy(server, profile):
+        return run()
 
 
 def measure(name: str, url: str, headers: dict[str, str], seconds: float, connections: int,
             server: int, nats: int, profile: Path | None) -> dict[str, Any]:
     """The maximum rate, and what each process spent of the cores meanwhile."""
     attack(url, BODIES, headers, seconds=2, workers=connections)  # warm-up
-    peak, cores = profiled(server, seconds, profile, lambda: cores_during(
+    peak, cores = profiled(server, profile, lambda: cores_during(
         server, nats, lambda: attack(url, BODIES, headers, seconds=seconds, workers=connections)))
     print(f"{name}: {peak.rate:.0f} req/s at {connections} connections; cores {cores}", file=sys.stderr)
     return {"max": peak, "cores": cores}
@@ -151,8 +142,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--rate", type=int, help="the fixed-rate window's req/s (default: half of ingest's maximum)")
     args = parser.parse_args()
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
+    report.RESULTS.mkdir(exist_ok=True)
 
     key = keys.generate("live")
     headers = {"Authorization": f"Bearer {key}"}
@@ -187,7 +177,7 @@ def main() -> None:
             urls["ingest x2"] = f"http://127.0.0.1:{two_port}/api/v1/webhooks/ingest"
         assert nats.proc is not None
         try:
-            profile = results_dir / "ingest-profile.txt" if args.profile else None
+            profile = report.RESULTS / "ingest-profile.txt" if args.profile else None
             results: dict[str, dict[str, Any]] = {
                 name: measure(name, url, headers, args.seconds, args.connections, servers[name].pid, nats.proc.pid,
                               profile if name == "ingest" and args.rate is None else None)
@@ -196,7 +186,7 @@ def main() -> None:
             half = args.rate or max(1, int(results["ingest"]["max"].rate / 2))
             for name in ("ingest", "bare", "bare+publish"):
                 results[name]["half"], results[name]["half_cores"] = profiled(
-                    servers[name].pid, args.seconds, profile if name == "ingest" and args.rate else None,
+                    servers[name].pid, profile if name == "ingest" and args.rate else None,
                     lambda: cores_during(servers[name].pid, nats.proc.pid, lambda: attack(
                         urls[name], BODIES, headers, seconds=args.seconds, rate=half, workers=args.connections)))
         finally:
@@ -228,17 +218,12 @@ def main() -> None:
     if args.workers == 2:
         out["ratio_two_workers"] = results["ingest x2"]["max"].rate / results["ingest"]["max"].rate
     if args.profile:
-        out["profile"] = hottest(results_dir / "ingest-profile.txt")
-    print(json.dumps(out, indent=2))
-    (results_dir / "ingest.json").write_text(json.dumps(out, indent=2))
-    plot(out, results_dir / "ingest.png")
+        out["profile"] = hottest(report.RESULTS / "ingest-profile.txt")
+    report.save("ingest", out, plot)
 
 
-def plot(out: dict, path: Path) -> None:  # type: ignore[type-arg]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(out: dict) -> Any:  # type: ignore[type-arg]
+    plt = report.pyplot()
 
     res = out["results"]
     names = [n for n in ("bare", "bare+publish", "ingest", "ingest x2") if n in res]
@@ -256,7 +241,7 @@ def plot(out: dict, path: Path) -> None:  # type: ignore[type-arg]
     b.set_title(f"latency at {out['half_rate']} req/s" + ("" if out["fixed_rate"] else " (half of ingest max)"))
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":

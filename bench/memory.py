@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import report  # noqa: E402
 from ingest import serve  # noqa: E402
 
 from agentstudio import bundle_store, bus, keys  # noqa: E402
@@ -291,20 +292,11 @@ def main() -> None:
         "bundle_cost_mib": {role: round(results[role]["large_bundle"]["rss"] - results[role]["empty_bundle"]["rss"], 1)
                             for role in ("ingest", "dialer")},
     }
-    print(json.dumps(out, indent=2))
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / "memory.json").write_text(json.dumps(out, indent=2))
-    plot(out, results_dir / "memory.png")
+    report.save("memory", out, plot)
 
 
-def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+def plot(out: dict[str, Any]) -> Any:
+    fig, axes = report.pyplot().subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     bare = out["mib"]["baseline"]["fastapi+uvicorn"]
     for ax, role in zip(axes[:2], ("ingest", "dialer")):
         states = list(out["mib"][role])
@@ -334,7 +326,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Memory with a bundle of {b['agents']:,} agents, {b['workflows']:,} workflows, {b['keys']:,} keys "
                  f"({b['json_bytes'] / 2**20:.1f} MiB of JSON)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import controlplane  # noqa: E402
 from latency import summary  # noqa: E402
+import report  # noqa: E402
 
 from agentstudio import bundle_store  # noqa: E402
 from agentstudio.ingest.service import IngestService  # noqa: E402
@@ -190,10 +190,7 @@ def main() -> None:
                 operator.wait(timeout=20)
     finally:
         plane.stop()
-    print(json.dumps(out, indent=2))
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "operator.json").write_text(json.dumps(out, indent=2))
+    report.save("operator", out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from scripted_model import Reply, ScriptedModel  # noqa: E402
 from voice_stack import LLM_KEY, TwilioRelay, VoiceStack, voice_stack  # noqa: E402
 
 from latency import summary  # noqa: E402
+import report  # noqa: E402
 
 from agentstudio import bus  # noqa: E402
 from agentstudio.conversation.llm import ChatModel, Endpoint, TextDelta  # noqa: E402
@@ -156,6 +156,4 @@ if __name__ == "__main__":
     parser.add_argument("--turns-per-call", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=20)
     result = asyncio.run(main(parser.parse_args()))
-    print(json.dumps(result, indent=2))
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "voice.json").write_text(json.dumps(result, indent=2))
+    report.save("voice", result)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import report  # noqa: E402
 from ingest import serve  # noqa: E402
 
 from agentstudio import bundle_store, bus, calls, keys  # noqa: E402
@@ -286,18 +286,11 @@ def main() -> None:
         out["outside_window"]["calls_per_second"] / out["inside_window"]["calls_per_second"], 2)
     out["ratio_drain_window_vs_no_window"] = round(
         out["window_opening"]["drain_calls_per_second"] / out["no_window_release"]["drain_calls_per_second"], 2)
-    print(json.dumps(out, indent=2))
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "windows.json").write_text(json.dumps(out, indent=2))
-    plot(out, results / "windows.png")
+    report.save("windows", out, plot)
 
 
-def plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(out: dict[str, Any]) -> Any:
+    plt = report.pyplot()
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
     names = ["inside window", "outside window"]
@@ -316,7 +309,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
                 f"dialer RSS {o['dialer_rss_mib_before']:.0f} → {o['dialer_rss_mib_after_accepting']:.0f} MiB"
                 " while they wait")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":
