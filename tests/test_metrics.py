@@ -9,10 +9,12 @@ import asyncio
 import os
 import uuid
 from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,10 +26,13 @@ from agentstudio.natsserver import NatsServer, free_port
 from agentstudio.operator.metrics import OperatorMetrics
 from agentstudio.secrets import StaticSecrets
 from agentstudio.settings import Settings
+import controlplane
+from agentstudio.resources import GROUP, VERSION
 from backlog import queue_backlog
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from processes import Process
 from test_dialer import MANIFESTS, dialers, queue_call, until_status
+from test_operator import Cluster
 from test_webhooks import OPS_KEY, subscription
 
 
@@ -222,3 +227,62 @@ async def test_the_operator_reads_each_tenants_backlog_from_the_dispatch_consume
             assert samples(text, "agentstudio_queue_oldest_unacked_age_seconds")[0] >= 1.0
         finally:
             await nc.close()
+
+
+@pytest.fixture(scope="module")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    plane = controlplane.start(tmp_path_factory.mktemp("controlplane"))
+    yield plane
+    plane.stop()
+
+
+async def test_the_operator_serves_its_reconcile_errors_queue_and_bundle_versions(
+        control_plane: controlplane.ControlPlane, tmp_path: Path) -> None:
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    control_plane.tenant_namespace(ns)
+    port = free_port()
+    agent = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": "a"}, "spec": {"prompt": "hi"}}
+    # A NATS of its own, to take away from the operator while it reconciles.
+    server = NatsServer(tmp_path / "nats", port=free_port())
+    server.start()
+    cluster = Cluster(control_plane, server, tmp_path / "operator.log", [ns])
+    cluster.start_operator(AGENTSTUDIO_OPERATOR_METRICS_PORT=str(port), AGENTSTUDIO_HOST="127.0.0.1",
+                           AGENTSTUDIO_METRICS_REFRESH_SECONDS="0.2")
+    try:
+        cluster.apply(ns, [agent])
+        cluster.wait_ready(ns, "Agent", "a")
+        nc = await bus.connect(server.url, "test-operator-metrics")
+        try:
+            js = nc.jetstream()
+            await bus.ensure_calls_stream(js)
+            version = (await (await buckets(js)).heads.get(ns)).revision
+            await queue_backlog(js, ns, 2)
+        finally:
+            await nc.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as scrape:
+            async def read(check) -> str | None:  # type: ignore[no-untyped-def]
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:
+                    assert cluster.proc is not None and cluster.proc.poll() is None, cluster.log.read_text()[-3000:]
+                    try:
+                        text = (await scrape.get("/metrics")).text
+                        if check(text):
+                            return text
+                    except httpx.TransportError:
+                        pass
+                    assert asyncio.get_running_loop().time() < deadline, cluster.log.read_text()[-3000:]
+                    await asyncio.sleep(0.2)
+
+            text = await read(lambda t: samples(t, "agentstudio_queue_pending_calls", tenant=ns) == [2])
+            assert samples(text, "agentstudio_bundle_published_version", tenant=ns) == [version]
+            assert total(text, "agentstudio_operator_reconciles_total", tenant=ns) >= 1
+            assert samples(text, "agentstudio_operator_reconcile_errors_total", tenant=ns) == [0]
+
+            server.stop()  # the bundle cannot be published: the reconcile fails, and is retried
+            cluster.apply(ns, [{**agent, "spec": {"prompt": "hello"}}])
+            await read(lambda t: total(t, "agentstudio_operator_reconcile_errors_total", tenant=ns) >= 1)
+            server.start()
+            cluster.wait_ready(ns, "Agent", "a")  # published once NATS is back
+    finally:
+        cluster.stop_operator()
+        server.stop()

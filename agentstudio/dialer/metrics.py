@@ -38,8 +38,8 @@ class DialerMetrics(CallMetrics):
         while not stop.is_set():
             try:
                 await self.refresh_slots(concurrency, sorted(bundles.snapshot.bundles), cap)
-            except Exception:  # noqa: BLE001 - NATS away: the next refresh tries again
-                log.warning("concurrency slots not read for metrics; retrying", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - NATS away: the next refresh tries again
+                log.warning("concurrency slots not read for metrics; retrying", extra={"error": type(exc).__name__})
             try:
                 await asyncio.wait_for(stop.wait(), every)
             except TimeoutError:

@@ -52,8 +52,8 @@ class OperatorMetrics:
         while not stop.is_set():
             try:
                 await self.refresh(store, namespaces)
-            except Exception:  # noqa: BLE001 - NATS away: the gauges keep their last read, and say when
-                log.warning("queue not read for metrics; retrying", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - NATS away: the gauges keep their last read, and say when
+                log.warning("queue not read for metrics; retrying", extra={"error": type(exc).__name__})
             try:
                 await asyncio.wait_for(stop.wait(), every)
             except TimeoutError:
