@@ -107,8 +107,14 @@ async def test_a_dialer_process_counts_the_calls_it_ends_and_serves_slots_and_bu
                 assert samples(served, "agentstudio_bundle_loaded_version", tenant=t.name) == [bundle.version]
                 compiled, = samples(served, "agentstudio_bundle_loaded_compiled_timestamp_seconds", tenant=t.name)
                 assert compiled == bundle.compiled_at.timestamp()
+            # Read on a timer: a read while the calls were live said they held slots; the next, none.
+
+            async def slots() -> str | None:
+                text = (await scrape.get("/metrics")).text
+                return text if samples(text, "agentstudio_concurrency_slots_in_use", tenant=t.name) == [0] else None
+
+            text = await eventually(dialer, slots, "the ended calls' slots read as free")
             assert samples(text, "agentstudio_concurrency_slots_cap", tenant=t.name) == [7]
-            assert samples(text, "agentstudio_concurrency_slots_in_use", tenant=t.name) == [0]
             # No call id and no phone number in any label.
             for family in text_string_to_metric_families(text + ingest_text):
                 for s in family.samples:
