@@ -40,6 +40,10 @@ async def read(js: JetStreamContext, tenants: list[str]) -> Queue:
             info.num_ack_pending or 0
     except NotFoundError:  # no dialer has started yet: everything queued waits
         delivered = floor = ack_pending = 0
+        try:
+            await js.stream_info(bus.CALLS_STREAM)
+        except NotFoundError:  # nor ingest: nothing was ever queued
+            return Queue({tenant: Backlog(0, 0.0) for tenant in tenants}, 0, 0.0)
     now = datetime.now(timezone.utc)
     backlogs = {}
     for tenant in tenants:
