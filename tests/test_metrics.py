@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,6 +25,7 @@ from agentstudio import bus
 from agentstudio.bundle_store import buckets
 from agentstudio.dialer import main as dialer_main
 from agentstudio.dialer.metrics import DialerMetrics
+from agentstudio.metrics import end_reason_label
 from agentstudio.natsserver import NatsServer, free_port
 from agentstudio.operator.metrics import OperatorMetrics
 from agentstudio.secrets import StaticSecrets
@@ -122,6 +126,14 @@ async def test_a_dialer_process_counts_the_calls_it_ends_and_serves_slots_and_bu
                         assert value not in [*done, failed, canceled] and "4155552671" not in value, s
     finally:
         dialer.stop()
+
+
+@given(st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["end_call", "callee_hangup", "canceled_by_api"])))
+def test_an_end_reason_label_is_one_of_ours_or_other(reason: str | None) -> None:
+    # Whatever reaches the label (a model's words, a phone number), it stays a short token of ours.
+    label = end_reason_label(reason)
+    assert label in ("none", "other") or (label == reason and re.fullmatch(r"[a-z][a-z0-9_]{0,39}", label))
+    assert end_reason_label("+14155552671") == "other" and end_reason_label("end_call") == "end_call"
 
 
 async def _ok(response: Any) -> bool:
