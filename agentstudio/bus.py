@@ -82,6 +82,8 @@ def dispatch_subject(tenant: str, call_id: str) -> str:
 
 
 DISPATCH_ALL = "calls.*.dispatch.*"
+# The durable pull consumer every dialer takes dispatches from (one for all tenants).
+DISPATCH_CONSUMER = "dialer"
 
 
 def schedule_subject(tenant: str, call_id: str) -> str:

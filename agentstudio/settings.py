@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     operator_namespaces: str = Field("", description="Namespaces the operator serves, comma-separated; all if empty.")
     operator_liveness_endpoint: str = Field("", description="e.g. http://0.0.0.0:8081/healthz")
+    operator_metrics_port: int = Field(0, ge=0, le=65535, description="Port of the operator's /metrics; 0: not served.")
+    metrics_refresh_seconds: float = Field(
+        15.0, gt=0, description="How often gauges read from NATS (queue depth, concurrency slots) are refreshed."
+    )
     usage_flush_seconds: float = Field(5.0, description="How often ingest adds its key usage counts to NATS.")
     calls_index_dir: str = Field(
         "", description="Where each ingest process keeps its calls table (about 1 KiB a call, rebuilt at"

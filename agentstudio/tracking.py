@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
+from prometheus_client import Counter
 
 from agentstudio import bus, calls, clock, transcripts
+from agentstudio.metrics import end_reason_label
 from agentstudio.callstate import TERMINAL, Attempt, CallError, CallState, CallStatus, CallStore, now
 from agentstudio.concurrency import Concurrency
 
@@ -35,10 +37,12 @@ _EVENT_NAMESPACE = uuid.UUID("0f3e8f0a-7c55-4f55-9a43-6a3f4a5e2b10")
 
 
 class CallTracker:
-    def __init__(self, js: JetStreamContext, store: CallStore, concurrency: Concurrency, remember: int = 0) -> None:
+    def __init__(self, js: JetStreamContext, store: CallStore, concurrency: Concurrency, remember: int = 0,
+                 ended: Counter | None = None) -> None:
         self.js = js
         self.store = store
         self.concurrency = concurrency
+        self._ended = ended  # metrics.calls_ended of the process, if it exports one
         # The requests of the calls this process placed, so their events need not read them back
         # from the stream (two direct gets an event).
         self._remember = remember
@@ -119,7 +123,14 @@ class CallTracker:
             await self.concurrency.release(tenant, call_id)
         if changed:
             log.info("call %s", state.status, extra={"call_id": call_id, "tenant": tenant, "status": state.status})
+            self._count_end(state)
         return state
+
+    def _count_end(self, state: CallState) -> None:
+        """Once per call: only the write that moved it to its final status (the compare-and-set
+        decides between processes) counts it."""
+        if state.terminal and self._ended is not None:
+            self._ended.labels(state.tenant, state.status, end_reason_label(state.end_reason)).inc()
 
     async def _retry(self, state: CallState, ended: Attempt) -> None:
         """Queue the attempt after `ended` for its time, free the tenant's slot, send `ended`'s event.
@@ -155,6 +166,7 @@ class CallTracker:
             await self.concurrency.release(call.tenant, call.call_id)
         if changed:
             log.info("call canceled", extra={"call_id": call.call_id, "tenant": call.tenant, "reason": reason})
+            self._count_end(state)
         return state, changed
 
     async def conversation_closed(self, state: CallState) -> None:

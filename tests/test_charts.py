@@ -33,8 +33,11 @@ CRDS_CHART = ROOT / "charts" / "agent-studio-crds"
 GITOPS = ROOT / "examples" / "gitops"
 GITOPS_CRDS = Path(__file__).parent / "fixtures" / "gitops-crds"
 NAMESPACE = "tenant-a"
-COMPONENTS = {"operator", "ingest", "dialer", "nats", "test"}
+COMPONENTS = {"operator", "ingest", "dialer", "nats", "test", "alerts", "dashboard"}
 SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
+PROMETHEUS_RULE = "monitoring.coreos.com/v1/PrometheusRule"
+# What a cluster with the Prometheus Operator serves: its kinds render only there.
+MONITORING_APIS = ["--api-versions", SERVICE_MONITOR, "--api-versions", PROMETHEUS_RULE]
 
 # The values a platform team would set, each beside the defaults; the image values as the node tests
 # install them. ServiceMonitor renders only where the Prometheus Operator's CRD is served.
@@ -51,6 +54,8 @@ MATRIX: dict[str, list[str]] = {
                            "--set", "telephony.provider=twilio", "--set", "telephony.twilio.existingSecret=twilio"],
     "no-network-policy": ["--set", "networkPolicy.enabled=false"],
     "service-monitor": ["--set", "serviceMonitor.enabled=true"],
+    "monitoring": ["--set", "serviceMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
+                   "--set", "grafanaDashboard.enabled=true"],
     "operator-peers": ["--set", "operator.replicas=2"],
     "autoscaling": ["--set", "ingest.autoscaling.enabled=true", "--set", "ingest.replicas=2"],
     "no-test-key": ["--set", "testKey.enabled=false"],
@@ -80,7 +85,7 @@ def render(chart: Path, values: list[str], *extra: str) -> list[dict[str, Any]]:
 
 
 def render_matrix(name: str) -> list[dict[str, Any]]:
-    extra = ["--api-versions", SERVICE_MONITOR] if name == "service-monitor" else []
+    extra = MONITORING_APIS if name in ("service-monitor", "monitoring") else []
     return render(TENANT_CHART, MATRIX[name], *extra)
 
 
@@ -299,7 +304,11 @@ def test_network_policies_keep_nats_to_the_release() -> None:
 def test_service_monitors_only_where_the_crd_is_served() -> None:
     assert not [o for o in render(TENANT_CHART, MATRIX["service-monitor"]) if o["kind"] == "ServiceMonitor"]
     monitors = [o for o in render_matrix("service-monitor") if o["kind"] == "ServiceMonitor"]
-    assert sorted(m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors) == ["dialer", "ingest"]
+    assert sorted(m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors) == [
+        "dialer", "ingest", "operator"]
+    operator = next(m for m in monitors if m["metadata"]["labels"]["app.kubernetes.io/component"] == "operator")
+    service = by_kind(render_matrix("service-monitor"), "Service", "operator")
+    assert operator["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
 
 
 def test_pod_annotations_reach_the_pods_of_each_component() -> None:
@@ -404,7 +413,7 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
     objects = render_matrix(name)
     checked = 0
     for obj in objects:
-        if f"{obj['apiVersion']}/{obj['kind']}" == SERVICE_MONITOR:
+        if f"{obj['apiVersion']}/{obj['kind']}" in (SERVICE_MONITOR, PROMETHEUS_RULE):
             continue  # no Prometheus Operator CRD on this control plane; rendered offline above
         try:
             dry_run_create(dyn, obj, namespace)

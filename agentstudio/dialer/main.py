@@ -12,10 +12,12 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
+from prometheus_client import Counter
 
 from agentstudio import bus, templating
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
+from agentstudio.dialer.metrics import DialerMetrics
 from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider
 from agentstudio.dialer.webhooks import WebhookDispatcher
 from agentstudio.secrets import KubeSecrets, SecretReader, StaticSecrets
@@ -46,12 +48,12 @@ log = logging.getLogger("agentstudio.dialer")
 REMEMBERED_CALLS = 4096
 
 
-async def tracker_for(nc: NATS, remember: int = 0) -> CallTracker:
+async def tracker_for(nc: NATS, remember: int = 0, ended: Counter | None = None) -> CallTracker:
     js = nc.jetstream()
     await bus.ensure_events_stream(js)
     await bus.ensure_transcripts_stream(js)
     return CallTracker(js, CallStore(await bus.calls_bucket(js), remember), Concurrency(await bus.concurrency_bucket(js)),
-                       remember)
+                       remember, ended)
 
 
 async def build(
@@ -60,8 +62,9 @@ async def build(
     announce: Callable[[str], None] | None = None,
     simulated_factory: Callable[[CallTracker], Provider] = SimulatedProvider,
     bundles: BundleWatcher | None = None,
+    metrics: DialerMetrics | None = None,
 ) -> Dialer:
-    tracker = await tracker_for(nc, REMEMBERED_CALLS)
+    tracker = await tracker_for(nc, REMEMBERED_CALLS, metrics.calls_ended if metrics else None)
     simulated = simulated_factory(tracker)
     live: Provider = simulated
     if settings.telephony_provider == "twilio":
@@ -202,17 +205,19 @@ async def voice(
     bundles: BundleWatcher,
     secrets: SecretReader,
     observer: Callable[[str, Turn], None] | None = None,
+    ended: Counter | None = None,
 ) -> VoiceRuntime:
     """The voice agent runtime: conversations on the relay WebSocket of answered calls."""
     tools = Tools(ChatModel(settings.llm_timeout_seconds), ApiCaller(settings.api_call_max_response_bytes), secrets,
                   DoNotCall(await bus.dnc_bucket(nc.jetstream())))
     limits = Limits(speech_chars_per_second=settings.speech_chars_per_second, max_call_seconds=settings.max_call_seconds)
-    return VoiceRuntime(nc.jetstream(), await tracker_for(nc), bundles, tools, limits, observer,
+    return VoiceRuntime(nc.jetstream(), await tracker_for(nc, ended=ended), bundles, tools, limits, observer,
                         twilio_auth_token=settings.twilio_auth_token, public_base_url=settings.public_base_url)
 
 
-def relay_app(runtime: VoiceRuntime) -> FastAPI:
-    """The dialer's HTTP side: the ConversationRelay WebSocket Twilio connects answered calls to."""
+def relay_app(runtime: VoiceRuntime, dialer_metrics: DialerMetrics | None = None) -> FastAPI:
+    """The dialer's HTTP side: the ConversationRelay WebSocket Twilio connects answered calls to, and
+    /metrics: the voice agent's and, given, the dialer's own."""
     app = FastAPI(title="Agent Studio dialer", version="v1")
     mount_relay(app, runtime)
 
@@ -230,16 +235,17 @@ def relay_app(runtime: VoiceRuntime) -> FastAPI:
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+        body = runtime.metrics.render() + (dialer_metrics.render() if dialer_metrics is not None else b"")
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     return app
 
 
-def relay_server(runtime: VoiceRuntime, listening: socket.socket) -> uvicorn.Server:
+def relay_server(runtime: VoiceRuntime, listening: socket.socket, metrics: DialerMetrics | None = None) -> uvicorn.Server:
     """uvicorn serving relay_app on `listening`. Without permessage-deflate: a relay frame is one token or
     one prompt, a few dozen bytes, and every socket's zlib streams cost CPU on each frame and memory for the
     length of the call (bench/conversations.py)."""
-    return uvicorn.Server(uvicorn.Config(relay_app(runtime), fd=listening.fileno(), log_config=None,
+    return uvicorn.Server(uvicorn.Config(relay_app(runtime, metrics), fd=listening.fileno(), log_config=None,
                                          access_log=False, ws_per_message_deflate=False))
 
 
@@ -259,11 +265,13 @@ def mount_relay(app: FastAPI, runtime: VoiceRuntime) -> None:
     app.include_router(relay.router)
 
 
-async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader) -> tuple[WebhookDispatcher, BundleWatcher]:
+async def webhooks(nc: NATS, settings: Settings, secrets: SecretReader,
+                   metrics: DialerMetrics | None = None) -> tuple[WebhookDispatcher, BundleWatcher]:
     js = nc.jetstream()
     watcher = BundleWatcher(await buckets(js))
     await watcher.start()
-    return WebhookDispatcher(js, watcher, secrets, settings.retry_schedule(), settings.webhook_timeout_seconds), watcher
+    return WebhookDispatcher(js, watcher, secrets, settings.retry_schedule(), settings.webhook_timeout_seconds,
+                             outcomes=metrics.webhook_deliveries if metrics else None), watcher
 
 
 async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket) -> None:
@@ -279,11 +287,13 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                                    replicas=settings.nats_replicas, on_reconnect=resubscribe)
     try:
         secrets: SecretReader = KubeSecrets() if settings.webhook_secrets == "kubernetes" else StaticSecrets()
-        dispatcher, watcher = await webhooks(nc, settings, secrets)
+        metrics = DialerMetrics()
+        dispatcher, watcher = await webhooks(nc, settings, secrets, metrics)
         watchers.append(watcher)
-        dialer = await build(nc, settings, bundles=watcher)
-        runtime = await voice(nc, settings, watcher, secrets)
-        server = relay_server(runtime, listening)
+        metrics.watch_bundles(watcher)
+        dialer = await build(nc, settings, bundles=watcher, metrics=metrics)
+        runtime = await voice(nc, settings, watcher, secrets, ended=metrics.calls_ended)
+        server = relay_server(runtime, listening, metrics)
         stale = timedelta(seconds=settings.stale_call_seconds)
         redirects = machine_redirects(nc, dialer)
 
@@ -295,6 +305,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                 sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
                             settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),
                 serve_relay(server, runtime, stop),
+                metrics.keep_slots(dialer.concurrency, watcher, dialer.cap, settings.metrics_refresh_seconds, stop),
             )
         finally:
             await watcher.stop()

@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
 
 from agentstudio import bus, signing
 from agentstudio.addresses import reserved_host
@@ -41,6 +42,8 @@ DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # How long a delivered message's record and ack are retried: within its consumer's ack wait (the
 # timeout + 20 s), so the redelivery a lost ack brings finds the record.
 SETTLE_SECONDS = 15.0
+# What became of a delivery attempt, as counted (DialerMetrics.webhook_deliveries).
+OUTCOMES = ("delivered", "retry", "dead_lettered", "gone")
 
 
 def matches(sub: CompiledSubscription, event: dict[str, Any]) -> bool:
@@ -128,8 +131,10 @@ class WebhookDispatcher:
         schedule: tuple[float, ...] = DEFAULT_SCHEDULE,
         timeout_seconds: float = 10.0,
         concurrency_per_subscription: int = 4,
+        outcomes: Counter | None = None,
     ) -> None:
         self.js = js
+        self._outcomes = outcomes  # DialerMetrics.webhook_deliveries, by tenant and outcome
         self.bundles = bundles
         self.secrets = secrets
         self.schedule = schedule
@@ -228,6 +233,11 @@ class WebhookDispatcher:
 
     async def _deliver_loop(self, tenant: str, loop: _Loop, stop: asyncio.Event) -> None:
         name = loop.sub.name
+        if self._outcomes is not None:
+            # Each at 0 from the start: increase() cannot see a series born at 1, so the first dead
+            # letter of a dialer would never raise the alert.
+            for outcome in OUTCOMES:
+                self._outcomes.labels(tenant, outcome)
         if await self._is_disabled(tenant, loop.sub):
             await asyncio.sleep(1)  # looked at again by the next reconcile
             return
@@ -259,7 +269,9 @@ class WebhookDispatcher:
                     done = {task for task in in_flight if task.done()}
                     in_flight -= done
                     for task in done:
-                        task.result()  # an error ends the loop, and the next reconcile starts it again
+                        outcome = task.result()  # an error ends the loop, and the next reconcile starts it again
+                        if self._outcomes is not None and outcome != "held":
+                            self._outcomes.labels(tenant, outcome).inc()
                 await asyncio.gather(*in_flight)  # what was started is settled, as a stop finds it
             finally:
                 for task in in_flight:
@@ -277,7 +289,7 @@ class WebhookDispatcher:
         async with posting:
             if loop.gone:  # a 410 came while this one waited for its slot: kept for a new loop
                 await bus.hand_back(msg, 0)
-                return "gone"
+                return "held"  # not posted: no outcome to count
             secret = await self.secrets.get(tenant, sub.secret_ref)
             if secret is None:
                 error = f"signing secret {sub.secret_ref.name} not readable"
@@ -303,7 +315,7 @@ class WebhookDispatcher:
             await self._dead_letter(tenant, sub, event, attempt, error)
             await msg.ack()
             await self._record(tenant, sub, event, "dead_lettered", attempt, error)
-            return "dead"
+            return "dead_lettered"
         await bus.hand_back(msg, self.schedule[attempt - 1])
         await self._record(tenant, sub, event, "retrying", attempt, error)
         log.info("webhook delivery failed; will retry", extra={

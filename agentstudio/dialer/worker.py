@@ -39,7 +39,7 @@ from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.dialer")
 
-CONSUMER = "dialer"
+CONSUMER = bus.DISPATCH_CONSUMER
 # A paused call is parked for pause_recheck_seconds, then for as long as it has been paused so far
 # (doubling), up to this. A resume re-queues parked calls at once, so the park only bounds how late
 # a resume nobody saw (a sweep cut short by an error) is noticed; 5 min keeps that short while a

@@ -21,6 +21,7 @@ from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.do_not_call import DoNotCall
 from agentstudio.ingest.console.sessions import Sessions
+from agentstudio.metrics import CallMetrics
 from agentstudio.tracking import CallTracker
 
 log = logging.getLogger("agentstudio.ingest")
@@ -38,6 +39,9 @@ class IngestService:
         self._dnc: DoNotCall | None = None
         self._sessions: Sessions | None = None
         self._table: CallsTable | None = None
+        # Calls this process ended (provider callbacks, cancels) and the bundles it serves, beside the
+        # app's request metrics (IngestMetrics): /metrics renders both.
+        self.metrics = CallMetrics()
 
     async def start(self) -> None:
         self.nc = await bus.connect_retrying(
@@ -48,13 +52,15 @@ class IngestService:
         await bus.ensure_calls_stream(self._js)
         self._watcher = BundleWatcher(await buckets(self._js))
         await self._watcher.start()
+        self.metrics.watch_bundles(self._watcher)
         self._limiter = RateLimiter(await bus.ratelimit_bucket(self._js), self.settings.rate_limit_lease_divisor)
         self._usage = UsageCounter(await bus.usage_bucket(self._js), self.settings.usage_flush_seconds)
         self._usage.start()
         await bus.ensure_events_stream(self._js)
         await bus.ensure_voicemail_stream(self._js)  # machines' verdicts, for the dialers
         self._tracker = CallTracker(
-            self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js))
+            self._js, CallStore(await bus.calls_bucket(self._js)), Concurrency(await bus.concurrency_bucket(self._js)),
+            ended=self.metrics.calls_ended,
         )
         self._dnc = DoNotCall(await bus.dnc_bucket(self._js))
         folder = self.settings.calls_index_dir or Path(tempfile.gettempdir()) / "agentstudio-calls"

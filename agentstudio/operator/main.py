@@ -15,6 +15,7 @@ from agentstudio import bundle_store, bus
 from agentstudio.bundle import Bundle, compile_bundle
 from agentstudio.operator import handlers
 from agentstudio.operator.kube import Kube
+from agentstudio.operator.metrics import OperatorMetrics
 from agentstudio.operator.reconciler import Reconciler
 from agentstudio.operator.usage import report_usage, watch_gone
 from agentstudio.settings import Settings
@@ -50,9 +51,10 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
                                                         settings.calls_per_second_per_tenant), replace=False)
         kube = Kube()
         memo = kopf.Memo()
+        metrics = OperatorMetrics()
         reconciler = Reconciler(kube, kv, lambda ns: handlers.resources_of(memo.indexes, ns),
                                 max_concurrent_calls=settings.max_concurrent_calls_per_tenant,
-                                calls_per_second=settings.calls_per_second_per_tenant)
+                                calls_per_second=settings.calls_per_second_per_tenant, metrics=metrics)
         handlers.install(memo, kube, reconciler)
         js = nc.jetstream()
         _, gone_bucket = await bus.ensure_webhooks(js)
@@ -63,6 +65,11 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
             asyncio.create_task(watch_gone(gone_bucket, reconciler, namespaces, started=started[1]),
                                 name="webhooks-gone"),
         ]
+        metrics_server = None
+        if settings.operator_metrics_port:
+            metrics_server = metrics.serve(settings.host, settings.operator_metrics_port)
+            observers.append(asyncio.create_task(
+                metrics.keep(kv, namespaces, settings.metrics_refresh_seconds, stop), name="metrics-refresh"))
         # kopf takes every task that exists after it starts for its own and, on the way out, waits
         # 5 s for those that have not ended: the observers' watches (tasks of their own) open first.
         watching = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in started)))
@@ -95,6 +102,9 @@ async def run(settings: Settings, namespaces: list[str], stop: asyncio.Event | N
             for task in observers:
                 task.cancel()
             await asyncio.gather(*observers, return_exceptions=True)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
     finally:
         await nc.close()
 

@@ -27,6 +27,7 @@ from agentstudio.bundle import Bundle, KeyMaterial, compile_bundle
 from agentstudio.manifests import Located, Problem, Rejected, parse, rejected
 from agentstudio.operator import credentials
 from agentstudio.operator.kube import Kube
+from agentstudio.operator.metrics import OperatorMetrics
 from agentstudio.resources import KINDS, ApiKey, ApiKeySpec, WebhookSubscriptionSpec, webhook_secret_ref
 
 log = logging.getLogger("agentstudio.operator")
@@ -71,8 +72,10 @@ class Reconciler:
         debounce_seconds: float = 0.1,
         max_concurrent_calls: int | None = None,
         calls_per_second: float | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self._kube = kube
+        self._metrics = metrics
         self._max_concurrent_calls = max_concurrent_calls  # the release's plan, into every bundle
         self._calls_per_second = calls_per_second  # and its pace
         self._kv = kv
@@ -130,9 +133,13 @@ class Reconciler:
 
     async def _run(self, namespace: str, state: _Namespace) -> None:
         delay = self._debounce
+        if self._metrics is not None:
+            self._metrics.reconcile_errors.labels(namespace)  # at 0: increase() sees the first error
         while state.dirty:
             await asyncio.sleep(delay)
             state.dirty = False
+            if self._metrics is not None:
+                self._metrics.reconciles.labels(namespace).inc()
             try:
                 await self.reconcile(namespace, state)
                 delay = self._debounce
@@ -141,6 +148,8 @@ class Reconciler:
                 delay = 0.5
             except Exception:  # noqa: BLE001 - retried: NATS or the API server may be back soon
                 log.exception("reconcile failed; retrying", extra={"tenant": namespace})
+                if self._metrics is not None:
+                    self._metrics.reconcile_errors.labels(namespace).inc()
                 state.dirty = True
                 delay = min(max(delay * 2, 1.0), 30.0)
 

@@ -26,4 +26,5 @@ async def readyz(svc: Service) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    body = request.app.state.metrics.render() + request.app.state.service.metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4")

@@ -119,6 +119,8 @@ imagePullSecrets:
   value: {{ .Values.calls.ringTimeoutSeconds | quote }}
 - name: AGENTSTUDIO_MAX_CALL_SECONDS
   value: {{ .Values.calls.maxCallSeconds | quote }}
+- name: AGENTSTUDIO_METRICS_REFRESH_SECONDS
+  value: {{ .Values.metrics.refreshSeconds | quote }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
