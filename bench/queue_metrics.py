@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import report  # noqa: E402
 from backlog import queue_backlog  # noqa: E402
 
 from agentstudio import bundle_store, bus  # noqa: E402
@@ -83,7 +83,4 @@ if __name__ == "__main__":
     parser.add_argument("--backlog", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     result = asyncio.run(main(parser.parse_args()))
-    print(json.dumps(result, indent=2))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "queue_metrics.json").write_text(json.dumps(result, indent=2))
+    report.save("queue_metrics", result)
