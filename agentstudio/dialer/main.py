@@ -13,7 +13,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 
-from agentstudio import bus, templating
+from agentstudio import bus, templating, tracing
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.providers import Provider, SimulatedProvider, TwilioProvider
@@ -270,6 +270,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
     watchers: list[BundleWatcher] = []
+    tracing.setup("dialer")
 
     async def resubscribe() -> None:  # a reconnection loses the watch's ephemeral consumer
         for w in watchers:
@@ -300,3 +301,4 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
             await watcher.stop()
     finally:
         await nc.close()  # everything taken is finished or handed back by now
+        tracing.shutdown()
