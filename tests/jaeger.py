@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def binary() -> str:
     """The jaeger binary; built on the first run (cached by version)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-jaeger")], check=True, capture_output=True,
-                         text=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)["JAEGER"]
+    built = subprocess.run(["bash", str(ROOT / "scripts" / "build-jaeger")], capture_output=True, text=True)
+    assert built.returncode == 0, f"scripts/build-jaeger exited {built.returncode}:\n{built.stderr[-4000:]}"
+    return dict(line.split("=", 1) for line in built.stdout.splitlines() if "=" in line)["JAEGER"]
 
 
 def config(otlp_http: int, query_http: int, query_grpc: int) -> dict[str, Any]:
