@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import trace
@@ -91,7 +91,23 @@ def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, context: Context | No
     otherwise); an exception that leaves it marks it as an error."""
     if _tracer is None:
         return _OFF
-    return _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes)
+    return _recording(_tracer, name, kind, context, attributes)
+
+
+@contextlib.contextmanager
+def _recording(tracer: trace.Tracer, name: str, kind: SpanKind, context: Context | None,
+               attributes: Mapping[str, Any] | None) -> Iterator[Span]:
+    # Not the SDK's record_exception: its event carries the exception's message, and a provider's or
+    # a model's error text may quote a phone number or what the callee said. The type is enough.
+    with tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes,
+                                      record_exception=False, set_status_on_exception=False) as span:
+        try:
+            yield span
+        except Exception as exc:
+            if "error.type" not in (getattr(span, "attributes", None) or {}):  # the caller's own, if it set one
+                span.set_attribute("error.type", type(exc).__name__)
+            failed(span, type(exc).__name__)
+            raise
 
 
 def start(name: str, *, kind: SpanKind = SpanKind.INTERNAL, context: Context | None = None,

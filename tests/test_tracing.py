@@ -27,7 +27,10 @@ from conftest import SEED_BODY, example_resources, published_tenant
 from jaeger import Jaeger, running
 from processes import running_ingest
 from scripted_model import Reply
+from test_dialer import dialers, queue_call, until_status
+from test_dialer_twilio import live, twilio_settings  # noqa: F401 - live is a fixture
 from test_webhooks import Receiver
+from twilio_mock import TwilioMock
 from voice_stack import LLM_KEY, example_manifests, voice_stack
 
 # The seed's agent may hand the call to a second one, which ends it.
@@ -248,3 +251,44 @@ def test_the_roles_import_the_sdk_only_when_tracing_is_on(env: dict[str, str], o
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(on)] * 3
+
+
+async def test_a_twilio_placement_is_a_client_span_of_the_call(traced: str, live, nats_server: NatsServer,  # type: ignore[no-untyped-def]
+                                                                 twilio_mock: TwilioMock, jaeger: Jaeger) -> None:
+    """Through the official Twilio SDK against Twilio's spec (Prism): one call placed, one refused;
+    each a `provider place` span under its ingest request, the refusal an error with Twilio's code,
+    and neither holding the auth token or the number."""
+    client, t = live
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock)):
+        placed = await queue_call(client, t, key="live")
+        await until_status(client, t, placed, "dialing")
+    async with dialers(nats_server.url, **twilio_settings(twilio_mock, public_base_url="https://not a url")):
+        refused = await queue_call(client, t, key="live")
+        record = await until_status(client, t, refused, "failed")
+    assert tracing.flush()
+
+    found = await asyncio.to_thread(jaeger.wait_for_traces, traced, 8)
+    by_call = {tags(s)["call_id"]: tr for tr in found for s in tr["spans"] if s["operationName"] == "provider place"}
+    for call_id in (placed, refused):
+        names = sorted(s["operationName"] for s in by_call[call_id]["spans"])
+        assert names == ["POST /api/v1/webhooks/ingest", "calls publish", "dialer dispatch", "provider place"], names
+    [ok] = [s for s in by_call[placed]["spans"] if s["operationName"] == "provider place"]
+    [bad] = [s for s in by_call[refused]["spans"] if s["operationName"] == "provider place"]
+    assert tags(ok)["provider"] == "twilio" and tags(ok)["provider_call_id"].startswith("CA")
+    assert tags(ok).get("otel.status_code") != "ERROR"
+    assert tags(bad)["error.type"] == record["error"]["code"] and tags(bad)["otel.status_code"] == "ERROR"
+    text = yaml.safe_dump([s["tags"] + [f for e in s["logs"] for f in e["fields"]] for tr in found for s in tr["spans"]])
+    for secret in (twilio_mock.auth_token, "14155552671", *t.keys.values()):
+        assert secret not in text
+
+
+def test_an_error_is_recorded_by_its_type_never_its_message(traced: str, jaeger: Jaeger) -> None:
+    """A provider's or a model's error text may quote the number or the callee's words: a span keeps
+    only the exception's type."""
+    with pytest.raises(ValueError), tracing.span("failing", attributes={"call_id": "c-1"}):
+        raise ValueError("The 'To' number +919876543210 is not reachable")
+    assert tracing.flush()
+    [found] = jaeger.wait_for_traces(traced, 1)
+    [span] = found["spans"]
+    assert tags(span)["error.type"] == "ValueError" and tags(span)["otel.status_code"] == "ERROR"
+    assert "9876543210" not in yaml.safe_dump([span["tags"], span["logs"]])

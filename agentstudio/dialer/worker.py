@@ -355,9 +355,8 @@ class Dialer:
                     "phone": phone.mask(call.phone_number)}) as span:
                 try:
                     sid = await provider.place(call, voicemail=claimed.voicemail)
-                except ProviderError as exc:
+                except ProviderError as exc:  # the span records it as its error on the way out
                     span.set_attribute("error.type", exc.error.code)
-                    tracing.failed(span, exc.error.code)
                     raise
                 span.set_attribute("provider_call_id", sid)
         except ProviderError as exc:
