@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
-from agentstudio import bus, clock
+from agentstudio import bus, clock, tracing
 
 # How far ahead a call may be scheduled: it must fire well inside the stream's retention.
 MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
@@ -125,7 +125,12 @@ async def _publish(js: JetStreamContext, call: CallRequest, msg_id: str, timeout
         headers |= {"Nats-Schedule": "@at " + due.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "Nats-Schedule-Target": subject}
         subject = bus.schedule_subject(call.tenant, call.call_id)
-    ack = await js.publish(subject, encode(call), timeout=timeout, headers=headers)
+    with tracing.span("calls publish", kind=tracing.SpanKind.PRODUCER,
+                      attributes={"call_id": call.call_id, "tenant": call.tenant,
+                                  "messaging.destination.name": bus.dispatch_subject(call.tenant, "*")}) as span:
+        # The dialer's spans join the trace through this message's traceparent header.
+        ack = await js.publish(subject, encode(call), timeout=timeout, headers=tracing.inject(headers))
+        span.set_attribute("duplicate", bool(ack.duplicate))
     return not ack.duplicate
 
 

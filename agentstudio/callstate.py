@@ -109,6 +109,9 @@ class CallState(BaseModel):
     retries: Retries | None = None
     voicemail: Voicemail | None = None
     deferrals: list[Deferral] = Field(default_factory=list)  # of any attempt, oldest first
+    # The W3C traceparent of the dispatch that claimed the current attempt, while tracing is on: the
+    # conversation's and the status events' spans join that call's trace (agentstudio/tracing.py).
+    traceparent: str | None = None
 
     @classmethod
     def new(cls, call: CallRequest) -> CallState:

@@ -14,7 +14,7 @@ import orjson
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
-from agentstudio import bus, calls, clock, transcripts
+from agentstudio import bus, calls, clock, tracing, transcripts
 from agentstudio.metrics import end_reason_label
 from agentstudio.callstate import TERMINAL, Attempt, CallError, CallState, CallStatus, CallStore, now
 from agentstudio.concurrency import Concurrency
@@ -186,11 +186,10 @@ class CallTracker:
         if ended is None:
             state = await transcripts.filled(self.js, state) or state
         event = status_event(request, state, event_type, ended)
-        await self.js.publish(
-            bus.event_subject(state.tenant, state.call_id),
-            orjson.dumps(event),
-            headers={"Nats-Msg-Id": event["id"]},
-        )
+        headers = {"Nats-Msg-Id": event["id"]}
+        if state.traceparent is not None and tracing.on():  # its webhook deliveries join the call's trace
+            headers["traceparent"] = state.traceparent
+        await self.js.publish(bus.event_subject(state.tenant, state.call_id), orjson.dumps(event), headers=headers)
 
 
 def retry_time(ended: datetime, delay_seconds: int) -> datetime:

@@ -59,6 +59,9 @@ MATRIX: dict[str, list[str]] = {
     "operator-peers": ["--set", "operator.replicas=2"],
     "autoscaling": ["--set", "ingest.autoscaling.enabled=true", "--set", "ingest.replicas=2"],
     "no-test-key": ["--set", "testKey.enabled=false"],
+    "tracing": ["--set", "tracing.enabled=true", "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
+                "--set", "tracing.sampler=parentbased_traceidratio", "--set-string", "tracing.samplerArg=0.25",
+                "--set", "tracing.resourceAttributes.deployment\\.environment=prod"],
 }
 
 
@@ -330,6 +333,27 @@ def test_dialer_paused_pauses_the_tenants_dialing() -> None:
     assert paused(["--set", "dialer.paused=true"]) == ["true"]
 
 
+def test_tracing_sets_the_otel_variables_of_ingest_and_dialers_only_when_enabled() -> None:
+    def otel(values: list[str], role: str) -> dict[str, str]:
+        env = container(render(TENANT_CHART, values), role)["env"]
+        return {e["name"]: e["value"] for e in env if e["name"].startswith("OTEL_")}
+
+    for role in ("operator", "ingest", "dialer"):
+        assert otel([], role) == {}, role
+    assert otel(MATRIX["tracing"], "operator") == {}  # it has no spans
+    for role in ("ingest", "dialer"):
+        assert otel(MATRIX["tracing"], role) == {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+            "OTEL_SERVICE_NAME": f"agent-studio-{role}",
+            "OTEL_RESOURCE_ATTRIBUTES": f"k8s.namespace.name={NAMESPACE},service.namespace={NAMESPACE},"
+                                        "deployment.environment=prod",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        }, role
+
+
 def test_the_concurrency_plan_reaches_the_operator_alone() -> None:
     """The operator puts it in the bundle: changing it must not change (and so roll) the dialers' pods."""
     def cap(values: list[str], role: str) -> list[str]:
@@ -451,6 +475,8 @@ def test_notes_say_the_ingest_url_and_how_to_read_a_key(control_plane: controlpl
     (["--set", "telephony.provider=twilio"], "/telephony/twilio/existingSecret"),
     (["--set", "telephony.provider=twilio", "--set", "telephony.twilio.existingSecret=t"], "/telephony/publicBaseUrl"),
     (["--set", "nats.enabled=false"], "/nats/url"),
+    (["--set", "tracing.enabled=true"], "/tracing/otlpEndpoint"),
+    (["--set", "tracing.sampler=sometimes"], "/tracing/sampler"),
 ])
 def test_a_bad_value_is_refused_with_its_name(values: list[str], named: str) -> None:
     for command in (["template", "agent-studio"], ["lint", "--strict"]):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import orjson
 from nats.errors import Error as NatsError
 
-from agentstudio import templating
+from agentstudio import templating, tracing
 from agentstudio.bundle import Bundle, CompiledAgent, CompiledWorkflow
 from agentstudio.calls import CallRequest
 from agentstudio.conversation.metrics import VoiceMetrics
@@ -125,6 +125,7 @@ class Conversation:
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self.span: tracing.Span = tracing.INVALID_SPAN  # the conversation's, set by whoever opens it
 
     # --- events from the call ------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class Conversation:
         limit = min(self.agent.spec.max_duration_seconds, self.limits.max_call_seconds)
         self._deadline = self._loop.call_later(limit, self._spawn, self._time_up)
         try:
-            await self._enter(self.agent, previous=None)
+            with self._turn("start"):
+                await self._enter(self.agent, previous=None)
         except ConversationError as exc:
             log.warning("conversation failed", extra={"call_id": self.call.call_id, "error": str(exc)})
             await self._finish("error", error=str(exc))
@@ -273,7 +275,16 @@ class Conversation:
         await self.voice.text("", True)
         return True
 
+    def _turn(self, trigger: str) -> contextlib.AbstractContextManager[tracing.Span]:
+        """A turn's span: the agent's answer to what the callee did (`trigger`), child of the conversation."""
+        return tracing.span("conversation turn", context=tracing.child_of(self.span),
+                            attributes={"call_id": self.call.call_id, "agent": self.agent.slug, "trigger": trigger})
+
     async def _respond(self, note: str | None = None) -> None:
+        with self._turn("callee" if note is None else "note"):
+            await self._replies(note)
+
+    async def _replies(self, note: str | None) -> None:
         try:
             rounds = 0
             while True:
@@ -316,6 +327,9 @@ class Conversation:
         calls: list[ToolCall] = []
         self._streaming = True
         asked = self._loop.time()
+        span = tracing.start("llm request", kind=tracing.SpanKind.CLIENT, attributes={
+            "call_id": self.call.call_id, "agent": self.agent.slug, "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": self._endpoint.model, "tools_offered": with_tools})
         try:
             stream = self.deps.model.stream(self._endpoint, messages, openai_tools(self._tools) if with_tools else [])
             async with contextlib.aclosing(stream):  # a barge-in closes the model's response at once
@@ -323,6 +337,8 @@ class Conversation:
                     if isinstance(event, TextDelta):
                         if said is None:
                             self.metrics.first_token.observe(self._loop.time() - asked)
+                            span.set_attribute("time_to_first_token_ms", round((self._loop.time() - asked) * 1000, 1))
+                            span.add_event("first token")
                             said = turn("message", self.agent.slug, speaker="agent", text="")
                             self.history.append(message)
                             self._add(said)
@@ -332,7 +348,14 @@ class Conversation:
                         await self.voice.text(event.text, False)
                     elif isinstance(event, ToolCall):
                         calls.append(event)
+        except BaseException as exc:  # a barge-in's cancel too: the request was cut short
+            span.set_attribute("error.type", type(exc).__name__)
+            if isinstance(exc, Exception):
+                tracing.failed(span, type(exc).__name__)
+            raise
         finally:
+            span.set_attributes({"tool_calls": len(calls), "output_chars": sum(map(len, words))})
+            span.end()
             self._streaming = False
             if said is not None:  # what was sent, also when a barge-in cut the stream
                 said.text = message["content"] = "".join(words)
@@ -365,47 +388,52 @@ class Conversation:
         handoff: tuple[CompiledAgent, str] | None = None
         for call in calls:
             tool = self._tools.get(call.name)
-            arguments, result, error = self._arguments(call), None, None
-            elapsed: int | None = None
-            answer: str | None = None  # what the model reads back; by default the result or the error
-            if tool is None:
-                error = f"there is no tool named {call.name!r}"
-            elif not isinstance(arguments, dict):
-                error = "arguments are not a JSON object"
-            elif tool.action.type == "capture":
-                error = capture_problem(tool, arguments)
-                if error is None:
-                    self.captured[tool.name] = arguments
-                    result = "recorded"
-            elif tool.action.type == "api_call":
-                outcome = await run_api_call(tool, arguments, self.variables(), self.call.tenant,
-                                             self.agent.spec.allowed_hosts, self.deps.api, self.deps.secrets)
-                result, error, elapsed = outcome.result, outcome.error, outcome.elapsed_ms
-                answer = outcome.for_model
-            elif tool.action.type == "opt_out":
-                result, error = await self._opt_out(arguments)
-            elif tool.action.type == "end_call":
-                ending = ("end_call", {})
-                result = "the call ends after your last words"
-            elif tool.action.type == "transfer":
-                ending = ("transfer", {"transfer_to": tool.action.phone_number})
-                result = "connecting the callee"
-            elif tool.action.type == "handoff":
-                target = tool.action.agent or ""
-                if self.workflow is not None and target not in self.workflow.agents:
-                    error = f"agent {target!r} is not part of this workflow"
-                elif handoff is None:
-                    handoff = (self._agent(target), str(arguments.pop("summary", "") or ""))
-                    result = f"handing the call to {target}"
-                else:
-                    error = "the call is already being handed over"
-            self.metrics.tool_calls.labels(tool.action.type if tool else "unknown", "error" if error else "ok").inc()
-            shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
-            self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=result, error=error,
-                           elapsed_ms=elapsed))
-            if answer is None:
-                answer = orjson.dumps({"error": error} if error else {"result": result}).decode()
-            self.history.append({"role": "tool", "tool_call_id": call.id, "content": answer})
+            kind = tool.action.type if tool else "unknown"
+            with tracing.span("tool call", attributes={"call_id": self.call.call_id, "agent": self.agent.slug,
+                                                       "tool": call.name, "tool.type": kind}) as span:
+                arguments, result, error = self._arguments(call), None, None
+                elapsed: int | None = None
+                answer: str | None = None  # what the model reads back; by default the result or the error
+                if tool is None:
+                    error = f"there is no tool named {call.name!r}"
+                elif not isinstance(arguments, dict):
+                    error = "arguments are not a JSON object"
+                elif tool.action.type == "capture":
+                    error = capture_problem(tool, arguments)
+                    if error is None:
+                        self.captured[tool.name] = arguments
+                        result = "recorded"
+                elif tool.action.type == "api_call":
+                    outcome = await run_api_call(tool, arguments, self.variables(), self.call.tenant,
+                                                 self.agent.spec.allowed_hosts, self.deps.api, self.deps.secrets)
+                    result, error, elapsed = outcome.result, outcome.error, outcome.elapsed_ms
+                    answer = outcome.for_model
+                elif tool.action.type == "opt_out":
+                    result, error = await self._opt_out(arguments)
+                elif tool.action.type == "end_call":
+                    ending = ("end_call", {})
+                    result = "the call ends after your last words"
+                elif tool.action.type == "transfer":
+                    ending = ("transfer", {"transfer_to": tool.action.phone_number})
+                    result = "connecting the callee"
+                elif tool.action.type == "handoff":
+                    target = tool.action.agent or ""
+                    if self.workflow is not None and target not in self.workflow.agents:
+                        error = f"agent {target!r} is not part of this workflow"
+                    elif handoff is None:
+                        handoff = (self._agent(target), str(arguments.pop("summary", "") or ""))
+                        result = f"handing the call to {target}"
+                    else:
+                        error = "the call is already being handed over"
+                self.metrics.tool_calls.labels(kind, "error" if error else "ok").inc()
+                if error:
+                    tracing.failed(span, "tool error")  # the error's text may quote the callee
+                shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
+                self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=result, error=error,
+                               elapsed_ms=elapsed))
+                if answer is None:
+                    answer = orjson.dumps({"error": error} if error else {"result": result}).decode()
+                self.history.append({"role": "tool", "tool_call_id": call.id, "content": answer})
         if ending is not None:
             reason, data = ending
             if reason == "transfer":
@@ -416,7 +444,9 @@ class Conversation:
             target, summary = handoff
             self._add(turn("handoff", self.agent.slug, to=target.slug, summary=summary or None))
             self._summary = summary
-            await self._enter(target, previous=self.agent)
+            with tracing.span("handoff", attributes={"call_id": self.call.call_id, "from_agent": self.agent.slug,
+                                                     "to_agent": target.slug}):
+                await self._enter(target, previous=self.agent)
 
     @staticmethod
     def _arguments(call: ToolCall) -> Any:
@@ -474,13 +504,14 @@ class Conversation:
     async def _goodbye(self, note: str, reason: str) -> None:
         """One last model reply without tools, bounded in time, then the end."""
         self._answer_unanswered()
-        try:
-            async with asyncio.timeout(self.limits.goodbye_timeout_seconds):
-                self._take_inbox()
-                await self._model_round(note, with_tools=False)
-        except (LlmError, TimeoutError) as exc:
-            log.warning("no goodbye from the model", extra={"call_id": self.call.call_id, "error": str(exc)})
-        await self._finish(reason)
+        with self._turn(reason):
+            try:
+                async with asyncio.timeout(self.limits.goodbye_timeout_seconds):
+                    self._take_inbox()
+                    await self._model_round(note, with_tools=False)
+            except (LlmError, TimeoutError) as exc:
+                log.warning("no goodbye from the model", extra={"call_id": self.call.call_id, "error": str(exc)})
+            await self._finish(reason)
 
     def _answer_unanswered(self) -> None:
         """A reply cut off while its tools ran leaves tool calls without answers, which the model's

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 
-from agentstudio import calls
+from agentstudio import calls, tracing
 from agentstudio.bundle_store import BundleWatcher
 from agentstudio.conversation.conversation import Conversation, ConversationError, Limits, Tools, Voice
 from agentstudio.conversation.metrics import VoiceMetrics
@@ -91,6 +91,11 @@ class VoiceRuntime:
             raise Refused(str(exc)) from None
         if await recorder.open() is None:
             raise Refused("the call already has a conversation")
+        # A child of the dispatch that placed the call (its traceparent is in the record); its turns are
+        # children of this span, which ends with the call.
+        conversation.span = tracing.start("conversation", context=tracing.context_of(state.traceparent), attributes={
+            "call_id": call_id, "tenant": tenant, "workflow": request.workflow_slug or "",
+            "agent": conversation.agent.slug, "attempt": state.attempt})
         self.metrics.active.inc()
         self._live += 1
         self._idle.clear()
@@ -105,6 +110,8 @@ class VoiceRuntime:
         """The call is gone: stop the conversation and write its final record."""
         try:
             await session.conversation.hung_up()
+            session.conversation.span.set_attribute("end_reason", session.conversation.end_reason or "unknown")
+            session.conversation.span.end()
             self.metrics.active.dec()
             self.metrics.ended.labels(session.conversation.end_reason or "unknown").inc()
             await session.recorder.close()

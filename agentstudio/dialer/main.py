@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 from prometheus_client import Counter
 
-from agentstudio import bus, templating
+from agentstudio import bus, templating, tracing
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.metrics import DialerMetrics
@@ -278,6 +278,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
     watchers: list[BundleWatcher] = []
+    tracing.setup("dialer")
 
     async def resubscribe() -> None:  # a reconnection loses the watch's ephemeral consumer
         for w in watchers:
@@ -311,3 +312,4 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
             await watcher.stop()
     finally:
         await nc.close()  # everything taken is finished or handed back by now
+        tracing.shutdown()

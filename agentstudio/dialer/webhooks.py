@@ -28,7 +28,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
-from agentstudio import bus, signing
+from agentstudio import bus, signing, tracing
 from agentstudio.addresses import reserved_host
 from agentstudio.bundle import CompiledSubscription
 from agentstudio.bundle_store import BundleWatcher
@@ -199,9 +199,10 @@ class WebhookDispatcher:
         tenant = msg.subject.split(".")[1]
         event = orjson.loads(msg.data)
         bundle = self.bundles.snapshot.bundles.get(tenant)
+        traced = {"traceparent": msg.headers["traceparent"]} if msg.headers and "traceparent" in msg.headers else {}
         await asyncio.gather(*(
             self.js.publish(bus.delivery_subject(tenant, sub.name), msg.data,
-                            headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}"})
+                            headers={"Nats-Msg-Id": f"{event['id']}.{sub.name}", **traced})
             for sub in (bundle.subscriptions if bundle else [])
             if matches(sub, event) and not reserved_host(sub.url)
         ))
@@ -296,12 +297,20 @@ class WebhookDispatcher:
                 status = None
             else:
                 body = msg.data.decode()
-                try:
-                    resp = await http.post(sub.url, content=body,
-                                                 headers=signing.headers(secret, event["id"], body))
-                    status, error = resp.status_code, f"HTTP {resp.status_code}"
-                except httpx.HTTPError as exc:
-                    status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
+                data = event.get("data") or {}
+                with tracing.span("webhook deliver", kind=tracing.SpanKind.CLIENT, context=tracing.extract(msg.headers),
+                                  attributes={"call_id": str(data.get("call_id", "")), "tenant": tenant,
+                                              "subscription": sub.name, "event_type": str(event.get("type", "")),
+                                              "attempt": attempt, "server.address": httpx.URL(sub.url).host}) as span:
+                    try:
+                        resp = await http.post(sub.url, content=body,
+                                               headers=signing.headers(secret, event["id"], body))
+                        status, error = resp.status_code, f"HTTP {resp.status_code}"
+                        span.set_attribute("http.response.status_code", status)
+                    except httpx.HTTPError as exc:
+                        status, error = None, described(exc, httpx.URL(sub.url).host)  # its text may quote our headers
+                    if status is None or not 200 <= status < 300:
+                        tracing.failed(span, error)
         if status is not None and 200 <= status < 300:
             await settle((msg, event, attempt))
             return "delivered"

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from agentstudio import bus, call_windows, calls, calls_index, clock, phone
+from agentstudio import bus, call_windows, calls, calls_index, clock, phone, tracing
 from agentstudio.calls import CallRequest
 from agentstudio.callstate import CallError, CallState, CallStore, Deferral, now
 from agentstudio.concurrency import Concurrency
@@ -197,7 +197,10 @@ class Dialer:
 
     async def _handle_guarded(self, msg: Msg) -> None:
         try:
-            await self.handle(msg)
+            # A child of ingest's publish, whose traceparent the message carries.
+            with tracing.span("dialer dispatch", kind=tracing.SpanKind.CONSUMER, context=tracing.extract(msg.headers),
+                              attributes={"dialer": self.name, "delivery": msg.metadata.num_delivered}):
+                await self.handle(msg)
         except nats.errors.Error as exc:  # NATS out of reach, e.g. a stream's leader being elected
             log.warning("dispatch interrupted; will be redelivered",
                         extra={"dialer": self.name, "error": type(exc).__name__})
@@ -210,6 +213,8 @@ class Dialer:
 
     async def handle(self, msg: Msg) -> None:
         call = CallRequest.model_validate_json(msg.data)
+        tracing.annotate(call_id=call.call_id, tenant=call.tenant, workflow=call.workflow_slug or "",
+                         agent=call.agent_slug or "")
         if unread(msg, call):
             # A call's first message: ingest writes no record, so none is read; the claim creates it,
             # and a record there after all (a cancel) is left to the message's redelivery, read.
@@ -345,7 +350,15 @@ class Dialer:
                 await msg.ack()
             return
         try:
-            sid = await provider.place(call, voicemail=claimed.voicemail)
+            with tracing.span("provider place", kind=tracing.SpanKind.CLIENT, attributes={
+                    "call_id": call.call_id, "tenant": call.tenant, "provider": provider.name,
+                    "phone": phone.mask(call.phone_number)}) as span:
+                try:
+                    sid = await provider.place(call, voicemail=claimed.voicemail)
+                except ProviderError as exc:  # the span records it as its error on the way out
+                    span.set_attribute("error.type", exc.error.code)
+                    raise
+                span.set_attribute("provider_call_id", sid)
         except ProviderError as exc:
             await self.tracker.advance(call.tenant, call.call_id, "failed", error=exc.error, detail=provider.name)
             await msg.ack()
@@ -492,6 +505,8 @@ class Dialer:
         compare-and-set against a cancel decides. The first attempt's claim copies the policy's
         retries and voicemail onto the call; later attempts keep what the call began with."""
         written = False
+        # The conversation and the status events join the trace through the record.
+        traceparent = tracing.traceparent()
 
         def claim(s: CallState | None) -> CallState | None:
             nonlocal written
@@ -503,6 +518,8 @@ class Dialer:
                 return None
             moved = s.advanced("dialing", detail=f"dialer {self.name}") or s
             update = {"dialer": self.name, "claimed_at": now(), "attempts": s.attempts + 1}
+            if traceparent is not None:
+                update["traceparent"] = traceparent
             if s.attempt == 1:  # only then: the rules render the voicemail message
                 rules = self._rules(call)
                 update |= {"retries": rules.retries if rules else None, "voicemail": rules.voicemail if rules else None}

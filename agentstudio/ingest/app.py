@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentstudio import tracing
 from agentstudio.ingest.body_deadline import BodyDeadlineMiddleware
 from agentstudio.ingest.console import pages as console
 from agentstudio.ingest.errors import (
@@ -17,6 +18,7 @@ from agentstudio.ingest.errors import (
 from agentstudio.ingest.metrics import IngestMetrics, MetricsMiddleware
 from agentstudio.ingest.routes import calls, deliveries, do_not_call, health, providers, webhooks
 from agentstudio.ingest.service import IngestService
+from agentstudio.ingest.traces import TraceMiddleware
 from agentstudio.settings import Settings
 
 
@@ -25,6 +27,8 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
     settings = settings or Settings()
     owned = service is None
     svc = service or IngestService(settings)
+    if owned:  # a process of its own (each of uvicorn's workers): its traces, if the OTEL_* variables ask
+        tracing.setup("ingest")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -35,6 +39,7 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
         finally:
             if owned:
                 await svc.stop()
+                tracing.shutdown()
 
     app = FastAPI(
         title="Agent Studio ingest",
@@ -57,4 +62,6 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
     document_errors(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_seconds)
+    if tracing.on():  # outermost, so the span holds the whole request; absent, it costs nothing
+        app.add_middleware(TraceMiddleware)
     return app

@@ -14,7 +14,7 @@ from nats.errors import Error as NatsError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from agentstudio import call_windows, calls, clock, json_schema, phone
+from agentstudio import call_windows, calls, clock, json_schema, phone, tracing
 from agentstudio.bundle import Bundle
 from agentstudio.ingest.auth import Principal, require_scope, service_of, unavailable
 from agentstudio.ingest.errors import ApiError, responses
@@ -98,6 +98,8 @@ async def ingest(
         scheduled_for=scheduled_for,
         scheduled_reason=reason,
     )
+    tracing.annotate(call_id=call.call_id, tenant=call.tenant, workflow=call.workflow_slug or "",
+                     agent=call.agent_slug or "", api_key_name=call.api_key, test=call.test)
     if not svc.connected:
         raise unavailable(svc)
     try:

@@ -142,6 +142,34 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* OpenTelemetry's standard variables for a role that traces calls, when tracing.enabled: (dict
+"root" $ "role" "ingest"). The operator has no spans (its work is on no call's path), so gets none. */}}
+{{- define "agent-studio.tracingEnv" -}}
+{{- $tracing := .root.Values.tracing }}
+{{- if $tracing.enabled }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: http/protobuf
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $tracing.otlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: agent-studio-{{ .role }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  {{- $attributes := list (printf "k8s.namespace.name=%s" .root.Release.Namespace) (printf "service.namespace=%s" .root.Release.Namespace) }}
+  {{- range $key, $value := $tracing.resourceAttributes }}
+  {{- $attributes = append $attributes (printf "%s=%s" $key $value) }}
+  {{- end }}
+  value: {{ join "," $attributes | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $tracing.sampler | quote }}
+{{- with $tracing.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* What values.schema.json cannot say (arithmetic across values); fails the render naming them. */}}
 {{- define "agent-studio.checks" -}}
 {{- if and (eq .Values.telephony.provider "twilio") (gt (add .Values.calls.maxCallSeconds 60) (int .Values.telephony.twilio.maxCallSeconds)) }}
