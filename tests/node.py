@@ -465,6 +465,11 @@ class Node:
                names=("kubernetes", "kubernetes.default", "kubernetes.default.svc",
                       "kubernetes.default.svc.cluster.local", "localhost"),
                clients=(("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),))
+        # The aggregation layer's own CA and the client certificate the API server proxies with to
+        # aggregated API servers (KEDA's external.metrics.k8s.io), which trust the identity headers of
+        # that CA's front-proxy-client only.
+        (certs / "front-proxy").mkdir(exist_ok=True)
+        write_certs(certs / "front-proxy", clients=(("front-proxy-client", "front-proxy-client", "front-proxy"),))
         identities = {  # file stem: (user, uid, groups)
             "admin": ("admin", "system:masters"),
             "controller-manager": ("system:kube-controller-manager", ""),
@@ -579,6 +584,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 f"--kubelet-client-certificate={certs / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={certs / 'apiserver-kubelet-client.key'}",
                 "--kubelet-preferred-address-types=InternalIP",  # the node's name resolves nowhere
+                # The aggregation layer: requests for an APIService's group go to its server with the
+                # user in these headers, signed by the front proxy's certificate; to its endpoint's pod
+                # IP (the bridge reaches it) rather than through the Service's virtual IP.
+                f"--requestheader-client-ca-file={certs / 'front-proxy' / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={certs / 'front-proxy' / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={certs / 'front-proxy' / 'front-proxy-client.key'}",
+                "--enable-aggregator-routing=true",
                 "--profiling=false"]
 
     def _bootstrap_objects(self) -> list[dict[str, Any]]:

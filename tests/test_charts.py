@@ -5,6 +5,7 @@ and the GitOps examples validated against Argo CD's and Flux's own CRDs."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib.metadata
 import json
@@ -13,10 +14,13 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import yaml
 from kubernetes import client
@@ -25,7 +29,9 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 import controlplane
-from agentstudio import natsserver
+from agentstudio import bus, natsserver
+from agentstudio.dialer import worker
+from processes import Process
 
 ROOT = controlplane.ROOT
 TENANT_CHART = ROOT / "charts" / "agent-studio"
@@ -38,9 +44,12 @@ SERVICE_MONITOR = "monitoring.coreos.com/v1/ServiceMonitor"
 PROMETHEUS_RULE = "monitoring.coreos.com/v1/PrometheusRule"
 # What a cluster with the Prometheus Operator serves: its kinds render only there.
 MONITORING_APIS = ["--api-versions", SERVICE_MONITOR, "--api-versions", PROMETHEUS_RULE]
+SCALED_OBJECT = "keda.sh/v1alpha1/ScaledObject"
+KEDA_CRDS = Path(__file__).parent / "fixtures" / "keda-crds"
 
 # The values a platform team would set, each beside the defaults; the image values as the node tests
-# install them. ServiceMonitor renders only where the Prometheus Operator's CRD is served.
+# install them. ServiceMonitor renders only where the Prometheus Operator's CRD is served, the
+# dialers' ScaledObject only where KEDA's is (API_VERSIONS: what `helm template` is told is served).
 IMAGES = ["--set", "image.repository=localhost/agent-studio", "--set", "image.tag=0.1.0",
           "--set", "image.pullPolicy=Never", "--set", "nats.image.repository=localhost/agent-studio-nats"]
 MATRIX: dict[str, list[str]] = {
@@ -58,6 +67,8 @@ MATRIX: dict[str, list[str]] = {
                    "--set", "grafanaDashboard.enabled=true"],
     "operator-peers": ["--set", "operator.replicas=2"],
     "autoscaling": ["--set", "ingest.autoscaling.enabled=true", "--set", "ingest.replicas=2"],
+    # The grace period must cover the longest call once scale-in may stop a dialer at any time.
+    "dialer-autoscaling": ["--set", "dialer.autoscaling.enabled=true", "--set", "dialer.terminationGracePeriodSeconds=14400"],
     "no-test-key": ["--set", "testKey.enabled=false"],
     "tracing": ["--set", "tracing.enabled=true", "--set", "tracing.otlpEndpoint=http://otel-collector.observability:4318",
                 "--set", "tracing.sampler=parentbased_traceidratio", "--set-string", "tracing.samplerArg=0.25",
@@ -87,8 +98,12 @@ def render(chart: Path, values: list[str], *extra: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+API_VERSIONS = {"service-monitor": MONITORING_APIS, "monitoring": MONITORING_APIS,
+                "dialer-autoscaling": ["--api-versions", SCALED_OBJECT]}
+
+
 def render_matrix(name: str) -> list[dict[str, Any]]:
-    extra = MONITORING_APIS if name in ("service-monitor", "monitoring") else []
+    extra = API_VERSIONS.get(name, [])
     return render(TENANT_CHART, MATRIX[name], *extra)
 
 
@@ -314,6 +329,108 @@ def test_service_monitors_only_where_the_crd_is_served() -> None:
     assert operator["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
 
 
+def test_the_dialers_scaled_object_only_where_keda_is_served_and_then_the_replicas_are_its() -> None:
+    # Switched on without KEDA's CRD: no ScaledObject, and the Deployment keeps its replicas.
+    plain = render(TENANT_CHART, MATRIX["dialer-autoscaling"])
+    assert not [o for o in plain if o["kind"] == "ScaledObject"]
+    assert by_kind(plain, "Deployment", "dialer")["spec"]["replicas"] == 1
+    objects = render_matrix("dialer-autoscaling")
+    scaled = by_kind(objects, "ScaledObject", "dialer")
+    deployment = by_kind(objects, "Deployment", "dialer")
+    # The HPA KEDA makes owns the count: a replicas field would reset it at every helm upgrade.
+    assert "replicas" not in deployment["spec"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["pollingInterval"], spec["cooldownPeriod"]) == (1, 5, 15, 300)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
+        "stabilizationWindowSeconds": 300, "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    # The dialers' durable consumer on the dispatch stream, by the names the code uses.
+    assert (trigger["metadata"]["stream"], trigger["metadata"]["consumer"]) == (bus.CALLS_STREAM, worker.CONSUMER)
+    assert trigger["metadata"]["lagThreshold"] == "50" and trigger["metadata"]["account"] == "$G"
+    endpoint = trigger["metadata"]["natsServerMonitoringEndpoint"]
+    assert endpoint == f"agent-studio-nats-headless.{NAMESPACE}.svc:8222"
+    headless = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "agent-studio-nats-headless"]
+    assert {"name": "monitor", "port": 8222, "targetPort": "monitor"} in headless[0]["spec"]["ports"]
+    # KEDA's operator (namespace keda) may read the monitor port; without the ScaledObject, nobody outside.
+    rules = by_kind(objects, "NetworkPolicy", "nats")["spec"]["ingress"]
+    assert {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}],
+            "ports": [{"protocol": "TCP", "port": 8222}]} in rules
+    assert not [r for r in by_kind(plain, "NetworkPolicy", "nats")["spec"]["ingress"]
+                if "namespaceSelector" in str(r)]
+    # The grace period the chart demanded reaches the pods.
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 14400
+    external = render(TENANT_CHART, [*MATRIX["dialer-autoscaling"], "--set", "nats.enabled=false",
+                                     "--set", "nats.url=nats://nats.shared.svc:4222",
+                                     "--set", "dialer.autoscaling.natsMonitoringEndpoint=nats.shared.svc:8222",
+                                     "--set", "dialer.autoscaling.natsAccount=TENANT_A"], "--api-versions", SCALED_OBJECT)
+    metadata = by_kind(external, "ScaledObject", "dialer")["spec"]["triggers"][0]["metadata"]
+    assert (metadata["natsServerMonitoringEndpoint"], metadata["account"]) == ("nats.shared.svc:8222", "TENANT_A")
+
+
+def test_the_scaled_object_reads_the_dialers_queue_from_the_bundled_nats(tmp_path: Path) -> None:
+    """KEDA's nats-jetstream scaler, step by step against nats-server run with the chart's own
+    configuration: the URL it builds from the trigger's metadata, and its lag (pending + ack
+    pending of the consumer it names), equal to the calls the dialers have not finished taking."""
+    trigger = by_kind(render_matrix("dialer-autoscaling"), "ScaledObject", "dialer")["spec"]["triggers"][0]["metadata"]
+    config = by_kind(render_matrix("defaults"), "ConfigMap", "nats")["data"]["nats.conf"]
+    port, monitor = natsserver.free_port(), natsserver.free_port()
+    assert "listen: 0.0.0.0:4222" in config and "http: 0.0.0.0:8222" in config and "store_dir: /data" in config
+    config = (config.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{port}")
+              .replace("http: 0.0.0.0:8222", f"http: 127.0.0.1:{monitor}")
+              .replace("store_dir: /data", f"store_dir: {tmp_path / 'data'}"))
+    (tmp_path / "nats.conf").write_text(config)
+    server = Process([natsserver.binary(), "-c", str(tmp_path / "nats.conf")], tmp_path / "nats.log",
+                     env={**os.environ, "SERVER_NAME": "agent-studio-nats-0", "NATS_USER": "agentstudio",
+                          "NATS_PASSWORD": "p"})
+    try:
+        server.wait_until(lambda: _monitor_ok(monitor), "nats-server's monitor endpoint")
+
+        async def queue_three_take_one() -> None:
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", user="agentstudio", password="p")
+            js = nc.jetstream()
+            await bus.ensure_calls_stream(js)
+            sub = await js.pull_subscribe(bus.DISPATCH_ALL, durable=worker.CONSUMER, stream=bus.CALLS_STREAM)
+            for i in range(3):
+                await js.publish(bus.dispatch_subject("tenant-a", f"call-{i}"), b"{}")
+            [_taken] = await sub.fetch(1, timeout=5)  # delivered, not acked: a call being placed
+            await nc.close()
+
+        asyncio.run(queue_three_take_one())
+        # As the scaler builds it (Go's url.Values.Encode: keys sorted, values escaped).
+        query = urllib.parse.urlencode(sorted({"acc": trigger["account"], "consumers": "true", "config": "true"}.items()))
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/jsz?{query}", timeout=5) as resp:
+            jsz = json.load(resp)
+        lags = [c["num_pending"] + c["num_ack_pending"]
+                for account in jsz.get("account_details", []) if trigger["account"] in (account["name"], account["id"])
+                for stream in account.get("stream_detail", []) if stream["name"] == trigger["stream"]
+                for c in stream.get("consumer_detail", []) if c["name"] == trigger["consumer"]]
+        assert lags == [3], jsz
+    finally:
+        server.stop()
+
+
+def _monitor_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_the_ingest_hpa_scales_on_cpu_and_owns_the_replicas() -> None:
+    objects = render_matrix("autoscaling")
+    deployment = by_kind(objects, "Deployment", "ingest")
+    assert "replicas" not in deployment["spec"]
+    hpa = by_kind(objects, "HorizontalPodAutoscaler", "ingest")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert not [o for o in render_matrix("defaults") if o["kind"] == "HorizontalPodAutoscaler"]
+
+
 def test_pod_annotations_reach_the_pods_of_each_component() -> None:
     values = []
     for component in ("operator", "ingest", "dialer", "nats"):
@@ -415,6 +532,23 @@ def pod_of(owner: str, template: dict[str, Any]) -> dict[str, Any]:
             "spec": copy.deepcopy(template["spec"])}
 
 
+def serve_crds(plane: controlplane.ControlPlane, folder: Path) -> None:
+    """The CRDs in `folder` on the API server (once per session), waiting until each is served."""
+    ext = client.ApiextensionsV1Api(plane.api())
+    for path in sorted(folder.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        try:
+            ext.create_custom_resource_definition(crd)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: another test of the session made it
+                raise
+        deadline = time.monotonic() + 30
+        while not any(c.type == "Established" and c.status == "True"
+                      for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []):
+            assert time.monotonic() < deadline, f"CRD {crd['metadata']['name']} not established"
+            time.sleep(0.2)
+
+
 def test_restricted_pod_security_is_enforced_by_the_control_plane(control_plane: controlplane.ControlPlane) -> None:
     """The control: a pod that breaks the profile is refused, so an accepted pod did pass it."""
     restricted_namespace(control_plane, "restricted-control")
@@ -433,6 +567,8 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
 ) -> None:
     namespace = f"dry-run-{name}"
     restricted_namespace(control_plane, namespace)
+    if name == "dialer-autoscaling":
+        serve_crds(control_plane, KEDA_CRDS)  # the ScaledObject checked by KEDA's own schema
     dyn = DynamicClient(control_plane.api())
     objects = render_matrix(name)
     checked = 0
@@ -477,6 +613,8 @@ def test_notes_say_the_ingest_url_and_how_to_read_a_key(control_plane: controlpl
     (["--set", "nats.enabled=false"], "/nats/url"),
     (["--set", "tracing.enabled=true"], "/tracing/otlpEndpoint"),
     (["--set", "tracing.sampler=sometimes"], "/tracing/sampler"),
+    (["--set", "dialer.autoscaling.minReplicas=0"], "/dialer/autoscaling/minReplicas"),
+    (["--set", "dialer.autoscaling.cooldownz=5"], "'cooldownz'"),
 ])
 def test_a_bad_value_is_refused_with_its_name(values: list[str], named: str) -> None:
     for command in (["template", "agent-studio"], ["lint", "--strict"]):
@@ -491,6 +629,26 @@ def test_a_call_longer_than_the_twilio_account_allows_is_refused_at_render() -> 
                 "--set", "telephony.twilio.existingSecret=t", "--set", "telephony.publicBaseUrl=https://c.example.org",
                 "--set", "calls.maxCallSeconds=14400", check=False)
     assert proc.returncode != 0 and "calls.maxCallSeconds" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("values, named", [
+    # Scale-in stops dialers with live calls: the default 3600 s grace period is shorter than the
+    # longest call the defaults allow (preStop 5 + ringing 30 + 14340 s).
+    (["--set", "dialer.autoscaling.enabled=true"],
+     "dialer.terminationGracePeriodSeconds (3600) must cover dialer.preStopSleepSeconds + calls.ringTimeoutSeconds + calls.maxCallSeconds (14375)"),
+    (["--set", "dialer.autoscaling.enabled=true", "--set", "dialer.terminationGracePeriodSeconds=14374"],
+     "dialer.terminationGracePeriodSeconds (14374) must cover"),
+    (["--set", "dialer.autoscaling.enabled=true", "--set", "dialer.terminationGracePeriodSeconds=14400",
+      "--set", "dialer.autoscaling.minReplicas=4", "--set", "dialer.autoscaling.maxReplicas=3"], "minReplicas must not exceed"),
+    (["--set", "dialer.autoscaling.enabled=true", "--set", "dialer.terminationGracePeriodSeconds=14400",
+      "--set", "nats.enabled=false", "--set", "nats.url=nats://n:4222"], "dialer.autoscaling.natsMonitoringEndpoint"),
+])
+def test_dialer_autoscaling_that_could_cut_calls_or_not_scale_is_refused_at_render(values: list[str], named: str) -> None:
+    proc = helm("template", "agent-studio", str(TENANT_CHART), *values, check=False)
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr
+    # The grace period exactly covering the longest call passes.
+    helm("template", "agent-studio", str(TENANT_CHART), "--set", "dialer.autoscaling.enabled=true",
+         "--set", "dialer.terminationGracePeriodSeconds=14375")
 
 
 # 4. the CRD chart is the generated crds/

@@ -7,17 +7,13 @@ leaves the other tenant working. The tests share one installation and run in fil
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +21,11 @@ import pytest
 import standardwebhooks
 import yaml
 
-from conftest import EXAMPLES, SEED_BODY
-from images import Images, built_images
+from conftest import SEED_BODY
+from installation import CHARTS, Installed, apply_examples, locked_down, placed, prepare, timestamp
 from node import Node
 
-ROOT = Path(__file__).resolve().parent.parent
-CHARTS = ROOT / "charts"
-CLIENT = Path(__file__).resolve().parent / "cluster_client.py"
 TENANTS = ("tenant-a", "tenant-b")
-TERMINAL = {"completed", "failed", "no_answer", "busy", "canceled"}
 PRESTOP_SECONDS = 5  # the chart's default dialer.preStopSleepSeconds
 RECEIVER_URL = "http://receiver.{ns}.svc.cluster.local:8080/hook"
 # Values the tests add to the defaults, for the kill test: a dialer that dies holding a call hands it
@@ -78,121 +70,9 @@ asyncio.run(main())
 """
 
 
-def locked_down(container: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "automountServiceAccountToken": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{**container, "securityContext": {
-            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
-            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}}],
-    }
-
-
-@dataclass
-class Installed:
-    node: Node
-    images: Images
-    volumes: Path
-    tenants: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def values(self) -> list[str]:
-        image, nats = self.images.image.rpartition(":"), self.images.nats_image.rpartition(":")
-        return ["--set", f"image.repository={image[0]}", "--set", f"image.tag={image[2]}",
-                "--set", "image.pullPolicy=Never", "--set", f"nats.image.repository={nats[0]}",
-                "--set", f"nats.image.tag={nats[2]}", "--set", "nats.image.pullPolicy=Never", *TEST_VALUES]
-
-    def install(self, ns: str) -> None:
-        """A tenant: its namespace (restricted), a static volume for its NATS (the node has no
-        provisioner), and `helm install --wait`."""
-        self.node.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}))
-        folder = self.volumes / ns
-        folder.mkdir(parents=True)
-        os.chown(folder, 10002, 10002)  # the NATS image's user: the kubelet applies no fsGroup to hostPath
-        self.node.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"nats-{ns}"},
-            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "storageClassName": "node-local", "persistentVolumeReclaimPolicy": "Retain",
-                     "hostPath": {"path": str(folder), "type": "Directory"},
-                     # Bound ahead to this tenant's claim: each tenant keeps its own volume.
-                     "claimRef": {"namespace": ns, "name": f"data-{ns}-agent-studio-nats-0"}}}))
-        began = time.monotonic()
-        self.node.helm("install", ns, str(CHARTS / "agent-studio"), "-n", ns, *self.values(), "--wait",
-                       "--timeout", "5m")
-        self.seconds[f"install {ns}"] = time.monotonic() - began
-        self.tenants.append(ns)
-
-    def ingest(self, ns: str) -> str:
-        return f"http://{ns}-agent-studio-ingest.{ns}.svc.cluster.local"
-
-    def secret(self, ns: str, name: str, key: str) -> str:
-        data = json.loads(self.node.kubectl("get", "secret", name, "-n", ns, "-o", "json"))["data"]
-        return base64.b64decode(data[key]).decode()
-
-    def client(self, *args: str) -> dict[str, Any]:
-        done = self.node.python(CLIENT, *args, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout)
-
-    def stream(self, ns: str, key: str, body: dict[str, Any], *args: str) -> subprocess.Popen[str]:
-        """The client posting calls in the background (`post` arguments after the body)."""
-        return self.node.popen([sys.executable, str(CLIENT), "post", self.ingest(ns), key, json.dumps(body),
-                                "--prefix", uuid.uuid4().hex, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-
-    @staticmethod
-    def finished(stream: subprocess.Popen[str]) -> dict[str, Any]:
-        out, err = stream.communicate(timeout=300)
-        assert stream.returncode == 0, err[-3000:]
-        result: dict[str, Any] = json.loads(out)
-        assert not result["refused"], result
-        return result
-
-    def pods(self, ns: str, component: str) -> list[dict[str, Any]]:
-        return json.loads(self.node.kubectl("get", "pods", "-n", ns, "-l", f"app.kubernetes.io/component={component}",
-                                            "-o", "json"))["items"]
-
-    def wait_calls(self, ns: str, key: str, ids: list[str], timeout: float = 180) -> dict[str, Any]:
-        """The calls' records once every one is in a final state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            records = self.client("calls", self.ingest(ns), key, *ids)
-            pending = {i: r.get("status") for i, r in records.items() if r.get("status") not in TERMINAL}
-            if not pending:
-                return records
-            assert time.monotonic() < deadline, f"calls not final after {timeout} s: {pending}"
-            time.sleep(1)
-
-    def run_pod(self, ns: str, name: str, code: str, *args: str, env: list[dict[str, Any]] = []) -> str:
-        """A pod of our image running `python3 -c code args` to its end: what it printed."""
-        spec = locked_down({"name": "main", "image": self.images.image, "imagePullPolicy": "Never",
-                            "command": ["python3", "-c", code, *args], "env": env})
-        self.node.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
-            "spec": {**spec, "restartPolicy": "Never"}}))
-        deadline = time.monotonic() + 120
-        while (phase := (self.node.get("pod", name, ns) or {}).get("status", {}).get("phase")) not in ("Succeeded", "Failed"):
-            assert time.monotonic() < deadline, f"pod {name} still {phase}"
-            time.sleep(0.5)
-        return self.node.kubectl("logs", name, "-n", ns)
-
-
 @pytest.fixture(scope="module")
 def cluster(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    images = built_images()
-    began = time.monotonic()
-    node.import_image(images.archive, images.repository(images.image))
-    node.import_image(images.nats_archive, images.repository(images.nats_image))
-    installed = Installed(node, images, tmp_path_factory.mktemp("volumes"))
-    installed.seconds["import images"] = time.monotonic() - began
-    node.helm("install", "agent-studio-crds", str(CHARTS / "agent-studio-crds"), "--wait")
-    # The node has no provisioner: a default StorageClass whose volumes the test makes by hand.
-    node.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-        "metadata": {"name": "node-local", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"}))
+    installed = prepare(node, tmp_path_factory.mktemp("volumes"), TEST_VALUES)
     for ns in TENANTS:
         installed.install(ns)
     yield installed
@@ -229,8 +109,7 @@ class Campaign:
 def campaign(cluster: Installed) -> Campaign:
     ns = TENANTS[0]
     node = cluster.node
-    for name in ("agents.yaml", "workflows.yaml", "apikeys.yaml"):
-        node.kubectl("apply", "-n", ns, "-f", str(EXAMPLES / name))
+    key, reader = apply_examples(cluster, ns)
     receiver = locked_down({"name": "receiver", "image": cluster.images.image, "imagePullPolicy": "Never",
                             "command": ["python3", "-c", RECEIVER_CODE], "ports": [{"containerPort": 8080}]})
     node.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([
@@ -241,12 +120,9 @@ def campaign(cluster: Installed) -> Campaign:
         {"apiVersion": "agentstudio.io/v1alpha1", "kind": "WebhookSubscription", "metadata": {"name": "results"},
          "spec": {"url": RECEIVER_URL.format(ns=ns), "events": ["call.completed", "call.failed"]}},
     ]))
-    for kind, name in (("apikey", "clevertap"), ("apikey", "analytics-readonly"), ("workflow", "free-trial-followup"),
-                       ("webhooksubscription", "results"), ("pod", "receiver")):
+    for kind, name in (("webhooksubscription", "results"), ("pod", "receiver")):
         node.wait_ready(kind, name, ns)
-    return Campaign(key=cluster.secret(ns, "clevertap-api-key", "key"),
-                    reader=cluster.secret(ns, "analytics-readonly-api-key", "key"),
-                    signing=cluster.secret(ns, "results-webhook-secret", "secret"))
+    return Campaign(key=key, reader=reader, signing=cluster.secret(ns, "results-webhook-secret", "secret"))
 
 
 def test_the_seed_campaign_runs_in_the_cluster(cluster: Installed, campaign: Campaign) -> None:
@@ -364,7 +240,7 @@ def test_a_rolling_upgrade_drops_no_call_and_cuts_no_live_one(cluster: Installed
     # finished, not cut.
     assert "at" in deleted, "the old dialer was never seen terminating"
     sigterm = deleted["at"] + PRESTOP_SECONDS
-    crossing = [r for r in records.values() if _time(r["answered_at"]) < sigterm < _time(r["ended_at"])]
+    crossing = [r for r in records.values() if timestamp(r["answered_at"]) < sigterm < timestamp(r["ended_at"])]
     assert crossing, "no call was live across the old dialer's stop"
     # Deliveries follow the calls' ends: wait for every one, then none may have come twice.
     deadline = time.monotonic() + 120
@@ -386,10 +262,6 @@ def _rss(pid: int) -> int:
     except OSError:  # gone meanwhile
         pass
     return 0
-
-
-def _time(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 BATCH = 80  # 8 s of calls at 10/s: the kill (after 3 s) falls in the middle
@@ -430,8 +302,8 @@ def test_a_dialer_killed_mid_batch_places_every_call_once(cluster: Installed, ca
     victim_log.terminate()
     killed_said = victim_log.communicate(timeout=30)[0]
     survivors = [p["metadata"]["name"] for p in cluster.pods(ns, "dialer") if p["metadata"]["name"] != name]
-    by_killed = _placed(killed_said)
-    by_survivors = _placed("".join(node.kubectl("logs", p, "-n", ns) for p in survivors))
+    by_killed = placed(killed_said)
+    by_survivors = placed("".join(node.kubectl("logs", p, "-n", ns) for p in survivors))
     for call_id in ids:  # never twice: by one dialer, or by the replacement after the killed one
         assert by_killed.count(call_id) + by_survivors.count(call_id) <= 1, call_id
     # Every call the survivors placed completed, and every call completed was placed once. What the
@@ -448,12 +320,6 @@ def test_a_dialer_killed_mid_batch_places_every_call_once(cluster: Installed, ca
     print(f"\ndialer kill: {BATCH} calls, {len(set(by_killed) & set(ids))} placed by the killed dialer "
           f"({len(left)} failed provider_lost after it), {len(set(by_survivors) & set(ids))} by its replacement, "
           f"none twice; {len(unlogged)} placements not in the killed dialer's log")
-
-
-def _placed(log: str) -> list[str]:
-    """The call ids a dialer's log says it placed, once per placement."""
-    said = (json.loads(line) for line in log.splitlines() if line.startswith("{"))
-    return [line["call_id"] for line in said if line.get("msg") == "call placed"]
 
 
 def test_uninstalling_one_tenant_leaves_the_other_and_the_crds(cluster: Installed, campaign: Campaign) -> None:

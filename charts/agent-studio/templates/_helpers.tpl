@@ -175,6 +175,28 @@ imagePullSecrets:
 {{- if and (eq .Values.telephony.provider "twilio") (gt (add .Values.calls.maxCallSeconds 60) (int .Values.telephony.twilio.maxCallSeconds)) }}
 {{- fail "calls.maxCallSeconds plus the 60 s TimeLimit backstop must fit in telephony.twilio.maxCallSeconds, the Twilio account's maximum call duration" }}
 {{- end }}
+{{- with .Values.dialer.autoscaling }}
+{{- if .enabled }}
+{{- /* Scale-in stops a dialer whatever it holds: the grace period must outlast a call placed just before
+its SIGTERM (the preStop sleep, ringing, then the longest call). */}}
+{{- $longest := add $.Values.dialer.preStopSleepSeconds $.Values.calls.ringTimeoutSeconds $.Values.calls.maxCallSeconds }}
+{{- if lt (int $.Values.dialer.terminationGracePeriodSeconds) (int $longest) }}
+{{- fail (printf "dialer.autoscaling: dialer.terminationGracePeriodSeconds (%d) must cover dialer.preStopSleepSeconds + calls.ringTimeoutSeconds + calls.maxCallSeconds (%d), or scale-in cuts live calls" (int $.Values.dialer.terminationGracePeriodSeconds) (int $longest)) }}
+{{- end }}
+{{- if gt (int .minReplicas) (int .maxReplicas) }}
+{{- fail "dialer.autoscaling.minReplicas must not exceed dialer.autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and (not $.Values.nats.enabled) (not .natsMonitoringEndpoint) }}
+{{- fail "dialer.autoscaling.natsMonitoringEndpoint: the external NATS's monitor host:port is required (nats.enabled=false)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the dialers' ScaledObject is rendered: switched on and KEDA's CRD served. The
+Deployment then sets no replicas, or every helm upgrade would reset what the HPA chose. */}}
+{{- define "agent-studio.dialerScaledObject" -}}
+{{- if and .Values.dialer.autoscaling.enabled (.Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject") }}true{{ end }}
 {{- end }}
 
 {{/* The bundled NATS's user and password, by reference to the release's Secret: (dict "root" $
