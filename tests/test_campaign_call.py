@@ -46,12 +46,7 @@ async def test_the_seed_campaign_runs_end_to_end(nats_server: NatsServer, js: Je
         ])
         t = stack.tenant
         async with stack.campaign(nats_server.url, receiver, "crm-webhook-secret", callee) as client:
-            answer = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=t.auth("clevertap"))
-            assert answer.status_code == 201, answer.text
-            call_id = answer.json()["call_id"]
-            async with asyncio.timeout(20):
-                while not receiver.received:
-                    await asyncio.sleep(0.05)
+            call_id = await stack.seed_call(client, receiver)
             record = (await client.get(f"/api/v1/calls/{call_id}", headers=t.auth("analytics-readonly"))).json()
             export = await client.get("/api/v1/calls/export?format=csv", headers=t.auth("analytics-readonly"))
 

@@ -121,12 +121,7 @@ async def test_the_seed_call_is_one_trace_in_jaeger(nats_server: NatsServer, js:
         ])
         t = stack.tenant
         async with stack.campaign(nats_server.url, receiver, "crm-webhook-secret", callee) as client:
-            answer = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=t.auth("clevertap"))
-            assert answer.status_code == 201, answer.text
-            call_id = answer.json()["call_id"]
-            async with asyncio.timeout(20):
-                while not receiver.received:
-                    await asyncio.sleep(0.05)
+            call_id = await stack.seed_call(client, receiver)
         api_key = t.auth("clevertap")["Authorization"].removeprefix("Bearer ")
     assert receiver.received[0]["event"]["data"]["end_reason"] == "end_call"
     assert tracing.flush()

@@ -156,6 +156,16 @@ class VoiceStack:
                 await asyncio.sleep(0.02)
         return await transcripts.filled(self.runtime.tracker.js, state) or state  # the transcript is in its own stream
 
+    async def seed_call(self, client: httpx.AsyncClient, receiver: Receiver) -> str:
+        """The seed body POSTed as the platform would (201), then the first webhook awaited at `receiver`:
+        the call's id. `client` is the one `campaign` yields."""
+        answer = await client.post("/api/v1/webhooks/ingest", json=SEED_BODY, headers=self.tenant.auth("clevertap"))
+        assert answer.status_code == 201, answer.text
+        async with asyncio.timeout(20):
+            while not receiver.received:
+                await asyncio.sleep(0.05)
+        return answer.json()["call_id"]
+
     @asynccontextmanager
     async def campaign(
         self, nats_url: str, receiver: Receiver, webhook_secret: str, callee: Callable[[Line], Awaitable[None]]
