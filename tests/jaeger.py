@@ -80,16 +80,22 @@ class Jaeger:
         [found] = httpx.get(f"{self.query}/api/traces/{trace_id}", timeout=5).raise_for_status().json()["data"]
         return found
 
-    def wait_for_traces(self, service: str, spans: int, timeout: float = 20) -> list[dict[str, Any]]:
+    def wait_for_traces(self, service: str, spans: int, timeout: float = 20,
+                        calls: set[str] | None = None) -> list[dict[str, Any]]:
         """The traces of `service` once they hold at least `spans` spans together (storage is fed by
-        a batch, a moment after the export)."""
+        a batch, a moment after the export). With `calls`, only the traces holding a span tagged with
+        one of those call ids: a dialer of a test also dispatches what earlier tests left queued."""
         deadline = time.monotonic() + timeout
         while True:
-            found = self.traces(service)
+            found = [t for t in self.traces(service) if calls is None or _call_ids(t) & calls]
             if sum(len(t["spans"]) for t in found) >= spans or time.monotonic() > deadline:
                 return found
             self.process.alive()
             time.sleep(0.1)
+
+
+def _call_ids(trace: dict[str, Any]) -> set[str]:
+    return {tag["value"] for span in trace["spans"] for tag in span["tags"] if tag["key"] == "call_id"}
 
 
 def _ready(jaeger: Jaeger) -> bool:

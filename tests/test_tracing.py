@@ -126,7 +126,7 @@ async def test_the_seed_call_is_one_trace_in_jaeger(nats_server: NatsServer, js:
     assert receiver.received[0]["event"]["data"]["end_reason"] == "end_call"
     assert tracing.flush()
 
-    found = await asyncio.to_thread(jaeger.wait_for_traces, traced, 18)
+    found = await asyncio.to_thread(jaeger.wait_for_traces, traced, 18, calls={call_id})
     assert len(found) == 1, [sorted({s["operationName"] for s in tr["spans"]}) for tr in found]
     spans = jaeger.trace(found[0]["traceID"])["spans"]
     by_id = {s["spanID"]: s for s in spans}
@@ -262,7 +262,7 @@ async def test_a_twilio_placement_is_a_client_span_of_the_call(traced: str, live
         record = await until_status(client, t, refused, "failed")
     assert tracing.flush()
 
-    found = await asyncio.to_thread(jaeger.wait_for_traces, traced, 8)
+    found = await asyncio.to_thread(jaeger.wait_for_traces, traced, 8, calls={placed, refused})
     by_call = {tags(s)["call_id"]: tr for tr in found for s in tr["spans"] if s["operationName"] == "provider place"}
     for call_id in (placed, refused):
         names = sorted(s["operationName"] for s in by_call[call_id]["spans"])
