@@ -14,9 +14,10 @@ from typing import Any, Literal
 import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from agentstudio import bus, clock, tracing
+from agentstudio.stored import Stored
 
 # How far ahead a call may be scheduled: it must fire well inside the stream's retention.
 MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
@@ -25,8 +26,8 @@ MAX_SCHEDULE_AHEAD = timedelta(seconds=bus.CALL_RETENTION - bus.DAY)
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("9d6c1f0e-3b8a-4a57-9d52-8f7f0c1b2a61")
 
 
-class CallRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class CallRequest(Stored):
+    model_config = ConfigDict(frozen=True)
 
     call_id: str
     tenant: str
@@ -145,4 +146,4 @@ async def fetch(js: JetStreamContext, tenant: str, call_id: str) -> CallRequest 
             continue
         if msg.data:
             found.append((msg.seq or 0, msg.data))
-    return CallRequest.model_validate_json(max(found)[1]) if found else None
+    return CallRequest.read(max(found)[1]) if found else None

@@ -140,7 +140,7 @@ async def find(
         rows = await table.rows(tenant, which, below, batch)
         states = await asyncio.gather(*(store.get(tenant, row.call_id) for row in rows))
         for row, state in zip(rows, states):
-            found = Found(row.seq, CallRequest.model_validate_json(row.body), state)
+            found = Found(row.seq, CallRequest.read(row.body), state)
             if which.admits_status(found.status):
                 yield found
         if len(rows) < batch:
@@ -200,7 +200,7 @@ async def scan(js: JetStreamContext, subjects: list[str], lo: int, hi: int) -> A
                         return
                     pending = meta.num_pending
                     if msg.data:
-                        yield meta.sequence.stream, CallRequest.model_validate_json(msg.data)
+                        yield meta.sequence.stream, CallRequest.read(msg.data)
         finally:
             await sub.unsubscribe()
     finally:

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import orjson
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from agentstudio.calls import CallRequest
 from agentstudio.resources import Retries, Voicemail
+from agentstudio.stored import Stored
 
 CallStatus = Literal[
     "pending", "dialing", "ringing", "in_progress", "completed", "failed", "no_answer", "busy", "canceled"
@@ -37,12 +38,12 @@ def rank(status: str) -> int:
     return _RANK.get(status, 4)
 
 
-class CallError(BaseModel):
+class CallError(Stored):
     code: str
     message: str
 
 
-class CallEvent(BaseModel):
+class CallEvent(Stored):
     """One step of the timeline."""
 
     status: CallStatus
@@ -51,7 +52,7 @@ class CallEvent(BaseModel):
     attempt: int = 1
 
 
-class Attempt(BaseModel):
+class Attempt(Stored):
     """One ended attempt of a call: what a receiver reads in `attempts` of every status event."""
 
     attempt: int
@@ -66,7 +67,7 @@ class Attempt(BaseModel):
     next_attempt_at: datetime | None = None  # set when the call was retried after it
 
 
-class Deferral(BaseModel):
+class Deferral(Stored):
     """A dialer put the call back to wait instead of dialing it: when, why, until when."""
 
     at: datetime
@@ -74,9 +75,7 @@ class Deferral(BaseModel):
     until: datetime  # for paused: when it is looked at again, unless a resume re-queues it sooner
 
 
-class CallState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CallState(Stored):
     call_id: str
     tenant: str
     status: CallStatus = "pending"
@@ -280,7 +279,7 @@ class CallStore:
         except KeyNotFoundError:
             self._note(key, None, None)
             return None
-        state = CallState.model_validate_json(entry.value) if entry.value else None
+        state = CallState.read(entry.value) if entry.value else None
         self._note(key, entry.revision, state)
         return state
 
@@ -304,7 +303,7 @@ class CallStore:
             if changed is None:
                 try:
                     entry = await self._kv.get(key)
-                    current = CallState.model_validate_json(entry.value) if entry.value else None
+                    current = CallState.read(entry.value) if entry.value else None
                     revision = entry.revision
                 except KeyNotFoundError:
                     current, revision = None, None

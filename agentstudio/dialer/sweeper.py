@@ -78,7 +78,7 @@ async def sweep(
             continue
         if not entry.value:
             continue
-        state = CallState.model_validate_json(entry.value)
+        state = CallState.read(entry.value)
         if state.terminal and state.conversation == "open" and (state.ended_at or cutoff) < held_cutoff:
             closed, changed = await tracker.store.change(
                 state.tenant, state.call_id,

@@ -118,7 +118,7 @@ class Takeover:
                 continue
             if not entry.value:
                 continue
-            state = CallState.model_validate_json(entry.value)
+            state = CallState.read(entry.value)
             if state.terminal or state.status == "pending" or state.dialer in (None, self._liveness.name):
                 continue
             if state.dialer not in gone | absent:

@@ -212,7 +212,7 @@ class Dialer:
             self._slots.release()
 
     async def handle(self, msg: Msg) -> None:
-        call = CallRequest.model_validate_json(msg.data)
+        call = CallRequest.read(msg.data)
         tracing.annotate(call_id=call.call_id, tenant=call.tenant, workflow=call.workflow_slug or "",
                          agent=call.agent_slug or "")
         if unread(msg, call):
