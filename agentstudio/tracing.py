@@ -88,7 +88,7 @@ def flush(timeout_millis: int = 10_000) -> bool:
 def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, context: Context | None = None,
          attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager[Span]:
     """A span that is current inside the `with` (a child of the current one unless `context` says
-    otherwise); an exception that leaves it marks it as an error."""
+    otherwise); an exception that leaves it marks it as an error, a cancel only names its type."""
     if _tracer is None:
         return _OFF
     return _recording(_tracer, name, kind, context, attributes)
@@ -103,10 +103,11 @@ def _recording(tracer: trace.Tracer, name: str, kind: SpanKind, context: Context
                                       record_exception=False, set_status_on_exception=False) as span:
         try:
             yield span
-        except Exception as exc:
+        except BaseException as exc:  # a cancel too (a barge-in cuts a model request short): typed, not failed
             if "error.type" not in (getattr(span, "attributes", None) or {}):  # the caller's own, if it set one
                 span.set_attribute("error.type", type(exc).__name__)
-            failed(span, type(exc).__name__)
+            if isinstance(exc, Exception):
+                failed(span, type(exc).__name__)
             raise
 
 

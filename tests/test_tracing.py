@@ -287,3 +287,24 @@ def test_an_error_is_recorded_by_its_type_never_its_message(traced: str, jaeger:
     [span] = found["spans"]
     assert tags(span)["error.type"] == "ValueError" and tags(span)["otel.status_code"] == "ERROR"
     assert "9876543210" not in yaml.safe_dump([span["tags"], span["logs"]])
+
+
+async def test_a_cancelled_span_names_the_cancel_without_failing(traced: str, jaeger: Jaeger) -> None:
+    """A barge-in cancels the model request under way: its span says it was cut short, by type, and
+    is not an error (nothing failed)."""
+    started = asyncio.Event()
+
+    async def request() -> None:
+        with tracing.span("llm request", attributes={"call_id": "c-2"}):
+            started.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(request())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert tracing.flush()
+    [found] = jaeger.wait_for_traces(traced, 1)
+    [span] = found["spans"]
+    assert tags(span)["error.type"] == "CancelledError" and "otel.status_code" not in tags(span)

@@ -77,6 +77,18 @@ class Tools:
     dnc: DoNotCall
 
 
+@dataclass(frozen=True)
+class _ToolRun:
+    """What one tool call came to. `answer`: what the model reads back, when not the result or error."""
+
+    result: Any = None
+    error: str | None = None
+    elapsed_ms: int | None = None
+    answer: str | None = None
+    ending: tuple[str, dict[str, Any]] | None = None  # end_call or transfer, with the end's data
+    handoff: tuple[CompiledAgent, str] | None = None  # the agent taking over, and the summary
+
+
 class _Ended(Exception):
     """Raised inside a reply when a tool ended the conversation."""
 
@@ -327,39 +339,35 @@ class Conversation:
         calls: list[ToolCall] = []
         self._streaming = True
         asked = self._loop.time()
-        span = tracing.start("llm request", kind=tracing.SpanKind.CLIENT, attributes={
-            "call_id": self.call.call_id, "agent": self.agent.slug, "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": self._endpoint.model, "tools_offered": with_tools})
-        try:
-            stream = self.deps.model.stream(self._endpoint, messages, openai_tools(self._tools) if with_tools else [])
-            async with contextlib.aclosing(stream):  # a barge-in closes the model's response at once
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        if said is None:
-                            self.metrics.first_token.observe(self._loop.time() - asked)
-                            span.set_attribute("time_to_first_token_ms", round((self._loop.time() - asked) * 1000, 1))
-                            span.add_event("first token")
-                            said = turn("message", self.agent.slug, speaker="agent", text="")
-                            self.history.append(message)
-                            self._add(said)
-                            self._last_said = (said, message)
-                        words.append(event.text)
-                        self._open_utterance = True
-                        await self.voice.text(event.text, False)
-                    elif isinstance(event, ToolCall):
-                        calls.append(event)
-        except BaseException as exc:  # a barge-in's cancel too: the request was cut short
-            span.set_attribute("error.type", type(exc).__name__)
-            if isinstance(exc, Exception):
-                tracing.failed(span, type(exc).__name__)
-            raise
-        finally:
-            span.set_attributes({"tool_calls": len(calls), "output_chars": sum(map(len, words))})
-            span.end()
-            self._streaming = False
-            if said is not None:  # what was sent, also when a barge-in cut the stream
-                said.text = message["content"] = "".join(words)
-                self._changed()
+        with tracing.span("llm request", kind=tracing.SpanKind.CLIENT, attributes={
+                "call_id": self.call.call_id, "agent": self.agent.slug, "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": self._endpoint.model, "tools_offered": with_tools}) as span:
+            try:
+                stream = self.deps.model.stream(self._endpoint, messages,
+                                                openai_tools(self._tools) if with_tools else [])
+                async with contextlib.aclosing(stream):  # a barge-in closes the model's response at once
+                    async for event in stream:
+                        if isinstance(event, TextDelta):
+                            if said is None:
+                                self.metrics.first_token.observe(self._loop.time() - asked)
+                                span.set_attribute("time_to_first_token_ms",
+                                                   round((self._loop.time() - asked) * 1000, 1))
+                                span.add_event("first token")
+                                said = turn("message", self.agent.slug, speaker="agent", text="")
+                                self.history.append(message)
+                                self._add(said)
+                                self._last_said = (said, message)
+                            words.append(event.text)
+                            self._open_utterance = True
+                            await self.voice.text(event.text, False)
+                        elif isinstance(event, ToolCall):
+                            calls.append(event)
+            finally:
+                span.set_attributes({"tool_calls": len(calls), "output_chars": sum(map(len, words))})
+                self._streaming = False
+                if said is not None:  # what was sent, also when a barge-in cut the stream
+                    said.text = message["content"] = "".join(words)
+                    self._changed()
         if await self._end_utterance():
             self._spoken("".join(words))
         if calls:
@@ -389,51 +397,22 @@ class Conversation:
         for call in calls:
             tool = self._tools.get(call.name)
             kind = tool.action.type if tool else "unknown"
+            arguments = self._arguments(call)
             with tracing.span("tool call", attributes={"call_id": self.call.call_id, "agent": self.agent.slug,
                                                        "tool": call.name, "tool.type": kind}) as span:
-                arguments, result, error = self._arguments(call), None, None
-                elapsed: int | None = None
-                answer: str | None = None  # what the model reads back; by default the result or the error
-                if tool is None:
-                    error = f"there is no tool named {call.name!r}"
-                elif not isinstance(arguments, dict):
-                    error = "arguments are not a JSON object"
-                elif tool.action.type == "capture":
-                    error = capture_problem(tool, arguments)
-                    if error is None:
-                        self.captured[tool.name] = arguments
-                        result = "recorded"
-                elif tool.action.type == "api_call":
-                    outcome = await run_api_call(tool, arguments, self.variables(), self.call.tenant,
-                                                 self.agent.spec.allowed_hosts, self.deps.api, self.deps.secrets)
-                    result, error, elapsed = outcome.result, outcome.error, outcome.elapsed_ms
-                    answer = outcome.for_model
-                elif tool.action.type == "opt_out":
-                    result, error = await self._opt_out(arguments)
-                elif tool.action.type == "end_call":
-                    ending = ("end_call", {})
-                    result = "the call ends after your last words"
-                elif tool.action.type == "transfer":
-                    ending = ("transfer", {"transfer_to": tool.action.phone_number})
-                    result = "connecting the callee"
-                elif tool.action.type == "handoff":
-                    target = tool.action.agent or ""
-                    if self.workflow is not None and target not in self.workflow.agents:
-                        error = f"agent {target!r} is not part of this workflow"
-                    elif handoff is None:
-                        handoff = (self._agent(target), str(arguments.pop("summary", "") or ""))
-                        result = f"handing the call to {target}"
-                    else:
-                        error = "the call is already being handed over"
-                self.metrics.tool_calls.labels(kind, "error" if error else "ok").inc()
-                if error:
+                ran = await self._run_tool(call, tool, arguments, handing_off=handoff is not None)
+                if ran.error:
                     tracing.failed(span, "tool error")  # the error's text may quote the callee
-                shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
-                self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=result, error=error,
-                               elapsed_ms=elapsed))
-                if answer is None:
-                    answer = orjson.dumps({"error": error} if error else {"result": result}).decode()
-                self.history.append({"role": "tool", "tool_call_id": call.id, "content": answer})
+            ending = ran.ending or ending
+            handoff = handoff or ran.handoff
+            self.metrics.tool_calls.labels(kind, "error" if ran.error else "ok").inc()
+            shown = arguments if isinstance(arguments, dict) else {"raw": call.arguments[:500]}
+            self._add(turn("tool", self.agent.slug, tool=call.name, arguments=shown, result=ran.result,
+                           error=ran.error, elapsed_ms=ran.elapsed_ms))
+            answer = ran.answer
+            if answer is None:
+                answer = orjson.dumps({"error": ran.error} if ran.error else {"result": ran.result}).decode()
+            self.history.append({"role": "tool", "tool_call_id": call.id, "content": answer})
         if ending is not None:
             reason, data = ending
             if reason == "transfer":
@@ -447,6 +426,42 @@ class Conversation:
             with tracing.span("handoff", attributes={"call_id": self.call.call_id, "from_agent": self.agent.slug,
                                                      "to_agent": target.slug}):
                 await self._enter(target, previous=self.agent)
+
+    async def _run_tool(self, call: ToolCall, tool: AgentTool | None, arguments: Any, handing_off: bool) -> _ToolRun:
+        """One tool call: its result or error; an end or a handoff is only asked for, by `ending` and
+        `handoff`, and happens once every call of the reply has its answer."""
+        if tool is None:
+            return _ToolRun(error=f"there is no tool named {call.name!r}")
+        if not isinstance(arguments, dict):
+            return _ToolRun(error="arguments are not a JSON object")
+        action = tool.action
+        if action.type == "capture":
+            error = capture_problem(tool, arguments)
+            if error is not None:
+                return _ToolRun(error=error)
+            self.captured[tool.name] = arguments
+            return _ToolRun(result="recorded")
+        if action.type == "api_call":
+            outcome = await run_api_call(tool, arguments, self.variables(), self.call.tenant,
+                                         self.agent.spec.allowed_hosts, self.deps.api, self.deps.secrets)
+            return _ToolRun(result=outcome.result, error=outcome.error, elapsed_ms=outcome.elapsed_ms,
+                            answer=outcome.for_model)
+        if action.type == "opt_out":
+            result, error = await self._opt_out(arguments)
+            return _ToolRun(result=result, error=error)
+        if action.type == "end_call":
+            return _ToolRun(result="the call ends after your last words", ending=("end_call", {}))
+        if action.type == "transfer":
+            return _ToolRun(result="connecting the callee", ending=("transfer", {"transfer_to": action.phone_number}))
+        if action.type == "handoff":
+            target = action.agent or ""
+            if self.workflow is not None and target not in self.workflow.agents:
+                return _ToolRun(error=f"agent {target!r} is not part of this workflow")
+            if handing_off:
+                return _ToolRun(error="the call is already being handed over")
+            return _ToolRun(result=f"handing the call to {target}",
+                            handoff=(self._agent(target), str(arguments.pop("summary", "") or "")))
+        return _ToolRun()
 
     @staticmethod
     def _arguments(call: ToolCall) -> Any:
