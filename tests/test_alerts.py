@@ -28,7 +28,10 @@ from test_charts import PROMETHEUS_RULE, TENANT_CHART, render
 
 ALERT_TESTS = Path(__file__).parent / "alerts"
 README = controlplane.ROOT / "README.md"
-RULES = ["--set", "prometheusRule.enabled=true", "--api-versions", PROMETHEUS_RULE]
+# Where a team reads the runbooks: the README on its own docs site, say (the chart sets none).
+RUNBOOKS = "https://docs.example.com/agent-studio/README.md"
+RULES = ["--set", "prometheusRule.enabled=true", "--set", f"prometheusRule.runbookUrl={RUNBOOKS}",
+         "--api-versions", PROMETHEUS_RULE]
 # Grafana's own variables, as it substitutes them before a query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "30s", "$__range": "6h"}
 
@@ -97,7 +100,16 @@ def test_every_alert_is_unit_tested_firing_and_silent_and_has_its_runbook() -> N
                for line in README.read_text().splitlines() if line.startswith("#")}
     for name, rule in rules.items():
         url = rule["annotations"]["runbook_url"]
-        assert url.split("#")[1] in anchors and url.split("#")[1] == name.lower(), url
+        assert url == f"{RUNBOOKS}#{name.lower()}" and name.lower() in anchors, url
+        assert rule["annotations"]["description"]
+
+
+def test_without_a_runbook_url_the_alerts_point_nowhere_and_still_say_what_to_check() -> None:
+    # The chart cannot know where a team reads its README: a guessed default would be a dead link.
+    [rule] = [o for o in render(TENANT_CHART, ["--set", "prometheusRule.enabled=true", "--api-versions", PROMETHEUS_RULE])
+              if o["kind"] == "PrometheusRule"]
+    for alert in rule["spec"]["groups"][0]["rules"]:
+        assert "runbook_url" not in alert["annotations"] and len(alert["annotations"]["description"]) > 40, alert
 
 
 def test_thresholds_are_the_values(tmp_path: Path) -> None:
