@@ -330,12 +330,14 @@ async def bundles_bucket(js: JetStreamContext) -> KeyValue:
 
 async def bundle_bodies_bucket(js: JetStreamContext) -> ObjectStore:
     try:
-        return await js.object_store(BUNDLE_BODIES_BUCKET)
+        store = await js.object_store(BUNDLE_BODIES_BUCKET)
     except BucketNotFoundError:
         try:
             return await js.create_object_store(BUNDLE_BODIES_BUCKET, replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.object_store(BUNDLE_BODIES_BUCKET)  # another process created it first
+    await _keep_replicas(js, f"OBJ_{BUNDLE_BODIES_BUCKET}")
+    return store
 
 
 async def ratelimit_bucket(js: JetStreamContext) -> KeyValue:
@@ -434,10 +436,22 @@ class BatchedChanges:
 
 async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | None) -> KeyValue:
     try:
-        return await js.key_value(name)
+        kv = await js.key_value(name)
     except BucketNotFoundError:
         try:
             return await js.create_key_value(bucket=name, history=history, ttl=ttl, direct=True,
                                              replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)  # another process created it first
+    await _keep_replicas(js, f"KV_{name}")
+    return kv
+
+
+async def _keep_replicas(js: JetStreamContext, stream: str) -> None:
+    """A bucket made with another replica count (the setting changed, a lone server grown into a
+    cluster) is moved to the count asked now, as the streams are: JetStream adds or drops copies in
+    place, keeping what the bucket holds."""
+    config = (await js.stream_info(stream)).config
+    if config.num_replicas != replicas(js):
+        config.num_replicas = replicas(js)
+        await js.update_stream(config)

@@ -86,10 +86,29 @@ async def test_every_stream_and_bucket_is_r3_on_a_cluster(cluster: NatsCluster) 
     assert set(replicas.values()) == {3}, replicas
 
 
-async def test_the_setting_overrides_the_replicas(cluster: NatsCluster) -> None:
+async def test_the_setting_overrides_the_replicas_and_a_later_start_moves_everything_to_its_count(
+        cluster: NatsCluster) -> None:
     await started_ingest(cluster.url, nats_replicas=1)
     replicas = await streams_replicas(cluster.url)
     assert replicas and set(replicas.values()) == {1}, replicas
+    # The setting dropped (or a lone server grown into a cluster): streams, buckets and the object
+    # store made at R1 are moved to R3 in place, their contents kept.
+    nc = await bus.connect(cluster.url, "test-admin", replicas=1)
+    try:
+        calls = await bus.calls_bucket(nc.jetstream())
+        await calls.put("t.kept", b"{}")
+    finally:
+        await nc.close()
+    await started_ingest(cluster.url)
+    async with asyncio.timeout(30):  # a stream growing its copies is left out of listings until it has a leader
+        while set(after := await streams_replicas(cluster.url)) != set(replicas):
+            await asyncio.sleep(0.2)
+    assert set(after.values()) == {3}, after
+    nc = await bus.connect(cluster.url, "test-admin")
+    try:
+        assert (await (await bus.calls_bucket(nc.jetstream())).get("t.kept")).value == b"{}"
+    finally:
+        await nc.close()
 
 
 async def test_one_server_gets_r1(tmp_path: Path) -> None:
