@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -288,14 +288,47 @@ async def console_sessions_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
 async def kv_keys(js: JetStreamContext, bucket: str, prefix: str) -> list[str]:
     """Keys of `bucket` under `prefix` (tokens, e.g. "<tenant>."), read from the stream's subject
     index: exact at the moment asked, unlike a watch that races with writers. Deleted keys may be
-    included; their get raises KeyNotFoundError."""
+    included; their get raises KeyNotFoundError. At most 100,000 (the server's limit for one answer):
+    for small buckets and narrow prefixes; `kv_values` reads a whole big one."""
     base = f"$KV.{bucket}."
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{base}{prefix}>")
     return sorted(subject[len(base):] for subject in (info.state.subjects or {}))
 
 
+async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> AsyncIterator[tuple[str, bytes]]:
+    """Every key of `bucket` with its value, in one pass over the bucket's stream: a consumer of our own
+    delivering the last message of each key, fetched in batches, where a get per key costs a round trip
+    each and `kv_keys` lists at most the server's 100,000 subjects. Deleted keys are left out; a key
+    written while the pass runs may come with its value before or after that write."""
+    stream = f"KV_{bucket}"
+    info = await js.add_consumer(stream, ConsumerConfig(
+        filter_subject=f"$KV.{bucket}.>", deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+        mem_storage=True, num_replicas=1, inactive_threshold=60.0))
+    sub = await js.pull_subscribe_bind(stream=stream, consumer=info.name)
+    prefix = len(f"$KV.{bucket}.")
+    try:
+        left = info.num_pending
+        while left > 0:
+            try:
+                msgs = await sub.fetch(min(batch, left), timeout=5.0)
+            except nats.errors.TimeoutError:
+                return  # what was pending is gone (aged out, deleted): nothing more to read
+            for msg in msgs:
+                left = msg.metadata.num_pending  # counts writes since the start too: read them as well
+                if msg.data:  # a delete, purge or expiry marker has none
+                    yield msg.subject[prefix:], msg.data
+    finally:
+        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, info.name)
+        except nats.errors.Error:
+            pass  # gone with its inactivity threshold
+
+
 async def calls_bucket(js: JetStreamContext) -> KeyValue:
-    return await _bucket(js, CALLS_BUCKET, history=1, ttl=None)
+    # Kept as long as the calls' requests (the CALLS stream): a record outlives its call's last change
+    # by the retention, and no call waits longer than that between changes (MAX_SCHEDULE_AHEAD).
+    return await _bucket(js, CALLS_BUCKET, history=1, ttl=CALL_RETENTION)
 
 
 async def concurrency_bucket(js: JetStreamContext) -> KeyValue:
@@ -336,7 +369,7 @@ async def bundle_bodies_bucket(js: JetStreamContext) -> ObjectStore:
             return await js.create_object_store(BUNDLE_BODIES_BUCKET, replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.object_store(BUNDLE_BODIES_BUCKET)  # another process created it first
-    await _keep_replicas(js, f"OBJ_{BUNDLE_BODIES_BUCKET}")
+    await _keep_config(js, f"OBJ_{BUNDLE_BODIES_BUCKET}")
     return store
 
 
@@ -443,15 +476,15 @@ async def _bucket(js: JetStreamContext, name: str, history: int, ttl: float | No
                                              replicas=replicas(js))
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)  # another process created it first
-    await _keep_replicas(js, f"KV_{name}")
+    await _keep_config(js, f"KV_{name}", ttl)
     return kv
 
 
-async def _keep_replicas(js: JetStreamContext, stream: str) -> None:
+async def _keep_config(js: JetStreamContext, stream: str, ttl: float | None = None) -> None:
     """A bucket made with another replica count (the setting changed, a lone server grown into a
-    cluster) is moved to the count asked now, as the streams are: JetStream adds or drops copies in
-    place, keeping what the bucket holds."""
+    cluster) or another TTL (an older version's) is moved to what is asked now, as the streams are:
+    JetStream adds or drops copies in place, keeping what the bucket holds."""
     config = (await js.stream_info(stream)).config
-    if config.num_replicas != replicas(js):
-        config.num_replicas = replicas(js)
+    if config.num_replicas != replicas(js) or (config.max_age or 0) != (ttl or 0):
+        config.num_replicas, config.max_age = replicas(js), ttl
         await js.update_stream(config)

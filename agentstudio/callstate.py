@@ -10,16 +10,19 @@ attempts left, goes into the call's history and the call waits (pending) for its
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
+from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
+from agentstudio import bus
 from agentstudio.calls import CallRequest
 from agentstudio.resources import Retries, Voicemail
 from agentstudio.stored import Stored
@@ -251,6 +254,20 @@ class CallState(Stored):
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+async def unfinished(js: JetStreamContext) -> list[CallState]:
+    """Every record still to be finished with: its call not ended, or ended with its conversation
+    open (the end event waits for it). The bucket holds the week's calls, nearly all done with: it is
+    read in one pass and only the rest parsed as records, before the caller acts on any."""
+    found = []
+    async with contextlib.aclosing(bus.kv_values(js, bus.CALLS_BUCKET)) as records:
+        async for _, value in records:
+            record = orjson.loads(value)
+            if record.get("status") in TERMINAL and record.get("conversation") != "open":
+                continue
+            found.append(CallState.read(value))
+    return found
 
 
 class CallStore:

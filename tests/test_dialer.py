@@ -288,10 +288,9 @@ async def test_no_placed_call_stays_unfinished_forever(api, tenant_for_calls, na
     await tracker.store.change(t.name, call_id, lambda s: CallState(
         call_id=call_id, tenant=t.name, status="dialing", provider="twilio", provider_call_id="CA1",
         events=[CallEvent(status="dialing", at=now())]))
-    kv = await bus.calls_bucket(js)
-    assert call_id not in await sweeper.sweep(kv, tracker, older_than=timedelta(minutes=5))  # not yet
+    assert call_id not in await sweeper.sweep(tracker, older_than=timedelta(minutes=5))  # not yet
     await asyncio.sleep(0.3)
-    assert call_id in await sweeper.sweep(kv, tracker, older_than=timedelta(seconds=0.2))
+    assert call_id in await sweeper.sweep(tracker, older_than=timedelta(seconds=0.2))
     record = (await api.get(f"/api/v1/calls/{call_id}", headers=t.auth("live"))).json()
     assert record["status"] == "failed" and record["error"]["code"] == "stale"
     assert [e["type"] for e in await events_of(js, t, call_id)] == ["call.failed"]

@@ -323,16 +323,15 @@ async def test_a_lost_completed_callback_is_settled_by_asking_twilio(live, nats_
         await until_status(client, t, call_id, "in_progress")
         twilio_mock.update_call(sid, status="completed", duration="17")
 
-        kv = await bus.calls_bucket(js)
         stale = timedelta(hours=6)
         settled = dialer_main.reconcile(Settings(**twilio_settings(twilio_mock)), dialer.live)
-        await sweeper.sweep(kv, dialer.tracker, stale, reconcile=settled)  # answered just now: not yet due
+        await sweeper.sweep(dialer.tracker, stale, reconcile=settled)  # answered just now: not yet due
         assert not [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]
         assert (await until_status(client, t, call_id, "in_progress"))["status"] == "in_progress"
 
         # Past the longest call Twilio would allow it (and the allowance for a late report): ask Twilio.
         overdue = sweeper.Reconcile(dialer.live, ring=settled.ring, longest=timedelta(0), late=timedelta(0))
-        assert call_id not in await sweeper.sweep(kv, dialer.tracker, stale, reconcile=overdue)  # not failed stale
+        assert call_id not in await sweeper.sweep(dialer.tracker, stale, reconcile=overdue)  # not failed stale
         record = await until_status(client, t, call_id, "completed")
         assert record["duration_seconds"] == 17 and record["error"] is None
         [fetch] = [r for r in twilio_mock.requests if r.method == "GET" and sid in r.path]

@@ -111,6 +111,22 @@ async def test_the_setting_overrides_the_replicas_and_a_later_start_moves_everyt
         await nc.close()
 
 
+async def test_a_calls_bucket_made_without_a_ttl_gets_the_retention_and_keeps_its_records(tmp_path: Path) -> None:
+    """Records were kept forever by earlier versions: a role starting moves the bucket to the calls'
+    retention, so it holds a week of calls, not every call ever made."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test")
+        try:
+            js = nc.jetstream()
+            old = await js.create_key_value(bucket=bus.CALLS_BUCKET, history=1, direct=True)  # as made before
+            await old.put("t.kept", b"{}")
+            kv = await bus.calls_bucket(js)
+            assert (await js.stream_info(f"KV_{bus.CALLS_BUCKET}")).config.max_age == bus.CALL_RETENTION
+            assert (await kv.get("t.kept")).value == b"{}"
+        finally:
+            await nc.close()
+
+
 async def test_one_server_gets_r1(tmp_path: Path) -> None:
     with NatsServer(tmp_path / "nats") as server:
         await started_ingest(server.url)

@@ -113,7 +113,7 @@ async def test_a_claim_is_taken_over_only_once_its_dialers_heartbeat_stops(nats_
     simulated = SimulatedProvider(tracker)
     lease, dialers = 0.5, await bus.dialers_bucket(js)
     observer = Liveness(js, dialers, f"observer-{uuid.uuid4().hex[:6]}", lease)
-    takeover = Takeover(observer, await bus.calls_bucket(js), tracker, lambda call: simulated, {"simulated": simulated})
+    takeover = Takeover(observer, tracker, lambda call: simulated, {"simulated": simulated})
     await observer.beat()  # as a dialer does before its first look
     await observer.look()
     newcomer = Liveness(js, dialers, f"newcomer-{uuid.uuid4().hex[:6]}", lease)
@@ -156,7 +156,7 @@ async def test_a_call_placed_but_not_recorded_by_a_gone_dialer_is_found_at_twili
     twilio = TwilioProvider(twilio_client(twilio_mock.account_sid, twilio_mock.auth_token, twilio_mock.base_url),
                             FROM, PUBLIC, ring_timeout_seconds=30)
     observer = Liveness(js, await bus.dialers_bucket(js), f"observer-{uuid.uuid4().hex[:6]}", 0.5)
-    takeover = Takeover(observer, await bus.calls_bucket(js), tracker, lambda call: twilio, {"twilio": twilio})
+    takeover = Takeover(observer, tracker, lambda call: twilio, {"twilio": twilio})
     async with ingest_client(nats_server.url) as (client, svc):
         await wait_for_bundle(svc, t.name, bundle.version)
         call_id = await queue_call(client, t, key="live", phone_number="+1415555" + str(uuid.uuid4().int)[:4])
@@ -267,3 +267,44 @@ async def test_a_call_placed_by_a_live_dialer_but_not_recorded_is_not_placed_aga
             await asyncio.gather(*running, return_exceptions=True)
             for nc in conns:
                 await nc.close()
+
+
+async def test_a_walk_settles_every_claim_of_a_gone_dialer_among_more_records_than_a_listing_holds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A week of calls is more records than the server lists subjects of in one answer (100,000): the
+    walk reads every record, so no claim of a gone dialer is left unsettled (and then held for good)."""
+    import orjson
+
+    from agentstudio.dialer import main as dialer_main
+    from agentstudio.dialer.providers import SimulatedProvider
+    from agentstudio.dialer.takeover import Liveness, Takeover
+
+    ended = orjson.dumps({"call_id": "x", "tenant": "t", "status": "completed", "dialer": "d-old"})
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test")
+        try:
+            js = nc.jetstream()
+            await bus.ensure_calls_stream(js)
+            await bus.ensure_events_stream(js)
+            tracker = await dialer_main.tracker_for(nc)
+            subject = f"$KV.{bus.CALLS_BUCKET}.t."
+            sent = asyncio.Semaphore(512)
+
+            async def put(key: str, value: bytes) -> None:
+                async with sent:
+                    await js.publish(subject + key, value)
+
+            await asyncio.gather(*(put(f"done-{i:06d}", ended) for i in range(150_000)))
+            claims = [f"live-{i:02d}" for i in range(30)]
+            await asyncio.gather(*(put(c, orjson.dumps({
+                "call_id": c, "tenant": "t", "status": "in_progress", "dialer": "d-gone", "provider": "simulated",
+                "provider_call_id": f"SIM{c}"})) for c in claims))
+            simulated = SimulatedProvider(tracker)
+            observer = Liveness(js, await bus.dialers_bucket(js), "observer", 0.5)
+            await observer.beat()
+            takeover = Takeover(observer, tracker, lambda call: simulated, {"simulated": simulated})
+            assert await takeover.walk()
+            states = [await tracker.store.get("t", c) for c in claims]
+            assert all(s is not None and s.status == "failed" and s.error and s.error.code == "provider_lost"
+                       for s in states), [s.status for s in states if s]
+        finally:
+            await nc.close()

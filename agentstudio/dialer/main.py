@@ -303,7 +303,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
                 dialer.run(stop),
                 *([redirects.run(stop)] if redirects else []),
                 dispatcher.run(stop),
-                sweeper.run(await bus.calls_bucket(nc.jetstream()), dialer.tracker, stale,
+                sweeper.run(dialer.tracker, stale,
                             settings.sweep_interval_seconds, stop, reconcile(settings, dialer.live)),
                 serve_relay(server, runtime, stop),
                 metrics.keep_slots(dialer.concurrency, watcher, dialer.cap, settings.metrics_refresh_seconds, stop),

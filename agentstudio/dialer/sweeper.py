@@ -12,11 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
-
-from agentstudio import bus
-from agentstudio.callstate import CallError, CallState
+from agentstudio.callstate import CallError, CallState, unfinished
 from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.tracking import CallTracker
 
@@ -61,24 +57,16 @@ class Reconcile:
 
 
 async def sweep(
-    kv: KeyValue, tracker: CallTracker, older_than: timedelta, held_longer_than: timedelta = timedelta(minutes=2),
+    tracker: CallTracker, older_than: timedelta, held_longer_than: timedelta = timedelta(minutes=2),
     reconcile: Reconcile | None = None,
 ) -> list[str]:
     """Settle overdue calls by asking their provider (`reconcile`), then fail the placed-but-unfinished
     calls last changed before now - older_than; their ids. Also close conversations whose dialer died
     after the call ended, so their held end event goes out."""
-    keys = await bus.kv_keys(tracker.js, bus.CALLS_BUCKET, "")
     cutoff = datetime.now(timezone.utc) - older_than
     held_cutoff = datetime.now(timezone.utc) - held_longer_than
     swept = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if not entry.value:
-            continue
-        state = CallState.read(entry.value)
+    for state in await unfinished(tracker.js):
         if state.terminal and state.conversation == "open" and (state.ended_at or cutoff) < held_cutoff:
             closed, changed = await tracker.store.change(
                 state.tenant, state.call_id,
@@ -102,11 +90,11 @@ async def sweep(
     return swept
 
 
-async def run(kv: KeyValue, tracker: CallTracker, older_than: timedelta, every: float, stop: asyncio.Event,
+async def run(tracker: CallTracker, older_than: timedelta, every: float, stop: asyncio.Event,
               reconcile: Reconcile | None = None) -> None:
     while not stop.is_set():
         try:
-            await sweep(kv, tracker, older_than, reconcile=reconcile)
+            await sweep(tracker, older_than, reconcile=reconcile)
         except Exception:  # noqa: BLE001 - the next sweep tries again
             log.exception("sweep failed")
         try:

@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from agentstudio import bus, calls
 from agentstudio.calls import CallRequest
-from agentstudio.callstate import CallError, CallState
+from agentstudio.callstate import CallError, CallState, unfinished
 from agentstudio.dialer.providers import Provider, ProviderError
 from agentstudio.tracking import CallTracker
 
@@ -90,10 +90,9 @@ class Liveness:
 class Takeover:
     """Settles the calls claimed by dialers that are gone."""
 
-    def __init__(self, liveness: Liveness, kv: KeyValue, tracker: CallTracker,
+    def __init__(self, liveness: Liveness, tracker: CallTracker,
                  provider_for: Callable[[CallRequest], Provider], providers: dict[str, Provider]) -> None:
         self._liveness = liveness
-        self._kv = kv  # as-calls
         self._tracker = tracker
         self._provider_for = provider_for
         self._providers = providers
@@ -111,14 +110,7 @@ class Takeover:
         settled = True
         gone = await self._liveness.look()
         absent: set[str] = set()  # names found not there in this walk, each looked for once
-        for key in await bus.kv_keys(self._tracker.js, bus.CALLS_BUCKET, ""):
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if not entry.value:
-                continue
-            state = CallState.read(entry.value)
+        for state in await unfinished(self._tracker.js):
             if state.terminal or state.status == "pending" or state.dialer in (None, self._liveness.name):
                 continue
             if state.dialer not in gone | absent:

@@ -127,7 +127,7 @@ class Dialer:
         )
         liveness = Liveness(self.js, await bus.dialers_bucket(self.js), self.name, self.settings.dialer_lease_seconds)
         await liveness.beat()  # before the first claim: no claim of ours is seen before our name
-        takeover = Takeover(liveness, await bus.calls_bucket(self.js), self.tracker, self.provider_for,
+        takeover = Takeover(liveness, self.tracker, self.provider_for,
                             {p.name: p for p in (self.live, self.simulated)})
         # Cancelled with run (a dialer killed), and only after the drain when it stops: the heartbeat
         # lasts as long as anything this dialer claimed may still be moving.
