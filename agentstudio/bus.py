@@ -33,6 +33,7 @@ Object stores:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -318,11 +319,9 @@ async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> Asyn
                 if msg.data:  # a delete, purge or expiry marker has none
                     yield msg.subject[prefix:], msg.data
     finally:
-        await sub.unsubscribe()
-        try:
+        with contextlib.suppress(nats.errors.Error):  # else gone with its inactivity threshold
+            await sub.unsubscribe()
             await js.delete_consumer(stream, info.name)
-        except nats.errors.Error:
-            pass  # gone with its inactivity threshold
 
 
 async def calls_bucket(js: JetStreamContext) -> KeyValue:
