@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from agentstudio import signing, tracing
 from agentstudio.dialer.phone_line import Line
 from agentstudio.natsserver import NatsServer
+from agentstudio.settings import Settings
 from conftest import SEED_BODY, example_resources, published_tenant
 from jaeger import Jaeger, running
 from processes import running_ingest
@@ -60,11 +61,14 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
 @pytest.fixture
 def traced(jaeger: Jaeger, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
     """Tracing on in this process, exporting to Jaeger under a service name of this test's own;
-    requests to other systems carry the traceparent unless the test parametrizes it with False."""
+    requests to other systems carry the traceparent unless the test parametrizes it with
+    AGENTSTUDIO_TRACE_OUTBOUND's value, read as a dialer reads it."""
     service = f"agent-studio-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", jaeger.traces_endpoint)
     monkeypatch.setenv("OTEL_SERVICE_NAME", service)
-    assert tracing.setup("test", outbound=getattr(request, "param", True))
+    if hasattr(request, "param"):
+        monkeypatch.setenv("AGENTSTUDIO_TRACE_OUTBOUND", request.param)
+    assert tracing.setup("test", outbound=Settings().trace_outbound)
     try:
         yield service
     finally:
@@ -252,7 +256,7 @@ async def test_outbound_requests_carry_the_traceparent_of_their_span(
     assert [traceparent_ids(h) for h in sent.model] == [(trace_id, i) for i in span_ids("llm request")]
 
 
-@pytest.mark.parametrize("traced", [False], indirect=True, ids=["outbound-off"])
+@pytest.mark.parametrize("traced", ["false"], indirect=True, ids=["outbound-off"])
 async def test_the_switch_keeps_the_traceparent_from_other_systems(
         nats_server: NatsServer, js: JetStreamContext, jaeger: Jaeger, traced: str) -> None:
     """AGENTSTUDIO_TRACE_OUTBOUND=false: the call is traced all the same, its requests carry no trace."""
