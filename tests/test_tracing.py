@@ -1,8 +1,9 @@
 """Traces against a real Jaeger (scripts/build-jaeger): the seed's campaign call end to end — the
 ingest request, the queue, the dialer's placement, the conversation's turns, model requests, tools
 and a handoff, the webhook delivery — is one trace, read back through Jaeger's query API; no span
-attribute holds the phone number, a key or a secret. Off, nothing is exported and the SDK is not
-imported."""
+attribute holds the phone number, a key or a secret; the requests the call makes to other systems
+carry the traceparent of their spans (unless switched off). Off, nothing is exported, nothing is
+propagated and the SDK is not imported."""
 
 from __future__ import annotations
 
@@ -203,14 +204,15 @@ class Outbound:
     """What the systems a call reached were sent: the headers of each request, in order."""
 
     call_id: str
-    webhooks: list[dict[str, str]]  # the receiver's, each attempt's signature verified there
+    webhooks: list[dict[str, str]]  # the receiver's two attempts', each signature verified there
     tools: list[dict[str, str]]  # the api_call target's (log_call)
     model: list[dict[str, str]]  # the scripted model's
 
 
 async def seed_call_outbound(nats_server: NatsServer, js: JetStreamContext) -> Outbound:
-    """The seed call with a handoff, as in the trace above: the headers its requests carried."""
-    receiver = Receiver(signing.new_secret())
+    """The seed call with a handoff, as in the trace above, its webhook answered at the second
+    attempt: the headers its requests carried."""
+    receiver = Receiver(signing.new_secret(), fail_first=1)
     subscription = {"apiVersion": "agentstudio.io/v1alpha1", "kind": "WebhookSubscription",
                     "metadata": {"name": "crm"}, "spec": {"url": receiver.url, "events": ["call.completed"]}}
     async with voice_stack(nats_server.url, js, seed_with_handoff(), extra=[subscription]) as stack:
@@ -224,7 +226,7 @@ async def seed_call_outbound(nats_server: NatsServer, js: JetStreamContext) -> O
             call_id = await stack.seed_call(client, receiver)
     out = Outbound(call_id, receiver.headers, [r["headers"] for r in stack.target.seen], stack.model.headers)
     # Each system was reached: an absent header below is a request that did not carry it.
-    assert (len(out.webhooks), len(out.tools), len(out.model)) == (1, 1, 3)
+    assert (len(out.webhooks), len(out.tools), len(out.model)) == (2, 1, 3)
     return out
 
 
@@ -238,12 +240,13 @@ def traceparent_ids(headers: dict[str, str]) -> tuple[int, int]:
 
 async def test_outbound_requests_carry_the_traceparent_of_their_span(
         nats_server: NatsServer, js: JetStreamContext, jaeger: Jaeger, traced: str) -> None:
-    """The webhook receiver, the api_call tool's endpoint and the model each get a traceparent naming
-    the call's trace and, as parent, the span of that very request, so their spans join the call's
-    trace under it; the webhook's signature still verifies (at the receiver, with standardwebhooks)."""
+    """The webhook receiver (each attempt), the api_call tool's endpoint and the model each get a
+    traceparent naming the call's trace and, as parent, the span of that very request, so their spans
+    join the call's trace under it; the webhook's signature still verifies (at the receiver, with
+    standardwebhooks)."""
     sent = await seed_call_outbound(nats_server, js)
     assert tracing.flush()
-    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 18, calls={sent.call_id})
+    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 19, calls={sent.call_id})
     trace_id, spans = int(found["traceID"], 16), jaeger.trace(found["traceID"])["spans"]
 
     def span_ids(name: str, **where: Any) -> list[int]:
@@ -262,7 +265,7 @@ async def test_the_switch_keeps_the_traceparent_from_other_systems(
     """AGENTSTUDIO_TRACE_OUTBOUND=false: the call is traced all the same, its requests carry no trace."""
     sent = await seed_call_outbound(nats_server, js)
     assert tracing.flush()
-    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 18, calls={sent.call_id})
+    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 19, calls={sent.call_id})
     assert {"webhook deliver", "tool call", "llm request"} <= {s["operationName"] for s in found["spans"]}
     for headers in (*sent.webhooks, *sent.tools, *sent.model):
         assert not {"traceparent", "tracestate"} & set(headers), headers
