@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         4 * 3600, gt=0, description="The Twilio account's maximum call duration (Twilio's default: 4 h)."
     )
     webhook_secrets: str = Field("kubernetes", description="Where signing secrets are read: kubernetes or none.")
+    trace_outbound: bool = Field(
+        True, description="With tracing on, webhook deliveries, api_call tools and model requests carry the"
+        " call's W3C traceparent; false keeps trace ids from those systems."
+    )
 
     @model_validator(mode="after")
     def _twilio_can_honour(self) -> Settings:

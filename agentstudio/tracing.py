@@ -12,6 +12,11 @@ The context travels as a W3C `traceparent`: in the NATS headers of a queued call
 status events, and in the call's record (`CallState.traceparent`, set when a dialer claims it), which
 the conversation reads when the provider connects the call.
 
+The HTTP requests a call makes to other systems (webhook deliveries, `api_call` tools, model
+requests) carry the traceparent of their own span, as OpenTelemetry's HTTP client instrumentations
+do, so a receiver that traces joins the call's trace; `setup(outbound=False)`
+(`AGENTSTUDIO_TRACE_OUTBOUND=false`) keeps trace ids from third parties.
+
 Span attributes name the call (`call_id`, `tenant`, slugs, outcomes), never a phone number (at most
 its masked form), a key, a token or a signing secret.
 """
@@ -35,6 +40,7 @@ _W3C = TraceContextTextMapPropagator()
 _OFF: contextlib.nullcontext[Span] = contextlib.nullcontext(INVALID_SPAN)
 _provider: Any = None  # the SDK's TracerProvider while on
 _tracer: trace.Tracer | None = None
+_outbound = False  # while on: whether requests to other systems carry the traceparent (setup's `outbound`)
 
 
 def enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -51,10 +57,11 @@ def on() -> bool:
     return _tracer is not None
 
 
-def setup(role: str) -> bool:
+def setup(role: str, outbound: bool = True) -> bool:
     """Start exporting this process's spans if the environment asks for it; whether it does.
-    `role` names the service (`agent-studio-<role>`) unless OTEL_SERVICE_NAME does."""
-    global _provider, _tracer
+    `role` names the service (`agent-studio-<role>`) unless OTEL_SERVICE_NAME does; `outbound`:
+    whether HTTP requests to other systems carry the traceparent (`outgoing`)."""
+    global _provider, _tracer, _outbound
     env = os.environ  # the SDK reads the same variables itself
     if _tracer is not None or not enabled(env):
         return _tracer is not None
@@ -69,14 +76,15 @@ def setup(role: str) -> bool:
     _provider = TracerProvider(resource=Resource.create(named))  # reads OTEL_TRACES_SAMPLER(_ARG)
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads OTEL_BSP_*, OTEL_EXPORTER_OTLP_*
     _tracer = _provider.get_tracer("agentstudio")
+    _outbound = outbound
     log.info("tracing on", extra={"service": named.get("service.name") or env.get("OTEL_SERVICE_NAME")})
     return True
 
 
 def shutdown() -> None:
     """Export what is buffered and stop (a role's last step; tests turn tracing off again)."""
-    global _provider, _tracer
-    provider, _provider, _tracer = _provider, None, None
+    global _provider, _tracer, _outbound
+    provider, _provider, _tracer, _outbound = _provider, None, None, False
     if provider is not None:
         provider.shutdown()
 
@@ -128,6 +136,14 @@ def annotate(**attributes: Any) -> None:
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
     """`headers` with the current span's traceparent added (unchanged when there is none)."""
     if _tracer is not None:
+        _W3C.inject(headers)
+    return headers
+
+
+def outgoing(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """`headers` of a request to another system, with the current span's traceparent (and
+    tracestate) when tracing is on and setup allowed sending it; else unchanged."""
+    if _outbound:
         _W3C.inject(headers)
     return headers
 

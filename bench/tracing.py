@@ -10,6 +10,9 @@ OTLP/HTTP to a real Jaeger (scripts/build-jaeger, in-memory storage) on this mac
 2. voice: bench/voice.py's turns (a final prompt to the first text token, on the real relay with the
    scripted model), off then on then off in one process (on: a turn span and a model request span
    a turn, each exported).
+3. outbound: what the traceparent costs a request to another system (a webhook's, a tool's, a
+   model's headers): `tracing.outgoing` on a request's headers inside a span, with tracing off, on
+   with AGENTSTUDIO_TRACE_OUTBOUND=false and on, in µs a request; the off run is the baseline.
 
     .venv/bin/python bench/tracing.py [--seconds 5] [--connections 32] [--turns 200]
 
@@ -25,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,34 @@ async def voice_turns(args: argparse.Namespace, nats: NatsServer, jaeger: Jaeger
     }
 
 
+def outbound_headers(requests: int = 200_000) -> dict[str, Any]:
+    """µs that `tracing.outgoing` adds to one request's headers (the webhook's own, as signed)."""
+    signed = {"webhook-id": "msg_1", "webhook-timestamp": "1764547200", "webhook-signature": "v1," + "A" * 44,
+              "content-type": "application/json"}
+    # Not sampled, so nothing is exported: the traceparent is written the same (its flags say so).
+    otel = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces",
+            "OTEL_SERVICE_NAME": "bench-outbound", "OTEL_TRACES_SAMPLER": "always_off"}
+    os.environ |= otel
+    us: dict[str, float] = {}
+    try:
+        for run, outbound in (("off", None), ("on_outbound_off", False), ("on", True), ("off_again", None)):
+            if outbound is not None:
+                assert tracing.setup("bench", outbound=outbound)
+            with tracing.span("webhook deliver"):
+                started = time.perf_counter()
+                for _ in range(requests):
+                    tracing.outgoing(dict(signed))
+                us[run] = (time.perf_counter() - started) / requests * 1e6
+            tracing.shutdown()
+    finally:
+        for name in otel:
+            os.environ.pop(name)
+    off = (us["off"] + us["off_again"]) / 2
+    return {"requests": requests, "us_per_request": {run: round(v, 3) for run, v in us.items()},
+            "added_us_on_vs_off": round(us["on"] - off, 3),
+            "added_us_outbound_off_vs_off": round(us["on_outbound_off"] - off, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5)
@@ -128,6 +160,7 @@ def main() -> None:
             "seconds": args.seconds, "connections": args.connections, "turns": args.turns,
             "ingest": ingest_rates(args, nats, jaeger, Path(tmp)),
             "voice": asyncio.run(voice_turns(args, nats, jaeger)),
+            "outbound": outbound_headers(),
         }
     report.save("tracing", out)
 

@@ -471,6 +471,19 @@ def test_tracing_sets_the_otel_variables_of_ingest_and_dialers_only_when_enabled
         }, role
 
 
+def test_tracing_outbound_reaches_the_dialers_only_when_tracing_is_enabled() -> None:
+    """The dialers make the requests to other systems; ingest and the operator have none to mark."""
+    def outbound(values: list[str], role: str) -> list[str]:
+        env = container(render(TENANT_CHART, values), role)["env"]
+        return [e["value"] for e in env if e["name"] == "AGENTSTUDIO_TRACE_OUTBOUND"]
+
+    assert outbound(MATRIX["tracing"], "dialer") == ["true"]
+    assert outbound([*MATRIX["tracing"], "--set", "tracing.outbound=false"], "dialer") == ["false"]
+    assert outbound(["--set", "tracing.outbound=false"], "dialer") == []  # tracing off: nothing to propagate
+    for role in ("operator", "ingest"):
+        assert outbound(MATRIX["tracing"], role) == [], role
+
+
 def test_the_concurrency_plan_reaches_the_operator_alone() -> None:
     """The operator puts it in the bundle: changing it must not change (and so roll) the dialers' pods."""
     def cap(values: list[str], role: str) -> list[str]:
@@ -613,6 +626,7 @@ def test_notes_say_the_ingest_url_and_how_to_read_a_key(control_plane: controlpl
     (["--set", "nats.enabled=false"], "/nats/url"),
     (["--set", "tracing.enabled=true"], "/tracing/otlpEndpoint"),
     (["--set", "tracing.sampler=sometimes"], "/tracing/sampler"),
+    (["--set-string", "tracing.outbound=no"], "/tracing/outbound"),
     (["--set", "dialer.autoscaling.minReplicas=0"], "/dialer/autoscaling/minReplicas"),
     (["--set", "dialer.autoscaling.cooldownz=5"], "'cooldownz'"),
 ])

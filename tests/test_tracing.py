@@ -1,8 +1,9 @@
 """Traces against a real Jaeger (scripts/build-jaeger): the seed's campaign call end to end — the
 ingest request, the queue, the dialer's placement, the conversation's turns, model requests, tools
 and a handoff, the webhook delivery — is one trace, read back through Jaeger's query API; no span
-attribute holds the phone number, a key or a secret. Off, nothing is exported and the SDK is not
-imported."""
+attribute holds the phone number, a key or a secret; the requests the call makes to other systems
+carry the traceparent of their spans (unless switched off). Off, nothing is exported, nothing is
+propagated and the SDK is not imported."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from nats.js import JetStreamContext
 from agentstudio import signing, tracing
 from agentstudio.dialer.phone_line import Line
 from agentstudio.natsserver import NatsServer
+from agentstudio.settings import Settings
 from conftest import SEED_BODY, example_resources, published_tenant
 from jaeger import Jaeger, running
 from processes import running_ingest
@@ -57,12 +60,16 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
 
 
 @pytest.fixture
-def traced(jaeger: Jaeger, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Tracing on in this process, exporting to Jaeger under a service name of this test's own."""
+def traced(jaeger: Jaeger, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Tracing on in this process, exporting to Jaeger under a service name of this test's own;
+    requests to other systems carry the traceparent unless the test parametrizes it with
+    AGENTSTUDIO_TRACE_OUTBOUND's value, read as a dialer reads it."""
     service = f"agent-studio-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", jaeger.traces_endpoint)
     monkeypatch.setenv("OTEL_SERVICE_NAME", service)
-    assert tracing.setup("test")
+    if hasattr(request, "param"):
+        monkeypatch.setenv("AGENTSTUDIO_TRACE_OUTBOUND", request.param)
+    assert tracing.setup("test", outbound=Settings().trace_outbound)
     try:
         yield service
     finally:
@@ -190,6 +197,85 @@ async def test_the_seed_call_is_one_trace_in_jaeger(nats_server: NatsServer, js:
     text = yaml.safe_dump([s["tags"] + [f for e in s["logs"] for f in e["fields"]] for s in spans])
     for secret in ("919876543210", "9876543210", api_key, LLM_KEY, receiver.secret):
         assert secret not in text
+
+
+@dataclass
+class Outbound:
+    """What the systems a call reached were sent: the headers of each request, in order."""
+
+    call_id: str
+    webhooks: list[dict[str, str]]  # the receiver's two attempts', each signature verified there
+    tools: list[dict[str, str]]  # the api_call target's (log_call)
+    model: list[dict[str, str]]  # the scripted model's
+
+
+async def seed_call_outbound(nats_server: NatsServer, js: JetStreamContext) -> Outbound:
+    """The seed call with a handoff, as in the trace above, its webhook answered at the second
+    attempt: the headers its requests carried."""
+    receiver = Receiver(signing.new_secret(), fail_first=1)
+    subscription = {"apiVersion": "agentstudio.io/v1alpha1", "kind": "WebhookSubscription",
+                    "metadata": {"name": "crm"}, "spec": {"url": receiver.url, "events": ["call.completed"]}}
+    async with voice_stack(nats_server.url, js, seed_with_handoff(), extra=[subscription]) as stack:
+        stack.model.script([
+            Reply("You started a free trial but didn't finish activating it. Did anything get in the way?"),
+            Reply(tool_calls=[("capture_lead_response", CAPTURED), ("log_call", {"outcome": "needs_help"}),
+                              ("handoff_to_care_agent", {"summary": "the OTP never arrived"})]),
+            Reply("You're welcome, John. Goodbye!", tool_calls=[("end_call", {})]),
+        ])
+        async with stack.campaign(nats_server.url, receiver, "crm-webhook-secret", callee) as client:
+            call_id = await stack.seed_call(client, receiver)
+    out = Outbound(call_id, receiver.headers, [r["headers"] for r in stack.target.seen], stack.model.headers)
+    # Each system was reached: an absent header below is a request that did not carry it.
+    assert (len(out.webhooks), len(out.tools), len(out.model)) == (2, 1, 3)
+    return out
+
+
+def traceparent_ids(headers: dict[str, str]) -> tuple[int, int]:
+    """(trace id, parent span id) of a request's W3C traceparent, as numbers (Jaeger's query API
+    spells ids in hex without leading zeros)."""
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert version == "00" and int(flags, 16) & 1 and len(trace_id) == 32 and len(span_id) == 16  # 1: sampled
+    return int(trace_id, 16), int(span_id, 16)
+
+
+async def test_outbound_requests_carry_the_traceparent_of_their_span(
+        nats_server: NatsServer, js: JetStreamContext, jaeger: Jaeger, traced: str) -> None:
+    """The webhook receiver (each attempt), the api_call tool's endpoint and the model each get a
+    traceparent naming the call's trace and, as parent, the span of that very request, so their spans
+    join the call's trace under it; the webhook's signature still verifies (at the receiver, with
+    standardwebhooks)."""
+    sent = await seed_call_outbound(nats_server, js)
+    assert tracing.flush()
+    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 19, calls={sent.call_id})
+    trace_id, spans = int(found["traceID"], 16), jaeger.trace(found["traceID"])["spans"]
+
+    def span_ids(name: str, **where: Any) -> list[int]:
+        chosen = [s for s in sorted(spans, key=lambda s: s["startTime"]) if s["operationName"] == name
+                  and all(tags(s).get(k) == v for k, v in where.items())]
+        return [int(s["spanID"], 16) for s in chosen]
+
+    assert [traceparent_ids(h) for h in sent.webhooks] == [(trace_id, i) for i in span_ids("webhook deliver")]
+    assert [traceparent_ids(h) for h in sent.tools] == [(trace_id, i) for i in span_ids("tool call", tool="log_call")]
+    assert [traceparent_ids(h) for h in sent.model] == [(trace_id, i) for i in span_ids("llm request")]
+
+
+@pytest.mark.parametrize("traced", ["false"], indirect=True, ids=["outbound-off"])
+async def test_the_switch_keeps_the_traceparent_from_other_systems(
+        nats_server: NatsServer, js: JetStreamContext, jaeger: Jaeger, traced: str) -> None:
+    """AGENTSTUDIO_TRACE_OUTBOUND=false: the call is traced all the same, its requests carry no trace."""
+    sent = await seed_call_outbound(nats_server, js)
+    assert tracing.flush()
+    [found] = await asyncio.to_thread(jaeger.wait_for_traces, traced, 19, calls={sent.call_id})
+    assert {"webhook deliver", "tool call", "llm request"} <= {s["operationName"] for s in found["spans"]}
+    for headers in (*sent.webhooks, *sent.tools, *sent.model):
+        assert not {"traceparent", "tracestate"} & set(headers), headers
+
+
+async def test_untraced_requests_carry_no_trace(nats_server: NatsServer, js: JetStreamContext) -> None:
+    assert not tracing.on()
+    sent = await seed_call_outbound(nats_server, js)
+    for headers in (*sent.webhooks, *sent.tools, *sent.model):
+        assert not {"traceparent", "tracestate"} & set(headers), headers
 
 
 def ingest_process_trace(nats_server: NatsServer, tmp_path: Path, env: dict[str, str]) -> str:

@@ -37,6 +37,7 @@ class Receiver:
     fail_first: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[str] = field(default_factory=list)  # webhook-id of every attempt
+    headers: list[dict[str, str]] = field(default_factory=list)  # of every verified attempt
     port: int = field(default_factory=free_port)
     before_answer: Callable[[], None] | None = None  # runs as each verified attempt is answered
     stall_first: asyncio.Event | None = None  # the first attempt is answered once this is set
@@ -53,6 +54,7 @@ class Receiver:
             body = await request.body()
             event = Webhook(self.secret).verify(body, dict(request.headers))  # raises on a bad signature
             self.attempts.append(request.headers["webhook-id"])
+            self.headers.append(dict(request.headers))
             if self.before_answer is not None:
                 self.before_answer()
             if self.stall_first is not None and len(self.attempts) == 1:

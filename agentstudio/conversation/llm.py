@@ -14,6 +14,8 @@ import aiohttp
 import httpx
 import orjson
 
+from agentstudio import tracing
+
 # Replies streaming at once per process (a reply holds a connection while it streams); more wait for a
 # free connection, within the timeout. Every connection is kept for the next turns. aiohttp keeps a
 # host's idle connections in a list, so one pool serves them all (httpcore walked its pool's every
@@ -99,6 +101,7 @@ class ChatModel:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        tracing.outgoing(headers)  # the caller's `llm request` span is current while the stream is read
         url = endpoint.base_url.rstrip("/") + "/chat/completions"
         with _translated_errors(endpoint, self._timeout):
             async with self._http().post(url, data=orjson.dumps(body), headers=headers,

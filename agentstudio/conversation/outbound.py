@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 
+from agentstudio import tracing
 from agentstudio.addresses import Refused, guard
 from agentstudio.http_failures import described, header_problem
 
@@ -124,6 +125,7 @@ class ApiCaller:
         # We connect to the checked IP, not the name (a second lookup could be rebound to an internal
         # address); the server still sees the name it was addressed by.
         request_headers["Host"] = url.netloc.decode("ascii")
+        tracing.outgoing(request_headers)  # the caller's `tool call` span: the endpoint's spans join its trace
         content = None
         if body is not None and method not in _NO_BODY:
             try:

@@ -278,7 +278,7 @@ async def run(settings: Settings, stop: asyncio.Event, listening: socket.socket)
     """Dial, deliver webhooks and serve the relay on `listening` (bound by the caller, before anything
     started, so a taken port stops the dialer before it takes a call) until `stop` is set."""
     watchers: list[BundleWatcher] = []
-    tracing.setup("dialer")
+    tracing.setup("dialer", outbound=settings.trace_outbound)
 
     async def resubscribe() -> None:  # a reconnection loses the watch's ephemeral consumer
         for w in watchers:

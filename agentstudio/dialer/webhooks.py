@@ -303,8 +303,10 @@ class WebhookDispatcher:
                                               "subscription": sub.name, "event_type": str(event.get("type", "")),
                                               "attempt": attempt, "server.address": httpx.URL(sub.url).host}) as span:
                     try:
-                        resp = await http.post(sub.url, content=body,
-                                               headers=signing.headers(secret, event["id"], body))
+                        # The traceparent beside the signature, not in it: Standard Webhooks signs
+                        # the id, the timestamp and the body only.
+                        headers = tracing.outgoing(signing.headers(secret, event["id"], body))
+                        resp = await http.post(sub.url, content=body, headers=headers)
                         status, error = resp.status_code, f"HTTP {resp.status_code}"
                         span.set_attribute("http.response.status_code", status)
                     except httpx.HTTPError as exc:

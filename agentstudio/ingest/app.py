@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None, service: IngestService | None =
     owned = service is None
     svc = service or IngestService(settings)
     if owned:  # a process of its own (each of uvicorn's workers): its traces, if the OTEL_* variables ask
-        tracing.setup("ingest")
+        tracing.setup("ingest", outbound=settings.trace_outbound)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -167,6 +167,10 @@ imagePullSecrets:
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ . | quote }}
 {{- end }}
+{{- if eq .role "dialer" }}{{/* the role whose requests reach other systems */}}
+- name: AGENTSTUDIO_TRACE_OUTBOUND
+  value: {{ $tracing.outbound | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
