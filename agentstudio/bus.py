@@ -325,6 +325,46 @@ async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> Asyn
             pass  # gone with its inactivity threshold
 
 
+async def kv_after(js: JetStreamContext, bucket: str, prefix: str, after: int = 0,
+                   batch: int = 512) -> AsyncIterator[tuple[str, bytes, int]]:
+    """The keys of a history-1 `bucket` under `prefix` written after stream sequence `after`, each with
+    its value and revision, in the order they were last written: a consumer filtered to the prefix and
+    starting past `after`, so reading a page of them costs about the page, not the whole prefix nor a
+    get per key. Deleted keys are left out. Stop early with `contextlib.aclosing`, which ends the consumer."""
+    stream = f"KV_{bucket}"
+    start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1} if after else {
+        "deliver_policy": DeliverPolicy.ALL}
+    info = await js.add_consumer(stream, ConsumerConfig(
+        filter_subject=f"$KV.{bucket}.{prefix}>", ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+        inactive_threshold=60.0, **start))  # type: ignore[arg-type]
+    sub = await js.pull_subscribe_bind(stream=stream, consumer=info.name)
+    skip = len(f"$KV.{bucket}.")
+    try:
+        left = info.num_pending
+        while left > 0:
+            try:
+                msgs = await sub.fetch(min(batch, left), timeout=5.0)
+            except nats.errors.TimeoutError:
+                return  # what was pending is gone (removed, purged): nothing more to read
+            for msg in msgs:
+                left = msg.metadata.num_pending
+                if msg.data:  # a delete or purge marker has none
+                    yield msg.subject[skip:], msg.data, msg.metadata.sequence.stream
+    finally:
+        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, info.name)
+        except nats.errors.Error:
+            pass  # gone with its inactivity threshold
+
+
+async def kv_remove(js: JetStreamContext, bucket: str, key: str, revision: int) -> None:
+    """Remove `key` of a history-1 `bucket` as of `revision`, leaving no delete marker (markers would
+    pile up in a bucket without a TTL and be read past by every `kv_after`). A value written after
+    `revision` stays."""
+    await js.purge_stream(f"KV_{bucket}", seq=revision + 1, subject=f"$KV.{bucket}.{key}")
+
+
 async def calls_bucket(js: JetStreamContext) -> KeyValue:
     # Kept as long as the calls' requests (the CALLS stream): a record outlives its call's last change
     # by the retention, and no call waits longer than that between changes (MAX_SCHEDULE_AHEAD).
