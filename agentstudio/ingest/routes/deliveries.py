@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -131,7 +132,13 @@ async def list_dead_letters(
 
 
 def _prefix(tenant: str, subscription: str | None) -> str:
-    return f"{tenant}.{subscription}." if subscription else f"{tenant}."
+    """The key prefix read; the console passes the subscription unchecked, and a dot or wildcard in it
+    would read other keys."""
+    if subscription is None:
+        return f"{tenant}."
+    if not re.fullmatch(_NAME, subscription):
+        raise _invalid("subscription", f"{subscription!r} is not a subscription name")
+    return f"{tenant}.{subscription}."
 
 
 async def dead_letters(svc: IngestService, tenant: str, subscription: str | None = None,
@@ -141,12 +148,13 @@ async def dead_letters(svc: IngestService, tenant: str, subscription: str | None
         after = decode_cursor(cursor) if cursor is not None else 0
     except ValueError as exc:
         raise _invalid("cursor", str(exc)) from None
+    prefix = _prefix(tenant, subscription)
     page: list[tuple[DeadLetter, int]] = []
     more = False
     try:
         await bus.ensure_webhooks(svc.js)
         # One past the page says whether there is a next one.
-        async with aclosing(bus.kv_after(svc.js, bus.DEAD_LETTER_BUCKET, _prefix(tenant, subscription), after,
+        async with aclosing(bus.kv_after(svc.js, bus.DEAD_LETTER_BUCKET, prefix, after,
                                          batch=limit + 1)) as found:
             async for _, value, revision in found:
                 if len(page) == limit:
@@ -208,12 +216,12 @@ async def replay_many(request: Request, principal: Manager, body: BulkReplay) ->
 async def replay_dead_letters(svc: IngestService, tenant: str, subscription: str, event_type: str | None,
                               failed_before: float | None, limit: int) -> BulkReplayed:
     """Deliver up to `limit` of a subscription's dead letters again (the API's bulk replay and the console's)."""
+    prefix = _prefix(tenant, subscription)
     picked: list[tuple[str, dict[str, Any], int]] = []
     more = False
     try:
         await bus.ensure_webhooks(svc.js)
-        async with aclosing(bus.kv_after(svc.js, bus.DEAD_LETTER_BUCKET, _prefix(tenant, subscription),
-                                         batch=min(limit + 1, 512))) as found:
+        async with aclosing(bus.kv_after(svc.js, bus.DEAD_LETTER_BUCKET, prefix, batch=min(limit + 1, 512))) as found:
             async for key, value, revision in found:
                 record = orjson.loads(value)
                 if event_type is not None and record["event"]["type"] != event_type:
