@@ -189,3 +189,5 @@ async def test_dead_letters_need_webhooks_manage_and_say_which_parameter_is_wron
                             ({"subscription": "results", "event_type": ""}, "event_type"),
                             ({"subscription": "results", "all": True}, "all")]:
             assert_error(await client.post(f"{LETTERS}/replay", json=body, headers=t.auth("ops")), 400, field)
+        # A name no key can hold is no dead letter, not an outage (found by the contract test: a 503).
+        assert_error(await client.post(f"{LETTERS}/%C2%88v/%C2%8A/replay", headers=t.auth("ops")), 404, "event_id")

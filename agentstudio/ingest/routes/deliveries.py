@@ -27,6 +27,7 @@ Manager = Annotated[Principal, Depends(require_scope("webhooks:manage"))]
 
 # A subscription is a resource name: one key token, never a wildcard.
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_EVENT_ID = r"[-_=A-Za-z0-9]+"
 PAGE_DEFAULT, PAGE_MAX = 50, 500
 REPLAY_DEFAULT, REPLAY_MAX = 500, 1000
 _REPLAY_BATCH = 64  # replays in flight at once
@@ -48,7 +49,7 @@ class DeadLetters(BaseModel):
 
     data: list[DeadLetter]
     next_cursor: str | None = Field(
-        None, description="Pass as `cursor` to get the next (newer) page; null on the last page. Opaque.")
+        description="Pass as `cursor` to get the next (newer) page; null on the last page. Opaque.")
 
 
 class Replayed(BaseModel):
@@ -81,6 +82,8 @@ class BulkReplay(BaseModel):
 
 
 class BulkReplayed(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"queued": 500, "more": True}]})
+
     queued: int = Field(description="Dead letters this request queued again (and removed from the list).")
     more: bool = Field(description="true: more match; send the same request again for the next ones.")
 
@@ -177,7 +180,9 @@ async def replay(request: Request, subscription: str, event_id: str, principal: 
 async def replay_dead_letter(svc: IngestService, tenant: str, subscription: str, event_id: str) -> None:
     """Deliver a dead letter again (the API's replay and the console's), or a 404."""
     not_found = ApiError(404, "not_found", f"no dead letter {event_id!r} for {subscription!r}", "event_id")
-    if "." in subscription or "." in event_id or "*" in subscription + event_id or ">" in subscription + event_id:
+    # Only what a key token can hold: a dot or wildcard would name other keys, and any other character
+    # is no valid key (the bucket refuses it; that is no outage).
+    if not re.fullmatch(_NAME, subscription) or not re.fullmatch(_EVENT_ID, event_id):
         raise not_found
     try:
         dead, _ = await bus.ensure_webhooks(svc.js)
