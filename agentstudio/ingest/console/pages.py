@@ -422,14 +422,15 @@ async def keys_page(request: Request) -> Response:
 
 @router.get("/webhooks")
 async def webhooks_page(request: Request, replayed: str | None = None, subscription: str | None = None,
-                        cursor: str | None = None, queued: int | None = None, more: bool = False) -> Response:
+                        cursor: str | None = None, queued: str | None = None, more: str | None = None) -> Response:
+    # Text, not int and bool: a mangled link is still a page, not a JSON error.
     signed = await _signed_in(request)
     notice = None
     if replayed:
         notice = f"Event {replayed} was queued for delivery again."
-    elif queued is not None:
+    elif queued is not None and queued.isdigit():
         notice = f"{queued} dead letters of {subscription} were queued for delivery again." + (
-            " More are left: replay again for the next ones." if more else "")
+            " More are left: replay again for the next ones." if more == "true" else "")
     return await _webhooks(request, signed, notice=notice, subscription=subscription or None, cursor=cursor)
 
 
