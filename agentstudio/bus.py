@@ -301,12 +301,35 @@ async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> Asyn
     delivering the last message of each key, fetched in batches, where a get per key costs a round trip
     each and `kv_keys` lists at most the server's 100,000 subjects. Deleted keys are left out; a key
     written while the pass runs may come with its value before or after that write."""
+    last = _kv_pass(js, bucket, "", batch, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+    async with contextlib.aclosing(last) as found:
+        async for key, value, _ in found:
+            yield key, value
+
+
+async def kv_after(js: JetStreamContext, bucket: str, prefix: str, after: int = 0,
+                   batch: int = 512) -> AsyncIterator[tuple[str, bytes, int]]:
+    """The keys of a history-1 `bucket` under `prefix` written after stream sequence `after`, each with
+    its value and revision, in the order they were last written: a consumer filtered to the prefix and
+    starting past `after`, so reading a page of them costs about the page, not the whole prefix nor a
+    get per key. Deleted keys are left out. Stop early with `contextlib.aclosing`, which ends the consumer."""
+    start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1} if after else {
+        "deliver_policy": DeliverPolicy.ALL}
+    async with contextlib.aclosing(_kv_pass(js, bucket, prefix, batch, **start)) as found:
+        async for one in found:
+            yield one
+
+
+async def _kv_pass(js: JetStreamContext, bucket: str, prefix: str, batch: int,
+                   **start: Any) -> AsyncIterator[tuple[str, bytes, int]]:
+    """Keys under `prefix` with their values and revisions, from a consumer of our own starting at `start`
+    (callers close it with aclosing, so the consumer is deleted when they stop, not when collected)."""
     stream = f"KV_{bucket}"
     info = await js.add_consumer(stream, ConsumerConfig(
-        filter_subject=f"$KV.{bucket}.>", deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-        mem_storage=True, num_replicas=1, inactive_threshold=60.0))
+        filter_subject=f"$KV.{bucket}.{prefix}>", ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+        inactive_threshold=60.0, **start))
     sub = await js.pull_subscribe_bind(stream=stream, consumer=info.name)
-    prefix = len(f"$KV.{bucket}.")
+    skip = len(f"$KV.{bucket}.")
     try:
         left = info.num_pending
         while left > 0:
@@ -317,11 +340,18 @@ async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> Asyn
             for msg in msgs:
                 left = msg.metadata.num_pending  # counts writes since the start too: read them as well
                 if msg.data:  # a delete, purge or expiry marker has none
-                    yield msg.subject[prefix:], msg.data
+                    yield msg.subject[skip:], msg.data, msg.metadata.sequence.stream
     finally:
         with contextlib.suppress(nats.errors.Error):  # else gone with its inactivity threshold
             await sub.unsubscribe()
             await js.delete_consumer(stream, info.name)
+
+
+async def kv_remove(js: JetStreamContext, bucket: str, key: str, revision: int) -> None:
+    """Remove `key` of a history-1 `bucket` as of `revision`, leaving no delete marker (markers would
+    pile up in a bucket without a TTL and be read past by every `kv_after`). A value written after
+    `revision` stays."""
+    await js.purge_stream(f"KV_{bucket}", seq=revision + 1, subject=f"$KV.{bucket}.{key}")
 
 
 async def calls_bucket(js: JetStreamContext) -> KeyValue:

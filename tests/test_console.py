@@ -387,7 +387,7 @@ def test_no_page_has_serious_accessibility_violations(console: Console, browser:
         sign_in(page, console)
         for name, path in [("calls", "/calls"), ("call", f"/calls/{console.seed_call}"),
                            ("failed call", f"/calls/{console.calls['failed']}"), ("keys", "/keys"),
-                           ("webhooks", "/webhooks")]:
+                           ("webhooks", "/webhooks"), ("dead letters", "/webhooks?subscription=flaky")]:
             page.goto(console.url + path)
             found[name] = serious_accessibility_violations(page)
             if SCREENSHOTS:  # the README's pictures, taken on request from these same pages
@@ -429,6 +429,56 @@ def test_a_dead_letter_is_replayed_from_the_webhooks_page(console: Console, page
     expect(recent.locator(f'a[href$="{console.seed_call}"]').first).to_be_visible()
     page.goto(f"{console.url}/calls/{failed}")
     expect(page.locator("#deliveries").get_by_role("row").filter(has_text="flaky")).to_contain_text("delivered")
+
+
+def dead_letter_ids(console: Console, subscription: str) -> list[str]:
+    resp = httpx.get(f"{console.dev.url}/api/v1/webhooks/dead-letters", params={"subscription": subscription,
+                     "limit": 500}, headers={"Authorization": f"Bearer {console.keys['console']}"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["next_cursor"] is None
+    return [d["event_id"] for d in resp.json()["data"]]
+
+
+def dead_letter_rows(page: Page) -> list[str]:
+    page.wait_for_load_state()
+    return [r.get_attribute("data-event-id") or "" for r in page.locator("#dead-letters tr[data-event-id]").all()]
+
+
+def test_a_subscriptions_dead_letters_are_paged_and_replayed_all_at_once(
+    console: Console, page: Page, context: BrowserContext
+) -> None:
+    console.receiver.flaky_up = False
+    failed = [console.queue("clevertap", workflow_slug="free-trial-followup",
+                            metadata={"campaign_id": "dead", "simulate_outcome": "failed"}) for _ in range(26)]
+    console.dev.process.wait_until(lambda: len(dead_letter_ids(console, "flaky")) >= len(failed),
+                                   "the failed calls' deliveries dead-lettered")
+    listed = dead_letter_ids(console, "flaky")
+
+    sign_in(page, console)
+    page.goto(f"{console.url}/webhooks")
+    page.get_by_label("Subscription", exact=True).select_option("flaky")
+    page.get_by_role("button", name="Show").click()
+    first = dead_letter_rows(page)
+    assert first == listed[:25]  # oldest first, a page of 25
+    page.get_by_role("link", name="Newer dead letters →").click()
+    assert dead_letter_rows(page) == listed[25:]
+    expect(page.get_by_role("link", name="Newer dead letters →")).to_have_count(0)
+    page.get_by_role("link", name="← Oldest").click()
+    assert dead_letter_rows(page) == first
+
+    # The session cookie alone (what a forged form would carry) replays nothing.
+    forged = context.request.post(f"{console.url}/webhooks/replay-all", form={"subscription": "flaky"})
+    assert forged.status == 403 and "nothing was replayed" in forged.text()
+    assert dead_letter_ids(console, "flaky") == listed
+
+    console.receiver.flaky_up = True
+    page.get_by_role("button", name="Replay all for flaky").click()
+    expect(page.get_by_role("status")).to_contain_text(f"{len(listed)} dead letters of flaky were queued")
+    expect(page.get_by_text("No dead letters for flaky")).to_be_visible()
+    console.dev.process.wait_until(
+        lambda: {r["data"]["call_id"] for r in console.receiver.received if r["path"] == "/flaky"} >= set(failed),
+        "the replayed deliveries")
+    assert dead_letter_ids(console, "flaky") == []
 
 
 def test_paging_through_a_campaign_newest_first(console: Console, page: Page) -> None:

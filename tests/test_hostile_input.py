@@ -31,7 +31,7 @@ HOSTILE_KEY = """
 apiVersion: agentstudio.io/v1alpha1
 kind: ApiKey
 metadata: {name: hostile}
-spec: {scopes: ["calls:create", "calls:read"], mode: test, rateLimitPerMinute: 1000000}
+spec: {scopes: ["calls:create", "calls:read", "webhooks:manage"], mode: test, rateLimitPerMinute: 1000000}
 """
 
 
@@ -208,7 +208,7 @@ def api_cases(ingest: Ingest) -> st.SearchStrategy[schemathesis.Case]:
     fit it and those that do not. (schemathesis's own pytest plugin does not run on pytest 9, so
     its strategies go through hypothesis directly.)"""
     schema = schemathesis.openapi.from_url(f"{ingest.url}/openapi.json").include(
-        path_regex=r"^/api/v1/(webhooks/ingest|calls)")
+        path_regex=r"^/api/v1/(webhooks/ingest|webhooks/dead-letters|calls)")
     return st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
 
 

@@ -421,20 +421,27 @@ async def keys_page(request: Request) -> Response:
 
 
 @router.get("/webhooks")
-async def webhooks_page(request: Request, replayed: str | None = None) -> Response:
+async def webhooks_page(request: Request, replayed: str | None = None, subscription: str | None = None,
+                        cursor: str | None = None, queued: str | None = None, more: str | None = None) -> Response:
+    # Text, not int and bool: a mangled link is still a page, not a JSON error.
     signed = await _signed_in(request)
-    return await _webhooks(request, signed, notice=f"Event {replayed} was queued for delivery again."
-                           if replayed else None)
+    notice = None
+    if replayed:
+        notice = f"Event {replayed} was queued for delivery again."
+    elif queued is not None and queued.isdigit():
+        notice = f"{queued} dead letters of {subscription} were queued for delivery again." + (
+            " More are left: replay again for the next ones." if more == "true" else "")
+    return await _webhooks(request, signed, notice=notice, subscription=subscription or None, cursor=cursor)
 
 
 async def _webhooks(request: Request, signed: Signed, notice: str | None = None, error: str | None = None,
-                    status: int = 200) -> Response:
+                    status: int = 200, subscription: str | None = None, cursor: str | None = None) -> Response:
     svc = service_of(request)
     tenant = signed.principal.tenant
     letters, disabled = None, {}
     try:
         if signed.can_manage_webhooks:
-            letters = await deliveries_api.dead_letters(svc, tenant)
+            letters = await deliveries_api.dead_letters(svc, tenant, subscription, PAGE_SIZE, cursor)
         _, off = await bus.ensure_webhooks(svc.js)
         for sub in signed.principal.bundle.subscriptions:
             try:
@@ -443,7 +450,9 @@ async def _webhooks(request: Request, signed: Signed, notice: str | None = None,
                     disabled[sub.name] = orjson.loads(entry.value)
             except KeyNotFoundError:
                 pass
-    except (ApiError, NatsError, TimeoutError):
+    except ApiError as exc:
+        error = error or exc.message
+    except (NatsError, TimeoutError):
         error = error or "Webhook state is unreachable right now; try again shortly."
     try:
         recent = await _recent_deliveries(svc, tenant)
@@ -451,9 +460,13 @@ async def _webhooks(request: Request, signed: Signed, notice: str | None = None,
         recent = []
         error = error or "Recent deliveries are unreachable right now; try again shortly."
     subscriptions = signed.principal.bundle.subscriptions
+    shown = {"subscription": subscription} if subscription else {}
     return _render("webhooks.html", status, signed=signed, subscriptions=subscriptions, disabled=disabled,
                    placeholders={s.name for s in subscriptions if reserved_host(s.url)}, letters=letters,
-                   recent=recent, notice=notice, error=error)
+                   recent=recent, notice=notice, error=error, shown=subscription, cursor=cursor,
+                   first_page=urlencode(shown),
+                   next_page=urlencode({**shown, "cursor": letters.next_cursor}) if letters and letters.next_cursor
+                   else None)
 
 
 RECENT_DELIVERIES = 25
@@ -509,3 +522,24 @@ async def replay(request: Request) -> Response:
     except ApiError as exc:
         return await _webhooks(request, signed, error=exc.message, status=exc.status)
     return RedirectResponse(f"{PREFIX}/webhooks?" + urlencode({"replayed": event_id}), status_code=303)
+
+
+@router.post("/webhooks/replay-all")
+async def replay_all(request: Request) -> Response:
+    """One bulk replay of the subscription's dead letters (at most the API's largest batch per press)."""
+    signed = await _signed_in(request)
+    form = await _form(request)
+    subscription = form.get("subscription", "")
+    if not _same_origin(request) or not _csrf_ok(signed, form):
+        return await _webhooks(request, signed, error="The replay form was not sent by this console page; nothing"
+                               " was replayed. Reload and try again.", status=403)
+    if not signed.can_manage_webhooks:
+        return await _webhooks(request, signed, error="Replaying needs a key with the webhooks:manage scope.",
+                               status=403)
+    try:
+        done = await deliveries_api.replay_dead_letters(service_of(request), signed.principal.tenant, subscription,
+                                                        None, None, deliveries_api.REPLAY_MAX)
+    except ApiError as exc:
+        return await _webhooks(request, signed, error=exc.message, status=exc.status)
+    answer = {"subscription": subscription, "queued": done.queued, **({"more": "true"} if done.more else {})}
+    return RedirectResponse(f"{PREFIX}/webhooks?" + urlencode(answer), status_code=303)
