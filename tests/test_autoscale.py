@@ -25,9 +25,6 @@ from conftest import SEED_BODY
 from installation import Installed, apply_examples, placed, prepare, timestamp
 from node import Node
 
-# Opt-in (scripts/test -m keda): its KEDA build costs ~7 min cold, which the default run does not pay.
-pytestmark = pytest.mark.keda
-
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "autoscale.json"
 NS = "tenant-scale"
