@@ -198,20 +198,25 @@ async def test_a_reservation_is_idempotent_per_attempt_and_a_full_window_says_wh
 
 async def test_a_number_is_kept_for_the_longest_window_after_its_last_placement_and_an_older_bucket_moves_to_it(
         tmp_path: Path) -> None:
-    """Earlier versions kept a record for every number ever called: a dialer starting gives the bucket
-    the longest window a cap may count as its TTL, keeping what it holds. A TTL runs from a key's last
+    """Earlier versions kept a record for every number ever called: a dialer starting makes the bucket, or
+    moves one made before, with the longest window a cap may count as its TTL, keeping what it holds. A TTL runs from a key's last
     write, and every placement is written when it is made, so a record expires only once none of its
     placements is inside any window."""
     with NatsServer(tmp_path / "nats") as server:
         nc = await bus.connect(server.url, "test")
         try:
             js = nc.jetstream()
+            async with dialers(server.url):
+                pass
+            made = (await js.stream_info(f"KV_{bus.FREQUENCY_BUCKET}")).config
+            assert made.max_age == MAX_CAP_WINDOW == 90 * 86400
+            await js.delete_key_value(bus.FREQUENCY_BUCKET)
             old = await js.create_key_value(bucket=bus.FREQUENCY_BUCKET, history=1, direct=True)  # as made before
             await old.put("t.12125552671", b'{"keep": 86400, "placed": {"7": 1}}')
             async with dialers(server.url):
                 pass
-            config = (await js.stream_info(f"KV_{bus.FREQUENCY_BUCKET}")).config
-            assert config.max_age == MAX_CAP_WINDOW == 90 * 86400
+            moved = (await js.stream_info(f"KV_{bus.FREQUENCY_BUCKET}")).config
+            assert moved.max_age == MAX_CAP_WINDOW
             assert (await old.get("t.12125552671")).value == b'{"keep": 86400, "placed": {"7": 1}}'
         finally:
             await nc.close()
