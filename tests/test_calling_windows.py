@@ -198,10 +198,10 @@ async def test_a_reservation_is_idempotent_per_attempt_and_a_full_window_says_wh
 
 async def test_a_number_is_kept_for_the_longest_window_after_its_last_placement_and_an_older_bucket_moves_to_it(
         tmp_path: Path) -> None:
-    """Earlier versions kept a record for every number ever called: a dialer starting makes the bucket, or
-    moves one made before, with the longest window a cap may count as its TTL, keeping what it holds. A TTL runs from a key's last
-    write, and every placement is written when it is made, so a record expires only once none of its
-    placements is inside any window."""
+    """Earlier versions kept a record for every number ever called: a dialer starting makes the bucket,
+    or moves one made before, with the longest window a cap may count as its TTL, keeping what it
+    holds. A TTL runs from a key's last write, and every placement is written when it is made, so a
+    record expires only once none of its placements is inside any window."""
     with NatsServer(tmp_path / "nats") as server:
         nc = await bus.connect(server.url, "test")
         try:
