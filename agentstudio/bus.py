@@ -24,6 +24,7 @@ KV buckets:
   as-console-sessions  key <sha256 of the session token> → a console session: tenant, key digest
   as-dnc         key <tenant>.<E.164 digits> → a number never to call: when, from where, why
   as-frequency   key <tenant>.<E.164 digits> → the number's recent placements, for frequency caps
+                 (expires by TTL, the longest window a cap may count)
   as-dialers     key <dialer name> → its heartbeat (a counter); one left unchanged for a lease is gone
 Object stores:
   as-bundle-bodies  object <tenant>/<id> → one compiled config bundle, chunked, so it may exceed
@@ -414,8 +415,10 @@ async def dnc_bucket(js: JetStreamContext) -> KeyValue:
     return await _bucket(js, DNC_BUCKET, history=1, ttl=None)
 
 
-async def frequency_bucket(js: JetStreamContext) -> KeyValue:
-    return await _bucket(js, FREQUENCY_BUCKET, history=1, ttl=None)
+async def frequency_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    """`ttl` is the longest window a cap may count over (calling_hours.MAX_CAP_WINDOW): a number's record
+    is written with each placement, so it expires only once its last placement has left every window."""
+    return await _bucket(js, FREQUENCY_BUCKET, history=1, ttl=ttl)
 
 
 async def dialers_bucket(js: JetStreamContext) -> KeyValue:

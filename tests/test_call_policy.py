@@ -112,6 +112,7 @@ spec:
   hours: {mon: ["9:00-17:00"], defaultZone: Mars/Olympus}
   retries: {maxAttempts: 0, outcomes: [ringing]}
   voicemail: {action: leave_message}
+  cap: {count: 1, windowSeconds: 7862400}
 ---
 apiVersion: agentstudio.io/v1alpha1
 kind: CallPolicy
@@ -131,6 +132,8 @@ spec:
         f"{policies} (document 1) CallPolicy/broken spec.retries.outcomes[0]: ",
         f"{policies} (document 1) CallPolicy/broken spec.voicemail: ",
         "leave_message needs message",
+        # 91 days: longer than the frequency bucket keeps a number's placements
+        f"{policies} (document 1) CallPolicy/broken spec.cap.windowSeconds: Input should be less than or equal to 7776000",
         f"{policies} (document 2) CallPolicy/templated spec.voicemail.message: unknown template variable 'secret'",
         f"{tmp_path / 'agents.yaml'} (document 3) Workflow/renewals spec.callPolicy: CallPolicy 'patiant' does not exist; did you mean 'patient'?",
     ]:

@@ -24,9 +24,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from agentstudio import bus, clock
-from agentstudio.calling_hours import FrequencyCap
+from agentstudio.calling_hours import MAX_CAP_WINDOW, FrequencyCap
 from agentstudio.frequency_caps import FrequencyCaps
-from agentstudio.natsserver import free_port
+from agentstudio.natsserver import NatsServer, free_port
 from conftest import Tenant, docs, ingest_client, wait_for_bundle
 from test_dev import DevProcess
 from test_dialer import MANIFESTS, dialers, until_status
@@ -177,7 +177,7 @@ async def test_a_number_under_its_cap_is_placed_exactly_that_often_across_two_di
 
 
 async def test_a_reservation_is_idempotent_per_attempt_and_a_full_window_says_when_it_frees(js) -> None:  # type: ignore[no-untyped-def]
-    caps = FrequencyCaps(await bus.frequency_bucket(js))
+    caps = FrequencyCaps(await bus.frequency_bucket(js, MAX_CAP_WINDOW))
     tenant, cap, start = f"t-{uuid.uuid4().hex[:10]}", FrequencyCap(count=2, window_seconds=3600), clock.now()
     assert await caps.reserve(tenant, NEW_YORK, "17", cap, start) is None
     # The same attempt again (a dialer died after reserving and another took the call over).
@@ -194,6 +194,32 @@ async def test_a_reservation_is_idempotent_per_attempt_and_a_full_window_says_wh
                               start + timedelta(hours=3)) is None
     assert await caps.reserve(tenant, NEW_YORK, "22", day, start + timedelta(hours=3)) == \
         start + timedelta(seconds=20, days=1)
+
+
+async def test_a_number_is_kept_for_the_longest_window_after_its_last_placement_and_an_older_bucket_moves_to_it(
+        tmp_path: Path) -> None:
+    """Earlier versions kept a record for every number ever called: a dialer starting makes the bucket,
+    or moves one made before, with the longest window a cap may count as its TTL, keeping what it
+    holds. A TTL runs from a key's last write, and every placement is written when it is made, so a
+    record expires only once none of its placements is inside any window."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test")
+        try:
+            js = nc.jetstream()
+            async with dialers(server.url):
+                pass
+            made = (await js.stream_info(f"KV_{bus.FREQUENCY_BUCKET}")).config
+            assert made.max_age == MAX_CAP_WINDOW == 90 * 86400
+            await js.delete_key_value(bus.FREQUENCY_BUCKET)
+            old = await js.create_key_value(bucket=bus.FREQUENCY_BUCKET, history=1, direct=True)  # as made before
+            await old.put("t.12125552671", b'{"keep": 86400, "placed": {"7": 1}}')
+            async with dialers(server.url):
+                pass
+            moved = (await js.stream_info(f"KV_{bus.FREQUENCY_BUCKET}")).config
+            assert moved.max_age == MAX_CAP_WINDOW
+            assert (await old.get("t.12125552671")).value == b'{"keep": 86400, "placed": {"7": 1}}'
+        finally:
+            await nc.close()
 
 
 async def test_deferred_calls_can_be_canceled_by_id_and_by_filter_and_are_never_dialed(nats_server, js) -> None:  # type: ignore[no-untyped-def]

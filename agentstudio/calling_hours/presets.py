@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 
 import phonenumbers
 import yaml
@@ -16,6 +16,10 @@ from .hours import WeeklyHours
 
 AUTO = "auto"
 NONE = "none"
+# The longest window a frequency cap may count over, and so how long the frequency bucket keeps a number's
+# placements after its last one: a quarter, past the longest shipped rule (France: 4 calls in 30 days)
+# and the monthly or quarterly caps compliance teams set themselves.
+MAX_CAP_WINDOW = 90 * 86400
 
 
 class _Model(BaseModel):
@@ -26,7 +30,7 @@ class FrequencyCap(_Model):
     """At most `count` placed calls to one number per `window_seconds`."""
 
     count: PositiveInt
-    window_seconds: PositiveInt
+    window_seconds: Annotated[PositiveInt, Field(le=MAX_CAP_WINDOW)]
 
 
 class Preset(_Model):

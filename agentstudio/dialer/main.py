@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import Counter
 
 from agentstudio import bus, templating, tracing
+from agentstudio.calling_hours import MAX_CAP_WINDOW
 from agentstudio.callstate import CallStore
 from agentstudio.concurrency import Concurrency
 from agentstudio.dialer.metrics import DialerMetrics
@@ -76,8 +77,8 @@ async def build(
     return Dialer(nc.jetstream(), settings, tracker, live, simulated, dnc, announce=announce,
                   pauses=pauses(bundles, settings.dialing_paused), policy_of=call_policies(bundles),
                   rules=attempt_rules(bundles) if bundles else lambda call: None,
-                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream())), cap_of=concurrency_caps(bundles),
-                  pace_of=paces(bundles))
+                  caps=FrequencyCaps(await bus.frequency_bucket(nc.jetstream(), MAX_CAP_WINDOW)),
+                  cap_of=concurrency_caps(bundles), pace_of=paces(bundles))
 
 
 def concurrency_caps(bundles: BundleWatcher | None) -> Callable[[str], int | None]:
