@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr
 
 from agentstudio import platforms, templating
+from agentstudio.calling_hours.presets import STORED
 from agentstudio.json_schema import schema_problem
 from agentstudio.manifests import Located, Problem, Rejected, did_you_mean
 from agentstudio.platforms import DEFAULT_SUCCESS_STATUS, SuccessStatus
@@ -177,7 +178,7 @@ class Bundle(Frozen):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Bundle:
-        return cls.model_validate_json(data)
+        return cls.model_validate_json(data, context={STORED: True})
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,23 @@ def test_a_policy_travels_in_the_bundle_bytes(tmp_path: Path) -> None:
     assert again.content_digest() == bundle.content_digest()
 
 
+def test_a_bundle_compiled_before_the_cap_window_limit_still_loads(tmp_path: Path) -> None:
+    """A 120-day cap is refused in a manifest now, but a bundle an earlier version compiled with one is
+    read: an upgrade must not leave the tenant's ingest and dialers without a bundle."""
+    import orjson
+    import pytest
+    from pydantic import ValidationError
+
+    from agentstudio.bundle import Bundle
+
+    body = orjson.loads(bundle_of(tmp_path, AGENTS, POLICIES).to_bytes())
+    body["policies"]["france-only"]["cap"]["window_seconds"] = 120 * 86400
+    older = Bundle.from_bytes(orjson.dumps(body))
+    assert older.policy_for("renewals", None).cap.window_seconds == 120 * 86400  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="less than or equal to 7776000"):
+        Bundle.model_validate_json(orjson.dumps(body))  # as a manifest's policy would be
+
+
 def test_validate_names_the_file_and_field_of_each_policy_error(tmp_path: Path) -> None:
     bad = """
 apiVersion: agentstudio.io/v1alpha1

@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
 
 from .hours import WeeklyHours
@@ -20,6 +21,7 @@ NONE = "none"
 # placements after its last one: a quarter, past the longest shipped rule (France: 4 calls in 30 days)
 # and the monthly or quarterly caps compliance teams set themselves.
 MAX_CAP_WINDOW = 90 * 86400
+STORED = "stored"  # validation context key: reading what an earlier version compiled, not a manifest
 
 
 class _Model(BaseModel):
@@ -30,7 +32,17 @@ class FrequencyCap(_Model):
     """At most `count` placed calls to one number per `window_seconds`."""
 
     count: PositiveInt
-    window_seconds: Annotated[PositiveInt, Field(le=MAX_CAP_WINDOW)]
+    window_seconds: Annotated[PositiveInt, Field(json_schema_extra={"maximum": MAX_CAP_WINDOW})]
+
+    @field_validator("window_seconds")
+    @classmethod
+    def _kept_long_enough(cls, value: int, info: ValidationInfo) -> int:
+        # Refused in manifests (the CRD's maximum says the same); a bundle compiled before the limit
+        # still loads, so an upgrade stops no tenant: its longer window counts the 90 days kept.
+        if value > MAX_CAP_WINDOW and not (info.context or {}).get(STORED):
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}",
+                                      {"le": MAX_CAP_WINDOW})
+        return value
 
 
 class Preset(_Model):
