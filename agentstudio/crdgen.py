@@ -139,6 +139,7 @@ def crd(model: type[Resource]) -> dict[str, Any]:
                                 "spec": _spec_schema(model),
                                 "status": _status_schema(),
                             },
+                            **({"x-kubernetes-validations": list(model.ROOT_RULES)} if model.ROOT_RULES else {}),
                         }
                     },
                 }

@@ -518,6 +518,13 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
 
 
+class LabelMeta(ObjectMeta):
+    """Metadata of a kind whose name becomes one token of a NATS subject and a consumer's name (a
+    WebhookSubscription's delivery queue): one DNS label, no dots, which would split the token."""
+
+    name: Annotated[str, Field(pattern=SLUG_PATTERN, max_length=63)]
+
+
 class Resource(BaseModel):
     """A namespaced agentstudio.io object: apiVersion, kind, metadata, spec, status."""
 
@@ -528,6 +535,7 @@ class Resource(BaseModel):
     SHORT_NAMES: ClassVar[tuple[str, ...]]
     PRINTER_COLUMNS: ClassVar[tuple[dict[str, str], ...]]
     DESCRIPTION: ClassVar[str]
+    ROOT_RULES: ClassVar[tuple[dict[str, str], ...]] = ()  # CEL rules on the whole object (its name)
 
     api_version: Annotated[Literal["agentstudio.io/v1alpha1"], Field(alias="apiVersion")]
     kind: str
@@ -619,7 +627,11 @@ class WebhookSubscription(Resource):
         REASON,
         AGE,
     )
+    ROOT_RULES = ({"rule": "self.metadata.name.matches('" + SLUG_PATTERN + "')",
+                   "message": "metadata.name must be " + PATTERN_MEANINGS[SLUG_PATTERN]
+                   + " (no dots: it names the subscription's delivery queue)"},)
     kind: Literal["WebhookSubscription"]
+    metadata: LabelMeta
     spec: WebhookSubscriptionSpec
 
 

@@ -280,6 +280,8 @@ async def _newer(svc: IngestService, ns: str, version: int) -> bool:
         ({"kind": "WebhookSubscription", "metadata": {"name": "w"},
           "spec": {"url": "https://x.example", "events": ["call.exploded"]}}, "spec.events[0]"),
         ({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {}}, "spec.entryAgent"),
+        ({"kind": "WebhookSubscription", "metadata": {"name": "crm.results"},
+          "spec": {"url": "https://x.example", "events": ["call.completed"]}}, "metadata.name must be lowercase"),
         ({"kind": "CallPolicy", "metadata": {"name": "p"}, "spec": {"cap": {"count": 1, "windowSeconds": 91 * 86400}}},
          "spec.cap.windowSeconds: Invalid value: 7862400: spec.cap.windowSeconds in body should be less than or equal to 7776000"),
     ],

@@ -311,3 +311,18 @@ spec:
     out = validate(tmp_path, **{"agent.yaml": agent})
     assert any(line.endswith("Agent/crm spec.tools[0].action: headers: 'X-Clé' is not a header name: "
                              "must be letters, digits and dashes (at most 128)") for line in out), out
+
+
+def test_a_webhook_subscription_name_with_a_dot_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """Its name is one token of its delivery subject and its consumer's name, which a dot would split
+    (JetStream refuses the consumer: the subscription would never deliver)."""
+    subscription = """
+apiVersion: agentstudio.io/v1alpha1
+kind: WebhookSubscription
+metadata: {name: crm.results}
+spec: {url: "https://hooks.example.com/calls", events: [call.completed]}
+"""
+    out = validate(tmp_path, **{"subs.yaml": subscription})
+    assert out == [f"error: {tmp_path / 'subs.yaml'} WebhookSubscription/crm.results metadata.name: must be lowercase "
+                   "letters, digits and dashes, starting and ending with a letter or digit",
+                   "1 resource, 1 error, 0 warnings"], out
