@@ -337,7 +337,10 @@ async def _kv_pass(js: JetStreamContext, bucket: str, prefix: str, batch: int,
             try:
                 msgs = await sub.fetch(min(batch, left), timeout=5.0)
             except nats.errors.TimeoutError:
-                return  # what was pending is gone (aged out, deleted): nothing more to read
+                # Nothing came: what was pending is gone (aged out, deleted), or the server is away
+                # and a quiet end would pass a part for the whole. Its answer tells (or raises).
+                left = (await js.consumer_info(stream, info.name)).num_pending
+                continue
             for msg in msgs:
                 left = msg.metadata.num_pending  # counts writes since the start too: read them as well
                 if msg.data:  # a delete, purge or expiry marker has none

@@ -4,7 +4,9 @@ accept is still queued after nats-server comes back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import pytest
 from nats.errors import Error as NatsError
 
 from agentstudio import bus
@@ -115,4 +117,28 @@ async def test_a_simulated_call_in_progress_outlives_a_nats_restart(tmp_path) ->
     finally:
         await nc.close()
         await admin.close()
+        server.stop()
+
+
+async def test_a_bucket_pass_cut_off_by_an_outage_raises_instead_of_ending_short(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kv_values feeds the takeover walk and the sweeper: a pass that ended quietly when NATS went
+    away mid-read would have the walk report every gone dialer's claims settled after reading a part."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    nc = await bus.connect(server.url, "test-pass")
+    try:
+        js = nc.jetstream()
+        kv = await bus.calls_bucket(js)
+        for i in range(300):
+            await kv.put(f"t.c{i}", b"{}")
+        read = 0
+        with pytest.raises((NatsError, TimeoutError)):
+            async with contextlib.aclosing(bus.kv_values(js, bus.CALLS_BUCKET, batch=100)) as found:
+                async for _ in found:
+                    read += 1
+                    if read == 1:
+                        server.stop(kill=True)
+        assert read == 100  # the first batch, fetched before the outage
+    finally:
+        await nc.close()
         server.stop()
