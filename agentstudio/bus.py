@@ -522,4 +522,6 @@ async def _keep_config(js: JetStreamContext, stream: str, ttl: float | None = No
     config = (await js.stream_info(stream)).config
     if config.num_replicas != replicas(js) or (config.max_age or 0) != (ttl or 0):
         config.num_replicas, config.max_age = replicas(js), ttl
+        if ttl and (config.duplicate_window or 0) > ttl:  # JetStream refuses a window past the max age
+            config.duplicate_window = ttl
         await js.update_stream(config)

@@ -357,3 +357,21 @@ async def test_dev_cluster_runs_the_stack_on_three_nats_servers(tmp_path: Path) 
         assert replicas[bus.CALLS_STREAM] == 3 and set(replicas.values()) == {3}, replicas
     finally:
         assert dev.interrupt() == 0
+
+
+async def test_a_bucket_whose_ttl_shrinks_below_its_duplicate_window_is_moved_too(tmp_path: Path) -> None:
+    """A bucket made with a TTL of two minutes or more has a two-minute duplicate window, which
+    JetStream refuses to keep above a shorter max age: console sign-ins shortened to a minute stopped
+    ingest from starting."""
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await bus.connect(server.url, "test")
+        try:
+            js = nc.jetstream()
+            sessions = await bus.console_sessions_bucket(js, 3600)
+            await sessions.put("kept", b"{}")
+            await bus.console_sessions_bucket(js, 60)
+            config = (await js.stream_info(f"KV_{bus.CONSOLE_SESSIONS_BUCKET}")).config
+            assert (config.max_age, config.duplicate_window) == (60, 60)
+            assert (await sessions.get("kept")).value == b"{}"
+        finally:
+            await nc.close()
