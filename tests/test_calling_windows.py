@@ -130,6 +130,43 @@ async def test_a_call_whose_window_closed_while_it_waited_is_deferred_by_the_dia
         assert [e["status"] for e in done["events"]] == ["pending", "dialing", "ringing", "in_progress", "completed"]
 
 
+async def test_a_call_deferred_again_to_the_same_opening_rewrites_its_record(nats_server, js) -> None:  # type: ignore[no-untyped-def]
+    """A call due beyond the queue's reach (MAX_SCHEDULE_AHEAD) arrives early and is deferred again to
+    the same opening. Its record must be written then too: the as-calls bucket's TTL (the calls'
+    retention) runs from a record's last write, and an opening a week away or a 30-day frequency cap
+    would otherwise outlast the record while the call still waits."""
+    mondays = '{preset: none, hours: {mon: ["09:00-17:00"], defaultZone: UTC}}'
+    async with tenant_with(js, nats_server.url, mondays) as (t, api):
+        with clock.reading(at("2026-11-30T16:59:50-08:00")):  # a Monday, open: queued for now
+            resp = await call(api, t, LOS_ANGELES)
+            assert resp.json()["status"] == "pending", resp.text
+        call_id = resp.json()["call_id"]
+        reopening = at("2026-12-07T09:00:00-08:00")  # past MAX_SCHEDULE_AHEAD from Monday 17:00
+        kv = await bus.calls_bucket(js)
+        key = f"{t.name}.{call_id}"
+        with clock.reading(at("2026-11-30T17:00:05-08:00")):
+            async with dialers(nats_server.url):
+                async def deferred() -> bool:
+                    return (await get(api, t, call_id))["status"] == "scheduled"
+
+                await until(deferred, "the dialer did not defer the call")
+                record = await get(api, t, call_id)
+                assert [(d["reason"], at(d["until"])) for d in record["deferrals"]] == [("calling_hours", reopening)]
+                first = (await kv.get(key)).revision
+                # Its schedule fires early (as it would 6 days on): the same message on its dispatch subject.
+                early = await js.get_last_msg(bus.CALLS_STREAM, bus.schedule_subject(t.name, call_id))
+                await js.publish(bus.dispatch_subject(t.name, call_id), early.data, stream=bus.CALLS_STREAM,
+                                 headers={"Nats-Msg-Id": f"{call_id}.early"})
+
+                async def rewritten() -> bool:
+                    return (await kv.get(key)).revision > first
+
+                await until(rewritten, "the record was not written when the call was deferred again", timeout=10)
+        record = await get(api, t, call_id)
+        assert record["status"] == "scheduled"
+        assert [(d["reason"], at(d["until"])) for d in record["deferrals"]] == [("calling_hours", reopening)]
+
+
 async def test_a_multi_zone_number_waits_until_the_window_is_open_in_every_zone(nats_server, js) -> None:  # type: ignore[no-untyped-def]
     # US federal hours (preset auto): 08:00-21:00 in the callee's zones. At 21:59:55 UTC New York is
     # at 16:59, but Guam, one of a toll-free number's zones, opens at 22:00 UTC.

@@ -410,9 +410,12 @@ class Dialer:
 
         def note(s: CallState | None) -> CallState | None:
             s = s or CallState.new(call)
-            if s.status != "pending" or any(
-                    (d.reason, d.until) == (reason, until) for d in s.deferrals[-1:]):
+            if s.status != "pending":
                 return None
+            if any((d.reason, d.until) == (reason, until) for d in s.deferrals[-1:]):
+                # The same deferral (redelivered, or due past the queue's reach and arrived early): written
+                # all the same, as the record's TTL runs from its last write and the wait may outlast it.
+                return s.model_copy()
             return s.model_copy(update={"deferrals": [*s.deferrals, deferral]})
 
         await self.store.change(call.tenant, call.call_id, note)
