@@ -301,7 +301,8 @@ async def kv_values(js: JetStreamContext, bucket: str, batch: int = 512) -> Asyn
     """Every key of `bucket` with its value, in one pass over the bucket's stream: a consumer of our own
     delivering the last message of each key, fetched in batches, where a get per key costs a round trip
     each and `kv_keys` lists at most the server's 100,000 subjects. Deleted keys are left out; a key
-    written while the pass runs may come with its value before or after that write."""
+    written while the pass runs may come twice, with its value before that write and then after it
+    (the last one counts)."""
     last = _kv_pass(js, bucket, "", batch, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
     async with contextlib.aclosing(last) as found:
         async for key, value, _ in found:

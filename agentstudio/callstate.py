@@ -260,14 +260,15 @@ async def unfinished(js: JetStreamContext) -> list[CallState]:
     """Every record still to be finished with: its call not ended, or ended with its conversation
     open (the end event waits for it). The bucket holds the week's calls, nearly all done with: it is
     read in one pass and only the rest parsed as records, before the caller acts on any."""
-    found = []
+    found: dict[str, bytes] = {}  # a record written during the pass comes again: its last value counts
     async with contextlib.aclosing(bus.kv_values(js, bus.CALLS_BUCKET)) as records:
-        async for _, value in records:
+        async for key, value in records:
             record = orjson.loads(value)
             if record.get("status") in TERMINAL and record.get("conversation") != "open":
-                continue
-            found.append(CallState.read(value))
-    return found
+                found.pop(key, None)
+            else:
+                found[key] = value
+    return [CallState.read(value) for value in found.values()]
 
 
 class CallStore:

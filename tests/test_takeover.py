@@ -5,6 +5,7 @@ the call fetched from the validating mock and its status applied; simulated: fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -308,3 +309,48 @@ async def test_a_walk_settles_every_claim_of_a_gone_dialer_among_more_records_th
                        for s in states), [s.status for s in states if s]
         finally:
             await nc.close()
+
+
+async def test_a_record_written_during_the_pass_counts_as_last_written(nats_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pass also reads what is written while it runs, so a record can come twice, live and then
+    ended: the walk and the sweep must act on the last, not settle a call that has just ended."""
+    import orjson
+
+    from agentstudio.callstate import unfinished
+
+    nc = await bus.connect(nats_server.url, "test")
+    try:
+        js = nc.jetstream()
+        await bus.calls_bucket(js)
+        tenant = f"t-{uuid.uuid4().hex[:10]}"
+        live = {"tenant": tenant, "status": "in_progress", "dialer": "d-1"}
+        subject = f"$KV.{bus.CALLS_BUCKET}.{tenant}."
+        for name in ("ends", "stays"):
+            await js.publish(subject + name, orjson.dumps({**live, "call_id": name}))
+        passed = []
+        async with contextlib.aclosing(bus.kv_values(js, bus.CALLS_BUCKET, batch=1)) as records:
+            async for key, value in records:
+                passed.append((key, orjson.loads(value)["status"]))
+                if key == f"{tenant}.ends" and len([k for k, _ in passed if k == key]) == 1:
+                    await js.publish(subject + "ends", orjson.dumps({**live, "call_id": "ends", "status": "completed"}))
+        mine = [(k, s) for k, s in passed if k.startswith(tenant)]
+        assert mine == [(f"{tenant}.ends", "in_progress"), (f"{tenant}.stays", "in_progress"),
+                        (f"{tenant}.ends", "completed")], mine
+        # The same during the walk's own read: "ends" comes live, ends, and comes again.
+        for name in ("ends", "stays"):
+            await js.publish(subject + name, orjson.dumps({**live, "call_id": name}))
+        real, written = bus.kv_values, []
+
+        async def ending_mid_pass(js_, bucket, batch=512):  # type: ignore[no-untyped-def]
+            async with contextlib.aclosing(real(js_, bucket, batch=1)) as records:
+                async for key, value in records:
+                    yield key, value
+                    if key == f"{tenant}.ends" and not written:
+                        written.append(key)
+                        await js.publish(subject + "ends", orjson.dumps({**live, "call_id": "ends", "status": "completed"}))
+
+        monkeypatch.setattr(bus, "kv_values", ending_mid_pass)
+        assert {s.call_id for s in await unfinished(js) if s.tenant == tenant} == {"stays"}
+        assert written
+    finally:
+        await nc.close()
